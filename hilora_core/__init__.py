@@ -1,0 +1,68 @@
+"""hilora_core: the HiLoRA routing algorithm and the routed model engine.
+
+Pure algorithm and model code: numpy, torch, transformers, peft,
+sentence-transformers. Nothing here knows about Ray, Redis or HTTP.
+
+Sequence level: :func:`fit_gaussian`, :class:`GaussianBank`,
+:func:`select_candidates`, :func:`allocate_rocs`, :func:`calibrate_eps`.
+Token level: :func:`route_rocs` (and the batched form the model layers call).
+Policies: :class:`PolicyConfig`, :func:`make_plans`, :class:`RoutingPlan`.
+Engine: :class:`RoutedLM` (imported lazily: it pulls in transformers).
+"""
+
+from .calibration import EpsCalibration, calibrate_eps
+from .errors import (
+    AdapterLoadError,
+    CapacityError,
+    DimensionMismatchError,
+    EmptyPoolError,
+    HiLoRAError,
+    InvalidInputError,
+    UnknownAdapterError,
+    UnsupportedModelError,
+)
+from .gaussian import FactoredGaussian, GaussianBank, fit_gaussian
+from .plan import RoutingPlan
+from .policies import POLICIES, PolicyConfig, cosine_similarity, make_plans
+from .sequence_routing import allocate_rocs, roc_budget, select_candidates
+from .token_routing import TokenRule, arrow_prototype, route_rocs, route_rocs_batched
+from .whitening import Whitener
+
+__all__ = [
+    "POLICIES",
+    "AdapterLoadError",
+    "CapacityError",
+    "DimensionMismatchError",
+    "EmptyPoolError",
+    "EpsCalibration",
+    "FactoredGaussian",
+    "GaussianBank",
+    "HiLoRAError",
+    "InvalidInputError",
+    "PolicyConfig",
+    "RoutedLM",
+    "RoutingPlan",
+    "TokenRule",
+    "UnknownAdapterError",
+    "UnsupportedModelError",
+    "Whitener",
+    "allocate_rocs",
+    "arrow_prototype",
+    "calibrate_eps",
+    "cosine_similarity",
+    "fit_gaussian",
+    "make_plans",
+    "roc_budget",
+    "route_rocs",
+    "route_rocs_batched",
+    "select_candidates",
+]
+
+
+def __getattr__(name: str):
+    # The engine imports transformers (seconds); load it only when asked for.
+    if name == "RoutedLM":
+        from .engine import RoutedLM
+
+        return RoutedLM
+    raise AttributeError(f"module 'hilora_core' has no attribute {name!r}")

@@ -1,0 +1,87 @@
+"""RoutingPlan: what one sequence uses, decided once per sequence, applied at every layer."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from .errors import InvalidInputError
+
+TokenRuleName = Literal["per_adapter", "global_topk", "arrow"]
+TOKEN_RULES: tuple[str, ...] = ("per_adapter", "global_topk", "arrow")
+
+
+@dataclass(frozen=True)
+class RoutingPlan:
+    """Per-sequence routing decision.
+
+    Attributes:
+        adapters: adapter names (the candidate set C); empty means the base model alone.
+        rocs: ROCs to keep per token for each adapter (``per_adapter`` rule); None keeps all.
+        scale: extra multiplier on the routed LoRA sum (1.0 for plain LoRA).
+        weights: per-adapter multipliers (mixtures, merging); None means 1 each.
+        token_rule: ``per_adapter`` (HiLoRA), ``global_topk`` (HiLoRA-ROC), ``arrow``.
+        top_k: ROCs per token (global_topk) or adapters per token (arrow).
+        normalize: multiply by ``sqrt(rbar / O)`` (HiLoRA's variance normalisation).
+        signed: rank ROCs by signed projection (ablation).
+        ensemble: run each adapter as its own pass and average output distributions by
+            ``weights`` (the Ensemble baseline) instead of mixing inside the layers.
+        scores: the sequence-level scores of ``adapters`` (informational, for responses).
+    """
+
+    adapters: tuple[str, ...] = ()
+    rocs: tuple[int, ...] | None = None
+    scale: float = 1.0
+    weights: tuple[float, ...] | None = None
+    token_rule: TokenRuleName = "per_adapter"
+    top_k: int | None = None
+    normalize: bool = True
+    signed: bool = False
+    ensemble: bool = False
+    scores: tuple[float, ...] | None = field(default=None, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "adapters", tuple(self.adapters))
+        n = len(self.adapters)
+        if len(set(self.adapters)) != n:
+            raise InvalidInputError(f"a plan names an adapter twice: {list(self.adapters)}")
+        for name in ("rocs", "weights", "scores"):
+            value = getattr(self, name)
+            if value is not None:
+                value = tuple(value)
+                object.__setattr__(self, name, value)
+                if len(value) != n:
+                    raise InvalidInputError(f"plan has {n} adapters but {len(value)} {name}: {list(value)}")
+        if self.rocs is not None and any(int(o) < 0 for o in self.rocs):
+            raise InvalidInputError(f"ROC counts must be >= 0, got {list(self.rocs)}")
+        if self.rocs is not None and n and sum(self.rocs) < 1:
+            raise InvalidInputError(f"a plan with adapters must activate at least one ROC, got {list(self.rocs)}")
+        if self.token_rule not in TOKEN_RULES:
+            raise InvalidInputError(f"token_rule must be one of {TOKEN_RULES}, got {self.token_rule!r}")
+        if self.token_rule != "per_adapter" and (self.top_k is None or self.top_k < 1):
+            raise InvalidInputError(f"token rule {self.token_rule!r} needs top_k >= 1, got {self.top_k!r}")
+        if not (self.scale == self.scale) or abs(self.scale) == float("inf"):
+            raise InvalidInputError(f"scale must be finite, got {self.scale!r}")
+
+    @property
+    def is_base(self) -> bool:
+        return len(self.adapters) == 0
+
+    @classmethod
+    def single(cls, adapter: str) -> RoutingPlan:
+        """Plain LoRA with one adapter (all ROCs, scale 1): equals PEFT running it."""
+        return cls(adapters=(adapter,), rocs=None, normalize=False)
+
+    def to_dict(self) -> dict:
+        return {
+            "adapters": list(self.adapters),
+            "rocs": None if self.rocs is None else [int(o) for o in self.rocs],
+            "scale": self.scale,
+            "weights": None if self.weights is None else list(self.weights),
+            "token_rule": self.token_rule,
+            "top_k": self.top_k,
+            "normalize": self.normalize,
+            "signed": self.signed,
+            "ensemble": self.ensemble,
+            "scores": None if self.scores is None else [float(s) for s in self.scores],
+        }

@@ -1,0 +1,229 @@
+"""Token level of HiLoRA: which rank-one components (ROCs) fire for each token.
+
+A LoRA adapter ``u`` at one linear layer is ``A_u`` (r_u, d_in), ``B_u`` (d_out, r_u)
+and scaling ``s_u``. ROC ``j`` is (row j of A_u, column j of B_u), and
+
+    B_u A_u x = sum_j b_uj p_uj,    p_uj = a_uj . x   (the ROC's projection).
+
+For every token, HiLoRA keeps, per candidate adapter, the ``o_u`` ROCs with the
+largest ``|p_uj|`` and returns
+
+    delta = sqrt(rbar / O) * sum_u s_u * sum_{j kept} b_uj p_uj
+
+:func:`route_rocs_batched` is the one implementation. It works on a whole mixed
+batch of tokens at once: every token names its own candidates (indices into a
+stack of U adapters zero-padded to rank R), ROC counts, weights and scale, so
+sequences with different plans share one code path with no Python loop over
+tokens, sequences or adapters. The model layers call it; :func:`route_rocs` is
+the single-sequence form of the library API.
+
+Token rules (``TokenRule``):
+    per_adapter  top-o_u ROCs of each candidate by |p| (HiLoRA; o_u = r_u gives all ROCs)
+    global_topk  top-k ROCs over all candidates together by |p| (HiLoRA-ROC); k in column 0 of rocs
+    arrow        top-k candidates by |x . v_u| (v_u = the adapter's Arrow prototype), all their
+                 ROCs, weighted by softmax(|x . v_u| / temperature) over those k; k in column 0 of rocs
+Weights multiply each candidate's contribution (mixtures, merging).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from enum import IntEnum
+
+import torch
+
+from .errors import DimensionMismatchError, InvalidInputError
+
+
+class TokenRule(IntEnum):
+    PER_ADAPTER = 0
+    GLOBAL_TOPK = 1
+    ARROW = 2
+
+
+def _topk_mask(key: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Boolean mask of the ``counts[..]`` largest entries along the last dim.
+
+    key: (..., R) with -inf where nothing may be chosen; counts: (...) ints.
+    """
+    kmax = int(counts.max().item()) if counts.numel() else 0
+    mask = torch.zeros(key.shape, dtype=torch.bool, device=key.device)
+    if kmax == 0:
+        return mask
+    kmax = min(kmax, key.shape[-1])
+    _, idx = key.topk(kmax, dim=-1)  # (..., kmax)
+    take = torch.arange(kmax, device=key.device) < counts.unsqueeze(-1)  # (..., kmax)
+    return mask.scatter(-1, idx, take) & torch.isfinite(key)
+
+
+def route_rocs_batched(
+    x: torch.Tensor,
+    a_stack: torch.Tensor,
+    b_stack: torch.Tensor,
+    scalings: torch.Tensor,
+    ranks: torch.Tensor,
+    token_adapters: torch.Tensor,
+    token_rocs: torch.Tensor,
+    token_scale: torch.Tensor,
+    token_weights: torch.Tensor | None = None,
+    rule: TokenRule = TokenRule.PER_ADAPTER,
+    signed: bool = False,
+    prototypes: torch.Tensor | None = None,
+    arrow_temperature: float = 1.0,
+) -> torch.Tensor:
+    """Routed LoRA output for a batch of tokens with per-token plans.
+
+    Args:
+        x: (N, d_in) token inputs to the layer.
+        a_stack: (U, R, d_in) down-projections, rows >= r_u zero.
+        b_stack: (U, d_out, R) up-projections, columns >= r_u zero.
+        scalings: (U,) s_u (lora_alpha / r, or / sqrt(r) for rsLoRA).
+        ranks: (U,) r_u.
+        token_adapters: (N, C) indices into U; -1 marks an empty candidate slot.
+        token_rocs: (N, C) ROCs to keep per candidate (per_adapter), or the k of the
+            rule in column 0 (global_topk: ROCs, arrow: adapters).
+        token_scale: (N,) overall multiplier per token (sqrt(rbar/O) times the plan's scale).
+        token_weights: (N, C) multiplier per candidate (default 1).
+        rule: the token rule.
+        signed: rank ROCs by signed p instead of |p| (ablation).
+        prototypes: (U, d_in) Arrow prototypes (rule ARROW only).
+        arrow_temperature: softmax temperature of the Arrow rule.
+
+    Returns:
+        (N, d_out) the routed LoRA contribution (add it to the base layer's output).
+    """
+    n_tok, d_in = x.shape
+    n_ad, r_max, _ = a_stack.shape
+    d_out = b_stack.shape[1]
+    n_cand = token_adapters.shape[1]
+    if n_tok == 0 or n_cand == 0:
+        return x.new_zeros((n_tok, d_out))
+    valid_cand = token_adapters >= 0  # (N, C)
+    cand = token_adapters.clamp(min=0)  # (N, C)
+    # projections of every token on every ROC of every adapter in the stack: one matmul
+    proj_all = (x @ a_stack.reshape(n_ad * r_max, d_in).T).view(n_tok, n_ad, r_max)  # (N, U, R)
+    proj = proj_all.gather(1, cand.unsqueeze(-1).expand(n_tok, n_cand, r_max))  # (N, C, R)
+    roc_exists = torch.arange(r_max, device=x.device) < ranks[cand].unsqueeze(-1)  # (N, C, R)
+    roc_exists &= valid_cand.unsqueeze(-1)
+    weights = scalings[cand].to(x.dtype) * valid_cand  # (N, C)
+    if token_weights is not None:
+        weights = weights * token_weights.to(x.dtype)
+
+    if rule == TokenRule.PER_ADAPTER:
+        key = (proj if signed else proj.abs()).masked_fill(~roc_exists, -math.inf)
+        keep = _topk_mask(key, token_rocs)  # (N, C, R)
+    elif rule == TokenRule.GLOBAL_TOPK:
+        key = (proj if signed else proj.abs()).masked_fill(~roc_exists, -math.inf)
+        keep = _topk_mask(key.reshape(n_tok, n_cand * r_max), token_rocs[:, 0]).view_as(key)
+    elif rule == TokenRule.ARROW:
+        if prototypes is None:
+            raise InvalidInputError("the arrow token rule needs prototypes (U, d_in)")
+        sim = (x @ prototypes.T).gather(1, cand).abs().masked_fill(~valid_cand, -math.inf)  # (N, C)
+        chosen = _topk_mask(sim, token_rocs[:, 0])  # (N, C)
+        logits = (sim / arrow_temperature).masked_fill(~chosen, -math.inf)
+        coeff = torch.softmax(logits, dim=-1).nan_to_num(0.0)  # rows with nothing chosen -> 0
+        weights = weights * coeff
+        keep = roc_exists
+    else:  # pragma: no cover - IntEnum guards this
+        raise InvalidInputError(f"unknown token rule {rule!r}")
+
+    coef = proj * keep * (weights * token_scale.unsqueeze(-1)).unsqueeze(-1)  # (N, C, R)
+    dense = x.new_zeros((n_tok, n_ad, r_max)).scatter_add_(
+        1, cand.unsqueeze(-1).expand(n_tok, n_cand, r_max), coef
+    )  # (N, U, R)
+    b_flat = b_stack.permute(0, 2, 1).reshape(n_ad * r_max, d_out)  # (U*R, d_out)
+    return dense.view(n_tok, n_ad * r_max) @ b_flat
+
+
+def stack_adapters(
+    a_list: Sequence[torch.Tensor], b_list: Sequence[torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Zero-pad adapters of different ranks into (U, R, d_in), (U, d_out, R) and ranks (U,)."""
+    if len(a_list) != len(b_list) or not a_list:
+        raise InvalidInputError(f"need matching non-empty A and B lists, got {len(a_list)} and {len(b_list)}")
+    d_in = a_list[0].shape[1]
+    d_out = b_list[0].shape[0]
+    r_max = max(a.shape[0] for a in a_list)
+    a_stack = a_list[0].new_zeros((len(a_list), r_max, d_in))
+    b_stack = b_list[0].new_zeros((len(b_list), d_out, r_max))
+    for u, (a, b) in enumerate(zip(a_list, b_list, strict=True)):
+        r = a.shape[0]
+        if a.ndim != 2 or a.shape[1] != d_in or b.ndim != 2 or b.shape != (d_out, r):
+            raise DimensionMismatchError(
+                f"adapter {u}: A {tuple(a.shape)} and B {tuple(b.shape)} do not fit "
+                f"A (r, {d_in}) and B ({d_out}, r)"
+            )
+        a_stack[u, :r] = a
+        b_stack[u, :, :r] = b
+    ranks = torch.tensor([a.shape[0] for a in a_list], dtype=torch.long, device=a_list[0].device)
+    return a_stack, b_stack, ranks
+
+
+def normalisation(ranks: Sequence[int], rocs: Sequence[int]) -> float:
+    """``sqrt(rbar / O)``: rbar the mean rank of the candidates, O the ROCs activated."""
+    total = int(sum(rocs))
+    if total < 1:
+        raise InvalidInputError(f"at least one ROC must be activated, got rocs={list(rocs)}")
+    return math.sqrt((sum(ranks) / len(ranks)) / total)
+
+
+def route_rocs(
+    x: torch.Tensor,
+    A_list: Sequence[torch.Tensor],
+    B_list: Sequence[torch.Tensor],
+    scalings: Sequence[float],
+    o: Sequence[int],
+    signed: bool = False,
+) -> torch.Tensor:
+    """HiLoRA's token-level routing for one sequence at one layer.
+
+    Args:
+        x: (T, d_in) tokens.
+        A_list: per candidate, A_i (r_i, d_in) (PEFT ``lora_A.weight`` layout).
+        B_list: per candidate, B_i (d_out, r_i) (PEFT ``lora_B.weight`` layout).
+        scalings: per candidate s_i.
+        o: per candidate ROCs to keep per token, 0 <= o_i <= r_i, sum >= 1.
+        signed: rank by signed projection instead of its magnitude.
+
+    Returns:
+        (T, d_out): ``sqrt(rbar/O) * sum_i s_i * sum_{j in top-o_i} b_ij (a_ij . x)``.
+    """
+    if x.ndim != 2:
+        raise InvalidInputError(f"x must be (T, d_in), got shape {tuple(x.shape)}")
+    a_stack, b_stack, ranks = stack_adapters(list(A_list), list(B_list))
+    if a_stack.shape[2] != x.shape[1]:
+        raise DimensionMismatchError(f"x has d_in={x.shape[1]} but A has d_in={a_stack.shape[2]}")
+    n_ad = len(A_list)
+    if len(scalings) != n_ad or len(o) != n_ad:
+        raise InvalidInputError(f"got {n_ad} adapters but {len(scalings)} scalings and {len(o)} ROC counts")
+    o_t = torch.as_tensor(list(o), dtype=torch.long, device=x.device)
+    if torch.any(o_t < 0) or torch.any(o_t > ranks):
+        raise InvalidInputError(f"ROC counts must satisfy 0 <= o_i <= r_i, got o={list(o)} r={ranks.tolist()}")
+    scale = normalisation(ranks.tolist(), o_t.tolist())
+    n_tok = x.shape[0]
+    cand = torch.arange(n_ad, device=x.device).expand(n_tok, n_ad)
+    return route_rocs_batched(
+        x,
+        a_stack.to(x.dtype),
+        b_stack.to(x.dtype),
+        torch.as_tensor(list(scalings), dtype=x.dtype, device=x.device),
+        ranks,
+        cand,
+        o_t.expand(n_tok, n_ad),
+        torch.full((n_tok,), scale, dtype=x.dtype, device=x.device),
+        signed=signed,
+    )
+
+
+def arrow_prototype(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Top right singular vector of ``B A`` (d_in,), unit norm, sign fixed (largest |entry| > 0).
+
+    Computed from the small (r, d_in) matrix ``R_B A`` where ``B = Q_B R_B``.
+    """
+    _, r_b = torch.linalg.qr(b.to(torch.float64))  # (r, r)
+    _, _, vh = torch.linalg.svd(r_b @ a.to(torch.float64), full_matrices=False)
+    v = vh[0]
+    if v[v.abs().argmax()] < 0:
+        v = -v
+    return v.to(a.dtype)

@@ -105,7 +105,9 @@ def calibrate_eps(
     rates = (scores > 0).mean(axis=0)  # (G,)
     hit = np.flatnonzero(rates >= target_rate)
     if hit.size == 0:
-        best = int(np.argmax(rates))
+        # target not reachable: the highest rate, ties (e.g. all 0) broken by the best median score
+        median = np.median(scores, axis=0)
+        best = int(np.lexsort((-median, -rates))[0])
         return EpsCalibration(float(grid[best]), float(rates[best]), target_rate, False, grid, rates)
     first = int(hit[0])
     eps = float(grid[first])

@@ -17,7 +17,8 @@ from .errors import DimensionMismatchError, InvalidInputError
 
 @dataclass(frozen=True)
 class Whitener:
-    """``z -> (z - center) @ matrix``; matrix (d, d) is the pooled covariance's inverse square root.
+    """``z -> (z - center) @ matrix``; matrix (d, d) is the pooled covariance's inverse square root,
+    scaled so that the total variance of the pooled samples is unchanged.
 
     Attributes:
         center: (d,) mean of all pooled samples.
@@ -45,7 +46,9 @@ class Whitener:
         cov = (1.0 - shrinkage) * cov + shrinkage * (np.trace(cov) / d) * np.eye(d)
         vals, vecs = np.linalg.eigh(cov)
         vals = np.maximum(vals, 1e-12 * vals.max())
-        matrix = (vecs / np.sqrt(vals)) @ vecs.T
+        # keep the overall scale (total variance) of the space: a rescaled space would shift
+        # every score by a constant and so move the seen/unseen threshold at score 0
+        matrix = (vecs / np.sqrt(vals)) @ vecs.T * np.sqrt(np.trace(cov) / d)
         return cls(center=center, matrix=matrix)
 
     def __call__(self, z: np.ndarray) -> np.ndarray:

@@ -1,14 +1,22 @@
 """Choosing ``eps`` from the registered samples themselves.
 
-``eps`` sets the absolute level of every score and so where the seen/unseen
-threshold (score 0) falls. :func:`calibrate_eps` picks it by leave-one-out:
-each sample is held out in turn, the Gaussian is refitted on the other m - 1,
-and we find the smallest ``eps`` at which a ``target_rate`` fraction of held-out
-samples score above 0 under their own adapter's Gaussian. The smallest such eps
-gives the tightest candidate sets that still admit the own adapter at that rate.
+``eps`` sets how sharp every adapter's Gaussian is and, with it, the absolute
+level of every score, so it decides the candidate sets. :func:`calibrate_eps`
+picks it by leave-one-out: each sample is held out in turn, its adapter's
+Gaussian is refitted on the other m - 1 samples, and the held-out sample is
+scored as if it were a request. Two criteria:
 
-The factor of each leave-one-out fit does not depend on eps, so every eps on
-the grid is scored from the same SVDs in closed form.
+``candidates`` (default)
+    apply the full candidate rule (:func:`select_candidates`) to the held-out
+    sample's scores against the whole pool; among the eps at which its own
+    adapter lands in the candidate set at ``target_rate`` or more, take the one
+    with the smallest mean candidate set.
+``own_score``
+    the smallest eps at which ``target_rate`` of held-out samples score > 0
+    under their own adapter.
+
+The factor of every fit does not depend on eps, so each eps on the grid costs
+one closed-form rescoring, not a refit.
 """
 
 from __future__ import annotations
@@ -20,7 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .errors import InvalidInputError
-from .gaussian import LOG_2PI
+from .gaussian import LOG_2PI, GaussianBank, fit_gaussian
 
 
 @dataclass(frozen=True)
@@ -29,7 +37,9 @@ class EpsCalibration:
 
     Attributes:
         eps: the chosen eps.
-        rate: fraction of held-out samples scoring > 0 at ``eps``.
+        rate: at ``eps``, the fraction of held-out samples meeting the criterion.
+        criterion: "candidates" or "own_score".
+        mean_candidates: mean candidate-set size of held-out samples at ``eps`` ("candidates" only).
         target_rate: what was asked for.
         reached: False when no eps on the grid reached the target (then eps maximises the rate).
         grid: (G,) eps values tried; rates: (G,) the held-out rate at each.
@@ -38,35 +48,71 @@ class EpsCalibration:
     eps: float
     rate: float
     target_rate: float
+    criterion: str
     reached: bool
     grid: np.ndarray
     rates: np.ndarray
+    mean_candidates: float | None = None
 
 
-def _loo_terms(z: np.ndarray) -> list[tuple[np.ndarray, np.ndarray, float]]:
-    """Per held-out sample: (variances (k,), squared projections (k,), |delta|^2)."""
-    m = z.shape[0]
-    out = []
-    for h in range(m):
-        rest = np.delete(z, h, axis=0)
-        mu = rest.mean(axis=0)
-        _, s, vt = np.linalg.svd(rest - mu, full_matrices=False)
-        keep = s > 1e-10 * max(float(s[0]), 1e-300)
-        lam = s[keep] ** 2 / (m - 2) if m > 2 else np.zeros(0)
-        delta = z[h] - mu
-        proj_sq = (vt[keep] @ delta) ** 2 if m > 2 else np.zeros(0)
-        out.append((lam, proj_sq, float(delta @ delta)))
-    return out
+@dataclass(frozen=True)
+class _HeldOut:
+    """Everything the held-out scores need, for N leave-one-out fits, padded to K directions."""
+
+    variances: np.ndarray  # (N, K) variances of each fit's factor (0 = padding)
+    proj_sq: np.ndarray  # (N, K) squared projections of the held-out sample on each direction
+    dist_sq: np.ndarray  # (N,) squared distance of the held-out sample to the fit's mean
+    dim: int
+
+    def scores(self, grid: np.ndarray) -> np.ndarray:
+        """(N, G) held-out scores (1/d) log N for every eps in grid (G,)."""
+        eps = grid[None, :, None]  # (1, G, 1)
+        lam = self.variances[:, None, :]  # (N, 1, K)
+        logdet = self.dim * np.log(grid)[None, :] + np.log1p(lam / eps).sum(axis=2)  # (N, G)
+        explained = (lam / (lam + eps) * self.proj_sq[:, None, :]).sum(axis=2)  # (N, G)
+        maha = (self.dist_sq[:, None] - explained) / grid[None, :]
+        return -0.5 * (self.dim * LOG_2PI + logdet + maha) / self.dim
 
 
-def _scores_on_grid(terms, grid: np.ndarray, d: int) -> np.ndarray:
-    """(G,) held-out scores of one leave-one-out fit for every eps on the grid."""
-    lam, proj_sq, dsq = terms
-    eps = grid[:, None]  # (G, 1)
-    logdet = d * np.log(grid) + np.log1p(lam[None, :] / eps).sum(axis=1)
-    explained = (lam[None, :] / (lam[None, :] + eps) * proj_sq[None, :]).sum(axis=1)
-    maha = (dsq - explained) / grid
-    return -0.5 * (d * LOG_2PI + logdet + maha) / d
+def _held_out_terms(sets: Sequence[np.ndarray]) -> _HeldOut:
+    """One leave-one-out fit per sample of every set (the SVDs do not depend on eps)."""
+    rows = []
+    for z in sets:
+        m = z.shape[0]
+        for h in range(m):
+            rest = np.delete(z, h, axis=0)
+            mu = rest.mean(axis=0)
+            _, s, vt = np.linalg.svd(rest - mu, full_matrices=False)
+            keep = s > 1e-10 * max(float(s[0]), 1e-300)
+            delta = z[h] - mu
+            rows.append((s[keep] ** 2 / (m - 2), (vt[keep] @ delta) ** 2, float(delta @ delta)))
+    k = max(1, max(len(r[0]) for r in rows))
+    lam = np.zeros((len(rows), k))
+    proj = np.zeros((len(rows), k))
+    for i, (v, p, _) in enumerate(rows):
+        lam[i, : len(v)] = v
+        proj[i, : len(p)] = p
+    return _HeldOut(lam, proj, np.array([r[2] for r in rows]), sets[0].shape[1])
+
+
+def candidate_stats(scores: np.ndarray, own: np.ndarray, max_candidates: int | None = None):
+    """Vectorised :func:`select_candidates` statistics.
+
+    Args:
+        scores: (N, I) scores of N queries; own: (N,) the index of each query's own adapter.
+
+    Returns:
+        (N,) bool own adapter in the candidate set, (N,) int candidate-set sizes.
+    """
+    n, n_ad = scores.shape
+    top = scores.max(axis=1)
+    sizes = np.where(top > 0, (scores > 0).sum(axis=1), np.maximum(1, np.ceil(-top))).astype(np.int64)
+    sizes = np.minimum(sizes, n_ad if max_candidates is None else min(n_ad, max_candidates))
+    own_score = scores[np.arange(n), own]
+    # rank of the own adapter in select_candidates' order (score desc, lower index first on ties)
+    ahead = (scores > own_score[:, None]).sum(axis=1)
+    ahead += ((scores == own_score[:, None]) & (np.arange(n_ad)[None, :] < own[:, None])).sum(axis=1)
+    return ahead < sizes, sizes
 
 
 def calibrate_eps(
@@ -75,18 +121,25 @@ def calibrate_eps(
     grid: np.ndarray | None = None,
     max_adapters: int | None = 256,
     seed: int = 0,
+    criterion: str = "candidates",
+    max_candidates: int | None = None,
 ) -> EpsCalibration:
-    """Pick eps by leave-one-out over the adapters' sample embeddings.
+    """Pick eps by leave-one-out over the adapters' sample embeddings (see the module docstring).
 
     Args:
-        sample_sets: one (m_i, d) array per adapter, m_i >= 3 (m_i = 2 leaves one sample per fit).
-        target_rate: wanted fraction of held-out samples with score > 0, in (0, 1].
-        grid: eps values to try (default: 241 log-spaced values in [1e-7, 10]).
+        sample_sets: one (m_i, d) array per adapter, m_i >= 3 (leave-one-out refits on m_i - 1 >= 2).
+        target_rate: wanted rate of the criterion, in (0, 1].
+        grid: eps values to try (default: 91 log-spaced values from 1e-4 to 1e2 times the
+            mean per-coordinate variance of the samples, so the grid follows the space's scale).
         max_adapters: use a random subset of this many adapters for large pools (None: all).
         seed: for that subset.
+        criterion: "candidates" or "own_score".
+        max_candidates: the cap on |C| the router will use ("candidates" only).
     """
     if not 0.0 < target_rate <= 1.0:
         raise InvalidInputError(f"target_rate must be in (0, 1], got {target_rate!r}")
+    if criterion not in ("candidates", "own_score"):
+        raise InvalidInputError(f"criterion must be 'candidates' or 'own_score', got {criterion!r}")
     sets = [np.asarray(s, dtype=np.float64) for s in sample_sets]
     if not sets:
         raise InvalidInputError("calibrate_eps needs at least one adapter's samples, got none")
@@ -96,28 +149,55 @@ def calibrate_eps(
     for i, s in enumerate(sets):
         if s.shape[0] < 3:
             raise InvalidInputError(f"adapter {i} has {s.shape[0]} samples; leave-one-out needs at least 3")
-    d = dims.pop()
     if max_adapters is not None and len(sets) > max_adapters:
         pick = np.random.default_rng(seed).choice(len(sets), size=max_adapters, replace=False)
         sets = [sets[i] for i in sorted(pick)]
-    grid = np.logspace(-7, 1, 241) if grid is None else np.sort(np.asarray(grid, dtype=np.float64))
-    scores = np.stack([_scores_on_grid(t, grid, d) for s in sets for t in _loo_terms(s)])  # (N, G)
+    if grid is None:
+        pooled = np.concatenate(sets)
+        var = float(((pooled - pooled.mean(axis=0)) ** 2).mean())
+        grid = max(var, 1e-300) * np.logspace(-4, 2, 91)
+    grid = np.sort(np.asarray(grid, dtype=np.float64))
+    held = _held_out_terms(sets)
+    if criterion == "own_score":
+        return _calibrate_own_score(held, grid, target_rate)
+    return _calibrate_candidates(sets, held, grid, target_rate, max_candidates)
+
+
+def _calibrate_own_score(held: _HeldOut, grid: np.ndarray, target_rate: float) -> EpsCalibration:
+    scores = held.scores(grid)  # (N, G)
     rates = (scores > 0).mean(axis=0)  # (G,)
     hit = np.flatnonzero(rates >= target_rate)
     if hit.size == 0:
         # target not reachable: the highest rate, ties (e.g. all 0) broken by the best median score
         median = np.median(scores, axis=0)
         best = int(np.lexsort((-median, -rates))[0])
-        return EpsCalibration(float(grid[best]), float(rates[best]), target_rate, False, grid, rates)
+        return EpsCalibration(float(grid[best]), float(rates[best]), target_rate, "own_score", False, grid, rates)
     first = int(hit[0])
     eps = float(grid[first])
-    if first > 0:  # bisect in log space between the last miss and the first hit
-        lo, hi = math.log(grid[first - 1]), math.log(grid[first])
-        all_terms = [t for s in sets for t in _loo_terms(s)]
-        for _ in range(20):
-            mid = 0.5 * (lo + hi)
-            rate = np.mean([_scores_on_grid(t, np.array([math.exp(mid)]), d)[0] > 0 for t in all_terms])
-            lo, hi = (lo, mid) if rate >= target_rate else (mid, hi)
-        eps = math.exp(hi)
-    rate = float(np.mean([_scores_on_grid(t, np.array([eps]), d)[0] > 0 for s in sets for t in _loo_terms(s)]))
-    return EpsCalibration(eps, rate, target_rate, True, grid, rates)
+    if first > 0:  # refine between the last miss and the first hit, on a fine log grid
+        fine = np.exp(np.linspace(math.log(grid[first - 1]), math.log(grid[first]), 65))
+        fine_rates = (held.scores(fine) > 0).mean(axis=0)
+        eps = float(fine[np.flatnonzero(fine_rates >= target_rate)[0]])
+    rate = float((held.scores(np.array([eps])) > 0).mean())
+    return EpsCalibration(eps, rate, target_rate, "own_score", True, grid, rates)
+
+
+def _calibrate_candidates(sets, held: _HeldOut, grid, target_rate, max_candidates) -> EpsCalibration:
+    bank = GaussianBank([fit_gaussian(s, 1.0) for s in sets], dtype=np.float64)
+    samples = np.concatenate(sets)
+    owner = np.repeat(np.arange(len(sets)), [len(s) for s in sets])
+    own_loo = held.scores(grid)  # (N, G): each sample under its own adapter refitted without it
+    rates, sizes = np.zeros(grid.size), np.zeros(grid.size)
+    for g, eps in enumerate(grid):
+        scores = bank.with_eps(float(eps)).score(samples)  # (N, I)
+        scores[np.arange(len(samples)), owner] = own_loo[:, g]
+        hit, size = candidate_stats(scores, owner, max_candidates)
+        rates[g], sizes[g] = hit.mean(), size.mean()
+    ok = np.flatnonzero(rates >= target_rate)
+    reached = ok.size > 0
+    if reached:  # smallest mean candidate set among those reaching the target; then the higher rate
+        best = int(ok[np.lexsort((-rates[ok], sizes[ok]))[0]])
+    else:
+        best = int(np.lexsort((sizes, -rates))[0])
+    return EpsCalibration(float(grid[best]), float(rates[best]), target_rate, "candidates", reached, grid, rates,
+                          mean_candidates=float(sizes[best]))

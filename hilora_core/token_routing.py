@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from enum import IntEnum
 
 import torch
@@ -42,19 +43,130 @@ class TokenRule(IntEnum):
     ARROW = 2
 
 
-def _topk_mask(key: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    """Boolean mask of the ``counts[..]`` largest entries along the last dim.
+@dataclass(frozen=True)
+class TokenRouting:
+    """The part of token routing that does not depend on the layer input ``x``.
 
-    key: (..., R) with -inf where nothing may be chosen; counts: (...) ints.
+    Built by :func:`prepare_token_routing` from per-token candidate lists; reusable for every
+    call with the same metadata and stack (e.g. every decode step of a batch at one layer).
+    Dense over the U adapters of the stack (a token's candidates must be distinct):
+
+        counts      (N, U) ROCs to keep per adapter, clipped to its rank (per_adapter);
+                    (N,) ROCs (global_topk) or adapters (arrow) to keep per token
+        take        (N, U, kmax) or (N, kmax): True for the first ``counts`` top-k positions
+        coeff       (N, U) s_u * weight * token scale, 0 for non-candidates
+        bias        -inf where a ROC (or, for arrow, an adapter) may not be chosen, else 0:
+                    (U, R) per_adapter, (N, U, R) global_topk, (N, U) arrow
+        exists      (U, R) 1.0 for ROCs j < r_u
+        keep_all    every candidate keeps all its ROCs (plain LoRA): no top-k needed
     """
-    kmax = int(counts.max().item()) if counts.numel() else 0
-    mask = torch.zeros(key.shape, dtype=torch.bool, device=key.device)
-    if kmax == 0:
-        return mask
-    kmax = min(kmax, key.shape[-1])
-    _, idx = key.topk(kmax, dim=-1)  # (..., kmax)
-    take = torch.arange(kmax, device=key.device) < counts.unsqueeze(-1)  # (..., kmax)
-    return mask.scatter(-1, idx, take) & torch.isfinite(key)
+
+    rule: TokenRule
+    counts: torch.Tensor
+    take: torch.Tensor
+    kmax: int
+    coeff: torch.Tensor
+    bias: torch.Tensor
+    exists: torch.Tensor
+    keep_all: bool
+
+
+def prepare_token_routing(
+    scalings: torch.Tensor,
+    ranks: torch.Tensor,
+    r_max: int,
+    token_adapters: torch.Tensor,
+    token_rocs: torch.Tensor,
+    token_scale: torch.Tensor,
+    token_weights: torch.Tensor | None = None,
+    rule: TokenRule = TokenRule.PER_ADAPTER,
+) -> TokenRouting:
+    """The x-independent metadata of :func:`route_rocs_batched` (arguments as there; R = ``r_max``)."""
+    n_tok, n_cand = token_adapters.shape
+    n_ad = scalings.shape[0]
+    device, dtype = scalings.device, scalings.dtype
+    valid = token_adapters >= 0  # (N, C)
+    cand = token_adapters.clamp(min=0)
+    if n_cand > 1:
+        srt = torch.where(valid, token_adapters, -1 - torch.arange(n_cand, device=device)).sort(dim=1).values
+        if bool((srt[:, 1:] == srt[:, :-1]).any()):
+            raise InvalidInputError("a token lists the same adapter twice among its candidates")
+    w = scalings[cand] * valid  # (N, C)
+    if token_weights is not None:
+        w = w * token_weights.to(dtype)
+    w = w * token_scale.to(dtype).unsqueeze(-1)
+    coeff = torch.zeros((n_tok, n_ad), device=device, dtype=dtype).scatter_add_(1, cand, w)  # (N, U)
+    is_cand = torch.zeros((n_tok, n_ad), device=device, dtype=torch.bool).scatter_(1, cand, valid)  # (N, U)
+    ranks = ranks.clamp(max=r_max)
+    exists_b = torch.arange(r_max, device=device) < ranks.unsqueeze(-1)  # (U, R)
+    exists = exists_b.to(dtype)
+    neg = torch.tensor(-math.inf, device=device, dtype=dtype)
+    zero = torch.tensor(0.0, device=device, dtype=dtype)
+    if rule == TokenRule.PER_ADAPTER:
+        counts = torch.zeros((n_tok, n_ad), device=device, dtype=torch.long).scatter_(
+            1, cand, token_rocs.long() * valid
+        )
+        counts = torch.minimum(counts, ranks.unsqueeze(0))  # (N, U)
+        keep_all = bool((counts[is_cand] >= ranks.unsqueeze(0).expand_as(counts)[is_cand]).all())
+        bias = torch.where(exists_b, zero, neg)  # (U, R)
+    elif rule == TokenRule.GLOBAL_TOPK:
+        avail = exists_b.unsqueeze(0) & is_cand.unsqueeze(-1)  # (N, U, R)
+        counts = torch.minimum(token_rocs[:, 0].long(), avail.flatten(1).sum(1))  # (N,)
+        keep_all = False
+        bias = torch.where(avail, zero, neg)
+    elif rule == TokenRule.ARROW:
+        counts = torch.minimum(token_rocs[:, 0].long(), is_cand.sum(1))  # (N,)
+        keep_all = False
+        bias = torch.where(is_cand, zero, neg)  # (N, U)
+    else:  # pragma: no cover - IntEnum guards this
+        raise InvalidInputError(f"unknown token rule {rule!r}")
+    kmax = int(counts.max()) if counts.numel() else 0
+    take = torch.arange(kmax, device=device) < counts.unsqueeze(-1)
+    return TokenRouting(rule, counts, take, kmax, coeff, bias, exists, keep_all)
+
+
+def apply_token_routing(
+    x: torch.Tensor,
+    a_stack: torch.Tensor,
+    b_stack: torch.Tensor,
+    routing: TokenRouting,
+    signed: bool = False,
+    prototypes: torch.Tensor | None = None,
+    arrow_temperature: float = 1.0,
+) -> torch.Tensor:
+    """The x-dependent part of :func:`route_rocs_batched`: (N, d_in) -> (N, d_out)."""
+    n_tok, d_in = x.shape
+    n_ad, r_max, _ = a_stack.shape
+    d_out = b_stack.shape[1]
+    b_flat = b_stack.permute(0, 2, 1).reshape(n_ad * r_max, d_out)  # a view when b_stack is (U, R, d_out).mT
+    if n_tok == 0 or routing.kmax == 0:
+        return x.new_zeros((n_tok, d_out))
+    coeff = routing.coeff.to(x.dtype)
+    # projections of every token on every ROC of every adapter in the stack: one matmul
+    proj = (x @ a_stack.reshape(n_ad * r_max, d_in).T).view(n_tok, n_ad, r_max)  # (N, U, R)
+    if routing.rule == TokenRule.PER_ADAPTER:
+        if routing.keep_all:
+            coef = proj * coeff.unsqueeze(-1)
+        else:
+            key = (proj if signed else proj.abs()) + routing.bias
+            idx = key.topk(routing.kmax, dim=-1).indices  # (N, U, kmax)
+            keep = torch.zeros_like(proj).scatter_(-1, idx, routing.take.to(x.dtype))
+            coef = proj * keep * coeff.unsqueeze(-1)
+    elif routing.rule == TokenRule.GLOBAL_TOPK:
+        key = ((proj if signed else proj.abs()) + routing.bias).view(n_tok, n_ad * r_max)
+        idx = key.topk(routing.kmax, dim=-1).indices  # (N, kmax)
+        keep = torch.zeros((n_tok, n_ad * r_max), dtype=x.dtype, device=x.device)
+        keep.scatter_(-1, idx, routing.take.to(x.dtype))
+        coef = proj * keep.view_as(proj) * coeff.unsqueeze(-1)
+    else:  # ARROW
+        if prototypes is None:
+            raise InvalidInputError("the arrow token rule needs prototypes (U, d_in)")
+        sim = (x @ prototypes.T).abs() + routing.bias  # (N, U)
+        idx = sim.topk(routing.kmax, dim=-1).indices
+        chosen = torch.zeros_like(sim, dtype=torch.bool).scatter_(-1, idx, routing.take)
+        soft = torch.softmax((sim / arrow_temperature).masked_fill(~chosen, -math.inf), dim=-1).nan_to_num(0.0)
+        coef = proj * ((coeff * soft).unsqueeze(-1) * routing.exists)
+    return coef.reshape(n_tok, n_ad * r_max) @ b_flat
 
 
 def route_rocs_batched(
@@ -71,6 +183,7 @@ def route_rocs_batched(
     signed: bool = False,
     prototypes: torch.Tensor | None = None,
     arrow_temperature: float = 1.0,
+    routing: TokenRouting | None = None,
 ) -> torch.Tensor:
     """Routed LoRA output for a batch of tokens with per-token plans.
 
@@ -80,7 +193,7 @@ def route_rocs_batched(
         b_stack: (U, d_out, R) up-projections, columns >= r_u zero.
         scalings: (U,) s_u (lora_alpha / r, or / sqrt(r) for rsLoRA).
         ranks: (U,) r_u.
-        token_adapters: (N, C) indices into U; -1 marks an empty candidate slot.
+        token_adapters: (N, C) indices into U, distinct per token; -1 marks an empty candidate slot.
         token_rocs: (N, C) ROCs to keep per candidate (per_adapter), or the k of the
             rule in column 0 (global_topk: ROCs, arrow: adapters).
         token_scale: (N,) overall multiplier per token (sqrt(rbar/O) times the plan's scale).
@@ -89,51 +202,22 @@ def route_rocs_batched(
         signed: rank ROCs by signed p instead of |p| (ablation).
         prototypes: (U, d_in) Arrow prototypes (rule ARROW only).
         arrow_temperature: softmax temperature of the Arrow rule.
+        routing: the result of :func:`prepare_token_routing` for exactly these metadata
+            arguments, to skip recomputing it (callers that route many layers or decode
+            steps with one batch's metadata); None computes it here.
 
     Returns:
         (N, d_out) the routed LoRA contribution (add it to the base layer's output).
     """
-    n_tok, d_in = x.shape
-    n_ad, r_max, _ = a_stack.shape
-    d_out = b_stack.shape[1]
-    n_cand = token_adapters.shape[1]
-    if n_tok == 0 or n_cand == 0:
-        return x.new_zeros((n_tok, d_out))
-    valid_cand = token_adapters >= 0  # (N, C)
-    cand = token_adapters.clamp(min=0)  # (N, C)
-    # projections of every token on every ROC of every adapter in the stack: one matmul
-    proj_all = (x @ a_stack.reshape(n_ad * r_max, d_in).T).view(n_tok, n_ad, r_max)  # (N, U, R)
-    proj = proj_all.gather(1, cand.unsqueeze(-1).expand(n_tok, n_cand, r_max))  # (N, C, R)
-    roc_exists = torch.arange(r_max, device=x.device) < ranks[cand].unsqueeze(-1)  # (N, C, R)
-    roc_exists &= valid_cand.unsqueeze(-1)
-    weights = scalings[cand].to(x.dtype) * valid_cand  # (N, C)
-    if token_weights is not None:
-        weights = weights * token_weights.to(x.dtype)
-
-    if rule == TokenRule.PER_ADAPTER:
-        key = (proj if signed else proj.abs()).masked_fill(~roc_exists, -math.inf)
-        keep = _topk_mask(key, token_rocs)  # (N, C, R)
-    elif rule == TokenRule.GLOBAL_TOPK:
-        key = (proj if signed else proj.abs()).masked_fill(~roc_exists, -math.inf)
-        keep = _topk_mask(key.reshape(n_tok, n_cand * r_max), token_rocs[:, 0]).view_as(key)
-    elif rule == TokenRule.ARROW:
-        if prototypes is None:
-            raise InvalidInputError("the arrow token rule needs prototypes (U, d_in)")
-        sim = (x @ prototypes.T).gather(1, cand).abs().masked_fill(~valid_cand, -math.inf)  # (N, C)
-        chosen = _topk_mask(sim, token_rocs[:, 0])  # (N, C)
-        logits = (sim / arrow_temperature).masked_fill(~chosen, -math.inf)
-        coeff = torch.softmax(logits, dim=-1).nan_to_num(0.0)  # rows with nothing chosen -> 0
-        weights = weights * coeff
-        keep = roc_exists
-    else:  # pragma: no cover - IntEnum guards this
-        raise InvalidInputError(f"unknown token rule {rule!r}")
-
-    coef = proj * keep * (weights * token_scale.unsqueeze(-1)).unsqueeze(-1)  # (N, C, R)
-    dense = x.new_zeros((n_tok, n_ad, r_max)).scatter_add_(
-        1, cand.unsqueeze(-1).expand(n_tok, n_cand, r_max), coef
-    )  # (N, U, R)
-    b_flat = b_stack.permute(0, 2, 1).reshape(n_ad * r_max, d_out)  # (U*R, d_out)
-    return dense.view(n_tok, n_ad * r_max) @ b_flat
+    n_tok = x.shape[0]
+    if n_tok == 0 or token_adapters.shape[1] == 0:
+        return x.new_zeros((n_tok, b_stack.shape[1]))
+    if routing is None:
+        routing = prepare_token_routing(
+            scalings, ranks, a_stack.shape[1], token_adapters, token_rocs, token_scale, token_weights, rule
+        )
+    assert routing.rule == rule, (routing.rule, rule)
+    return apply_token_routing(x, a_stack, b_stack, routing, signed, prototypes, arrow_temperature)
 
 
 def stack_adapters(

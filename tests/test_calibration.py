@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from hilora_core import GaussianBank, InvalidInputError, Whitener, calibrate_eps, fit_gaussian
+from hilora_core import GaussianBank, InvalidInputError, Whitener, calibrate_eps, fit_gaussian, select_candidates
+from hilora_core.calibration import candidate_stats
 from hilora_core.pool import GaussianFitSettings, fit_pool
 
 
@@ -26,7 +27,7 @@ def held_out_rate(sets, eps):
 @pytest.mark.parametrize("target", [0.5, 0.9])
 def test_calibrated_eps_reaches_target_rate_and_is_the_smallest(target):
     sets = clustered_sets()
-    cal = calibrate_eps(sets, target_rate=target)
+    cal = calibrate_eps(sets, target_rate=target, criterion="own_score")
     assert cal.reached
     # independently recomputed with plain refits
     assert held_out_rate(sets, cal.eps) >= target
@@ -34,9 +35,43 @@ def test_calibrated_eps_reaches_target_rate_and_is_the_smallest(target):
     assert cal.rate == pytest.approx(held_out_rate(sets, cal.eps))
 
 
+def loo_candidate_rate(sets, eps):
+    """Own adapter in select_candidates' set for each held-out sample, by plain refits."""
+    hits, sizes = [], []
+    for i, s in enumerate(sets):
+        for h in range(len(s)):
+            gs = [fit_gaussian(np.delete(t, h, axis=0) if j == i else t, eps) for j, t in enumerate(sets)]
+            c = select_candidates(GaussianBank(gs).score(s[h : h + 1])[0])
+            hits.append(i in c)
+            sizes.append(len(c))
+    return float(np.mean(hits)), float(np.mean(sizes))
+
+
+def test_candidate_criterion_matches_plain_refits_and_minimises_the_set():
+    sets = clustered_sets(n_sets=5, m=6, d=10, spread=0.3, seed=7)
+    grid = np.logspace(-3, 0, 13)
+    cal = calibrate_eps(sets, target_rate=0.8, grid=grid)
+    assert cal.criterion == "candidates" and cal.reached
+    rate, size = loo_candidate_rate(sets, cal.eps)
+    assert cal.rate == pytest.approx(rate) and cal.mean_candidates == pytest.approx(size)
+    for eps in grid:  # no other grid eps reaching the target has a smaller mean set
+        r, c = loo_candidate_rate(sets, eps)
+        assert r < 0.8 or c >= size - 1e-12
+
+
+def test_candidate_stats_matches_select_candidates():
+    rng = np.random.default_rng(8)
+    scores = np.round(rng.normal(size=(200, 7)) * 2, 1)  # rounding makes ties
+    own = rng.integers(0, 7, size=200)
+    hit, size = candidate_stats(scores, own, max_candidates=4)
+    for row, o, h, n in zip(scores, own, hit, size, strict=True):
+        c = select_candidates(row, max_candidates=4)
+        assert (o in c) == h and len(c) == n
+
+
 def test_unreachable_target_is_reported():
     rng = np.random.default_rng(1)
-    cal = calibrate_eps([rng.normal(size=(5, 8)) * 10 for _ in range(3)], target_rate=0.99)
+    cal = calibrate_eps([rng.normal(size=(5, 8)) * 10 for _ in range(3)], target_rate=0.99, criterion="own_score")
     assert not cal.reached and cal.rate < 0.99
 
 

@@ -1,0 +1,89 @@
+"""The ``hilora`` command line.
+
+Subcommands are implemented next to what they drive; this module only wires
+them together and imports each lazily (so ``hilora --help`` is instant).
+
+    hilora route-eval   sequence-level routing metrics on a labelled split (hilora_core.route_eval)
+    hilora registry     import / list adapters in the Redis registry (registry.cli)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def _add_route_eval(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("route-eval", help="measure the sequence-level router on a labelled split")
+    p.add_argument("--pool", required=True, help="pool manifest JSON: [{model_name, sample: [{inputs}]}]")
+    p.add_argument("--inputs", required=True, help="JSON lines with inputs, task, domain")
+    p.add_argument("--embedder", default=None, help="sentence-transformers model (default: offline MiniLM)")
+    p.add_argument("--instruction", default=None, help="embedding instruction (default: the configured one)")
+    p.add_argument("--eps", type=float, default=None, help="fixed eps (default: the configured policy)")
+    p.add_argument("--target-rate", type=float, default=None, help="leave-one-out target rate for calibration")
+    p.add_argument("--whiten", action=argparse.BooleanOptionalAction, default=None)
+    p.add_argument("--max-candidates", type=int, default=None)
+    p.set_defaults(func=_run_route_eval)
+
+
+def _run_route_eval(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from hilora_core.embedding import DEFAULT_INSTRUCTION, SentenceEmbedder
+    from hilora_core.pool import GaussianFitSettings
+    from hilora_core.route_eval import (
+        embed_pool_and_inputs,
+        evaluate_routing,
+        load_labelled_inputs,
+        load_pool_manifest,
+    )
+
+    settings = GaussianFitSettings()
+    if args.eps is not None:
+        settings = replace(settings, eps=args.eps)
+    if args.target_rate is not None:
+        settings = replace(settings, target_rate=args.target_rate)
+    if args.whiten is not None:
+        settings = replace(settings, whiten=args.whiten)
+    instruction = DEFAULT_INSTRUCTION if args.instruction is None else args.instruction
+    embedder = SentenceEmbedder(args.embedder, instruction=instruction)
+    pool = load_pool_manifest(args.pool)
+    inputs = load_labelled_inputs(args.inputs)
+    pool_z, input_z = embed_pool_and_inputs(embedder.encode, pool, inputs)
+    result = evaluate_routing(pool_z, inputs, input_z, settings, max_candidates=args.max_candidates)
+    for rule in ("hilora", "retriever"):
+        print(f"{rule}: " + ", ".join(f"{k}={v:.3f}" for k, v in result[rule].items()))
+    print(f"settings: {json.dumps(result['settings'])}")
+    h = result["hilora"]
+    keys = ("own_in_candidates", "mean_candidates", "task_top1", "cluster_top1", "unseen_cluster_top1")
+    print(json.dumps({k: h[k] for k in keys}))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hilora", description="HiLoRA Serve command line")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_route_eval(sub)
+    try:
+        from registry.cli import add_registry_commands
+    except ImportError:  # registry not built yet
+        pass
+    else:
+        add_registry_commands(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from hilora_core.errors import HiLoRAError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (HiLoRAError, FileNotFoundError) as err:
+        print(f"hilora: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

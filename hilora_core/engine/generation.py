@@ -1,0 +1,151 @@
+"""Pieces of the generation loop that do not touch the model: token choice, stop strings, results.
+
+Token choice works on a (B, V) matrix of next-token log-probabilities (or logits):
+greedy rows (temperature 0) take the argmax; the others sample from
+``softmax(logp / temperature)`` restricted to the smallest set of tokens whose
+probability reaches ``top_p`` (nucleus sampling), with one seeded generator per call.
+
+Text is produced incrementally: :class:`TextTracker` decodes a sequence's tokens, cuts
+the text at the first stop string, and releases only text that can no longer change
+(no trailing partial UTF-8 character, no trailing prefix of a stop string), so the
+streamed deltas concatenate to exactly the final text.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from ..errors import InvalidInputError
+
+
+@dataclass
+class GenerationResult:
+    """One finished sequence.
+
+    Attributes:
+        text: the generated text (prompt excluded, cut before any stop string).
+        token_ids: generated token ids (including a final EOS / stop token if one ended it).
+        prompt_tokens: prompt length in tokens (after the chat template, if used).
+        completion_tokens: ``len(token_ids)``.
+        finish_reason: ``"stop"`` (EOS or stop string) or ``"length"`` (max_new_tokens).
+    """
+
+    text: str
+    token_ids: list[int]
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str
+
+
+@dataclass
+class StreamEvent:
+    """A text delta of sequence ``index``; the last event of a sequence has ``finished=True``."""
+
+    index: int
+    delta: str
+    finished: bool = False
+    finish_reason: str | None = None
+    completion_tokens: int = 0
+    prompt_tokens: int = 0
+    token_ids: list[int] | None = None  # all generated ids, on the finishing event only
+
+
+def per_sequence(name: str, value, n: int, kind=float) -> list:
+    """Broadcast a scalar setting to ``n`` sequences, or check a per-sequence list's length."""
+    if isinstance(value, (list, tuple)):
+        if len(value) != n:
+            raise InvalidInputError(f"{name} has {len(value)} values for {n} prompts: {list(value)}")
+        return [kind(v) for v in value]
+    return [kind(value)] * n
+
+
+def check_sampling(temperatures: Sequence[float], top_ps: Sequence[float], max_new: Sequence[int]) -> None:
+    for t in temperatures:
+        if not (t >= 0.0) or t == float("inf"):
+            raise InvalidInputError(f"temperature must be finite and >= 0, got {t!r}")
+    for p in top_ps:
+        if not 0.0 < p <= 1.0:
+            raise InvalidInputError(f"top_p must be in (0, 1], got {p!r}")
+    for m in max_new:
+        if m < 1:
+            raise InvalidInputError(f"max_new_tokens must be >= 1, got {m!r}")
+
+
+def choose_tokens(
+    scores: torch.Tensor,
+    temperature: torch.Tensor,
+    top_p: torch.Tensor,
+    generator: torch.Generator | None,
+) -> torch.Tensor:
+    """Next token per row.
+
+    Args:
+        scores: (B, V) logits or log-probabilities.
+        temperature: (B,) 0 means greedy.
+        top_p: (B,) nucleus mass in (0, 1].
+        generator: the call's seeded generator (sampling rows only).
+
+    Returns:
+        (B,) token ids.
+    """
+    greedy = scores.argmax(dim=-1)
+    sample_rows = temperature > 0
+    if not bool(sample_rows.any()):
+        return greedy
+    temp = torch.where(sample_rows, temperature, torch.ones_like(temperature))
+    probs = torch.softmax(scores.float() / temp.unsqueeze(-1).float(), dim=-1)  # (B, V)
+    sorted_p, order = probs.sort(dim=-1, descending=True)
+    before = sorted_p.cumsum(dim=-1) - sorted_p  # mass strictly above each token
+    sorted_p = sorted_p.masked_fill(before >= top_p.unsqueeze(-1).float(), 0.0)  # keeps at least the top token
+    pick = torch.multinomial(sorted_p, 1, generator=generator).squeeze(-1)  # (B,)
+    sampled = order.gather(1, pick.unsqueeze(-1)).squeeze(-1)
+    return torch.where(sample_rows, sampled, greedy)
+
+
+@dataclass
+class TextTracker:
+    """Incremental text of one sequence with stop strings (see the module docstring)."""
+
+    tokenizer: object
+    stops: tuple[str, ...]
+    token_ids: list[int] = field(default_factory=list)
+    emitted: str = ""
+    final_text: str | None = None
+
+    def push(self, token_id: int | None) -> tuple[str, bool]:
+        """Add a token (None: just flush). Returns (new safe text, stop string hit)."""
+        if token_id is not None:
+            self.token_ids.append(token_id)
+        text = self.tokenizer.decode(self.token_ids, skip_special_tokens=True)
+        hit = -1
+        for s in self.stops:
+            i = text.find(s, max(0, len(self.emitted) - len(s)))
+            if i >= 0 and (hit < 0 or i < hit):
+                hit = i
+        if hit >= 0:
+            self.final_text = text[:hit]
+            return self._advance(self.final_text), True
+        safe = text.rstrip("\ufffd")
+        hold = 0
+        for s in self.stops:  # keep back a tail that may grow into a stop string
+            for k in range(min(len(s) - 1, len(safe)), 0, -1):
+                if safe.endswith(s[:k]):
+                    hold = max(hold, k)
+                    break
+        return self._advance(safe[: len(safe) - hold]), False
+
+    def finish(self) -> str:
+        """The remaining text once the sequence ended (length or EOS)."""
+        if self.final_text is None:
+            self.final_text = self.tokenizer.decode(self.token_ids, skip_special_tokens=True)
+        return self._advance(self.final_text)
+
+    def _advance(self, text: str) -> str:
+        if not text.startswith(self.emitted) or len(text) <= len(self.emitted):
+            return ""
+        delta = text[len(self.emitted):]
+        self.emitted = text
+        return delta

@@ -1,0 +1,96 @@
+"""Host tier: an LRU of adapter tensors in CPU memory, filled from disk or the hub on first use.
+
+Concurrent requests for the same adapter collapse into one load: the first caller
+loads, the others wait on its future (and see its error if it fails; a failed load
+is not cached, so a later call retries).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+from concurrent.futures import Future
+
+from ..errors import InvalidInputError
+from .adapter_files import AdapterSource, HostAdapter
+
+
+class HostAdapterCache:
+    """LRU of :class:`HostAdapter` keyed by adapter name, at most ``capacity`` entries.
+
+    Args:
+        capacity: the most adapters kept in host memory (>= 1).
+        loader: reads one :class:`AdapterSource` into a :class:`HostAdapter` (disk I/O).
+    """
+
+    def __init__(self, capacity: int, loader: Callable[[AdapterSource], HostAdapter]) -> None:
+        if capacity < 1:
+            raise InvalidInputError(f"host_cache_size must be >= 1, got {capacity!r}")
+        self.capacity = capacity
+        self._loader = loader
+        self._lock = threading.Lock()
+        self._entries: OrderedDict[str, HostAdapter] = OrderedDict()  # least recently used first
+        self._loading: dict[str, Future[HostAdapter]] = {}
+        self.hits = 0
+        self.misses = 0
+        self.evictions = 0
+        self.loads = 0  # completed reads from disk
+
+    def get(self, source: AdapterSource) -> HostAdapter:
+        """The adapter's tensors, loading them once if they are not cached."""
+        with self._lock:
+            entry = self._entries.get(source.name)
+            if entry is not None and entry.source is source:
+                self._entries.move_to_end(source.name)
+                self.hits += 1
+                return entry
+            future = self._loading.get(source.name)
+            owner = future is None
+            if owner:
+                self.misses += 1
+                future = Future()
+                self._loading[source.name] = future
+            else:
+                self.hits += 1  # served by a load already in flight
+        if not owner:
+            return future.result()
+        try:
+            adapter = self._loader(source)
+        except BaseException as exc:
+            with self._lock:
+                self._loading.pop(source.name, None)
+            future.set_exception(exc)
+            raise
+        with self._lock:
+            self._loading.pop(source.name, None)
+            self.loads += 1
+            self._entries[source.name] = adapter
+            self._entries.move_to_end(source.name)
+            while len(self._entries) > self.capacity:
+                self._entries.popitem(last=False)
+                self.evictions += 1
+        future.set_result(adapter)
+        return adapter
+
+    def drop(self, name: str) -> bool:
+        """Forget ``name``; True if it was cached."""
+        with self._lock:
+            return self._entries.pop(name, None) is not None
+
+    def names(self) -> list[str]:
+        """Cached adapter names, least recently used first."""
+        with self._lock:
+            return list(self._entries)
+
+    def stats(self) -> dict[str, int]:
+        with self._lock:
+            return {
+                "size": len(self._entries),
+                "capacity": self.capacity,
+                "hits": self.hits,
+                "misses": self.misses,
+                "evictions": self.evictions,
+                "loads": self.loads,
+                "bytes": sum(e.nbytes for e in self._entries.values()),
+            }

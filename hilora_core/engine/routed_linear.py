@@ -1,0 +1,237 @@
+"""Routed linear layers and the per-batch routing metadata they read.
+
+:class:`RoutedLinear` wraps a base ``nn.Linear``: ``y = base(x) + routed LoRA(x)``, the
+routed part computed by :func:`hilora_core.token_routing.route_rocs_batched` in one call
+for the whole mixed batch (one call per distinct (token rule, signed) pair present, usually
+one). The metadata comes from a :class:`BatchRouting` placed on the shared
+:class:`RoutingState` by the engine around each forward pass.
+
+Per sequence (built once per batch from the plans, see :func:`build_batch_routing`):
+
+    seq_cand     (B, C)  index into the batch's active slots, -1 = no candidate
+    seq_rocs     (B, C)  ROCs per candidate (per_adapter) or the rule's k in column 0
+    seq_weights  (B, C)  per-candidate multiplier
+    seq_scale    (B,)    plan.scale * sqrt(rbar / O) (when normalised)
+
+Per token the rows are repeated over T (cached per T; T = 1 in decode). Only the slots the
+batch uses are passed to the routing function, cut to the largest rank among them, and
+those gathered copies are made once per batch per layer and reused at every decode step,
+as is the x-independent half of the routing (:func:`prepare_token_routing`), so a decode
+step costs each layer two small matmuls plus the top-k selection.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..plan import RoutingPlan
+from ..token_routing import TokenRouting, TokenRule, prepare_token_routing, route_rocs_batched
+from .slots import LayerSlots
+
+_RULES = {"per_adapter": TokenRule.PER_ADAPTER, "global_topk": TokenRule.GLOBAL_TOPK, "arrow": TokenRule.ARROW}
+
+
+@dataclass
+class RuleGroup:
+    """Sequences of the batch sharing one token rule and sign setting."""
+
+    rule: TokenRule
+    signed: bool
+    rows: torch.Tensor | None  # (B_g,) sequence rows, None = every row of the batch
+
+
+@dataclass
+class BatchRouting:
+    """Routing metadata of one batch (shapes in the module docstring)."""
+
+    active: torch.Tensor  # (U,) slot indices used by the batch
+    r_eff: int  # largest rank among the active slots
+    seq_cand: torch.Tensor  # (B, C)
+    seq_rocs: torch.Tensor  # (B, C)
+    seq_weights: torch.Tensor  # (B, C)
+    seq_scale: torch.Tensor  # (B,)
+    groups: list[RuleGroup]
+    arrow_temperature: float = 1.0
+    _layer_cache: dict[int, tuple[torch.Tensor, ...]] = field(default_factory=dict)
+    _token_cache: dict[int, list[tuple[torch.Tensor | None, tuple[torch.Tensor, ...]]]] = field(
+        default_factory=dict
+    )
+    _routing_cache: dict[tuple[int, int, int], TokenRouting] = field(default_factory=dict)
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.seq_cand.shape[0])
+
+    def layer_tensors(self, slots: LayerSlots) -> tuple[torch.Tensor, ...]:
+        """(a (U, r, d_in), b (U, d_out, r), scalings (U,), ranks (U,), prototypes (U, d_in)) of the
+        active slots, gathered once per batch. ``b`` is a transposed view of a contiguous (U, r, d_out)
+        tensor so the routing function's reshape of it needs no copy."""
+        key = id(slots)
+        hit = self._layer_cache.get(key)
+        if hit is None:
+            idx, r = self.active, self.r_eff
+            a = slots.a_stack.index_select(0, idx)[:, :r].contiguous()
+            bt = slots.b_stack.index_select(0, idx)[:, :, :r].transpose(1, 2).contiguous()
+            hit = (
+                a,
+                bt.transpose(1, 2),
+                slots.scalings.index_select(0, idx),
+                slots.ranks.index_select(0, idx),
+                slots.prototypes.index_select(0, idx),
+            )
+            self._layer_cache[key] = hit
+        return hit
+
+    def token_metadata(self, n_tokens: int) -> list[tuple[torch.Tensor | None, tuple[torch.Tensor, ...]]]:
+        """Per group: (token rows or None, (cand (N, C), rocs (N, C), weights (N, C), scale (N,)))."""
+        t_len, rem = divmod(n_tokens, self.batch_size)
+        assert rem == 0, f"{n_tokens} tokens for a batch of {self.batch_size} sequences"
+        hit = self._token_cache.get(t_len)
+        if hit is None:
+            hit = []
+            device = self.seq_cand.device
+            for g in self.groups:
+                meta = (self.seq_cand, self.seq_rocs, self.seq_weights, self.seq_scale)
+                if g.rows is not None:
+                    meta = tuple(m.index_select(0, g.rows) for m in meta)
+                if t_len > 1:
+                    meta = tuple(m.repeat_interleave(t_len, dim=0) for m in meta)
+                tok_rows = None
+                if g.rows is not None:
+                    tok_rows = (g.rows.unsqueeze(1) * t_len + torch.arange(t_len, device=device)).reshape(-1)
+                hit.append((tok_rows, meta))
+            self._token_cache[t_len] = hit
+        return hit
+
+
+    def prepared(self, slots: LayerSlots, group: int, n_tokens: int, make) -> TokenRouting:
+        """The x-independent routing of (layer, group, token count), made once per batch by ``make()``."""
+        key = (id(slots), group, n_tokens)
+        hit = self._routing_cache.get(key)
+        if hit is None:
+            hit = self._routing_cache[key] = make()
+        return hit
+
+
+class RoutingState:
+    """Shared by every :class:`RoutedLinear` of a model: the batch being run, or None (base model)."""
+
+    def __init__(self) -> None:
+        self.current: BatchRouting | None = None
+
+
+class RoutedLinear(nn.Module):
+    """``base_layer(x)`` plus the routed LoRA contribution of the current batch."""
+
+    def __init__(self, base_layer: nn.Linear, slots: LayerSlots, state: RoutingState) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.slots = slots
+        self.state = state
+        self.in_features = base_layer.in_features
+        self.out_features = base_layer.out_features
+
+    @property
+    def weight(self) -> torch.Tensor:  # some HF code peeks at .weight (dtype/device checks)
+        return self.base_layer.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base_layer(x)
+        batch = self.state.current
+        if batch is None or not batch.groups:
+            return out
+        x2 = x.reshape(-1, self.in_features)  # (N, d_in), N = B * T
+        a, b, scalings, ranks, protos = batch.layer_tensors(self.slots)
+        groups = batch.token_metadata(x2.shape[0])
+        delta = None
+        for gi, (group, (tok_rows, (cand, rocs, weights, scale))) in enumerate(
+            zip(batch.groups, groups, strict=True)
+        ):
+            routing = batch.prepared(
+                self.slots, gi, x2.shape[0],
+                lambda c=cand, o=rocs, w=weights, sc=scale, g=group: prepare_token_routing(
+                    scalings, ranks, a.shape[1], c, o, sc, w, g.rule
+                ),
+            )
+            xg = x2 if tok_rows is None else x2.index_select(0, tok_rows)
+            dg = route_rocs_batched(
+                xg, a, b, scalings, ranks, cand, rocs, scale, weights,
+                rule=group.rule, signed=group.signed,
+                prototypes=protos if group.rule == TokenRule.ARROW else None,
+                arrow_temperature=batch.arrow_temperature, routing=routing,
+            )
+            if tok_rows is None:
+                delta = dg
+            else:
+                if delta is None:
+                    delta = x2.new_zeros((x2.shape[0], self.out_features))
+                delta.index_add_(0, tok_rows, dg)
+        return out + delta.view(out.shape).to(out.dtype)
+
+
+def build_batch_routing(
+    plans: Sequence[RoutingPlan],
+    slot_of: Mapping[str, int],
+    slot_rank: Mapping[int, int],
+    adapter_rank: Mapping[str, int],
+    device: torch.device,
+    dtype: torch.dtype,
+    arrow_temperature: float = 1.0,
+) -> BatchRouting:
+    """Per-sequence routing metadata for a batch (a loop over sequences, once per batch).
+
+    Args:
+        plans: one non-ensemble plan per row.
+        slot_of: adapter name -> device slot (the batch's lease).
+        slot_rank: slot -> largest rank of its adapter (sets r_eff).
+        adapter_rank: adapter name -> its nominal rank ``r`` (rbar of the normalisation).
+        device, dtype: of the model.
+        arrow_temperature: softmax temperature of the Arrow rule.
+    """
+    active_slots = sorted({slot_of[a] for p in plans for a in p.adapters})
+    pos = {s: i for i, s in enumerate(active_slots)}
+    n_rows = len(plans)
+    n_cand = max((len(p.adapters) for p in plans), default=0)
+    big = max((slot_rank[s] for s in active_slots), default=1)
+    cand = torch.full((n_rows, max(n_cand, 1)), -1, dtype=torch.long)
+    rocs = torch.zeros((n_rows, max(n_cand, 1)), dtype=torch.long)
+    weights = torch.zeros((n_rows, max(n_cand, 1)), dtype=torch.float64)
+    scale = torch.zeros((n_rows,), dtype=torch.float64)
+    by_rule: dict[tuple[TokenRule, bool], list[int]] = {}
+    for i, p in enumerate(plans):
+        assert not p.ensemble, "ensemble plans are expanded into single-adapter rows before routing"
+        if p.is_base:
+            continue
+        n = len(p.adapters)
+        cand[i, :n] = torch.tensor([pos[slot_of[a]] for a in p.adapters])
+        ranks = [adapter_rank[a] for a in p.adapters]
+        o = list(p.rocs) if p.rocs is not None else ranks
+        if p.token_rule == "per_adapter":
+            rocs[i, :n] = torch.tensor(list(p.rocs) if p.rocs is not None else [big] * n)
+        else:
+            rocs[i, 0] = int(p.top_k)
+        weights[i, :n] = torch.tensor(list(p.weights) if p.weights is not None else [1.0] * n)
+        s = float(p.scale)
+        if p.normalize:
+            s *= math.sqrt((sum(ranks) / n) / max(sum(o), 1))
+        scale[i] = s
+        by_rule.setdefault((_RULES[p.token_rule], bool(p.signed)), []).append(i)
+    groups = [
+        RuleGroup(rule, signed, None if len(rows) == n_rows else torch.tensor(rows, dtype=torch.long, device=device))
+        for (rule, signed), rows in by_rule.items()
+    ]
+    return BatchRouting(
+        active=torch.tensor(active_slots, dtype=torch.long, device=device),
+        r_eff=big,
+        seq_cand=cand.to(device),
+        seq_rocs=rocs.to(device),
+        seq_weights=weights.to(device=device, dtype=dtype),
+        seq_scale=scale.to(device=device, dtype=dtype),
+        groups=groups,
+        arrow_temperature=arrow_temperature,
+    )

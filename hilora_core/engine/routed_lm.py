@@ -1,0 +1,508 @@
+"""RoutedLM: one base causal LM serving many LoRA adapters with per-sequence routing plans.
+
+    lm = RoutedLM.from_pretrained(None)                 # SmolLM2-135M-Instruct, CPU, float32
+    lm.add_adapter("sst2", "/path/to/peft_adapter")     # checked now, tensors read on first use
+    lm.logits(input_ids, attention_mask, plans=[RoutingPlan.single("sst2")])      # (B, T, V)
+    lm.generate(["Review: great film."], plans=[RoutingPlan(("sst2", "qnli"), rocs=(3, 2))])
+
+Data path per batch: plans -> adapters made resident in device slots (host LRU -> slots,
+held until the batch ends) -> :func:`build_batch_routing` -> every forward pass runs with
+that metadata on the shared :class:`RoutingState`, and every :class:`RoutedLinear` calls
+``route_rocs_batched`` once for the whole batch.
+
+Ensemble plans are expanded into one row per adapter (plain LoRA with that adapter, the
+plan's scale); the rows share the sequence's tokens and their next-token distributions
+are averaged with the plan's weights (normalised to sum 1).
+
+Threading: forward passes are serialised by a lock, so several generations (e.g. from a
+serving layer's threads, or interleaved :meth:`stream` iterators) may run at once; each
+holds its adapters' slots until it finishes.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..base_model import DEFAULT_BASE, resolve_base
+from ..errors import InvalidInputError, UnknownAdapterError, UnsupportedModelError
+from ..plan import RoutingPlan
+from .adapter_files import SUPPORTED_TARGETS, AdapterSource, HostAdapter, inspect_adapter, load_adapter
+from .generation import (
+    GenerationResult,
+    StreamEvent,
+    TextTracker,
+    check_sampling,
+    choose_tokens,
+    per_sequence,
+)
+from .host_cache import HostAdapterCache
+from .routed_linear import BatchRouting, RoutedLinear, RoutingState, build_batch_routing
+from .slots import AdapterSlots, SlotLease
+
+SUPPORTED_ARCHITECTURES: tuple[str, ...] = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+_SUPPORTED_MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    """Settings of a :class:`RoutedLM`.
+
+    Attributes:
+        max_slots: adapters resident on the device at once (S of the slot stacks).
+        host_cache_size: adapters kept in host memory (LRU).
+        max_rank: the largest LoRA rank a slot holds (R); larger adapters are refused.
+        arrow_temperature: softmax temperature of the Arrow token rule.
+    """
+
+    max_slots: int = 16
+    host_cache_size: int = 64
+    max_rank: int = 64
+    arrow_temperature: float = 1.0
+
+    def __post_init__(self) -> None:
+        for name in ("max_slots", "host_cache_size", "max_rank"):
+            if int(getattr(self, name)) < 1:
+                raise InvalidInputError(f"{name} must be >= 1, got {getattr(self, name)!r}")
+        if not self.arrow_temperature > 0:
+            raise InvalidInputError(f"arrow_temperature must be > 0, got {self.arrow_temperature!r}")
+
+
+def check_architecture(config) -> str:
+    """The model's architecture name if supported, else :class:`UnsupportedModelError` naming it."""
+    archs = list(getattr(config, "architectures", None) or [])
+    model_type = getattr(config, "model_type", None)
+    if not archs and model_type in _SUPPORTED_MODEL_TYPES:
+        return _SUPPORTED_MODEL_TYPES[model_type]
+    for arch in archs:
+        if arch in SUPPORTED_ARCHITECTURES:
+            return arch
+    raise UnsupportedModelError(
+        f"unsupported base architecture {archs or model_type!r}; supported: {list(SUPPORTED_ARCHITECTURES)}"
+    )
+
+
+class RoutedLM:
+    """A base causal LM plus a pool of LoRA adapters, run with one :class:`RoutingPlan` per sequence.
+
+    Args:
+        model: a Llama-family ``*ForCausalLM`` (eval mode is set here).
+        tokenizer: its tokenizer (left padding is set here).
+        settings: cache sizes and routing settings.
+    """
+
+    def __init__(self, model: nn.Module, tokenizer, settings: EngineSettings | None = None) -> None:
+        self.settings = settings or EngineSettings()
+        self.architecture = check_architecture(model.config)
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        tokenizer.padding_side = "left"
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        param = next(model.parameters())
+        self.device, self.dtype = param.device, param.dtype
+        self._state = RoutingState()
+        self._lock = threading.RLock()  # forward passes and model surgery
+        self._registry_lock = threading.Lock()
+        self._sources: dict[str, AdapterSource] = {}
+        self.slots = AdapterSlots(self.settings.max_slots, self.settings.max_rank, self.device, self.dtype)
+        self.host_cache = HostAdapterCache(self.settings.host_cache_size, self._load_host)
+        self._routed: dict[str, RoutedLinear] = {}
+        self._linears = {
+            name: (mod.in_features, mod.out_features)
+            for name, mod in model.named_modules()
+            if isinstance(mod, nn.Linear) and name.rsplit(".", 1)[-1] in SUPPORTED_TARGETS
+        }
+        self._eos_ids = self._find_eos_ids()
+
+    # ---- construction ------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(
+        cls,
+        base: str | Path | None = None,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+        max_slots: int = 16,
+        host_cache_size: int = 64,
+        max_rank: int = 64,
+        arrow_temperature: float = 1.0,
+        revision: str | None = None,
+    ) -> RoutedLM:
+        """Load a base model: None or ``"smollm2-135m-instruct"`` (embedded default), a ``.gguf`` file
+        (converted once to safetensors), a HuggingFace folder or a hub id."""
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+        settings = EngineSettings(max_slots, host_cache_size, max_rank, arrow_temperature)
+        base_str = None if base is None else str(base)
+        path = resolve_base(base_str) if base_str in (None, DEFAULT_BASE) or base_str.endswith(".gguf") else base_str
+        try:
+            config = AutoConfig.from_pretrained(path, revision=revision)
+        except (OSError, ValueError) as exc:
+            raise InvalidInputError(f"cannot read a model config from {path!r}: {exc}") from exc
+        check_architecture(config)
+        model = AutoModelForCausalLM.from_pretrained(path, revision=revision, dtype=dtype).to(device)
+        tokenizer = AutoTokenizer.from_pretrained(path, revision=revision)
+        return cls(model, tokenizer, settings)
+
+    def _find_eos_ids(self) -> set[int]:
+        ids: set[int] = set()
+        gen_cfg = getattr(self.model, "generation_config", None)
+        for src in (getattr(gen_cfg, "eos_token_id", None), self.tokenizer.eos_token_id):
+            if isinstance(src, int):
+                ids.add(src)
+            elif src is not None:
+                ids.update(int(i) for i in src)
+        return ids
+
+    # ---- adapters ------------------------------------------------------------------------------------
+    def add_adapter(self, name: str, source: str | Path, revision: str | None = None) -> dict:
+        """Register a PEFT LoRA adapter (local folder or hub id) under ``name``.
+
+        The config and the tensor shapes are checked now (:class:`AdapterLoadError` if they do not
+        fit); the tensors are read on first use. Re-adding a name replaces the adapter.
+        Returns :meth:`adapter_info`.
+        """
+        if not isinstance(name, str) or not name:
+            raise InvalidInputError(f"adapter name must be a non-empty string, got {name!r}")
+        src = inspect_adapter(name, str(source), self._linears, self.settings.max_rank, revision)
+        with self._lock:  # model surgery must not overlap a forward pass
+            for module_name, (_, d_in, d_out) in src.modules.items():
+                if module_name not in self._routed:
+                    self._wrap(module_name, d_in, d_out)
+        with self._registry_lock:
+            if name in self._sources:
+                self._forget(name)
+            self._sources[name] = src
+        return self.adapter_info(name)
+
+    def _wrap(self, module_name: str, d_in: int, d_out: int) -> None:
+        parent_name, _, leaf = module_name.rpartition(".")
+        parent = self.model.get_submodule(parent_name)
+        base = getattr(parent, leaf)
+        assert isinstance(base, nn.Linear), f"{module_name} is {type(base).__name__}, not nn.Linear"
+        layer_slots = self.slots.add_layer(module_name, d_in, d_out)
+        routed = RoutedLinear(base, layer_slots, self._state)
+        setattr(parent, leaf, routed)
+        self._routed[module_name] = routed
+
+    def _forget(self, name: str) -> None:
+        self.slots.drop(name)
+        self.host_cache.drop(name)
+
+    def remove_adapter(self, name: str) -> bool:
+        """Unregister ``name``; batches already running with it finish normally. True if it existed."""
+        with self._registry_lock:
+            if self._sources.pop(name, None) is None:
+                return False
+            self._forget(name)
+            return True
+
+    @property
+    def adapters(self) -> list[str]:
+        with self._registry_lock:
+            return sorted(self._sources)
+
+    def adapter_info(self, name: str) -> dict:
+        """``rank``, ``alpha``, ``use_rslora``, ``targets``, ``max_rank``, ``n_layers``, ``base_model``,
+        ``location``, ``revision``, ``resident`` (in a device slot), ``cached`` (in host memory)."""
+        src = self._source(name)
+        return {
+            "name": name,
+            "rank": src.config.rank,
+            "alpha": src.config.alpha,
+            "use_rslora": src.config.use_rslora,
+            "targets": list(src.targets),
+            "max_rank": src.max_rank,
+            "n_layers": len(src.modules),
+            "base_model": src.config.base_model,
+            "location": src.location,
+            "revision": src.revision,
+            "resident": self.slots.slot_of(name) is not None,
+            "cached": name in self.host_cache.names(),
+        }
+
+    def pin_adapter(self, name: str) -> bool:
+        """Keep ``name`` resident in a device slot until :meth:`unpin_adapter`."""
+        self._source(name)
+        return self.slots.pin(name, self._fetch)
+
+    def unpin_adapter(self, name: str) -> bool:
+        return self.slots.unpin(name)
+
+    def cache_stats(self) -> dict:
+        """Counters of both tiers: ``{"device": {...}, "host": {...}, "adapters": n}``."""
+        return {"device": self.slots.stats(), "host": self.host_cache.stats(), "adapters": len(self._sources)}
+
+    def _source(self, name: str) -> AdapterSource:
+        with self._registry_lock:
+            src = self._sources.get(name)
+            if src is None:
+                raise UnknownAdapterError(f"unknown adapter {name!r}; registered: {sorted(self._sources)[:20]}")
+            return src
+
+    def _load_host(self, source: AdapterSource) -> HostAdapter:
+        return load_adapter(source, self.dtype)
+
+    def _fetch(self, name: str) -> HostAdapter:
+        return self.host_cache.get(self._source(name))
+
+    # ---- batches -------------------------------------------------------------------------------------
+    def _expand(self, plans: Sequence[RoutingPlan], n: int):
+        """Rows to run: ensemble plans become one single-adapter row per adapter.
+
+        Returns (row plans, row -> sequence (R,) list, mixing matrix (n, R) or None).
+        """
+        if plans is None:
+            plans = [RoutingPlan()] * n
+        plans = list(plans)
+        if len(plans) != n:
+            raise InvalidInputError(f"got {len(plans)} plans for {n} sequences")
+        for p in plans:
+            if not isinstance(p, RoutingPlan):
+                raise InvalidInputError(f"plans must be RoutingPlan objects, got {type(p).__name__}")
+        names = {a for p in plans for a in p.adapters}
+        with self._registry_lock:
+            unknown = sorted(names - set(self._sources))
+            if unknown:
+                raise UnknownAdapterError(f"unknown adapter(s) {unknown}; registered: {sorted(self._sources)[:20]}")
+        if not any(p.ensemble and p.adapters for p in plans):
+            return plans, list(range(n)), None
+        rows: list[RoutingPlan] = []
+        row_seq: list[int] = []
+        mix: list[tuple[int, int, float]] = []
+        for i, p in enumerate(plans):
+            if not (p.ensemble and p.adapters):
+                mix.append((i, len(rows), 1.0))
+                rows.append(p)
+                row_seq.append(i)
+                continue
+            w = list(p.weights) if p.weights is not None else [1.0] * len(p.adapters)
+            total = sum(w)
+            if not total > 0:
+                raise InvalidInputError(f"ensemble weights must have a positive sum, got {w}")
+            for a, wa in zip(p.adapters, w, strict=True):
+                mix.append((i, len(rows), wa / total))
+                rows.append(RoutingPlan(adapters=(a,), scale=p.scale, normalize=False))
+                row_seq.append(i)
+        matrix = torch.zeros((n, len(rows)), dtype=torch.float32)
+        for i, r, w in mix:
+            matrix[i, r] = w
+        return rows, row_seq, matrix.to(self.device)
+
+    def _start_batch(self, rows: Sequence[RoutingPlan]) -> tuple[SlotLease, BatchRouting]:
+        names = list(dict.fromkeys(a for p in rows for a in p.adapters))
+        lease = self.slots.acquire(names, self._fetch)
+        try:
+            ranks = {a: self._source(a).config.rank for a in names}
+            routing = build_batch_routing(
+                rows, lease.slots, {s: self.slots.slot_rank(s) for s in lease.slots.values()}, ranks,
+                self.device, self.dtype, self.settings.arrow_temperature,
+            )
+        except BaseException:
+            lease.release()
+            raise
+        return lease, routing
+
+    def _forward(self, routing: BatchRouting, **inputs) -> torch.Tensor:
+        with self._lock, torch.inference_mode():
+            self._state.current = routing
+            try:
+                return self.model(**inputs).logits
+            finally:
+                self._state.current = None
+
+    @staticmethod
+    def _positions(attention_mask: torch.Tensor) -> torch.Tensor:
+        return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+    @staticmethod
+    def _mix(logits: torch.Tensor, matrix: torch.Tensor | None) -> torch.Tensor:
+        """Rows' logits (R, ..., V) -> per-sequence scores; ensembles: log of the weighted mean probability."""
+        if matrix is None:
+            return logits
+        probs = torch.softmax(logits.float(), dim=-1)
+        mixed = torch.einsum("nr,r...v->n...v", matrix, probs)
+        return mixed.clamp_min(torch.finfo(torch.float32).tiny).log().to(logits.dtype)
+
+    def logits(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        plans: Sequence[RoutingPlan] | None = None,
+    ) -> torch.Tensor:
+        """Next-token logits (B, T, V) of a batch, each sequence under its own plan.
+
+        Left padding is handled (positions come from ``attention_mask``). For ensemble plans the
+        result is the log of the averaged probability distribution (valid logits).
+        """
+        if input_ids.ndim != 2:
+            raise InvalidInputError(f"input_ids must be (B, T), got shape {tuple(input_ids.shape)}")
+        n = input_ids.shape[0]
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        if attention_mask.shape != input_ids.shape:
+            raise InvalidInputError(
+                f"attention_mask shape {tuple(attention_mask.shape)} != input_ids shape {tuple(input_ids.shape)}"
+            )
+        rows, row_seq, matrix = self._expand(plans, n)
+        idx = torch.tensor(row_seq, device=self.device)
+        ids = input_ids.to(self.device).index_select(0, idx)
+        mask = attention_mask.to(self.device).index_select(0, idx)
+        lease, routing = self._start_batch(rows)
+        with lease:
+            out = self._forward(routing, input_ids=ids, attention_mask=mask, position_ids=self._positions(mask))
+        return self._mix(out, matrix)
+
+    # ---- generation ----------------------------------------------------------------------------------
+    def _encode(self, prompts: Sequence[str], chat: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
+            raise InvalidInputError("prompts must be a list of strings")
+        if not prompts:
+            raise InvalidInputError("prompts is empty")
+        if chat:
+            texts = [
+                self.tokenizer.apply_chat_template(
+                    [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True
+                )
+                for p in prompts
+            ]
+            enc = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+        else:
+            enc = self.tokenizer(list(prompts), return_tensors="pt", padding=True)
+        if enc["input_ids"].shape[1] == 0 or bool((enc["attention_mask"].sum(1) == 0).any()):
+            raise InvalidInputError("every prompt must have at least one token")
+        return enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device)
+
+    def stream(
+        self,
+        prompts: Sequence[str],
+        plans: Sequence[RoutingPlan] | None = None,
+        max_new_tokens: int | Sequence[int] = 64,
+        temperature: float | Sequence[float] = 0.0,
+        top_p: float | Sequence[float] = 1.0,
+        seed: int | None = None,
+        stop: str | Sequence[str] | Sequence[Sequence[str]] | None = None,
+        chat: bool = False,
+        ignore_eos: bool = False,
+    ) -> Iterator[StreamEvent]:
+        """Generate for a mixed batch, yielding :class:`StreamEvent` text deltas as they become final.
+
+        Args:
+            prompts: B prompts.
+            plans: B routing plans (None: base model for all).
+            max_new_tokens, temperature, top_p: a value for all or one per prompt;
+                temperature 0 is greedy.
+            seed: seeds the sampling generator of this call (None: from torch's global RNG).
+            stop: stop strings, for all prompts (a string or list of strings) or per prompt
+                (a list of lists). The text is cut before the first stop string.
+            chat: wrap each prompt in the tokenizer's chat template (one user turn).
+            ignore_eos: keep generating past EOS (benchmarks).
+
+        Every sequence ends with one event with ``finished=True`` (possibly with an empty delta).
+        Closing the iterator early releases the batch's adapter slots.
+        """
+        ids, mask = self._encode(prompts, chat)
+        n = ids.shape[0]
+        max_new = per_sequence("max_new_tokens", max_new_tokens, n, int)
+        temps = per_sequence("temperature", temperature, n, float)
+        top_ps = per_sequence("top_p", top_p, n, float)
+        check_sampling(temps, top_ps, max_new)
+        if stop is None:
+            stops = [()] * n
+        elif isinstance(stop, str):
+            stops = [(stop,)] * n
+        elif all(isinstance(s, str) for s in stop):
+            stops = [tuple(stop)] * n
+        else:
+            stops = [tuple(s) for s in stop]
+            if len(stops) != n:
+                raise InvalidInputError(f"stop has {len(stops)} lists for {n} prompts")
+        if any(not s for st in stops for s in st):
+            raise InvalidInputError("stop strings must be non-empty")
+        rows, row_seq, matrix = self._expand(plans, n)
+        return self._generate(ids, mask, rows, row_seq, matrix, max_new, temps, top_ps, seed, stops, ignore_eos)
+
+    def _generate(self, ids, mask, rows, row_seq, matrix, max_new, temps, top_ps, seed, stops, ignore_eos):
+        from transformers import DynamicCache
+
+        n = ids.shape[0]
+        generator = None
+        if any(t > 0 for t in temps):
+            generator = torch.Generator(device=self.device)
+            generator.manual_seed(int(seed) if seed is not None else int(torch.randint(0, 2**62, (1,)).item()))
+        temp_t = torch.tensor(temps, device=self.device)
+        top_p_t = torch.tensor(top_ps, device=self.device)
+        prompt_tokens = mask.sum(dim=1).tolist()
+        trackers = [TextTracker(self.tokenizer, stops[i]) for i in range(n)]
+        done = [False] * n
+        eos = set() if ignore_eos else self._eos_ids
+        pad = self.tokenizer.pad_token_id
+        row_idx = torch.tensor(row_seq, device=self.device)
+        cur_ids = ids.index_select(0, row_idx)
+        cur_mask = mask.index_select(0, row_idx)
+        positions = self._positions(cur_mask)
+        lease, routing = self._start_batch(rows)
+        try:
+            cache = DynamicCache(config=self.model.config)
+            for step in range(max(max_new)):
+                logits = self._forward(
+                    routing, input_ids=cur_ids, attention_mask=cur_mask, position_ids=positions,
+                    past_key_values=cache, use_cache=True, logits_to_keep=1,
+                )[:, -1]
+                scores = self._mix(logits, matrix)  # (n, V)
+                next_tok = choose_tokens(scores, temp_t, top_p_t, generator)
+                for i, tok in enumerate(next_tok.tolist()):
+                    if done[i]:
+                        continue
+                    ended = tok in eos
+                    delta, stopped = trackers[i].push(None if ended else tok)
+                    if ended:
+                        trackers[i].token_ids.append(tok)
+                    reason = "stop" if (ended or stopped) else "length" if step + 1 >= max_new[i] else None
+                    if reason is not None:
+                        done[i] = True
+                        delta += trackers[i].finish()
+                        yield StreamEvent(i, delta, True, reason, len(trackers[i].token_ids), prompt_tokens[i],
+                                          list(trackers[i].token_ids))
+                    elif delta:
+                        yield StreamEvent(i, delta, False, None, len(trackers[i].token_ids), prompt_tokens[i])
+                if all(done):
+                    break
+                feed = torch.where(torch.tensor(done, device=self.device), torch.full_like(next_tok, pad), next_tok)
+                cur_ids = feed.index_select(0, row_idx).unsqueeze(1)
+                cur_mask = torch.cat([cur_mask, cur_mask.new_ones((cur_mask.shape[0], 1))], dim=1)
+                positions = positions[:, -1:] + 1
+        finally:
+            lease.release()
+
+    def generate_detailed(self, prompts: Sequence[str], plans: Sequence[RoutingPlan] | None = None,
+                          **kwargs) -> list[GenerationResult]:
+        """Like :meth:`generate` but returns :class:`GenerationResult` (text, token ids, counts, reason)."""
+        texts: list[list[str]] = [[] for _ in prompts]
+        results: list[GenerationResult | None] = [None] * len(prompts)
+        for ev in self.stream(prompts, plans, **kwargs):
+            texts[ev.index].append(ev.delta)
+            if ev.finished:
+                results[ev.index] = GenerationResult(
+                    text="".join(texts[ev.index]), token_ids=ev.token_ids or [], prompt_tokens=ev.prompt_tokens,
+                    completion_tokens=ev.completion_tokens, finish_reason=ev.finish_reason or "length",
+                )
+        assert all(r is not None for r in results)
+        return results  # type: ignore[return-value]
+
+    def generate(self, prompts: Sequence[str], plans: Sequence[RoutingPlan] | None = None,
+                 max_new_tokens: int | Sequence[int] = 64, temperature: float | Sequence[float] = 0.0,
+                 top_p: float | Sequence[float] = 1.0, seed: int | None = None,
+                 stop: str | Sequence[str] | Sequence[Sequence[str]] | None = None, chat: bool = False,
+                 ignore_eos: bool = False) -> list[str]:
+        """Generated texts, one per prompt (same arguments as :meth:`stream`)."""
+        results = self.generate_detailed(
+            prompts, plans, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
+            stop=stop, chat=chat, ignore_eos=ignore_eos,
+        )
+        return [r.text for r in results]

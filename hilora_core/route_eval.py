@@ -8,8 +8,8 @@ cosine rule:
     mean_candidates      mean |C|
     task_top1            the best-scoring adapter is the input's own
     cluster_top1         the best-scoring adapter is from the input's cluster
-    unseen_cluster_top1  with the input's own adapter removed from the pool (and the
-                         pool refitted), the best-scoring adapter is from its cluster
+    unseen_cluster_top1  with the input's own adapter removed from the pool, the
+                         best-scoring adapter is from its cluster
 
 Used by ``hilora route-eval`` and ``benchmarks/flan48_routing.py``.
 """
@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import InvalidInputError
-from .pool import GaussianFitSettings, PoolModel, fit_pool
+from .pool import GaussianFitSettings, fit_pool
 from .sequence_routing import select_candidates
 
 
@@ -105,15 +105,14 @@ def evaluate_routing(
     cos = pool.cosine(z)
     retr = _metrics(cos, own, clusters, input_clusters, lambda r: np.argsort(-r, kind="stable")[:retriever_k])
 
-    # unseen: refit the pool without each task in turn, score that task's inputs
-    unseen_h, unseen_r = np.zeros(len(inputs), bool), np.zeros(len(inputs), bool)
-    for task in sorted(set(x.task for x in inputs)):
-        rows = np.array([i for i, x in enumerate(inputs) if x.task == task])
-        rest = [n for n in names if n != task]
-        sub: PoolModel = fit_pool([pool_embeddings[n] for n in rest], settings)
-        rest_clusters = clusters[[index[n] for n in rest]]
-        unseen_h[rows] = rest_clusters[sub.score(z[rows]).argmax(axis=1)] == input_clusters[rows]
-        unseen_r[rows] = rest_clusters[sub.cosine(z[rows]).argmax(axis=1)] == input_clusters[rows]
+    # unseen: drop the input's own adapter from the pool. The other adapters' Gaussians do not depend on
+    # it; eps and the space's scale stay those of the full pool (as in the registry's incremental fits).
+    rows = np.arange(len(inputs))
+    masked_s, masked_c = scores.copy(), cos.copy()
+    masked_s[rows, own] = -np.inf
+    masked_c[rows, own] = -np.inf
+    unseen_h = clusters[masked_s.argmax(axis=1)] == input_clusters
+    unseen_r = clusters[masked_c.argmax(axis=1)] == input_clusters
     hilora["unseen_cluster_top1"] = float(unseen_h.mean())
     retr["unseen_cluster_top1"] = float(unseen_r.mean())
     return {

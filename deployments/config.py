@@ -1,0 +1,117 @@
+"""The application's settings: one validated model, read from ``serve_config.yaml``'s ``args``.
+
+Every field has a default that runs on a 2-core CPU machine with the embedded
+models, the embedded Redis and the demo pool. Environment overrides:
+``REDIS_URL`` (registry), ``HILORA_ADMIN_TOKEN`` (admin API; unset = admin disabled).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from hilora_core.policies import POLICIES
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+DEMO_POOL_MANIFEST = PROJECT_ROOT / "examples" / "demo_pool" / "manifest.json"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelSettings(_Strict):
+    base: str | None = Field(None, description="HF folder / hub id / .gguf; None = embedded SmolLM2-135M-Instruct")
+    device: str = Field("auto", description="'auto' (cuda when present), 'cpu' or 'cuda[:N]'")
+    dtype: Literal["float32", "bfloat16", "float16", "auto"] = Field(
+        "auto", description="'auto': float32 on CPU, bfloat16 on CUDA")
+    max_slots: int = Field(16, ge=1, description="adapters resident on the device at once")
+    host_cache_size: int = Field(64, ge=1, description="adapters kept in host memory (LRU)")
+    max_rank: int = Field(64, ge=1, description="largest LoRA rank a device slot holds")
+    torch_threads: int | None = Field(None, ge=1, description="torch CPU threads per replica (None: torch default)")
+    max_batch_size: int = Field(8, ge=1, description="requests merged into one mixed generation batch")
+    batch_wait_timeout_s: float = Field(0.01, ge=0, description="how long a batch waits to fill")
+
+
+class EmbedderSettings(_Strict):
+    model: str | None = Field(None, description="sentence-transformers model; None = offline all-MiniLM-L6-v2")
+    instruction: str | None = Field(None, description="embedding instruction; None = hilora_core's default")
+    revision: str | None = None
+    max_batch_size: int = Field(32, ge=1)
+    batch_wait_timeout_s: float = Field(0.005, ge=0)
+
+
+class RegistrySettings(_Strict):
+    redis_url: str | None = Field(None, description="redis:// URL; None = $REDIS_URL, else embedded Redis")
+    embedded_dir: str = Field("./var/redis", description="data folder of the embedded Redis (persistent)")
+    key_prefix: str = "hilora"
+    eps: float | None = Field(None, gt=0, description="fixed eps; None = calibrated by leave-one-out")
+    target_rate: float = Field(0.9, gt=0, le=1, description="calibration target rate")
+    prefilter_min_pool: int = Field(2000, ge=1, description="FAISS prefilter from this pool size on")
+    hub_lookup: bool = Field(True, description="read adapter_config.json of hub adapters from the Hub")
+    seed_manifest: str | None = Field(
+        "demo", description="pool manifest registered when the pool is empty at start ('demo' = the demo pool)")
+
+
+class RoutingSettings(_Strict):
+    model_alias: str = Field("hilora", description="the `model` value that selects automatic routing")
+    policy: str = Field("hilora", description="default policy of the alias")
+    gamma: float = Field(0.4, gt=0, le=1)
+    max_candidates: int | None = Field(None, ge=1)
+    seed: int | None = Field(None, description="None: deterministic ROC allocation")
+
+    @field_validator("policy")
+    @classmethod
+    def _known_policy(cls, v: str) -> str:
+        if v not in POLICIES:
+            raise ValueError(f"unknown policy {v!r}; choose one of {list(POLICIES)}")
+        return v
+
+
+class LimitSettings(_Strict):
+    max_prompt_chars: int = Field(16_000, ge=1, description="longer prompts get HTTP 413")
+    max_tokens: int = Field(512, ge=1, description="max_tokens above this gets HTTP 422")
+    max_messages: int = Field(64, ge=1)
+    max_stop: int = Field(8, ge=0)
+
+
+class AppConfig(_Strict):
+    """Everything the application reads. ``serve_config.yaml`` passes it as the app's ``args``."""
+
+    model: ModelSettings = ModelSettings()
+    embedder: EmbedderSettings = EmbedderSettings()
+    registry: RegistrySettings = RegistrySettings()
+    routing: RoutingSettings = RoutingSettings()
+    limits: LimitSettings = LimitSettings()
+    admin_token_env: str = Field("HILORA_ADMIN_TOKEN", description="env var holding the admin bearer token")
+    base_model_name: str = Field("base", description="the `model` value that selects the base model alone")
+
+    def admin_token(self) -> str | None:
+        token = os.environ.get(self.admin_token_env, "")
+        return token or None
+
+    def seed_manifest_path(self) -> Path | None:
+        m = self.registry.seed_manifest
+        if m is None or m == "":
+            return None
+        return DEMO_POOL_MANIFEST if m == "demo" else Path(m)
+
+    def registry_config(self):
+        """The registry package's own config built from these settings."""
+        from dataclasses import replace
+
+        from registry.config import DEFAULT_FIT_SETTINGS, RegistryConfig
+
+        fit = replace(DEFAULT_FIT_SETTINGS, eps=self.registry.eps, target_rate=self.registry.target_rate)
+        embedded = Path(self.registry.embedded_dir)
+        if not embedded.is_absolute():  # Ray workers do not share the launcher's working directory
+            embedded = PROJECT_ROOT / embedded
+        return RegistryConfig(
+            redis_url=self.registry.redis_url, embedded_dir=str(embedded),
+            key_prefix=self.registry.key_prefix, fit=fit, prefilter_min_pool=self.registry.prefilter_min_pool,
+            hub_lookup=self.registry.hub_lookup, embedder_model=self.embedder.model,
+            embedder_instruction=self.embedder.instruction,
+        )

@@ -1,0 +1,35 @@
+"""Embedder deployment: batches texts from concurrent requests into one encode call."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+from ray import serve
+
+from hilora_core.embedding import DEFAULT_INSTRUCTION, SentenceEmbedder
+
+from .config import AppConfig
+
+
+@serve.deployment(max_ongoing_requests=64)
+class Embedder:
+    def __init__(self, config: dict) -> None:
+        cfg = AppConfig.model_validate(config)
+        instruction = DEFAULT_INSTRUCTION if cfg.embedder.instruction is None else cfg.embedder.instruction
+        self.embedder = SentenceEmbedder(cfg.embedder.model, instruction=instruction, revision=cfg.embedder.revision)
+        self._embed_batch.set_max_batch_size(cfg.embedder.max_batch_size)
+        self._embed_batch.set_batch_wait_timeout_s(cfg.embedder.batch_wait_timeout_s)
+
+    def identity(self) -> dict:
+        return self.embedder.identity.to_dict()
+
+    async def embed(self, texts: list[str]) -> np.ndarray:
+        """(n,) texts -> (n, d) float32; each text joins the shared batch."""
+        rows = await asyncio.gather(*(self._embed_batch(t) for t in texts))
+        return np.stack(rows) if rows else np.zeros((0, self.embedder.dim), np.float32)
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
+    async def _embed_batch(self, texts: list[str]) -> list[np.ndarray]:
+        z = await asyncio.to_thread(self.embedder.encode, list(texts))
+        return list(z)

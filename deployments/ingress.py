@@ -1,0 +1,300 @@
+"""HTTP ingress: the OpenAI-compatible API, routing, admin and health endpoints.
+
+The request path is one way: ingress -> Embedder -> RegistryService (plan) ->
+LoRAModel (generation) -> response. Client mistakes become 4xx JSON errors
+(``{"detail": ...}``); see ``deployments/errors.py`` for the mapping.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+
+from fastapi import FastAPI, Header, HTTPException, Response
+from fastapi.responses import JSONResponse, StreamingResponse
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from .config import AppConfig
+from .errors import to_http
+from .metrics import ServiceMetrics
+from .schemas import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    RegisterAdapterRequest,
+    RouteRequest,
+    RoutingOverrides,
+)
+
+app = FastAPI(title="HiLoRA Serve", version="0.1.0",
+              description="Serve a pool of LoRA adapters with training-free hierarchical routing.")
+
+
+def _routing_summary(decision: dict) -> dict:
+    """The `routing` field of every response: what was used and why."""
+    plan = decision["plan"]
+    return {
+        "adapters": plan["adapters"], "rocs": plan["rocs"], "scores": plan["scores"],
+        "candidates": decision.get("candidates", []), "candidate_scores": decision.get("candidate_scores", []),
+        "token_rule": plan["token_rule"], "scale": plan["scale"], "weights": plan["weights"],
+        "epoch": decision.get("epoch"), "degraded": decision.get("degraded", False),
+    }
+
+
+@serve.deployment(max_ongoing_requests=128)
+@serve.ingress(app)
+class Ingress:
+    def __init__(self, embedder: DeploymentHandle, registry: DeploymentHandle, model: DeploymentHandle,
+                 config: dict) -> None:
+        self.cfg = AppConfig.model_validate(config)
+        self.embedder, self.registry, self.model = embedder, registry, model
+        self.metrics = ServiceMetrics()
+
+    # ---- helpers ---------------------------------------------------------------------------
+
+    def _check_admin(self, authorization: str | None) -> None:
+        token = self.cfg.admin_token()
+        if token is None:
+            raise HTTPException(403, f"the admin API is disabled: set {self.cfg.admin_token_env} to enable it")
+        if authorization is None or not authorization.startswith("Bearer "):
+            raise HTTPException(401, "missing bearer token", headers={"WWW-Authenticate": "Bearer"})
+        if authorization.removeprefix("Bearer ").strip() != token:
+            raise HTTPException(401, "invalid bearer token", headers={"WWW-Authenticate": "Bearer"})
+
+    def _policy(self, overrides: RoutingOverrides | None) -> dict:
+        r = self.cfg.routing
+        policy = {"name": r.policy, "gamma": r.gamma, "max_candidates": r.max_candidates, "seed": r.seed}
+        if overrides is not None:
+            o = overrides.model_dump(exclude_none=True)
+            if "policy" in o:
+                policy["name"] = o.pop("policy")
+            policy.update(o)
+        if policy["name"] == "explicit":
+            raise HTTPException(422, "policy 'explicit' is chosen by naming an adapter in `model`")
+        return policy
+
+    def _check_limits(self, text_len: int, max_tokens: int, stop) -> None:
+        lim = self.cfg.limits
+        if text_len > lim.max_prompt_chars:
+            raise HTTPException(413, f"prompt has {text_len} characters; the limit is {lim.max_prompt_chars}")
+        if max_tokens > lim.max_tokens:
+            raise HTTPException(422, f"max_tokens={max_tokens} is above the limit {lim.max_tokens}")
+        stops = [stop] if isinstance(stop, str) else (stop or [])
+        if len(stops) > lim.max_stop:
+            raise HTTPException(422, f"{len(stops)} stop sequences; the limit is {lim.max_stop}")
+
+    async def _decide(self, model: str, text: str, overrides: RoutingOverrides | None) -> dict:
+        """The routing decision for one request, by the `model` field."""
+        t0 = time.perf_counter()
+        try:
+            if model == self.cfg.routing.model_alias:
+                z = await self.embedder.embed.remote([text])
+                decision = (await self.registry.route.remote(z, self._policy(overrides)))[0]
+            elif model == self.cfg.base_model_name:
+                decision = {"plan": {"adapters": [], "rocs": None, "scale": 1.0, "weights": None,
+                                     "token_rule": "per_adapter", "top_k": None, "normalize": True,
+                                     "signed": False, "ensemble": False, "scores": None},
+                            "candidates": [], "candidate_scores": [], "sources": {}}
+            else:
+                decision = await self.registry.explicit.remote(model)
+        except HTTPException:
+            raise
+        except Exception as err:  # noqa: BLE001 - typed errors become 4xx, others propagate
+            raise to_http(err) from None
+        self.metrics.routing_latency.observe(time.perf_counter() - t0)
+        self.metrics.candidates.observe(len(decision["plan"]["adapters"]))
+        return decision
+
+    def _model_call(self, decision: dict, body, prompt: str | None, messages: list | None) -> dict:
+        stop = [body.stop] if isinstance(body.stop, str) else (body.stop or [])
+        return {"plan": decision["plan"], "sources": decision["sources"], "prompt": prompt, "messages": messages,
+                "max_tokens": body.max_tokens, "temperature": body.temperature, "top_p": body.top_p,
+                "seed": body.seed, "stop": stop}
+
+    def _handle(self, decision: dict):
+        adapters = decision["plan"]["adapters"]
+        return self.model.options(multiplexed_model_id=adapters[0]) if adapters else self.model
+
+    async def _generate(self, body, prompt: str | None, messages: list | None, route_text: str, kind: str):
+        started = time.perf_counter()
+        self._check_limits(len(route_text) if prompt is None else len(prompt), body.max_tokens, body.stop)
+        decision = await self._decide(body.model, route_text, body.routing)
+        call = self._model_call(decision, body, prompt, messages)
+        rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex[:24]}"
+        if body.stream:
+            return await self._stream(call, decision, body.model, rid, kind, started)
+        try:
+            result = await self._handle(decision).generate.remote(call)
+        except Exception as err:  # noqa: BLE001
+            raise to_http(err) from None
+        self.metrics.observe_cache(result["replica"], result["cache"])
+        self.metrics.tokens.labels("prompt").inc(result["prompt_tokens"])
+        self.metrics.tokens.labels("completion").inc(result["completion_tokens"])
+        self.metrics.request_latency.labels(kind).observe(time.perf_counter() - started)
+        usage = {"prompt_tokens": result["prompt_tokens"], "completion_tokens": result["completion_tokens"],
+                 "total_tokens": result["prompt_tokens"] + result["completion_tokens"]}
+        if kind == "chat":
+            choice = {"index": 0, "message": {"role": "assistant", "content": result["text"]},
+                      "finish_reason": result["finish_reason"]}
+            obj = "chat.completion"
+        else:
+            choice = {"index": 0, "text": result["text"], "finish_reason": result["finish_reason"], "logprobs": None}
+            obj = "text_completion"
+        return {"id": rid, "object": obj, "created": int(time.time()), "model": body.model, "choices": [choice],
+                "usage": usage, "routing": _routing_summary(decision)}
+
+    async def _stream(self, call: dict, decision: dict, model: str, rid: str, kind: str, started: float):
+        gen = self._handle(decision).options(stream=True).stream.remote(call)
+        try:
+            first = await gen.__anext__()  # adapters loaded: errors so far are still a clean 4xx
+        except Exception as err:  # noqa: BLE001
+            raise to_http(err) from None
+        assert first.get("event") == "start", first
+        obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
+        created = int(time.time())
+
+        def chunk(delta: str, finish: str | None, extra: dict | None = None, role: bool = False) -> str:
+            if kind == "chat":
+                d = {"role": "assistant", "content": delta} if role else {"content": delta}
+                choice = {"index": 0, "delta": d, "finish_reason": finish}
+            else:
+                choice = {"index": 0, "text": delta, "finish_reason": finish, "logprobs": None}
+            body = {"id": rid, "object": obj, "created": created, "model": model, "choices": [choice]}
+            body.update(extra or {})
+            return f"data: {json.dumps(body)}\n\n"
+
+        async def events():
+            first_chunk = True
+            try:
+                async for item in gen:
+                    if item.get("finish_reason") is not None:
+                        usage = {"prompt_tokens": item["prompt_tokens"], "completion_tokens": item["completion_tokens"],
+                                 "total_tokens": item["prompt_tokens"] + item["completion_tokens"]}
+                        self.metrics.observe_cache(item["replica"], item["cache"])
+                        self.metrics.tokens.labels("prompt").inc(item["prompt_tokens"])
+                        self.metrics.tokens.labels("completion").inc(item["completion_tokens"])
+                        yield chunk(item["delta"], item["finish_reason"],
+                                    {"usage": usage, "routing": _routing_summary(decision)}, role=first_chunk)
+                    elif item["delta"]:
+                        yield chunk(item["delta"], None, role=first_chunk)
+                    else:
+                        continue
+                    first_chunk = False
+            except Exception as err:  # noqa: BLE001 - headers are sent: report in-band
+                yield f"data: {json.dumps({'error': {'message': str(err).splitlines()[-1]}})}\n\n"
+            self.metrics.request_latency.labels(kind).observe(time.perf_counter() - started)
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    # ---- OpenAI-compatible API ---------------------------------------------------------------
+
+    @app.post("/v1/completions")
+    async def completions(self, body: CompletionRequest):
+        prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+        if len(prompts) != 1:
+            raise HTTPException(422, f"send one prompt per request, got {len(prompts)}")
+        return await self._generate(body, prompts[0], None, prompts[0], "completion")
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(self, body: ChatCompletionRequest):
+        if len(body.messages) > self.cfg.limits.max_messages:
+            raise HTTPException(422, f"{len(body.messages)} messages; the limit is {self.cfg.limits.max_messages}")
+        users = [m.content for m in body.messages if m.role == "user"]
+        if not users:
+            raise HTTPException(422, "a chat request needs at least one user message")
+        messages = [m.model_dump() for m in body.messages]
+        total = sum(len(m.content) for m in body.messages)
+        self._check_limits(total, body.max_tokens, body.stop)
+        return await self._generate(body, None, messages, users[-1], "chat")
+
+    @app.get("/v1/models")
+    async def models(self):
+        try:
+            page = await self.registry.list.remote(0, 1000)
+        except Exception as err:  # noqa: BLE001
+            raise to_http(err) from None
+        now = int(time.time())
+        items = [{"id": self.cfg.routing.model_alias, "object": "model", "created": now, "owned_by": "hilora",
+                  "description": "automatic HiLoRA routing over the adapter pool"},
+                 {"id": self.cfg.base_model_name, "object": "model", "created": now, "owned_by": "hilora",
+                  "description": "the base model alone"}]
+        items += [{"id": a["id"], "object": "model", "created": int(a["created"]), "owned_by": "hilora",
+                   "description": "a single LoRA adapter"} for a in page["adapters"]]
+        return {"object": "list", "data": items}
+
+    @app.post("/v1/route")
+    async def route(self, body: RouteRequest):
+        texts = [body.input] if isinstance(body.input, str) else body.input
+        if not texts or len(texts) > 64:
+            raise HTTPException(422, f"send 1 to 64 inputs, got {len(texts)}")
+        for t in texts:
+            self._check_limits(len(t), 1, None)
+        t0 = time.perf_counter()
+        try:
+            z = await self.embedder.embed.remote(texts)
+            decisions = await self.registry.route.remote(z, self._policy(body.routing))
+        except HTTPException:
+            raise
+        except Exception as err:  # noqa: BLE001
+            raise to_http(err) from None
+        self.metrics.routing_latency.observe(time.perf_counter() - t0)
+        return {"object": "list", "data": [_routing_summary(d) for d in decisions]}
+
+    # ---- admin -------------------------------------------------------------------------------
+
+    @app.post("/admin/adapters", status_code=201)
+    async def register_adapter(self, body: RegisterAdapterRequest, authorization: str | None = Header(None)):
+        self._check_admin(authorization)
+        try:
+            await self.registry.check_free.remote(body.id, body.replace)
+            identity = await self.embedder.identity.remote()
+            z = await self.embedder.embed.remote(body.samples)
+            return await self.registry.register.remote(body.model_dump(), z, identity)
+        except Exception as err:  # noqa: BLE001
+            raise to_http(err) from None
+
+    @app.get("/admin/adapters")
+    async def list_adapters(self, offset: int = 0, limit: int = 100, authorization: str | None = Header(None)):
+        self._check_admin(authorization)
+        if offset < 0 or not 1 <= limit <= 1000:
+            raise HTTPException(422, f"need offset >= 0 and 1 <= limit <= 1000, got offset={offset} limit={limit}")
+        try:
+            return await self.registry.list.remote(offset, limit)
+        except Exception as err:  # noqa: BLE001
+            raise to_http(err) from None
+
+    @app.get("/admin/adapters/{adapter_id}")
+    async def get_adapter(self, adapter_id: str, authorization: str | None = Header(None)):
+        self._check_admin(authorization)
+        try:
+            return await self.registry.get.remote(adapter_id)
+        except Exception as err:  # noqa: BLE001
+            raise to_http(err) from None
+
+    @app.delete("/admin/adapters/{adapter_id}")
+    async def delete_adapter(self, adapter_id: str, authorization: str | None = Header(None)):
+        self._check_admin(authorization)
+        try:
+            return await self.registry.remove.remote(adapter_id)
+        except Exception as err:  # noqa: BLE001
+            raise to_http(err) from None
+
+    # ---- health ------------------------------------------------------------------------------
+
+    @app.get("/healthz")
+    async def healthz(self):
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    async def readyz(self):
+        status = await self.registry.status.remote()
+        ready = not status["degraded"]
+        body = {"status": "ready" if ready else "degraded", "registry": status}
+        return JSONResponse(body, status_code=200 if ready else 503)
+
+    @app.get("/metrics")
+    async def metrics(self):
+        return Response(self.metrics.render(), media_type="text/plain; version=0.0.4")
+

@@ -1,0 +1,41 @@
+"""Prometheus metrics of an ingress replica (served at ``GET /metrics``).
+
+Request-side metrics are observed by the ingress itself. Adapter-cache metrics
+come from the model replicas: every generation result carries its replica's
+cache counters, and the ingress exports the latest seen per replica.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+
+
+class ServiceMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.request_latency = Histogram("hilora_request_latency_seconds", "end-to-end request latency",
+                                         ["endpoint"], buckets=LATENCY_BUCKETS, registry=r)
+        self.tokens = Counter("hilora_tokens_total", "tokens processed", ["kind"], registry=r)
+        self.routing_latency = Histogram("hilora_routing_latency_seconds", "embed + score + plan latency",
+                                         buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1), registry=r)
+        self.candidates = Histogram("hilora_candidates_per_request", "adapters in the routing plan",
+                                    buckets=(0, 1, 2, 3, 4, 6, 8, 12, 16, 32, 64), registry=r)
+        self.cache_events = Gauge("hilora_adapter_cache_events", "adapter cache counters per model replica",
+                                  ["replica", "tier", "event"], registry=r)
+        self.resident = Gauge("hilora_adapters_resident", "adapters resident per model replica and tier",
+                              ["replica", "tier"], registry=r)
+
+    def observe_cache(self, replica: str, stats: dict) -> None:
+        for tier in ("device", "host"):
+            tier_stats = stats.get(tier) or {}
+            for event, value in tier_stats.items():
+                if event in ("resident", "size", "used"):
+                    self.resident.labels(replica, tier).set(value)
+                elif isinstance(value, (int, float)):
+                    self.cache_events.labels(replica, tier, event).set(value)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

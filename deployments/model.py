@@ -1,0 +1,181 @@
+"""Model replicas: the routed LLM with its two-tier adapter cache.
+
+Requests arrive with a decision from the registry (a RoutingPlan plus where each
+adapter's weights live). Adapters are registered with the engine on first
+sight and their tensors loaded on demand. Concurrent non-streaming requests
+are merged by ``@serve.batch`` into one mixed batch, whatever their plans.
+Streams run one at a time through the same engine (the engine is not
+re-entrant, so every call holds ``_engine_lock``).
+
+Affinity: the ingress sends each request with ``multiplexed_model_id`` set to
+its top adapter, so Serve prefers a replica that already served that adapter;
+any replica can still serve any plan.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+import time
+from collections import defaultdict
+
+import torch
+from ray import serve
+
+from hilora_core.engine import RoutedLM
+from hilora_core.plan import RoutingPlan
+
+from .config import AppConfig
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _device_and_dtype(cfg: AppConfig) -> tuple[str, torch.dtype]:
+    device = cfg.model.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if cfg.model.dtype == "auto":
+        dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    else:
+        dtype = _DTYPES[cfg.model.dtype]
+    return device, dtype
+
+
+def plan_from_dict(d: dict) -> RoutingPlan:
+    return RoutingPlan(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items()})
+
+
+@serve.deployment(max_ongoing_requests=32)
+class LoRAModel:
+    def __init__(self, config: dict) -> None:
+        cfg = AppConfig.model_validate(config)
+        if cfg.model.torch_threads:
+            torch.set_num_threads(cfg.model.torch_threads)
+        device, dtype = _device_and_dtype(cfg)
+        self.lm = RoutedLM.from_pretrained(
+            cfg.model.base, device=device, dtype=dtype, max_slots=cfg.model.max_slots,
+            host_cache_size=cfg.model.host_cache_size, max_rank=cfg.model.max_rank,
+        )
+        self.replica = f"{os.getpid()}"
+        self._known: dict[str, tuple[str, str | None]] = {}
+        self._engine_lock = threading.Lock()
+        self._generate_batch.set_max_batch_size(cfg.model.max_batch_size)
+        self._generate_batch.set_batch_wait_timeout_s(cfg.model.batch_wait_timeout_s)
+
+    # ---- adapters --------------------------------------------------------------------------
+
+    def _ensure_adapters(self, sources: dict[str, dict]) -> None:
+        """Register unseen adapters (or ones whose source changed) with the engine."""
+        for name, src in sources.items():
+            key = (src["location"], src.get("revision"))
+            if self._known.get(name) == key:
+                continue
+            if name in self.lm.adapters:
+                self.lm.remove_adapter(name)
+            self.lm.add_adapter(name, src["location"], revision=src.get("revision"))
+            self._known[name] = key
+
+    @serve.multiplexed(max_num_models_per_replica=64)
+    async def _affinity(self, adapter_id: str) -> str:
+        # Serve tracks which ids each replica has served and routes matching requests here.
+        return adapter_id
+
+    async def _note_affinity(self) -> None:
+        mid = serve.get_multiplexed_model_id()
+        if mid:
+            await self._affinity(mid)
+
+    # ---- generation ------------------------------------------------------------------------
+
+    def _prompt(self, req: dict) -> str:
+        if req.get("messages") is not None:
+            return self.lm.tokenizer.apply_chat_template(req["messages"], tokenize=False, add_generation_prompt=True)
+        return req["prompt"]
+
+    def stats(self) -> dict:
+        return {"replica": self.replica, "cache": self.lm.cache_stats()}
+
+    async def generate(self, req: dict) -> dict:
+        """One request -> {text, finish_reason, prompt_tokens, completion_tokens, replica, cache}."""
+        await self._note_affinity()
+        result = await self._generate_batch(req)
+        if "error" in result:
+            raise result["error"]
+        return result
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
+    async def _generate_batch(self, reqs: list[dict]) -> list[dict]:
+        return await asyncio.to_thread(self._run_batch, reqs)
+
+    def _run_batch(self, reqs: list[dict]) -> list[dict]:
+        """Results in request order; a failed engine call gives {"error": exception} to its requests."""
+        out: list[dict] = [{} for _ in reqs]
+        # requests with different seeds cannot share one sampling generator: one engine call per seed
+        groups: dict[object, list[int]] = defaultdict(list)
+        for i, r in enumerate(reqs):
+            groups[r.get("seed")].append(i)
+        with self._engine_lock:
+            for seed, idx in groups.items():
+                try:
+                    for i in idx:
+                        self._ensure_adapters(reqs[i]["sources"])
+                    results = self.lm.generate_detailed(
+                        [self._prompt(reqs[i]) for i in idx], [plan_from_dict(reqs[i]["plan"]) for i in idx],
+                        max_new_tokens=[reqs[i]["max_tokens"] for i in idx],
+                        temperature=[reqs[i]["temperature"] for i in idx],
+                        top_p=[reqs[i]["top_p"] for i in idx], seed=seed,
+                        stop=[tuple(reqs[i].get("stop") or ()) for i in idx],
+                    )
+                except Exception as err:  # noqa: BLE001 - handed back to each caller of the group
+                    for i in idx:
+                        out[i] = {"error": err}
+                    continue
+                stats = self.lm.cache_stats()
+                for i, res in zip(idx, results, strict=True):
+                    out[i] = {"text": res.text, "finish_reason": res.finish_reason,
+                              "prompt_tokens": res.prompt_tokens, "completion_tokens": res.completion_tokens,
+                              "replica": self.replica, "cache": stats}
+        return out
+
+    async def stream(self, req: dict):
+        """Yields {"event": "start"}, then {"delta": str} chunks, then a final summary dict."""
+        await self._note_affinity()
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        done = object()
+
+        def run() -> None:
+            try:
+                with self._engine_lock:
+                    self._ensure_adapters(req["sources"])
+                    loop.call_soon_threadsafe(queue.put_nowait, {"event": "start"})
+                    events = self.lm.stream(
+                        [self._prompt(req)], [plan_from_dict(req["plan"])], max_new_tokens=req["max_tokens"],
+                        temperature=req["temperature"], top_p=req["top_p"], seed=req.get("seed"),
+                        stop=[tuple(req.get("stop") or ())],
+                    )
+                    for ev in events:
+                        item = {"delta": ev.delta}
+                        if ev.finished:
+                            item.update(finish_reason=ev.finish_reason, prompt_tokens=ev.prompt_tokens,
+                                        completion_tokens=ev.completion_tokens, replica=self.replica,
+                                        cache=self.lm.cache_stats())
+                        loop.call_soon_threadsafe(queue.put_nowait, item)
+            except Exception as err:  # noqa: BLE001 - re-raised in the caller's task below
+                loop.call_soon_threadsafe(queue.put_nowait, err)
+            finally:
+                loop.call_soon_threadsafe(queue.put_nowait, done)
+
+        worker = threading.Thread(target=run, name="hilora-stream", daemon=True)
+        started = time.perf_counter()
+        worker.start()
+        while True:
+            item = await queue.get()
+            if item is done:
+                break
+            if isinstance(item, BaseException):
+                raise item
+            if item.get("finish_reason") is not None:
+                item["seconds"] = time.perf_counter() - started
+            yield item

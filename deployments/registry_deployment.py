@@ -1,0 +1,105 @@
+"""Registry deployment: the sequence-level router and the admin operations, backed by Redis.
+
+Every replica follows the store by pub/sub (``registry.PoolScorer``), so an
+adapter registered through any replica is routable on all of them within
+about a second. Decisions carry the adapters' sources so model replicas can
+load the weights on demand.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+
+import numpy as np
+from ray import serve
+
+from hilora_core.embedding import EmbedderIdentity
+from hilora_core.plan import RoutingPlan
+from hilora_core.policies import PolicyConfig
+from registry.errors import ConflictError
+from registry.manifest import import_manifest
+from registry.registry import Registry
+
+from .config import AppConfig
+
+log = logging.getLogger("ray.serve")
+
+
+@serve.deployment(max_ongoing_requests=64)
+class RegistryService:
+    def __init__(self, config: dict) -> None:
+        self.cfg = AppConfig.model_validate(config)
+        self.registry = Registry(self.cfg.registry_config())
+        self._seed_pool()
+
+    def _seed_pool(self) -> None:
+        manifest = self.cfg.seed_manifest_path()
+        if manifest is None or self.registry.count() > 0:
+            return
+        if not manifest.is_file():
+            log.warning("seed manifest %s not found; starting with an empty pool", manifest)
+            return
+        pattern = str(Path(manifest).parent / "adapters" / "{model_name}")
+        report = import_manifest(self.registry, str(manifest), pattern, skip_existing=True)
+        log.info("seeded the pool from %s: %s", manifest, report.to_dict())
+
+    # ---- routing ---------------------------------------------------------------------------
+
+    def _sources(self, names) -> dict[str, dict]:
+        records = self.registry.scorer.snapshot.records
+        out = {}
+        for name in names:
+            rec = records.get(name) or self.registry.get(name)
+            out[name] = {"location": rec.source.location, "revision": rec.source.revision}
+        return out
+
+    async def route(self, embeddings: np.ndarray, policy: dict) -> list[dict]:
+        """(n, d) request embeddings -> one decision dict per request (plan, candidates, scores, sources)."""
+        cfg = PolicyConfig(**policy)
+        decisions = await asyncio.to_thread(self.registry.route_embeddings, np.asarray(embeddings), cfg)
+        out = []
+        for d in decisions:
+            item = d.to_dict()
+            item["sources"] = self._sources(d.plan.adapters)
+            out.append(item)
+        return out
+
+    def explicit(self, adapter_id: str) -> dict:
+        """The plain-LoRA decision for one named adapter (UnknownAdapterError if not registered)."""
+        rec = self.registry.get(adapter_id)
+        plan = RoutingPlan.single(rec.id)
+        return {"plan": plan.to_dict(), "candidates": [rec.id], "candidate_scores": [], "epoch": self.registry.epoch(),
+                "degraded": self.registry.scorer.degraded, "sources": self._sources([rec.id])}
+
+    # ---- admin -----------------------------------------------------------------------------
+
+    def register(self, body: dict, embeddings: np.ndarray, identity: dict) -> dict:
+        rec = self.registry.register_embeddings(
+            body["id"], body["source"], embeddings, texts=body["samples"], revision=body.get("revision"),
+            rank=body.get("rank"), alpha=body.get("alpha"), targets=body.get("targets"),
+            replace=bool(body.get("replace")), identity=EmbedderIdentity.from_dict(identity),
+        )
+        self.registry.scorer.ensure_epoch(self.registry.epoch())
+        return rec.to_dict()
+
+    def check_free(self, adapter_id: str, replace: bool) -> None:
+        """Raise ConflictError before the (costly) embedding of samples when the id is taken."""
+        if not replace and adapter_id in self.registry.scorer.snapshot.records:
+            raise ConflictError(f"adapter {adapter_id!r} is already registered; pass replace=true to overwrite")
+
+    def get(self, adapter_id: str) -> dict:
+        return self.registry.get(adapter_id).to_dict()
+
+    def list(self, offset: int = 0, limit: int = 100) -> dict:
+        page = self.registry.list(offset=offset, limit=limit)
+        return {"adapters": [r.to_dict() for r in page.records], "total": page.total, "next_offset": page.next_offset}
+
+    def remove(self, adapter_id: str) -> dict:
+        epoch = self.registry.remove(adapter_id)
+        self.registry.scorer.ensure_epoch(epoch)
+        return {"id": adapter_id, "deleted": True, "epoch": epoch}
+
+    def status(self) -> dict:
+        return self.registry.scorer.status()

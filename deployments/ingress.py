@@ -5,7 +5,6 @@ LoRAModel (generation) -> response. Client mistakes become 4xx JSON errors
 (``{"detail": ...}``); see ``deployments/errors.py`` for the mapping.
 """
 
-from __future__ import annotations
 
 import json
 import time
@@ -16,6 +15,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+from .auth import check_admin
 from .config import AppConfig
 from .errors import to_http
 from .metrics import ServiceMetrics
@@ -54,13 +54,7 @@ class Ingress:
     # ---- helpers ---------------------------------------------------------------------------
 
     def _check_admin(self, authorization: str | None) -> None:
-        token = self.cfg.admin_token()
-        if token is None:
-            raise HTTPException(403, f"the admin API is disabled: set {self.cfg.admin_token_env} to enable it")
-        if authorization is None or not authorization.startswith("Bearer "):
-            raise HTTPException(401, "missing bearer token", headers={"WWW-Authenticate": "Bearer"})
-        if authorization.removeprefix("Bearer ").strip() != token:
-            raise HTTPException(401, "invalid bearer token", headers={"WWW-Authenticate": "Bearer"})
+        check_admin(self.cfg.admin_token(), authorization, self.cfg.admin_token_env)
 
     def _policy(self, overrides: RoutingOverrides | None) -> dict:
         r = self.cfg.routing

@@ -1,0 +1,223 @@
+"""End to end: the real Ray Serve application, a real Redis, the real SmolLM2 base, real PEFT adapters.
+
+One Serve start for the whole module (~30-60 s on 2 cores).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import httpx
+import pytest
+from redis_server import RedisServer, free_port
+
+TOKEN = "test-admin-token"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+ALPHA_SAMPLES = [f"Convert the number {n} into English words." for n in (3, 17, 42, 105, 260, 999)]
+BETA_SAMPLES = [f"Reverse the letters of the word '{w}'." for w in ("apple", "river", "stone", "garden", "cloud")]
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory):
+    ray = pytest.importorskip("ray")
+    from ray import serve
+    from test_engine_support import make_adapter
+
+    from hilora_core.base_model import resolve_base
+
+    tmp = tmp_path_factory.mktemp("serve")
+    redis_srv = RedisServer(str(tmp / "redis")).start()
+    # a seed pool of one adapter (registered at start) and a second adapter registered over REST
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(resolve_base(None))
+    pool = tmp / "pool"
+    make_adapter(base, pool / "adapters" / "alpha", seed=1, r=4, target_modules=["q_proj", "v_proj"])
+    make_adapter(base, tmp / "beta", seed=2, r=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
+    del base
+    (pool / "manifest.json").write_text(json.dumps(
+        [{"model_name": "alpha", "sample": [{"inputs": t, "targets": ""} for t in ALPHA_SAMPLES]}]))
+
+    port = free_port()
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"HILORA_ADMIN_TOKEN": TOKEN, "RAY_AUTH_MODE": "disabled",
+                                       "TOKENIZERS_PARALLELISM": "false"}})
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    from deployments.app import build_app
+
+    config = {
+        "model": {"torch_threads": 1, "max_batch_size": 4, "max_slots": 4, "host_cache_size": 8},
+        "registry": {"redis_url": redis_srv.url, "seed_manifest": str(pool / "manifest.json"), "eps": None},
+        "limits": {"max_prompt_chars": 2000, "max_tokens": 64},
+    }
+    serve.run(build_app(config), name="hilora", route_prefix="/")
+    client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120)
+    yield {"client": client, "port": port, "beta": str(tmp / "beta"), "redis": redis_srv, "serve": serve,
+           "ray": ray}
+    client.close()
+    serve.shutdown()
+    ray.shutdown()
+    redis_srv.stop()
+
+
+def chat(client, model, text, **extra):
+    body = {"model": model, "messages": [{"role": "user", "content": text}], "max_tokens": 8, **extra}
+    return client.post("/v1/chat/completions", json=body)
+
+
+def test_health_and_models(service):
+    c = service["client"]
+    assert c.get("/healthz").json() == {"status": "ok"}
+    ready = c.get("/readyz")
+    assert ready.status_code == 200 and ready.json()["registry"]["adapters"] >= 1
+    ids = [m["id"] for m in c.get("/v1/models").json()["data"]]
+    assert {"hilora", "base", "alpha"} <= set(ids)
+
+
+def test_register_over_rest_and_route_without_restart(service):
+    c = service["client"]
+    body = {"id": "beta", "source": service["beta"], "samples": BETA_SAMPLES}
+    r = c.post("/admin/adapters", json=body, headers=AUTH)
+    assert r.status_code == 201, r.text
+    rec = r.json()
+    assert rec["id"] == "beta" and rec["rank"] == 8 and rec["sample_count"] == len(BETA_SAMPLES)
+    assert c.get("/admin/adapters/beta", headers=AUTH).json()["rank"] == 8
+    listed = c.get("/admin/adapters", headers=AUTH).json()
+    assert {a["id"] for a in listed["adapters"]} == {"alpha", "beta"} and listed["total"] == 2
+    # routable at once: a reversal request goes to beta first, a number request to alpha first
+    routes = c.post("/v1/route", json={"input": ["Reverse the letters of the word 'planet'.",
+                                                  "Convert the number 58 into English words."]}).json()["data"]
+    assert routes[0]["adapters"][0] == "beta"
+    assert routes[1]["adapters"][0] == "alpha"
+    assert all(sum(d["rocs"]) >= 1 for d in routes)
+
+
+def test_routed_and_explicit_completions(service):
+    c = service["client"]
+    routed = c.post("/v1/completions", json={"model": "hilora", "prompt": "Convert the number 12 into English words.",
+                                              "max_tokens": 6})
+    assert routed.status_code == 200, routed.text
+    out = routed.json()
+    assert out["object"] == "text_completion" and isinstance(out["choices"][0]["text"], str)
+    assert out["routing"]["adapters"] and out["usage"]["completion_tokens"] >= 1
+    explicit = chat(c, "alpha", "Say hi")
+    assert explicit.status_code == 200, explicit.text
+    ej = explicit.json()
+    assert ej["routing"]["adapters"] == ["alpha"] and ej["routing"]["rocs"] is None
+    base = chat(c, "base", "Say hi")
+    assert base.status_code == 200 and base.json()["routing"]["adapters"] == []
+
+
+def test_streaming_equals_non_streaming(service):
+    c = service["client"]
+    full = chat(c, "alpha", "Name a colour.", max_tokens=10).json()["choices"][0]["message"]["content"]
+    body = {"model": "alpha", "messages": [{"role": "user", "content": "Name a colour."}], "max_tokens": 10,
+            "stream": True}
+    pieces, final = [], None
+    with c.stream("POST", "/v1/chat/completions", json=body) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        lines = [ln for ln in r.iter_lines() if ln.startswith("data: ")]
+    assert lines[-1] == "data: [DONE]"
+    for ln in lines[:-1]:
+        chunk = json.loads(ln.removeprefix("data: "))
+        pieces.append(chunk["choices"][0]["delta"].get("content", ""))
+        if chunk["choices"][0]["finish_reason"] is not None:
+            final = chunk
+    assert "".join(pieces) == full
+    assert final is not None and final["routing"]["adapters"] == ["alpha"] and final["usage"]["completion_tokens"] >= 1
+
+
+def test_openai_client(service):
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{service['port']}/v1", api_key="unused")
+    resp = client.chat.completions.create(model="hilora", messages=[{"role": "user", "content": "Reverse 'abc'."}],
+                                          max_tokens=5)
+    assert isinstance(resp.choices[0].message.content, str)
+    assert resp.model_extra["routing"]["adapters"]
+    comp = client.completions.create(model="alpha", prompt="One, two,", max_tokens=3)
+    assert isinstance(comp.choices[0].text, str)
+    stream = client.chat.completions.create(model="alpha", messages=[{"role": "user", "content": "Hi"}],
+                                            max_tokens=4, stream=True)
+    assert isinstance("".join((ch.choices[0].delta.content or "") for ch in stream), str)
+    assert "alpha" in [m.id for m in client.models.list().data]
+
+
+@pytest.mark.parametrize(
+    "method, path, body, headers, status",
+    [
+        ("post", "/v1/chat/completions", {"model": "nope", "messages": [{"role": "user", "content": "x"}]}, {}, 404),
+        ("post", "/v1/chat/completions", {"model": "hilora"}, {}, 422),
+        ("post", "/v1/chat/completions", {"model": "hilora", "messages": [{"role": "system", "content": "x"}]},
+         {}, 422),
+        ("post", "/v1/completions", {"model": "hilora", "prompt": "x" * 2001}, {}, 413),
+        ("post", "/v1/completions", {"model": "hilora", "prompt": "x", "max_tokens": 65}, {}, 422),
+        ("post", "/v1/completions", {"model": "hilora", "prompt": "x", "temperature": -1}, {}, 422),
+        ("post", "/v1/completions", {"model": "hilora", "prompt": "x", "routing": {"gamma": 2}}, {}, 422),
+        ("post", "/v1/completions", {"model": "hilora", "prompt": "x", "routing": {"policy": "zz"}}, {}, 422),
+        ("post", "/v1/route", {"input": []}, {}, 422),
+        ("get", "/admin/adapters", None, {}, 401),
+        ("get", "/admin/adapters", None, {"Authorization": "Bearer wrong"}, 401),
+        ("get", "/admin/adapters/nope", None, AUTH, 404),
+        ("delete", "/admin/adapters/nope", None, AUTH, 404),
+        ("post", "/admin/adapters", {"id": "alpha", "source": "/tmp", "samples": ["a", "b"]}, AUTH, 409),
+        ("post", "/admin/adapters", {"id": "bad id!", "source": "/tmp", "samples": ["a", "b"]}, AUTH, 422),
+        ("post", "/admin/adapters", {"id": "gamma", "source": "/no/such/dir", "samples": ["a", "b"]}, AUTH, 422),
+        ("post", "/admin/adapters", {"id": "gamma", "source": "/tmp", "samples": ["same", "same"]}, AUTH, 422),
+        ("post", "/admin/adapters", {"id": "gamma", "source": "/tmp"}, AUTH, 422),
+    ],
+)
+def test_client_errors_are_4xx_and_change_nothing(service, method, path, body, headers, status):
+    c = service["client"]
+    before = c.get("/admin/adapters", headers=AUTH).json()["total"]
+    r = c.request(method.upper(), path, json=body, headers=headers)
+    assert r.status_code == status, r.text
+    assert isinstance(r.json()["detail"], (str, list))
+    assert c.get("/admin/adapters", headers=AUTH).json()["total"] == before
+
+
+def test_admin_disabled_without_token():
+    from fastapi import HTTPException
+
+    from deployments.auth import check_admin
+
+    with pytest.raises(HTTPException) as e:
+        check_admin(None, f"Bearer {TOKEN}", "HILORA_ADMIN_TOKEN")
+    assert e.value.status_code == 403 and "HILORA_ADMIN_TOKEN" in e.value.detail
+    check_admin(TOKEN, f"Bearer {TOKEN}", "HILORA_ADMIN_TOKEN")  # accepted
+
+
+def test_metrics_exported(service):
+    c = service["client"]
+    chat(c, "alpha", "ping")
+    text = c.get("/metrics").text
+    for name in ("hilora_request_latency_seconds", "hilora_routing_latency_seconds", "hilora_tokens_total",
+                 "hilora_candidates_per_request", "hilora_adapter_cache_events", "hilora_adapters_resident"):
+        assert name in text, name
+
+
+def test_replica_restart_loses_nothing(service):
+    ray, c = service["ray"], service["client"]
+    before = {a["id"] for a in c.get("/admin/adapters", headers=AUTH).json()["adapters"]}
+    for actor in ray.util.list_named_actors(all_namespaces=True):
+        name = actor["name"] if isinstance(actor, dict) else actor
+        if "LoRAModel" in name or "RegistryService" in name:
+            ray.kill(ray.get_actor(name, namespace=actor.get("namespace", "serve") if isinstance(actor, dict)
+                                   else "serve"), no_restart=False)
+    deadline = time.time() + 120
+    while True:
+        r = chat(c, "beta", "hello", max_tokens=4)
+        if r.status_code == 200 or time.time() > deadline:
+            break
+        time.sleep(2)
+    assert r.status_code == 200, r.text
+    assert {a["id"] for a in c.get("/admin/adapters", headers=AUTH).json()["adapters"]} == before
+
+
+def test_delete_adapter(service):
+    c = service["client"]
+    r = c.delete("/admin/adapters/beta", headers=AUTH)
+    assert r.status_code == 200 and r.json()["deleted"] is True
+    assert chat(c, "beta", "x").status_code == 404
+    assert os.path.isdir(service["beta"])  # weights are the user's: never deleted

@@ -28,5 +28,12 @@ test: setup
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q tests
 
+serve: setup
+	scripts/serve.sh serve_config.yaml
+
+bench: setup
+	$(BIN)/python benchmarks/bench_engine.py
+	$(BIN)/python benchmarks/bench_prefilter.py
+
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -19,13 +19,15 @@ from hilora_core.pool import GaussianFitSettings
 from hilora_core.route_eval import embed_pool_and_inputs, evaluate_routing, load_labelled_inputs, load_pool_manifest
 
 SETTINGS = {
-    "eps=2e-4": GaussianFitSettings(eps=2e-4),
-    "eps=3e-4": GaussianFitSettings(eps=3e-4),
-    "calibrated 0.8": GaussianFitSettings(target_rate=0.8),
-    "calibrated 0.9": GaussianFitSettings(target_rate=0.9),
-    "whitened, calibrated 0.8": GaussianFitSettings(whiten=True, target_rate=0.8),
-    "whitened, calibrated 0.9": GaussianFitSettings(whiten=True, target_rate=0.9),
-    "whitened, calibrated 0.95": GaussianFitSettings(whiten=True, target_rate=0.95),
+    # the raw (unit-norm) embedding space with a fixed eps: the reference points of the data's README
+    "raw, eps=2e-4": GaussianFitSettings(eps=2e-4, standardize=False),
+    "raw, eps=3e-4": GaussianFitSettings(eps=3e-4, standardize=False),
+    "raw, calibrated own-score 0.9": GaussianFitSettings(standardize=False, criterion="own_score"),
+    # standardised space (unit RMS per coordinate), eps calibrated through the candidate rule
+    "std, calibrated 0.85": GaussianFitSettings(target_rate=0.85),
+    "std, calibrated 0.9 (default)": GaussianFitSettings(),
+    "std, calibrated 0.95": GaussianFitSettings(target_rate=0.95),
+    "std + whitened, calibrated 0.9": GaussianFitSettings(whiten=True),
 }
 
 

@@ -99,7 +99,8 @@ class SentenceEmbedder:
         self.instruction = instruction
         self.batch_size = batch_size
         self.max_chars = max_chars
-        dim = self.model.get_sentence_embedding_dimension()
+        get_dim = getattr(self.model, "get_embedding_dimension", None) or self.model.get_sentence_embedding_dimension
+        dim = get_dim()
         self.identity = EmbedderIdentity(
             name=self._name, revision=revision, dim=int(dim), instruction=instruction,
             instruction_in_pooling=not self.instructor,

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Run the service on its embedded defaults: `make serve` (after `make setup`).
+# Handles the Ray gotchas of small machines: token auth off for local use, the base model
+# converted once before Serve starts (so no replica waits ~30 s for it), fractional CPUs
+# in serve_config.yaml. Stop with Ctrl-C (or SIGTERM when run in the background).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export RAY_AUTH_MODE="${RAY_AUTH_MODE:-disabled}"
+export TOKENIZERS_PARALLELISM=false
+CONFIG="${1:-serve_config.yaml}"
+.venv/bin/python -c "from hilora_core.base_model import resolve_base; print('base model:', resolve_base(None))"
+if [ -z "${HILORA_ADMIN_TOKEN:-}" ]; then
+    echo "note: HILORA_ADMIN_TOKEN is unset, so the admin API (/admin/...) is disabled" >&2
+fi
+exec .venv/bin/serve run "$CONFIG"

@@ -1,0 +1,43 @@
+"""registry: which adapters exist, where they live, and how a request is scored against them.
+
+Redis-backed store of adapters (metadata + sample embeddings), atomic writes with a pool
+epoch and pub/sub change notifications, process-local scorers that follow the store,
+a FAISS prefilter for large pools, manifest import and the ``hilora registry`` CLI.
+"""
+
+from .adapter_source import AdapterSource, AdapterSpec
+from .config import DEFAULT_FIT_SETTINGS, RegistryConfig
+from .connection import EmbeddedRedis, connect
+from .errors import ConflictError, EmbedderMismatchError, IncompatibleAdapterError, RegistryUnavailableError
+from .manifest import ImportReport, import_manifest, load_manifest
+from .prefilter import MeanIndex, prefilter_scores
+from .records import AdapterPage, AdapterRecord, StoredAdapter
+from .registry import Registry
+from .scorer import PoolScorer, PoolSnapshot, RouteDecision
+from .store import AdapterStore
+
+__all__ = [
+    "DEFAULT_FIT_SETTINGS",
+    "AdapterPage",
+    "AdapterRecord",
+    "AdapterSource",
+    "AdapterSpec",
+    "AdapterStore",
+    "ConflictError",
+    "EmbeddedRedis",
+    "EmbedderMismatchError",
+    "ImportReport",
+    "IncompatibleAdapterError",
+    "MeanIndex",
+    "PoolScorer",
+    "PoolSnapshot",
+    "Registry",
+    "RegistryConfig",
+    "RegistryUnavailableError",
+    "RouteDecision",
+    "StoredAdapter",
+    "connect",
+    "import_manifest",
+    "load_manifest",
+    "prefilter_scores",
+]

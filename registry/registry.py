@@ -1,0 +1,253 @@
+"""The admin side: register, replace, refit, remove, get and list adapters; route through a scorer.
+
+Every write validates everything first (id, samples, source, adapter config, embedder)
+and then makes one atomic Redis write, so a refused call leaves the store unchanged.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import asdict
+
+import numpy as np
+
+from hilora_core.embedding import EmbedderIdentity, SentenceEmbedder
+from hilora_core.errors import InvalidInputError, UnknownAdapterError
+from hilora_core.policies import PolicyConfig
+
+from .adapter_source import AdapterSource, AdapterSpec, check_base_model, resolve_spec
+from .config import RegistryConfig, build_embedder
+from .connection import connect
+from .errors import ConflictError
+from .records import AdapterPage, AdapterRecord, StoredAdapter
+from .scorer import PoolScorer, RouteDecision
+from .store import AdapterStore
+from .validation import check_identity, validate_adapter_id, validate_embeddings, validate_samples
+
+MAX_PAGE = 1_000
+
+
+class Registry:
+    """The adapter registry of one pool.
+
+    Args:
+        config: settings (Redis URL or embedded folder, fit policy, limits, prefilter).
+        embedder: embeds sample texts and requests (default: built from the config on first use).
+        identity: embedder identity for callers that only register precomputed embeddings
+            (default: ``embedder.identity``).
+    """
+
+    def __init__(
+        self,
+        config: RegistryConfig | None = None,
+        *,
+        embedder: SentenceEmbedder | None = None,
+        identity: EmbedderIdentity | None = None,
+    ) -> None:
+        self.config = config or RegistryConfig()
+        client, self.url = connect(self.config)
+        self.store = AdapterStore(client, self.config)
+        self._embedder = embedder
+        self._identity = identity or (embedder.identity if embedder is not None else None)
+        self._scorer: PoolScorer | None = None
+        self._written_epoch = 0
+        self._hub_reachable = self.config.hub_lookup
+
+    # ---- embedder ----------------------------------------------------------------------------
+
+    @property
+    def embedder(self) -> SentenceEmbedder:
+        if self._embedder is None:
+            self._embedder = build_embedder(self.config)
+            if self._identity is not None:
+                check_identity(self._identity, self._embedder.identity, "the configured embedder")
+        return self._embedder
+
+    @property
+    def identity(self) -> EmbedderIdentity:
+        if self._identity is None:
+            self._identity = self.embedder.identity
+        return self._identity
+
+    # ---- writes ------------------------------------------------------------------------------
+
+    def register(
+        self,
+        adapter_id: str,
+        source: str,
+        samples: Sequence[str],
+        *,
+        revision: str | None = None,
+        rank: int | None = None,
+        alpha: float | None = None,
+        targets: Sequence[str] | None = None,
+        base_model: str | None = None,
+        replace: bool = False,
+    ) -> AdapterRecord:
+        """Register an adapter from 2..1000 sample texts of its task.
+
+        ``source`` is a local adapter folder or a hub repo id (with ``revision``). Its
+        ``adapter_config.json`` is read when reachable; otherwise ``rank``, ``alpha`` and
+        ``targets`` are required. Raises ConflictError for a taken id unless ``replace``.
+        """
+        adapter_id = validate_adapter_id(adapter_id)
+        texts = validate_samples(samples, self.config.min_samples, self.config.max_samples,
+                                 self.config.max_sample_chars)
+        src, spec = self._resolve(adapter_id, source, revision, rank, alpha, targets, base_model)
+        self._check_free(adapter_id, replace)
+        z = validate_embeddings(self.embedder.encode(texts), self.identity, self.config.min_samples,
+                                self.config.max_samples)
+        return self._write(adapter_id, src, spec, z, texts, "replace" if replace else "create")
+
+    def register_embeddings(
+        self,
+        adapter_id: str,
+        source: str,
+        embeddings: np.ndarray,
+        *,
+        texts: Sequence[str] | None = None,
+        revision: str | None = None,
+        rank: int | None = None,
+        alpha: float | None = None,
+        targets: Sequence[str] | None = None,
+        base_model: str | None = None,
+        replace: bool = False,
+        identity: EmbedderIdentity | None = None,
+    ) -> AdapterRecord:
+        """Register an adapter from precomputed (m, d) sample embeddings made by ``identity``
+        (default: this registry's embedder identity, which must then match)."""
+        adapter_id = validate_adapter_id(adapter_id)
+        if identity is not None:
+            check_identity(self.identity, identity, f"embeddings for {adapter_id!r}")
+        z = validate_embeddings(embeddings, self.identity, self.config.min_samples, self.config.max_samples)
+        if texts is not None:
+            texts = validate_samples(texts, self.config.min_samples, self.config.max_samples,
+                                     self.config.max_sample_chars)
+            if len(texts) != z.shape[0]:
+                raise InvalidInputError(f"{len(texts)} texts for {z.shape[0]} embeddings")
+        src, spec = self._resolve(adapter_id, source, revision, rank, alpha, targets, base_model)
+        self._check_free(adapter_id, replace)
+        return self._write(adapter_id, src, spec, z, texts, "replace" if replace else "create")
+
+    def refit(self, adapter_id: str, samples: Sequence[str]) -> AdapterRecord:
+        """Replace an adapter's samples (re-embedded); everything else is kept."""
+        adapter_id = validate_adapter_id(adapter_id)
+        texts = validate_samples(samples, self.config.min_samples, self.config.max_samples,
+                                 self.config.max_sample_chars)
+        old = self.get(adapter_id)
+        z = validate_embeddings(self.embedder.encode(texts), self.identity, self.config.min_samples,
+                                self.config.max_samples)
+        spec = AdapterSpec(old.rank, old.alpha, old.targets, old.base_model, old.config_source)
+        return self._write(adapter_id, old.source, spec, z, texts, "update", created=old.created)
+
+    def remove(self, adapter_id: str) -> int:
+        """Delete an adapter; returns the new pool epoch. UnknownAdapterError if absent."""
+        adapter_id = validate_adapter_id(adapter_id)
+        epoch = self.store.remove(adapter_id)
+        self._written_epoch = max(self._written_epoch, epoch)
+        return epoch
+
+    def _resolve(self, adapter_id, source, revision, rank, alpha, targets, base_model):
+        src = AdapterSource.parse(source, revision)
+        hub = self._hub_reachable and src.kind == "hub"
+        spec = resolve_spec(src, rank=rank, alpha=alpha, targets=targets, base_model=base_model,
+                            hub_lookup=hub)
+        if hub and spec.config_source != "hub":
+            self._hub_reachable = False  # do not wait on the network again for every adapter of an import
+        check_base_model(spec, self.config.base_model, adapter_id)
+        return src, spec
+
+    def _check_free(self, adapter_id: str, replace: bool) -> None:
+        if not replace and self.store.get_record(adapter_id) is not None:
+            raise ConflictError(f"adapter {adapter_id!r} is already registered (pass replace=True)")
+
+    def _write(self, adapter_id: str, src: AdapterSource, spec: AdapterSpec, z: np.ndarray,
+               texts: Sequence[str] | None, mode: str, created: float | None = None) -> AdapterRecord:
+        now = time.time()
+        if created is None and mode == "replace":
+            old = self.store.get_record(adapter_id)
+            created = old.created if old is not None else None
+        keep_texts = (texts is not None and self.config.store_texts
+                      and sum(len(t) for t in texts) <= self.config.max_stored_text_chars)
+        record = AdapterRecord(
+            id=adapter_id, source=src, base_model=spec.base_model, rank=spec.rank, alpha=spec.alpha,
+            targets=spec.targets, sample_count=int(z.shape[0]), embedder=self.identity,
+            fit=asdict(self.config.fit), config_source=spec.config_source, texts_stored=keep_texts,
+            created=created if created is not None else now, updated=now,
+        )
+        epoch = self.store.put(record, z, list(texts) if keep_texts else None, mode)
+        self._written_epoch = max(self._written_epoch, epoch)
+        return record.with_epoch(epoch)
+
+    # ---- reads -------------------------------------------------------------------------------
+
+    def get(self, adapter_id: str) -> AdapterRecord:
+        """The record of ``adapter_id``; UnknownAdapterError if absent."""
+        adapter_id = validate_adapter_id(adapter_id)
+        rec = self.store.get_record(adapter_id)
+        if rec is None:
+            raise UnknownAdapterError(f"adapter {adapter_id!r} is not registered")
+        return rec
+
+    def get_with_embeddings(self, adapter_id: str) -> StoredAdapter:
+        adapter_id = validate_adapter_id(adapter_id)
+        item = self.store.get(adapter_id)
+        if item is None:
+            raise UnknownAdapterError(f"adapter {adapter_id!r} is not registered")
+        return item
+
+    def get_texts(self, adapter_id: str) -> list[str] | None:
+        """The stored raw sample texts (None when they were not kept)."""
+        self.get(adapter_id)
+        return self.store.get_texts(validate_adapter_id(adapter_id))
+
+    def list(self, offset: int = 0, limit: int = 100) -> AdapterPage:
+        """One page of records in id order."""
+        if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
+            raise InvalidInputError(f"offset must be an integer >= 0, got {offset!r}")
+        if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_PAGE:
+            raise InvalidInputError(f"limit must be an integer in 1..{MAX_PAGE}, got {limit!r}")
+        return self.store.list_page(offset, limit)
+
+    def list_all(self) -> list[AdapterRecord]:
+        return list(self.store.iter_records())
+
+    def count(self) -> int:
+        return self.store.count()
+
+    def epoch(self) -> int:
+        return self.store.epoch()
+
+    # ---- routing -----------------------------------------------------------------------------
+
+    @property
+    def scorer(self) -> PoolScorer:
+        """This process's scorer (created on first use; follows the store)."""
+        if self._scorer is None:
+            self._scorer = PoolScorer(self.config, embedder=self._embedder, identity=self._identity,
+                                      store=self.store)
+        self._scorer.ensure_epoch(self._written_epoch)  # see our own writes
+        return self._scorer
+
+    def route(self, texts: Sequence[str], policy: PolicyConfig | None = None,
+              explicit: Sequence[str] | None = None) -> list[RouteDecision]:
+        """Per text: candidates, scores, ROC allocation and scale (see :class:`RouteDecision`)."""
+        if isinstance(texts, str):
+            raise InvalidInputError("route takes a list of texts, got a single string")
+        z = self.embedder.encode(list(texts))
+        return self.scorer.route_embeddings(z, policy, explicit=explicit, identity=self.identity)
+
+    def route_embeddings(self, z: np.ndarray, policy: PolicyConfig | None = None, **kwargs) -> list[RouteDecision]:
+        return self.scorer.route_embeddings(z, policy, **kwargs)
+
+    def close(self) -> None:
+        if self._scorer is not None:
+            self._scorer.close()
+            self._scorer = None
+
+    def __enter__(self) -> Registry:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,472 @@
+"""The read side: a process-local copy of the pool that scores and routes requests.
+
+A :class:`PoolScorer` loads every adapter from Redis at start-up, then follows the
+store: each change publishes ``{"epoch", "op", "id"}``; the scorer reads the
+changelog since its own epoch and fetches only the changed adapters. If it missed
+more changes than the changelog keeps (or the store's epoch went backwards), it
+reloads the whole pool. It also polls the epoch every ``poll_interval_s`` (lost
+messages, reconnects).
+
+Each refresh builds a new immutable :class:`PoolSnapshot` (fitted model, FAISS
+prefilter index, names, ranks) off the request path and swaps it in; requests use
+whatever snapshot is current. When Redis is down the scorer keeps serving its last
+snapshot and reports ``degraded=True`` with the error, retrying in the background.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+
+from hilora_core.embedding import EmbedderIdentity, SentenceEmbedder
+from hilora_core.errors import DimensionMismatchError, InvalidInputError
+from hilora_core.plan import RoutingPlan
+from hilora_core.policies import PolicyConfig, cosine_similarity, make_plans
+from hilora_core.pool import PoolModel
+from hilora_core.sequence_routing import select_candidates
+
+from .config import RegistryConfig, build_embedder
+from .connection import REDIS_ERRORS, connect
+from .errors import EmbedderMismatchError, RegistryUnavailableError
+from .fitting import IncrementalPoolFit
+from .prefilter import MeanIndex, prefilter_scores
+from .records import AdapterRecord, StoredAdapter
+from .store import AdapterStore, Change
+
+try:  # BLAS threads spinning on a busy 2-core host make small matrix products 50x slower
+    from threadpoolctl import ThreadpoolController
+
+    _THREADPOOLS = ThreadpoolController()
+
+    def single_blas_thread():
+        """Context manager: BLAS runs single-threaded inside (routing is many small products)."""
+        return _THREADPOOLS.limit(limits=1, user_api="blas")
+except ImportError:  # pragma: no cover
+    def single_blas_thread():
+        return contextlib.nullcontext()
+
+
+@dataclass(frozen=True)
+class PoolSnapshot:
+    """An immutable fitted pool.
+
+    Attributes:
+        epoch: store epoch this copy reflects.
+        ids: (I,) adapter ids in bank order (sorted).
+        ranks: (I,) LoRA ranks.
+        records: id -> record.
+        model: the fitted Gaussians (None for an empty pool).
+        index: prefilter index (None below ``prefilter_min_pool``).
+        slot_to_pos: (S,) bank position of each index slot, -1 where none.
+    """
+
+    epoch: int
+    ids: tuple[str, ...]
+    ranks: np.ndarray
+    records: dict[str, AdapterRecord]
+    model: PoolModel | None
+    index: MeanIndex | None = None
+    slot_to_pos: np.ndarray | None = None
+    built_at: float = field(default_factory=time.time)
+
+
+@dataclass(frozen=True)
+class RouteDecision:
+    """The sequence-level decision for one input.
+
+    Attributes:
+        plan: what the model replicas execute (adapters, ROCs, scale, token rule).
+        candidates: the candidate set C (HiLoRA policies: every adapter selected by the
+            score rule, including any that drew 0 ROCs; other policies: the plan's adapters).
+        candidate_scores: their scores (Gaussian scores; cosine for retriever; empty otherwise).
+        epoch: pool epoch of the snapshot used.
+        degraded: the scorer could not reach Redis; the snapshot may be stale.
+        prefiltered: the FAISS shortlist was used; shortlist_size: its size (0 if not used).
+    """
+
+    plan: RoutingPlan
+    candidates: tuple[str, ...]
+    candidate_scores: tuple[float, ...]
+    epoch: int
+    degraded: bool
+    prefiltered: bool = False
+    shortlist_size: int = 0
+
+    def to_dict(self) -> dict:
+        return {
+            "plan": self.plan.to_dict(), "candidates": list(self.candidates),
+            "candidate_scores": [float(s) for s in self.candidate_scores], "epoch": self.epoch,
+            "degraded": self.degraded, "prefiltered": self.prefiltered, "shortlist_size": self.shortlist_size,
+        }
+
+
+def _hilora_decision(plan: RoutingPlan, names: Sequence[str], row: np.ndarray, cfg: PolicyConfig,
+                     common: dict, prefiltered: bool = False) -> RouteDecision:
+    cand = select_candidates(row, cfg.max_candidates)
+    return RouteDecision(plan, tuple(names[i] for i in cand), tuple(float(row[i]) for i in cand),
+                         prefiltered=prefiltered, shortlist_size=len(names) if prefiltered else 0, **common)
+
+
+def _route_prefiltered(snap: PoolSnapshot, z: np.ndarray, cfg: PolicyConfig, config: RegistryConfig,
+                       common: dict) -> list[RouteDecision]:
+    index, slot_to_pos = snap.index, snap.slot_to_pos
+    if index is None or slot_to_pos is None:  # forced on a small pool: index everything exactly
+        slot_to_pos = np.arange(len(snap.ids), dtype=np.int64)
+        index = MeanIndex.build(snap.model.bank.means, slot_to_pos, "flat", use_gpu=config.prefilter_gpu)
+    shortlists = prefilter_scores(snap.model, index, slot_to_pos, z, config.prefilter_k, config.prefilter_max_k,
+                                  config.prefilter_tail, config.prefilter_factor)
+    out = []
+    for q, sl in enumerate(shortlists):
+        names = [snap.ids[i] for i in sl.indices]
+        # one plan per query; a seeded policy gets seed + q so queries do not share one draw
+        qcfg = cfg if cfg.seed is None else replace(cfg, seed=cfg.seed + q)
+        plan = make_plans(qcfg, names, snap.ranks[sl.indices], scores=sl.scores[None, :])[0]
+        out.append(_hilora_decision(plan, names, sl.scores, cfg, common, prefiltered=True))
+    return out
+
+
+def route_on_snapshot(
+    snap: PoolSnapshot,
+    z: np.ndarray,
+    cfg: PolicyConfig,
+    config: RegistryConfig,
+    *,
+    explicit: Sequence[str] | None = None,
+    use_prefilter: bool | None = None,
+    degraded: bool = False,
+) -> list[RouteDecision]:
+    """Route (n, d) checked query embeddings against one snapshot (no Redis involved).
+
+    HiLoRA policies use the FAISS prefilter when the snapshot has an index (or when
+    ``use_prefilter`` forces it); retriever uses the cosine to every adapter's mean;
+    the other policies need no scores.
+    """
+    n = z.shape[0]
+    names = list(snap.ids)
+    common = {"epoch": snap.epoch, "degraded": degraded}
+    with single_blas_thread():
+        if cfg.needs_gaussian_scores and snap.model is not None:
+            prefilter = snap.index is not None if use_prefilter is None else use_prefilter
+            if prefilter:
+                return _route_prefiltered(snap, z, cfg, config, common)
+            scores = snap.model.score(z)
+            plans = make_plans(cfg, names, snap.ranks, scores=scores)
+            return [_hilora_decision(plans[q], names, scores[q], cfg, common) for q in range(n)]
+        cosine = None
+        if cfg.needs_cosine and snap.model is not None:
+            cosine = cosine_similarity(z, snap.model.means)
+        plans = make_plans(cfg, names, snap.ranks, scores=None, cosine=cosine, explicit=explicit, n_queries=n)
+    out = []
+    for plan in plans:
+        scores = tuple(plan.scores) if cfg.needs_cosine and plan.scores is not None else ()
+        out.append(RouteDecision(plan, plan.adapters, scores, **common))
+    return out
+
+
+def _identity_key(identity: EmbedderIdentity) -> str:
+    return json.dumps(identity.to_dict(), sort_keys=True)
+
+
+class PoolScorer:
+    """Scores and routes requests against the registered pool.
+
+    Args:
+        config: registry settings (Redis URL, fit policy, prefilter).
+        embedder: embeds request texts (default: built from the config on first use).
+        identity: the embedder identity queries are made with, for callers that pass
+            embeddings only (default: ``embedder.identity``).
+        follow: run the background thread that follows the store.
+        store: an existing :class:`AdapterStore` to share (default: connect by ``config``).
+    """
+
+    def __init__(
+        self,
+        config: RegistryConfig | None = None,
+        *,
+        embedder: SentenceEmbedder | None = None,
+        identity: EmbedderIdentity | None = None,
+        follow: bool = True,
+        store: AdapterStore | None = None,
+    ) -> None:
+        self.config = config or RegistryConfig()
+        self._embedder = embedder
+        self._identity = identity or (embedder.identity if embedder is not None else None)
+        self.url: str | None = None
+        if store is None:
+            client, self.url = connect(self.config)
+            store = AdapterStore(client, self.config)
+        self.store = store
+        self._fit = IncrementalPoolFit(self.config.fit, self.config.fallback_eps,
+                                       self.config.incremental_fit_min_pool, self.config.recalibrate_fraction)
+        self._records: dict[str, AdapterRecord] = {}
+        self._epoch = 0
+        self._snapshot = PoolSnapshot(0, (), np.zeros(0, np.int64), {}, None)
+        self._slots: dict[str, int] = {}
+        self._prev_slots: dict[str, int] = {}
+        self._next_slot = 0
+        self._index_dirty: set[str] = set()
+        self._index_space_changed = True
+        self._index_built_size = 0
+        self._lock = threading.RLock()  # guards the mutable state above (not the snapshot)
+        self.degraded = False
+        self.last_error: str | None = None
+        self.full_reloads = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        try:
+            self._full_reload()
+        except RegistryUnavailableError as exc:
+            self._mark_degraded(exc)
+        if follow:
+            self._thread = threading.Thread(target=self._follow, name="hilora-pool-follower", daemon=True)
+            self._thread.start()
+
+    # ---- public ------------------------------------------------------------------------------
+
+    @property
+    def snapshot(self) -> PoolSnapshot:
+        return self._snapshot
+
+    @property
+    def epoch(self) -> int:
+        return self._snapshot.epoch
+
+    @property
+    def identity(self) -> EmbedderIdentity:
+        if self._identity is None:
+            self._identity = self.embedder.identity
+        return self._identity
+
+    @property
+    def embedder(self) -> SentenceEmbedder:
+        if self._embedder is None:
+            self._embedder = build_embedder(self.config)
+            if self._identity is not None and self._identity != self._embedder.identity:
+                raise EmbedderMismatchError(
+                    f"the configured embedder {self._embedder.identity.to_dict()} differs from the scorer's "
+                    f"identity {self._identity.to_dict()}"
+                )
+        return self._embedder
+
+    def refresh(self) -> int:
+        """Catch up with the store now; returns the new epoch. Raises RegistryUnavailableError."""
+        try:
+            self._catch_up()
+        except RegistryUnavailableError as exc:
+            self._mark_degraded(exc)
+            raise
+        self._mark_healthy()
+        return self.epoch
+
+    def ensure_epoch(self, epoch: int) -> None:
+        """Catch up if this copy is older than ``epoch`` (best effort: degraded on failure)."""
+        if self.epoch < epoch:
+            with contextlib.suppress(RegistryUnavailableError):
+                self.refresh()
+
+    def recalibrate(self) -> None:
+        """Refit the whole pool now (eps calibration, whitening) from the samples held."""
+        with self._lock:
+            self._rebuild(force_full=True)
+
+    def status(self) -> dict:
+        snap = self._snapshot
+        model = snap.model
+        return {
+            "epoch": snap.epoch, "adapters": len(snap.ids), "degraded": self.degraded, "error": self.last_error,
+            "eps": None if model is None else model.eps, "whitened": bool(model and model.whitener is not None),
+            "prefilter": snap.index is not None, "prefilter_gpu": bool(snap.index and snap.index.on_gpu),
+            "full_reloads": self.full_reloads, "full_fits": self._fit.full_fits,
+            "incremental_fits": self._fit.incremental_fits,
+        }
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+    def __enter__(self) -> PoolScorer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def route(self, texts: Sequence[str], policy: PolicyConfig | None = None,
+              explicit: Sequence[str] | None = None) -> list[RouteDecision]:
+        """Embed ``texts`` and route them (see :meth:`route_embeddings`)."""
+        if isinstance(texts, str):
+            raise InvalidInputError("route takes a list of texts, got a single string")
+        z = self.embedder.encode(list(texts))
+        return self.route_embeddings(z, policy, explicit=explicit, identity=self.embedder.identity)
+
+    def route_embeddings(
+        self,
+        z: np.ndarray,
+        policy: PolicyConfig | None = None,
+        *,
+        explicit: Sequence[str] | None = None,
+        identity: EmbedderIdentity | None = None,
+        use_prefilter: bool | None = None,
+    ) -> list[RouteDecision]:
+        """Route (n, d) query embeddings with ``policy`` (default: HiLoRA).
+
+        Args:
+            z: (n, d) embeddings made by ``identity`` (default: the scorer's identity).
+            policy: any policy of :func:`hilora_core.policies.make_plans`.
+            explicit: adapter names for the explicit policy.
+            use_prefilter: force the FAISS shortlist on/off (default: on from
+                ``prefilter_min_pool`` adapters).
+
+        Returns:
+            one :class:`RouteDecision` per row of ``z``.
+        """
+        cfg = policy or PolicyConfig()
+        snap = self._snapshot
+        degraded = self.degraded
+        self._check_pool_identity(snap, identity or self.identity)
+        z = np.atleast_2d(np.asarray(z, dtype=np.float32))
+        dim = (identity or self.identity).dim
+        if z.ndim != 2 or z.shape[1] != dim:
+            raise DimensionMismatchError(f"query embeddings must have shape (n, {dim}), got {tuple(z.shape)}")
+        if not np.all(np.isfinite(z)):
+            raise InvalidInputError("query embeddings contain a non-finite value")
+        return route_on_snapshot(snap, z, cfg, self.config, explicit=explicit, use_prefilter=use_prefilter,
+                                 degraded=degraded)
+
+    def _check_pool_identity(self, snap: PoolSnapshot, identity: EmbedderIdentity) -> None:
+        key = _identity_key(identity)
+        bad = [i for i, r in snap.records.items() if _identity_key(r.embedder) != key]
+        if bad:
+            other = snap.records[bad[0]].embedder
+            raise EmbedderMismatchError(
+                f"{len(bad)} adapter(s) (e.g. {bad[:5]}) were embedded with {other.to_dict()}, "
+                f"but queries are embedded with {identity.to_dict()}; refusing to score"
+            )
+
+    # ---- following the store -----------------------------------------------------------------
+
+    def _mark_degraded(self, exc: Exception) -> None:
+        self.degraded = True
+        self.last_error = str(exc)
+
+    def _mark_healthy(self) -> None:
+        self.degraded = False
+        self.last_error = None
+
+    def _full_reload(self) -> None:
+        with self._lock:
+            epoch, ids = self.store.snapshot_ids()
+            fetched = self.store.fetch(ids)
+            self._records = {k: v.record for k, v in fetched.items()}
+            self._fit.reset({k: v.embeddings for k, v in fetched.items()})
+            self._slots, self._next_slot = {}, 0
+            self._index_space_changed = True
+            self._epoch = epoch
+            self.full_reloads += 1
+            self._rebuild()
+            self._catch_up()  # changes made while we were reading
+
+    def _catch_up(self) -> None:
+        # one catch-up at a time (follower thread vs. refresh() from a request thread);
+        # requests never take this lock: they read the current snapshot
+        with self._lock:
+            changes, complete = self.store.changes_since(self._epoch)
+            if not complete:
+                self._full_reload()
+                return
+            if not changes:
+                return
+            last: dict[str, Change] = {}
+            for ch in changes:
+                last[ch.id] = ch
+            put_ids = [i for i, ch in last.items() if ch.op == "put"]
+            fetched: dict[str, StoredAdapter] = self.store.fetch(put_ids) if put_ids else {}
+            removes = [i for i, ch in last.items() if ch.op == "remove" or i not in fetched]
+            for i in removes:
+                self._records.pop(i, None)
+            for i, item in fetched.items():
+                self._records[i] = item.record
+            self._fit.apply({i: item.embeddings for i, item in fetched.items()}, removes)
+            self._index_dirty.update(last)
+            self._epoch = max(self._epoch, changes[-1].epoch)
+            self._rebuild()
+
+    def _rebuild(self, force_full: bool = False) -> None:
+        """Fit the current samples and swap in a new snapshot (caller holds the lock)."""
+        full_before = self._fit.full_fits
+        ids, model = self._fit.build(force_full=force_full)
+        if self._fit.full_fits != full_before and self.config.fit.whiten:
+            self._index_space_changed = True  # a new whitening moves every mean
+        records = {i: self._records[i] for i in ids}
+        ranks = np.array([records[i].rank for i in ids], dtype=np.int64)
+        index, slot_to_pos = self._update_index(ids, model)
+        self._snapshot = PoolSnapshot(self._epoch, tuple(ids), ranks, records, model, index, slot_to_pos)
+
+    def _update_index(self, ids: list[str], model: PoolModel | None) -> tuple[MeanIndex | None, np.ndarray | None]:
+        c = self.config
+        prev = self._snapshot.index
+        for gone in [i for i in self._slots if i not in self._fit.samples]:
+            del self._slots[gone]
+        for i in ids:
+            if i not in self._slots:
+                self._slots[i] = self._next_slot
+                self._next_slot += 1
+        if model is None or len(ids) < c.prefilter_min_pool:
+            self._index_dirty.clear()
+            self._index_space_changed = True
+            return None, None
+        slots = np.array([self._slots[i] for i in ids], dtype=np.int64)
+        slot_to_pos = np.full(self._next_slot, -1, dtype=np.int64)
+        slot_to_pos[slots] = np.arange(len(ids))
+        resize = not (0.5 * self._index_built_size <= len(ids) <= 2 * self._index_built_size)
+        if prev is None or self._index_space_changed or resize or prev.kind != c.prefilter_index:
+            index = MeanIndex.build(model.bank.means, slots, c.prefilter_index, c.prefilter_nprobe, c.prefilter_gpu)
+            self._index_built_size = len(ids)
+        else:
+            dirty = self._index_dirty
+            old_slots = [s for i, s in self._prev_slots.items() if i in dirty]
+            pos = np.array([slot_to_pos[self._slots[i]] for i in dirty if i in self._slots], dtype=np.int64)
+            index = prev.updated(old_slots, model.bank.means[pos], slots[pos])
+        self._prev_slots = dict(self._slots)
+        self._index_dirty = set()
+        self._index_space_changed = False
+        return index, slot_to_pos
+
+    def _follow(self) -> None:
+        pubsub = None
+        last_poll = time.monotonic()
+        while not self._stop.is_set():
+            try:
+                if pubsub is None:
+                    pubsub = self.store.pubsub()
+                    self._catch_up()
+                    self._mark_healthy()
+                msg = pubsub.get_message(timeout=self.config.poll_interval_s)
+                if msg is not None:
+                    # let a burst of changes arrive, then catch up once
+                    deadline = time.monotonic() + 0.02
+                    while time.monotonic() < deadline and pubsub.get_message(timeout=0.005) is not None:
+                        pass
+                    self._catch_up()
+                    last_poll = time.monotonic()
+                elif time.monotonic() - last_poll >= self.config.poll_interval_s:
+                    if self.store.epoch() != self.epoch:
+                        self._catch_up()
+                    last_poll = time.monotonic()
+                self._mark_healthy()
+            except (RegistryUnavailableError, *REDIS_ERRORS) as exc:
+                self._mark_degraded(exc)
+                if pubsub is not None:
+                    with contextlib.suppress(Exception):
+                        pubsub.close()
+                pubsub = None
+                self._stop.wait(self.config.poll_interval_s)
+        if pubsub is not None:
+            with contextlib.suppress(Exception):
+                pubsub.close()

@@ -1,0 +1,115 @@
+"""A real ``redis-server`` for tests: free loopback port, temporary data folder, chosen persistence.
+
+    server = RedisServer(tmp_dir, persistence="aof").start()
+    server.url            # redis://127.0.0.1:PORT/0
+    server.stop()         # graceful (saves per the persistence mode)
+    server.start()        # again, same port and folder
+    server.kill()         # SIGKILL, no save
+
+Persistence modes: "none" (nothing on disk), "aof" (append-only file, fsync on every
+write), "rdb" (snapshot written on stop).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+
+import redis
+
+PERSISTENCE_MODES = ("none", "aof", "rdb")
+
+
+def redis_server_binary() -> str:
+    path = shutil.which("redis-server") or "/usr/bin/redis-server"
+    if not os.path.exists(path):
+        raise RuntimeError("redis-server is not installed (Debian package 'redis-server')")
+    return path
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class RedisServer:
+    """One redis-server process on 127.0.0.1 with its data under ``data_dir``."""
+
+    def __init__(self, data_dir: str, persistence: str = "aof", port: int | None = None) -> None:
+        if persistence not in PERSISTENCE_MODES:
+            raise ValueError(f"persistence must be one of {PERSISTENCE_MODES}, got {persistence!r}")
+        self.data_dir = os.path.abspath(str(data_dir))
+        self.persistence = persistence
+        self.port = port or free_port()
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def _args(self) -> list[str]:
+        args = [redis_server_binary(), "--port", str(self.port), "--bind", "127.0.0.1", "--dir", self.data_dir,
+                "--daemonize", "no", "--logfile", os.path.join(self.data_dir, "redis.log"),
+                "--dbfilename", "dump.rdb", "--appendonly", "no", "--save", ""]
+        if self.persistence == "aof":
+            args[args.index("--appendonly") + 1] = "yes"
+            args += ["--appendfsync", "always"]
+        elif self.persistence == "rdb":
+            args[args.index("--save") + 1] = "3600 1"
+        return args
+
+    def client(self) -> redis.Redis:
+        return redis.Redis.from_url(self.url, socket_timeout=2, socket_connect_timeout=2)
+
+    def start(self, timeout_s: float = 10.0) -> RedisServer:
+        os.makedirs(self.data_dir, exist_ok=True)
+        for _attempt in range(3):
+            self.proc = subprocess.Popen(self._args(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            deadline = time.monotonic() + timeout_s
+            while time.monotonic() < deadline and self.proc.poll() is None:
+                try:
+                    if self.client().ping():
+                        return self
+                except (redis.ConnectionError, redis.BusyLoadingError, redis.TimeoutError):
+                    time.sleep(0.05)
+            self.kill()
+            if self.proc is not None and self.proc.returncode is not None:
+                self.port = free_port()  # port taken meanwhile: try another
+        raise RuntimeError(f"redis-server did not start on port {self.port} in {self.data_dir}")
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """Graceful shutdown: SIGTERM (redis saves the RDB snapshot / flushes the AOF)."""
+        if not self.running:
+            return
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            self.kill()
+
+    def kill(self) -> None:
+        """Abrupt stop (SIGKILL): only what is already on disk survives."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+
+    def __enter__(self) -> RedisServer:
+        return self.start() if not self.running else self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def start_redis_server(data_dir: str, persistence: str = "aof") -> RedisServer:
+    """Start a server in ``data_dir`` on a free loopback port; call ``.stop()`` when done."""
+    return RedisServer(data_dir, persistence).start()

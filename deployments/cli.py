@@ -24,7 +24,34 @@ def _add_route_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--target-rate", type=float, default=None, help="leave-one-out target rate for calibration")
     p.add_argument("--whiten", action=argparse.BooleanOptionalAction, default=None)
     p.add_argument("--max-candidates", type=int, default=None)
+    p.add_argument("--redis-url", default=None,
+                   help="score through the registry: register the pool's embeddings in this Redis "
+                        "(under --key-prefix) and route with the registry's scorer")
+    p.add_argument("--key-prefix", default="route-eval", help="registry key prefix for --redis-url")
     p.set_defaults(func=_run_route_eval)
+
+
+def _pool_through_registry(args, embedder, pool_z, settings):
+    """Register the pool in Redis and return the registry scorer's fitted pool, in pool order."""
+    from dataclasses import replace
+
+    import numpy as np
+
+    from registry.config import RegistryConfig
+    from registry.registry import Registry
+
+    cfg = RegistryConfig(redis_url=args.redis_url, key_prefix=args.key_prefix, fit=settings, hub_lookup=False,
+                         incremental_fit_min_pool=10**9)
+    reg = Registry(cfg, embedder=embedder)
+    for name, z in pool_z.items():
+        # weights are never loaded here: rank/alpha/targets are placeholders the scorer does not use
+        reg.register_embeddings(name, f"route-eval/{name}", z, rank=8, alpha=16, targets=["q_proj"], replace=True)
+    reg.scorer.ensure_epoch(reg.epoch())
+    snap = reg.scorer.snapshot
+    order = np.array([snap.ids.index(n) for n in pool_z])
+    model = snap.model
+    reg.close()
+    return replace(model, bank=model.bank.take(order), means=model.means[order])
 
 
 def _run_route_eval(args: argparse.Namespace) -> int:
@@ -51,7 +78,8 @@ def _run_route_eval(args: argparse.Namespace) -> int:
     pool = load_pool_manifest(args.pool)
     inputs = load_labelled_inputs(args.inputs)
     pool_z, input_z = embed_pool_and_inputs(embedder.encode, pool, inputs)
-    result = evaluate_routing(pool_z, inputs, input_z, settings, max_candidates=args.max_candidates)
+    fitted = _pool_through_registry(args, embedder, pool_z, settings) if args.redis_url else None
+    result = evaluate_routing(pool_z, inputs, input_z, settings, max_candidates=args.max_candidates, pool=fitted)
     for rule in ("hilora", "retriever"):
         print(f"{rule}: " + ", ".join(f"{k}={v:.3f}" for k, v in result[rule].items()))
     print(f"settings: {json.dumps(result['settings'])}")

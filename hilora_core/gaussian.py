@@ -173,6 +173,16 @@ class GaussianBank:
         other._precompute()
         return other
 
+    def take(self, indices: np.ndarray) -> GaussianBank:
+        """A bank of the adapters at ``indices`` (I',), in that order (no refit)."""
+        idx = np.asarray(indices, dtype=np.int64)
+        other = object.__new__(GaussianBank)
+        other.__dict__.update(self.__dict__)
+        other.means, other.bases = self.means[idx], self.bases[idx]
+        other.variances, other.eps, other.n_samples = self.variances[idx], self.eps[idx], self.n_samples[idx]
+        other._precompute()
+        return other
+
     @property
     def nbytes(self) -> int:
         """Bytes held by the factors (means, bases, variances, precomputed terms)."""

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import InvalidInputError
-from .pool import GaussianFitSettings, fit_pool
+from .pool import GaussianFitSettings, PoolModel, fit_pool
 from .sequence_routing import select_candidates
 
 
@@ -82,8 +82,12 @@ def evaluate_routing(
     settings: GaussianFitSettings,
     retriever_k: int = 3,
     max_candidates: int | None = None,
+    pool: PoolModel | None = None,
 ) -> dict[str, dict[str, float]]:
     """Both rules' metrics. pool_embeddings: name -> (m, d); input_embeddings: (n, d).
+
+    ``pool``: an already fitted pool whose adapters are in ``pool_embeddings``' order (e.g. the
+    registry's); by default the pool is fitted here with ``settings``.
 
     Returns ``{"hilora": {...}, "retriever": {...}, "settings": {...}}``.
     """
@@ -99,7 +103,8 @@ def evaluate_routing(
     own = np.array([index[x.task] for x in inputs])
     input_clusters = np.array([x.cluster for x in inputs])
 
-    pool = fit_pool([pool_embeddings[n] for n in names], settings)
+    if pool is None:
+        pool = fit_pool([pool_embeddings[n] for n in names], settings)
     scores = pool.score(z)
     hilora = _metrics(scores, own, clusters, input_clusters, lambda r: select_candidates(r, max_candidates))
     cos = pool.cosine(z)
@@ -118,7 +123,7 @@ def evaluate_routing(
     return {
         "hilora": hilora,
         "retriever": retr,
-        "settings": {"eps": pool.eps, "whiten": settings.whiten, "target_rate": settings.target_rate,
+        "settings": {"eps": pool.eps, "whiten": pool.whitener is not None, "target_rate": settings.target_rate,
                      "calibrated": settings.eps is None, "n_inputs": len(inputs), "n_adapters": len(names)},
     }
 

@@ -48,3 +48,18 @@ def test_route_eval_bad_file_is_a_clear_error(files, tmp_path):
     bad.write_text(json.dumps({"not": "a list"}))
     out = run("route-eval", "--pool", str(bad), "--inputs", str(files / "inputs.jsonl"))
     assert out.returncode == 2 and "JSON list" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_route_eval_through_the_registry_matches_in_process(files, tmp_path):
+    from redis_server import RedisServer
+
+    srv = RedisServer(str(tmp_path / "redis")).start()
+    try:
+        direct = run("route-eval", "--pool", str(files / "pool.json"), "--inputs", str(files / "inputs.jsonl"))
+        via = run("route-eval", "--pool", str(files / "pool.json"), "--inputs", str(files / "inputs.jsonl"),
+                  "--redis-url", srv.url)
+        assert via.returncode == 0, via.stderr
+        assert json.loads(via.stdout.strip().splitlines()[-1]) == json.loads(direct.stdout.strip().splitlines()[-1])
+        assert srv.client().dbsize() > 0  # the pool really went through Redis
+    finally:
+        srv.stop()

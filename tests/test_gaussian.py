@@ -73,6 +73,13 @@ def test_subset_scoring_matches_full():
     np.testing.assert_allclose(bank.score(z, subset=sub), full[:, sub], rtol=1e-12)
 
 
+def test_take_reorders_without_refit():
+    rng = np.random.default_rng(6)
+    bank = GaussianBank([fit_gaussian(rng.normal(size=(4, 5)), 0.2) for _ in range(4)])
+    z = rng.normal(size=(3, 5))
+    np.testing.assert_allclose(bank.take(np.array([2, 0])).score(z), bank.score(z)[:, [2, 0]], rtol=1e-12)
+
+
 def test_with_eps_equals_refit():
     rng = np.random.default_rng(4)
     sets = [rng.normal(size=(5, 6)) for _ in range(3)]

@@ -96,14 +96,15 @@ def prepare_token_routing(
         w = w * token_weights.to(dtype)
     w = w * token_scale.to(dtype).unsqueeze(-1)
     coeff = torch.zeros((n_tok, n_ad), device=device, dtype=dtype).scatter_add_(1, cand, w)  # (N, U)
-    is_cand = torch.zeros((n_tok, n_ad), device=device, dtype=torch.bool).scatter_(1, cand, valid)  # (N, U)
+    # empty candidate slots point at adapter 0 after the clamp: accumulate so they add nothing
+    is_cand = torch.zeros((n_tok, n_ad), device=device, dtype=torch.long).scatter_add_(1, cand, valid.long()) > 0
     ranks = ranks.clamp(max=r_max)
     exists_b = torch.arange(r_max, device=device) < ranks.unsqueeze(-1)  # (U, R)
     exists = exists_b.to(dtype)
     neg = torch.tensor(-math.inf, device=device, dtype=dtype)
     zero = torch.tensor(0.0, device=device, dtype=dtype)
     if rule == TokenRule.PER_ADAPTER:
-        counts = torch.zeros((n_tok, n_ad), device=device, dtype=torch.long).scatter_(
+        counts = torch.zeros((n_tok, n_ad), device=device, dtype=torch.long).scatter_add_(
             1, cand, token_rocs.long() * valid
         )
         counts = torch.minimum(counts, ranks.unsqueeze(0))  # (N, U)

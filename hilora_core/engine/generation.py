@@ -114,12 +114,28 @@ class TextTracker:
     token_ids: list[int] = field(default_factory=list)
     emitted: str = ""
     final_text: str | None = None
+    # decoding is O(length): every CHECKPOINT tokens the text so far is frozen (when decoding in
+    # two pieces provably gives the same text), so each step decodes only the recent tokens
+    _ckpt_tokens: int = 0
+    _ckpt_text: str = ""
+    CHECKPOINT = 32
+
+    def text(self) -> str:
+        """The decoded text of all tokens so far."""
+        tail = self.tokenizer.decode(self.token_ids[self._ckpt_tokens:], skip_special_tokens=True)
+        text = self._ckpt_text + tail
+        if len(self.token_ids) - self._ckpt_tokens >= self.CHECKPOINT and not text.endswith("\ufffd"):
+            full = self.tokenizer.decode(self.token_ids, skip_special_tokens=True)
+            if full == text:
+                self._ckpt_tokens, self._ckpt_text = len(self.token_ids), full
+            text = full
+        return text
 
     def push(self, token_id: int | None) -> tuple[str, bool]:
         """Add a token (None: just flush). Returns (new safe text, stop string hit)."""
         if token_id is not None:
             self.token_ids.append(token_id)
-        text = self.tokenizer.decode(self.token_ids, skip_special_tokens=True)
+        text = self.text()
         hit = -1
         for s in self.stops:
             i = text.find(s, max(0, len(self.emitted) - len(s)))
@@ -140,7 +156,7 @@ class TextTracker:
     def finish(self) -> str:
         """The remaining text once the sequence ended (length or EOS)."""
         if self.final_text is None:
-            self.final_text = self.tokenizer.decode(self.token_ids, skip_special_tokens=True)
+            self.final_text = self.text()
         return self._advance(self.final_text)
 
     def _advance(self, text: str) -> str:

@@ -75,8 +75,8 @@ class BatchRouting:
         hit = self._layer_cache.get(key)
         if hit is None:
             idx, r = self.active, self.r_eff
-            a = slots.a_stack.index_select(0, idx)[:, :r].contiguous()
-            bt = slots.b_stack.index_select(0, idx)[:, :, :r].transpose(1, 2).contiguous()
+            a = slots.a_stack[:, :r].index_select(0, idx)  # copies only the (U, r, d_in) in use
+            bt = slots.b_stack[:, :, :r].transpose(1, 2).index_select(0, idx)  # (U, r, d_out), contiguous
             hit = (
                 a,
                 bt.transpose(1, 2),

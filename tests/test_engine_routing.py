@@ -1,0 +1,74 @@
+"""route_rocs_batched as the engine calls it: random mixed batches with -1 padded candidate lists,
+prepared metadata reused across calls, each token equal to routing it alone without padding."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hilora_core import InvalidInputError, TokenRule, arrow_prototype
+from hilora_core.token_routing import prepare_token_routing, route_rocs_batched, stack_adapters
+
+
+def _random_batch(rule: TokenRule, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    ranks = [4, 8, 2, 6, 0]  # the last adapter does not adapt this layer (rank 0)
+    a = [torch.randn(max(r, 1), 12, generator=g, dtype=torch.float64) * (r > 0) for r in ranks]
+    b = [torch.randn(10, max(r, 1), generator=g, dtype=torch.float64) for r in ranks]
+    a_stack, b_stack, _ = stack_adapters(a, b)
+    rank_t = torch.tensor(ranks)
+    protos = torch.stack([arrow_prototype(ai, bi) if r else torch.zeros(12, dtype=torch.float64)
+                          for ai, bi, r in zip(a, b, ranks, strict=True)])
+    n_tok, n_cand = 11, 3
+    cand = torch.full((n_tok, n_cand), -1)
+    rocs = torch.zeros((n_tok, n_cand), dtype=torch.long)
+    for t in range(n_tok):
+        k = int(torch.randint(1, n_cand + 1, (1,), generator=g))
+        cand[t, :k] = torch.randperm(len(ranks), generator=g)[:k]
+        if rule == TokenRule.PER_ADAPTER:
+            rocs[t, :k] = torch.randint(0, 10, (k,), generator=g)  # may exceed the rank: keeps all
+        else:
+            rocs[t, 0] = int(torch.randint(1, 6, (1,), generator=g))
+    x = torch.randn(n_tok, 12, generator=g, dtype=torch.float64)
+    scal = torch.rand(len(ranks), generator=g, dtype=torch.float64) + 0.5
+    weights = torch.rand((n_tok, n_cand), generator=g, dtype=torch.float64)
+    scale = torch.rand(n_tok, generator=g, dtype=torch.float64) + 0.5
+    return x, a_stack, b_stack, scal, rank_t, cand, rocs, scale, weights, protos
+
+
+@pytest.mark.parametrize("rule", list(TokenRule))
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_padded_mixed_batch_equals_each_token_alone(rule, seed):
+    x, a_stack, b_stack, scal, ranks, cand, rocs, scale, weights, protos = _random_batch(rule, seed)
+    kw = dict(rule=rule, prototypes=protos if rule == TokenRule.ARROW else None)
+    got = route_rocs_batched(x, a_stack, b_stack, scal, ranks, cand, rocs, scale, weights, **kw)
+    for t in range(x.shape[0]):
+        k = int((cand[t] >= 0).sum())
+        want = route_rocs_batched(x[t : t + 1], a_stack, b_stack, scal, ranks, cand[t : t + 1, :k],
+                                  rocs[t : t + 1, :k], scale[t : t + 1], weights[t : t + 1, :k], **kw)
+        torch.testing.assert_close(got[t : t + 1], want)
+    # the prepared (x-independent) half can be reused for another input of the same batch
+    routing = prepare_token_routing(scal, ranks, a_stack.shape[1], cand, rocs, scale, weights, rule)
+    x2 = torch.randn_like(x)
+    torch.testing.assert_close(
+        route_rocs_batched(x2, a_stack, b_stack, scal, ranks, cand, rocs, scale, weights, routing=routing, **kw),
+        route_rocs_batched(x2, a_stack, b_stack, scal, ranks, cand, rocs, scale, weights, **kw),
+    )
+
+
+def test_per_adapter_keeps_the_largest_projections():
+    x, a_stack, b_stack, scal, ranks, *_ = _random_batch(TokenRule.PER_ADAPTER, 5)
+    cand = torch.tensor([[1, -1]])
+    one = torch.ones(1, dtype=torch.float64)
+    got = route_rocs_batched(x[:1], a_stack, b_stack, scal, ranks, cand, torch.tensor([[3, 0]]), one)
+    p = a_stack[1] @ x[0]
+    top = p.abs().topk(3).indices
+    want = scal[1] * (b_stack[1][:, top] @ p[top])
+    torch.testing.assert_close(got[0], want)
+
+
+def test_repeated_candidate_is_refused():
+    x, a_stack, b_stack, scal, ranks, *_ = _random_batch(TokenRule.PER_ADAPTER, 0)
+    with pytest.raises(InvalidInputError, match="twice"):
+        route_rocs_batched(x[:1], a_stack, b_stack, scal, ranks, torch.tensor([[1, 1]]), torch.tensor([[2, 2]]),
+                           torch.ones(1, dtype=torch.float64))

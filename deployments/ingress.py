@@ -53,6 +53,16 @@ class Ingress:
 
     # ---- helpers ---------------------------------------------------------------------------
 
+    @staticmethod
+    async def _remote(response):
+        """Await a deployment call; typed errors raised there become 4xx here."""
+        try:
+            return await response
+        except HTTPException:
+            raise
+        except Exception as err:  # noqa: BLE001 - to_http re-raises anything unexpected
+            raise to_http(err) from None
+
     def _check_admin(self, authorization: str | None) -> None:
         check_admin(self.cfg.admin_token(), authorization, self.cfg.admin_token_env)
 
@@ -118,10 +128,7 @@ class Ingress:
         rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         if body.stream:
             return await self._stream(call, decision, body.model, rid, kind, started)
-        try:
-            result = await self._handle(decision).generate.remote(call)
-        except Exception as err:  # noqa: BLE001
-            raise to_http(err) from None
+        result = await self._remote(self._handle(decision).generate.remote(call))
         self.metrics.observe_cache(result["replica"], result["cache"])
         self.metrics.tokens.labels("prompt").inc(result["prompt_tokens"])
         self.metrics.tokens.labels("completion").inc(result["completion_tokens"])
@@ -205,10 +212,7 @@ class Ingress:
 
     @app.get("/v1/models")
     async def models(self):
-        try:
-            page = await self.registry.list.remote(0, 1000)
-        except Exception as err:  # noqa: BLE001
-            raise to_http(err) from None
+        page = await self._remote(self.registry.list.remote(0, 1000))
         now = int(time.time())
         items = [{"id": self.cfg.routing.model_alias, "object": "model", "created": now, "owned_by": "hilora",
                   "description": "automatic HiLoRA routing over the adapter pool"},
@@ -241,39 +245,27 @@ class Ingress:
     @app.post("/admin/adapters", status_code=201)
     async def register_adapter(self, body: RegisterAdapterRequest, authorization: str | None = Header(None)):
         self._check_admin(authorization)
-        try:
-            await self.registry.check_free.remote(body.id, body.replace)
-            identity = await self.embedder.identity.remote()
-            z = await self.embedder.embed.remote(body.samples)
-            return await self.registry.register.remote(body.model_dump(), z, identity)
-        except Exception as err:  # noqa: BLE001
-            raise to_http(err) from None
+        await self._remote(self.registry.check_free.remote(body.id, body.replace))
+        identity = await self._remote(self.embedder.identity.remote())
+        z = await self._remote(self.embedder.embed.remote(body.samples))
+        return await self._remote(self.registry.register.remote(body.model_dump(), z, identity))
 
     @app.get("/admin/adapters")
     async def list_adapters(self, offset: int = 0, limit: int = 100, authorization: str | None = Header(None)):
         self._check_admin(authorization)
         if offset < 0 or not 1 <= limit <= 1000:
             raise HTTPException(422, f"need offset >= 0 and 1 <= limit <= 1000, got offset={offset} limit={limit}")
-        try:
-            return await self.registry.list.remote(offset, limit)
-        except Exception as err:  # noqa: BLE001
-            raise to_http(err) from None
+        return await self._remote(self.registry.list.remote(offset, limit))
 
     @app.get("/admin/adapters/{adapter_id}")
     async def get_adapter(self, adapter_id: str, authorization: str | None = Header(None)):
         self._check_admin(authorization)
-        try:
-            return await self.registry.get.remote(adapter_id)
-        except Exception as err:  # noqa: BLE001
-            raise to_http(err) from None
+        return await self._remote(self.registry.get.remote(adapter_id))
 
     @app.delete("/admin/adapters/{adapter_id}")
     async def delete_adapter(self, adapter_id: str, authorization: str | None = Header(None)):
         self._check_admin(authorization)
-        try:
-            return await self.registry.remove.remote(adapter_id)
-        except Exception as err:  # noqa: BLE001
-            raise to_http(err) from None
+        return await self._remote(self.registry.remove.remote(adapter_id))
 
     # ---- health ------------------------------------------------------------------------------
 

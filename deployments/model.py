@@ -24,6 +24,7 @@ import torch
 from ray import serve
 
 from hilora_core.engine import RoutedLM
+from hilora_core.errors import CapacityError
 from hilora_core.plan import RoutingPlan
 
 from .config import AppConfig
@@ -118,25 +119,42 @@ class LoRAModel:
         with self._engine_lock:
             for seed, idx in groups.items():
                 try:
+                    results = self._generate_group(reqs, idx, seed)
+                except CapacityError:
+                    if len(idx) == 1:
+                        out[idx[0]] = {"error": CapacityError(
+                            f"plan needs more distinct adapters than the replica's {self.lm.settings.max_slots} slots")}
+                        continue
+                    # the union of the plans does not fit the device slots: run the requests one by one
+                    results = []
                     for i in idx:
-                        self._ensure_adapters(reqs[i]["sources"])
-                    results = self.lm.generate_detailed(
-                        [self._prompt(reqs[i]) for i in idx], [plan_from_dict(reqs[i]["plan"]) for i in idx],
-                        max_new_tokens=[reqs[i]["max_tokens"] for i in idx],
-                        temperature=[reqs[i]["temperature"] for i in idx],
-                        top_p=[reqs[i]["top_p"] for i in idx], seed=seed,
-                        stop=[tuple(reqs[i].get("stop") or ()) for i in idx],
-                    )
+                        try:
+                            results.extend(self._generate_group(reqs, [i], seed))
+                        except Exception as err:  # noqa: BLE001 - handed back to that caller
+                            results.append(err)
                 except Exception as err:  # noqa: BLE001 - handed back to each caller of the group
-                    for i in idx:
-                        out[i] = {"error": err}
-                    continue
+                    results = [err] * len(idx)
                 stats = self.lm.cache_stats()
                 for i, res in zip(idx, results, strict=True):
+                    if isinstance(res, BaseException):
+                        out[i] = {"error": res}
+                        continue
                     out[i] = {"text": res.text, "finish_reason": res.finish_reason,
                               "prompt_tokens": res.prompt_tokens, "completion_tokens": res.completion_tokens,
                               "replica": self.replica, "cache": stats}
         return out
+
+    def _generate_group(self, reqs: list[dict], idx: list[int], seed: int | None) -> list:
+        """One engine call for the requests ``idx`` (same seed): a mixed batch of their plans."""
+        for i in idx:
+            self._ensure_adapters(reqs[i]["sources"])
+        return self.lm.generate_detailed(
+            [self._prompt(reqs[i]) for i in idx], [plan_from_dict(reqs[i]["plan"]) for i in idx],
+            max_new_tokens=[reqs[i]["max_tokens"] for i in idx],
+            temperature=[reqs[i]["temperature"] for i in idx],
+            top_p=[reqs[i]["top_p"] for i in idx], seed=seed,
+            stop=[tuple(reqs[i].get("stop") or ()) for i in idx],
+        )
 
     async def stream(self, req: dict):
         """Yields {"event": "start"}, then {"delta": str} chunks, then a final summary dict."""

@@ -34,10 +34,19 @@ def load_prompts(n_tasks: int, per_task: int) -> list[tuple[str, str]]:
     return [t[i] for i in range(per_task) for t in by_task if i < len(t)]
 
 
-async def one(client: httpx.AsyncClient, model: str, text: str, max_tokens: int) -> dict:
+async def one(client: httpx.AsyncClient, model: str, text: str, max_tokens: int, stream: bool = True) -> dict:
     body = {"model": model, "messages": [{"role": "user", "content": text}], "max_tokens": max_tokens,
-            "stream": True}
+            "stream": stream}
     t0 = time.perf_counter()
+    if not stream:  # one JSON response: TTFT is the whole latency
+        try:
+            r = await client.post("/v1/chat/completions", json=body)
+        except httpx.HTTPError as err:
+            return {"ok": False, "status": type(err).__name__}
+        total = time.perf_counter() - t0
+        if r.status_code != 200:
+            return {"ok": False, "status": r.status_code}
+        return {"ok": True, "latency": total, "ttft": total, "tokens": r.json()["usage"]["completion_tokens"]}
     ttft, tokens, ok = None, 0, False
     try:
         async with client.stream("POST", "/v1/chat/completions", json=body) as r:
@@ -60,12 +69,13 @@ async def one(client: httpx.AsyncClient, model: str, text: str, max_tokens: int)
     return {"ok": ok, "latency": total, "ttft": ttft if ttft is not None else total, "tokens": tokens}
 
 
-async def run(url: str, jobs: list[tuple[str, str]], concurrency: int, max_tokens: int, timeout: float) -> dict:
+async def run(url: str, jobs: list[tuple[str, str]], concurrency: int, max_tokens: int, timeout: float,
+              stream: bool = True) -> dict:
     sem = asyncio.Semaphore(concurrency)
     async with httpx.AsyncClient(base_url=url, timeout=timeout) as client:
         async def guarded(model, text):
             async with sem:
-                return await one(client, model, text, max_tokens)
+                return await one(client, model, text, max_tokens, stream)
         t0 = time.perf_counter()
         results = await asyncio.gather(*(guarded(m, t) for m, t in jobs))
         wall = time.perf_counter() - t0
@@ -90,18 +100,23 @@ def main() -> None:
     ap.add_argument("--tasks", type=int, default=6)
     ap.add_argument("--max-tokens", type=int, default=16)
     ap.add_argument("--timeout", type=float, default=300)
+    ap.add_argument("--no-stream", action="store_true",
+                    help="plain JSON requests, merged into mixed batches by the model replicas")
     args = ap.parse_args()
     if not args.url.startswith(("http://127.", "http://localhost", "http://[::1]")):
         raise SystemExit("the load test only targets loopback addresses")
     prompts = load_prompts(args.tasks, max(1, args.requests // args.tasks + 1))[: args.requests]
     asyncio.run(run(args.url, [("hilora", prompts[0][1])], 1, 4, args.timeout))  # warm-up
-    print(f"{len(prompts)} requests per run, {args.max_tokens} new tokens each, tasks round-robin\n")
+    stream = not args.no_stream
+    print(f"{len(prompts)} requests per run, {args.max_tokens} new tokens each, tasks round-robin, "
+          f"{'streaming' if stream else 'non-streaming'}\n")
     print("| concurrency | mode | req/s | tok/s | p50 s | p99 s | TTFT p50 s | TTFT p99 s | errors | "
           "routed/explicit req/s |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for c in args.concurrency:
-        explicit = asyncio.run(run(args.url, [(t, x) for t, x in prompts], c, args.max_tokens, args.timeout))
-        routed = asyncio.run(run(args.url, [("hilora", x) for _, x in prompts], c, args.max_tokens, args.timeout))
+        explicit = asyncio.run(run(args.url, [(t, x) for t, x in prompts], c, args.max_tokens, args.timeout, stream))
+        routed = asyncio.run(run(args.url, [("hilora", x) for _, x in prompts], c, args.max_tokens, args.timeout,
+                                 stream))
         for mode, r in (("explicit", explicit), ("hilora", routed)):
             ratio = f"{routed['req_per_s'] / explicit['req_per_s']:.2f}" if mode == "hilora" else ""
             print(f"| {c} | {mode} | {r['req_per_s']:.2f} | {r['tok_per_s']:.1f} | {r['p50']:.2f} | {r['p99']:.2f} "

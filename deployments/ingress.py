@@ -15,6 +15,8 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+from hilora_core.plan import RoutingPlan
+
 from .auth import check_admin
 from .config import AppConfig
 from .errors import to_http
@@ -96,9 +98,7 @@ class Ingress:
                 z = await self.embedder.embed.remote([text])
                 decision = (await self.registry.route.remote(z, self._policy(overrides)))[0]
             elif model == self.cfg.base_model_name:
-                decision = {"plan": {"adapters": [], "rocs": None, "scale": 1.0, "weights": None,
-                                     "token_rule": "per_adapter", "top_k": None, "normalize": True,
-                                     "signed": False, "ensemble": False, "scores": None},
+                decision = {"plan": RoutingPlan().to_dict(),
                             "candidates": [], "candidate_scores": [], "sources": {}}
             else:
                 decision = await self.registry.explicit.remote(model)

@@ -184,21 +184,15 @@ def _calibrate_own_score(held: _HeldOut, grid: np.ndarray, target_rate: float) -
 
 
 def _calibrate_candidates(sets, held: _HeldOut, grid, target_rate, max_candidates) -> EpsCalibration:
-    # Everything eps-independent is computed once: each sample's squared distance to every adapter's
-    # mean and its squared projections on every adapter's basis. Each eps is then a cheap combination.
+    # Each eps is a cheap recombination of the same distance terms (no matrix product per eps).
     bank = GaussianBank([fit_gaussian(s, 1.0) for s in sets], dtype=np.float64)
     samples = np.concatenate(sets)
-    n, n_ad, d = len(samples), len(bank), bank.dim
+    n = len(samples)
     owner = np.repeat(np.arange(len(sets)), [len(s) for s in sets])
-    dist_sq = ((samples**2).sum(1)[:, None] - 2 * samples @ bank.means.T + (bank.means**2).sum(1)[None, :])
-    proj_sq = ((samples @ bank._flat_bases.T).reshape(n, n_ad, -1) - bank._basis_dot_mean[None]) ** 2  # (N, I, K)
-    lam = bank.variances  # (I, K)
+    dist_sq, proj_sq = bank.distance_terms(samples)  # eps-independent: computed once
 
     def stats(eps: float) -> tuple[float, float]:
-        w = lam / (lam + eps)
-        logdet = d * np.log(eps) + np.log1p(lam / eps).sum(axis=1)  # (I,)
-        maha = (dist_sq - np.einsum("nik,ik->ni", proj_sq, w)) / eps
-        scores = -0.5 * (d * LOG_2PI + logdet[None, :] + maha) / d  # (N, I)
+        scores = bank.with_eps(eps).score_from_terms(dist_sq, proj_sq)  # (N, I)
         scores[np.arange(n), owner] = held.scores(np.array([eps]))[:, 0]  # own adapter: left out
         hit, size = candidate_stats(scores, owner, max_candidates)
         return float(hit.mean()), float(size.mean())

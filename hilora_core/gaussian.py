@@ -199,6 +199,14 @@ class GaussianBank:
         Returns:
             (n, I) scores (or (n, I') with ``subset``), float64.
         """
+        return self.score_from_terms(*self.distance_terms(z, subset), subset=subset)
+
+    def distance_terms(self, z: np.ndarray, subset: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """The eps-independent part of the scores: two matrix products.
+
+        Returns:
+            delta_sq (n, I): ``|z - mu_i|^2``; proj_sq (n, I, K): ``(q_ij . (z - mu_i))^2``.
+        """
         z = np.asarray(z)
         if z.ndim == 1:
             z = z[None, :]
@@ -209,22 +217,27 @@ class GaussianBank:
         _check_finite("queries", z)
         z = z.astype(self.dtype, copy=False)
         if subset is None:
-            means, bases, weights, bdm = self.means, self._flat_bases, self._weights, self._basis_dot_mean
-            const, mean_sq, eps = self._const, self._mean_sq, self.eps
+            means, bases, bdm, mean_sq = self.means, self._flat_bases, self._basis_dot_mean, self._mean_sq
         else:
             subset = np.asarray(subset, dtype=np.int64)
-            means = self.means[subset]
-            bases = self.bases[subset].reshape(-1, self.dim)
-            weights, bdm = self._weights[subset], self._basis_dot_mean[subset]
-            const, mean_sq, eps = self._const[subset], self._mean_sq[subset], self.eps[subset]
-        n, n_adapters, k = z.shape[0], means.shape[0], weights.shape[1]
+            means, bases = self.means[subset], self.bases[subset].reshape(-1, self.dim)
+            bdm, mean_sq = self._basis_dot_mean[subset], self._mean_sq[subset]
+        n, n_adapters, k = z.shape[0], means.shape[0], bdm.shape[1]
         z_sq = (z.astype(np.float64) ** 2).sum(axis=1)  # (n,)
         delta_sq = z_sq[:, None] - 2.0 * (z @ means.T) + mean_sq[None, :]  # (n, I)
         proj = (z @ bases.T).reshape(n, n_adapters, k) - bdm[None]  # (n, I, K): q_j . (z - mu)
-        explained = np.einsum("nik,ik->ni", proj.astype(np.float64) ** 2, weights)  # (n, I)
+        return delta_sq, proj.astype(np.float64) ** 2
+
+    def score_from_terms(self, delta_sq: np.ndarray, proj_sq: np.ndarray,
+                         subset: np.ndarray | None = None) -> np.ndarray:
+        """Scores from :meth:`distance_terms` (possibly of another bank of the same fit with another eps)."""
+        weights, const, eps = self._weights, self._const, self.eps
+        if subset is not None:
+            subset = np.asarray(subset, dtype=np.int64)
+            weights, const, eps = weights[subset], const[subset], eps[subset]
+        explained = np.einsum("nik,ik->ni", proj_sq, weights)  # (n, I)
         maha = (delta_sq - explained) / eps[None, :]
         return (const[None, :] - 0.5 * maha) / self.dim
-
 
 def dense_log_density(z: np.ndarray, mean: np.ndarray, cov: np.ndarray) -> np.ndarray:
     """Reference log N(z; mean, cov) with a dense (d, d) covariance. z (n, d) -> (n,)."""

@@ -120,9 +120,10 @@ class Ingress:
         adapters = decision["plan"]["adapters"]
         return self.model.options(multiplexed_model_id=adapters[0]) if adapters else self.model
 
-    async def _generate(self, body, prompt: str | None, messages: list | None, route_text: str, kind: str):
+    async def _generate(self, body, prompt: str | None, messages: list | None, route_text: str, kind: str,
+                        text_len: int):
         started = time.perf_counter()
-        self._check_limits(len(route_text) if prompt is None else len(prompt), body.max_tokens, body.stop)
+        self._check_limits(text_len, body.max_tokens, body.stop)
         decision = await self._decide(body.model, route_text, body.routing)
         call = self._model_call(decision, body, prompt, messages)
         rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex[:24]}"
@@ -196,7 +197,7 @@ class Ingress:
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
         if len(prompts) != 1:
             raise HTTPException(422, f"send one prompt per request, got {len(prompts)}")
-        return await self._generate(body, prompts[0], None, prompts[0], "completion")
+        return await self._generate(body, prompts[0], None, prompts[0], "completion", len(prompts[0]))
 
     @app.post("/v1/chat/completions")
     async def chat_completions(self, body: ChatCompletionRequest):
@@ -207,8 +208,7 @@ class Ingress:
             raise HTTPException(422, "a chat request needs at least one user message")
         messages = [m.model_dump() for m in body.messages]
         total = sum(len(m.content) for m in body.messages)
-        self._check_limits(total, body.max_tokens, body.stop)
-        return await self._generate(body, None, messages, users[-1], "chat")
+        return await self._generate(body, None, messages, users[-1], "chat", total)
 
     @app.get("/v1/models")
     async def models(self):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -27,6 +28,8 @@ class RoutingPlan:
         ensemble: run each adapter as its own pass and average output distributions by
             ``weights`` (the Ensemble baseline) instead of mixing inside the layers.
         scores: the sequence-level scores of ``adapters`` (informational, for responses).
+        layer_weights: optional (L, n) per-layer multipliers, row l for decoder layer l, applied on top of
+            ``weights`` (layer-level fusion such as qa-FLoRA); None means 1 everywhere.
     """
 
     adapters: tuple[str, ...] = ()
@@ -39,6 +42,7 @@ class RoutingPlan:
     signed: bool = False
     ensemble: bool = False
     scores: tuple[float, ...] | None = field(default=None, compare=False)
+    layer_weights: tuple[tuple[float, ...], ...] | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "adapters", tuple(self.adapters))
@@ -52,6 +56,16 @@ class RoutingPlan:
                 object.__setattr__(self, name, value)
                 if len(value) != n:
                     raise InvalidInputError(f"plan has {n} adapters but {len(value)} {name}: {list(value)}")
+        if self.layer_weights is not None:
+            rows = tuple(tuple(float(w) for w in row) for row in self.layer_weights)
+            object.__setattr__(self, "layer_weights", rows)
+            if not rows or any(len(row) != n for row in rows):
+                lengths = [len(r) for r in rows]
+                raise InvalidInputError(f"layer_weights must be (n_layers, {n}), got row lengths {lengths}")
+            if any(not math.isfinite(w) for row in rows for w in row):
+                raise InvalidInputError("layer_weights must be finite")
+            if self.ensemble:
+                raise InvalidInputError("an ensemble plan cannot have layer_weights")
         if self.rocs is not None and any(int(o) < 0 for o in self.rocs):
             raise InvalidInputError(f"ROC counts must be >= 0, got {list(self.rocs)}")
         if self.rocs is not None and n and sum(self.rocs) < 1:
@@ -84,4 +98,5 @@ class RoutingPlan:
             "signed": self.signed,
             "ensemble": self.ensemble,
             "scores": None if self.scores is None else [float(s) for s in self.scores],
+            "layer_weights": None if self.layer_weights is None else [list(row) for row in self.layer_weights],
         }

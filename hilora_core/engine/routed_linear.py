@@ -12,6 +12,7 @@ Per sequence (built once per batch from the plans, see :func:`build_batch_routin
     seq_rocs     (B, C)  ROCs per candidate (per_adapter) or the rule's k in column 0
     seq_weights  (B, C)  per-candidate multiplier
     seq_scale    (B,)    plan.scale * sqrt(rbar / O) (when normalised)
+    layer_weights (L, B, C) optional per-layer multipliers of seq_weights (plans with layer_weights)
 
 Per token the rows are repeated over T (cached per T; T = 1 in decode). Only the slots the
 batch uses are passed to the routing function, cut to the largest rank among them, and
@@ -23,12 +24,14 @@ step costs each layer two small matmuls plus the top-k selection.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
+from ..errors import InvalidInputError
 from ..plan import RoutingPlan
 from ..token_routing import TokenRouting, TokenRule, prepare_token_routing, route_rocs_batched
 from .slots import LayerSlots
@@ -57,8 +60,9 @@ class BatchRouting:
     seq_scale: torch.Tensor  # (B,)
     groups: list[RuleGroup]
     arrow_temperature: float = 1.0
+    layer_weights: torch.Tensor | None = None  # (L, B, C)
     _layer_cache: dict[int, tuple[torch.Tensor, ...]] = field(default_factory=dict)
-    _token_cache: dict[int, list[tuple[torch.Tensor | None, tuple[torch.Tensor, ...]]]] = field(
+    _token_cache: dict[tuple[int, int | None], list[tuple[torch.Tensor | None, tuple[torch.Tensor, ...]]]] = field(
         default_factory=dict
     )
     _routing_cache: dict[tuple[int, int, int], TokenRouting] = field(default_factory=dict)
@@ -87,16 +91,25 @@ class BatchRouting:
             self._layer_cache[key] = hit
         return hit
 
-    def token_metadata(self, n_tokens: int) -> list[tuple[torch.Tensor | None, tuple[torch.Tensor, ...]]]:
-        """Per group: (token rows or None, (cand (N, C), rocs (N, C), weights (N, C), scale (N,)))."""
+    def token_metadata(
+        self, n_tokens: int, layer: int | None = None
+    ) -> list[tuple[torch.Tensor | None, tuple[torch.Tensor, ...]]]:
+        """Per group: (token rows or None, (cand (N, C), rocs (N, C), weights (N, C), scale (N,))).
+
+        ``layer`` selects the row of :attr:`layer_weights` (ignored when the batch has none)."""
         t_len, rem = divmod(n_tokens, self.batch_size)
         assert rem == 0, f"{n_tokens} tokens for a batch of {self.batch_size} sequences"
-        hit = self._token_cache.get(t_len)
+        if self.layer_weights is None or layer is None:
+            layer, seq_weights = None, self.seq_weights
+        else:
+            seq_weights = self.seq_weights * self.layer_weights[layer]
+        key = (t_len, layer)
+        hit = self._token_cache.get(key)
         if hit is None:
             hit = []
             device = self.seq_cand.device
             for g in self.groups:
-                meta = (self.seq_cand, self.seq_rocs, self.seq_weights, self.seq_scale)
+                meta = (self.seq_cand, self.seq_rocs, seq_weights, self.seq_scale)
                 if g.rows is not None:
                     meta = tuple(m.index_select(0, g.rows) for m in meta)
                 if t_len > 1:
@@ -105,7 +118,7 @@ class BatchRouting:
                 if g.rows is not None:
                     tok_rows = (g.rows.unsqueeze(1) * t_len + torch.arange(t_len, device=device)).reshape(-1)
                 hit.append((tok_rows, meta))
-            self._token_cache[t_len] = hit
+            self._token_cache[key] = hit
         return hit
 
 
@@ -125,14 +138,31 @@ class RoutingState:
         self.current: BatchRouting | None = None
 
 
-class RoutedLinear(nn.Module):
-    """``base_layer(x)`` plus the routed LoRA contribution of the current batch."""
+_LAYER_INDEX = re.compile(r"\.layers\.(\d+)\.")
 
-    def __init__(self, base_layer: nn.Linear, slots: LayerSlots, state: RoutingState) -> None:
+
+def layer_index(module_name: str) -> int | None:
+    """Decoder layer of a module name (``model.layers.12.self_attn.q_proj`` -> 12), None if none."""
+    m = _LAYER_INDEX.search(f".{module_name}")
+    return int(m.group(1)) if m else None
+
+
+class RoutedLinear(nn.Module):
+    """``base_layer(x)`` plus the routed LoRA contribution of the current batch.
+
+    Args:
+        base_layer: the frozen linear layer.
+        slots: its adapter slot stacks.
+        state: the model-wide routing state.
+        layer: the decoder layer it belongs to (selects per-layer plan weights), None if unknown.
+    """
+
+    def __init__(self, base_layer: nn.Linear, slots: LayerSlots, state: RoutingState, layer: int | None = None) -> None:
         super().__init__()
         self.base_layer = base_layer
         self.slots = slots
         self.state = state
+        self.layer = layer
         self.in_features = base_layer.in_features
         self.out_features = base_layer.out_features
 
@@ -147,7 +177,7 @@ class RoutedLinear(nn.Module):
             return out
         x2 = x.reshape(-1, self.in_features)  # (N, d_in), N = B * T
         a, b, scalings, ranks, protos = batch.layer_tensors(self.slots)
-        groups = batch.token_metadata(x2.shape[0])
+        groups = batch.token_metadata(x2.shape[0], self.layer)
         delta = None
         for gi, (group, (tok_rows, (cand, rocs, weights, scale))) in enumerate(
             zip(batch.groups, groups, strict=True)
@@ -182,6 +212,7 @@ def build_batch_routing(
     device: torch.device,
     dtype: torch.dtype,
     arrow_temperature: float = 1.0,
+    n_layers: int | None = None,
 ) -> BatchRouting:
     """Per-sequence routing metadata for a batch (a loop over sequences, once per batch).
 
@@ -192,6 +223,10 @@ def build_batch_routing(
         adapter_rank: adapter name -> its nominal rank ``r`` (rbar of the normalisation).
         device, dtype: of the model.
         arrow_temperature: softmax temperature of the Arrow rule.
+        n_layers: decoder layers of the model (checked against plans with ``layer_weights``).
+
+    Raises:
+        InvalidInputError: a plan's ``layer_weights`` has a row count other than ``n_layers``.
     """
     active_slots = sorted({slot_of[a] for p in plans for a in p.adapters})
     pos = {s: i for i, s in enumerate(active_slots)}
@@ -203,6 +238,15 @@ def build_batch_routing(
     weights = torch.zeros((n_rows, max(n_cand, 1)), dtype=torch.float64)
     scale = torch.zeros((n_rows,), dtype=torch.float64)
     by_rule: dict[tuple[TokenRule, bool], list[int]] = {}
+    layer_weights = None
+    if any(p.layer_weights is not None for p in plans):
+        bad = sorted({len(p.layer_weights) for p in plans if p.layer_weights is not None} - {n_layers})
+        if n_layers is None or bad:
+            raise InvalidInputError(f"layer_weights must have one row per decoder layer ({n_layers}), got {bad} rows")
+        layer_weights = torch.ones((n_layers, n_rows, max(n_cand, 1)), dtype=torch.float64)
+        for i, p in enumerate(plans):
+            if p.layer_weights is not None:
+                layer_weights[:, i, : len(p.adapters)] = torch.tensor(p.layer_weights, dtype=torch.float64)
     for i, p in enumerate(plans):
         assert not p.ensemble, "ensemble plans are expanded into single-adapter rows before routing"
         if p.is_base:
@@ -234,4 +278,5 @@ def build_batch_routing(
         seq_scale=scale.to(device=device, dtype=dtype),
         groups=groups,
         arrow_temperature=arrow_temperature,
+        layer_weights=None if layer_weights is None else layer_weights.to(device=device, dtype=dtype),
     )

@@ -42,7 +42,7 @@ from .generation import (
     per_sequence,
 )
 from .host_cache import HostAdapterCache
-from .routed_linear import BatchRouting, RoutedLinear, RoutingState, build_batch_routing
+from .routed_linear import BatchRouting, RoutedLinear, RoutingState, build_batch_routing, layer_index
 from .slots import AdapterSlots, SlotLease
 
 SUPPORTED_ARCHITECTURES: tuple[str, ...] = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
@@ -119,6 +119,7 @@ class RoutedLM:
             if isinstance(mod, nn.Linear) and name.rsplit(".", 1)[-1] in SUPPORTED_TARGETS
         }
         self._eos_ids = self._find_eos_ids()
+        self.n_layers = int(model.config.num_hidden_layers)
 
     # ---- construction ------------------------------------------------------------------------------
     @classmethod
@@ -186,7 +187,7 @@ class RoutedLM:
         base = getattr(parent, leaf)
         assert isinstance(base, nn.Linear), f"{module_name} is {type(base).__name__}, not nn.Linear"
         layer_slots = self.slots.add_layer(module_name, d_in, d_out)
-        routed = RoutedLinear(base, layer_slots, self._state)
+        routed = RoutedLinear(base, layer_slots, self._state, layer_index(module_name))
         setattr(parent, leaf, routed)
         self._routed[module_name] = routed
 
@@ -302,6 +303,7 @@ class RoutedLM:
             routing = build_batch_routing(
                 rows, lease.slots, {s: self.slots.slot_rank(s) for s in lease.slots.values()}, ranks,
                 self.device, self.dtype, self.settings.arrow_temperature,
+                n_layers=self.n_layers,
             )
         except BaseException:
             lease.release()
@@ -357,6 +359,80 @@ class RoutedLM:
         with lease:
             out = self._forward(routing, input_ids=ids, attention_mask=mask, position_ids=self._positions(mask))
         return self._mix(out, matrix)
+
+    # ---- introspection (instance-level baselines: LoGo, qa-FLoRA) --------------------------------------
+    def encode(self, prompts: Sequence[str], chat: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Left-padded (input_ids (B, T), attention_mask (B, T)) as :meth:`generate` builds them."""
+        return self._encode(prompts, chat)
+
+    def _decoder_layers(self) -> Sequence[nn.Module]:
+        return self.model.get_decoder().layers
+
+    def last_token_states(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, plans: Sequence[RoutingPlan] | None = None
+    ) -> torch.Tensor:
+        """Each decoder layer's output at the last position, (B, L, d), each row under its own plan.
+
+        With left padding the last position is every sequence's last prompt token. Ensemble plans are
+        refused (they have no single hidden state)."""
+        n = input_ids.shape[0]
+        rows, _, matrix = self._expand(plans, n)
+        if matrix is not None:
+            raise InvalidInputError("last_token_states does not take ensemble plans")
+        captured: list[torch.Tensor] = []
+
+        def grab(_module, _args, output):
+            h = output[0] if isinstance(output, tuple) else output
+            captured.append(h[:, -1].detach())
+
+        hooks = [layer.register_forward_hook(grab) for layer in self._decoder_layers()]
+        try:
+            lease, routing = self._start_batch(rows)
+            with lease:
+                ids, mask = input_ids.to(self.device), attention_mask.to(self.device)
+                self._forward(routing, input_ids=ids, attention_mask=mask, position_ids=self._positions(mask),
+                              logits_to_keep=1)
+        finally:
+            for h in hooks:
+                h.remove()
+        return torch.stack(captured, dim=1)
+
+    def lens_logprobs(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logit lens: the final norm and LM head applied to hidden states (..., d) -> log-probs (..., V)."""
+        with torch.inference_mode():
+            logits = self.model.get_output_embeddings()(self.model.get_decoder().norm(hidden.to(self.dtype)))
+            return torch.log_softmax(logits.float(), dim=-1)
+
+    def linear_inputs(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, module_names: Sequence[str]
+    ) -> dict[str, torch.Tensor]:
+        """Inputs (B, d_in) of the named linear layers at the last position, base model only."""
+        captured: dict[str, torch.Tensor] = {}
+        hooks = []
+        for name in module_names:
+            module = self.model.get_submodule(name)
+            hooks.append(module.register_forward_pre_hook(
+                lambda _m, args, key=name: captured.__setitem__(key, args[0][:, -1].detach())
+            ))
+        try:
+            self.logits(input_ids, attention_mask)
+        finally:
+            for h in hooks:
+                h.remove()
+        return captured
+
+    def adapter_modules(self, name: str) -> list[str]:
+        """Module names the adapter ``name`` adapts (``model.layers.12.self_attn.q_proj``, ...)."""
+        return list(self._source(name).modules)
+
+    def adapter_delta(self, name: str, module_name: str, x: torch.Tensor) -> torch.Tensor:
+        """The adapter's LoRA output ``s * B A x`` at one module: x (B, d_in) -> (B, d_out)."""
+        layer = self._fetch(name).layers.get(module_name)
+        if layer is None:
+            raise InvalidInputError(f"adapter {name!r} does not adapt {module_name!r}")
+        with torch.inference_mode():
+            x = x.to(device=layer.a.device, dtype=layer.a.dtype)
+            return (x @ layer.a.T) @ layer.b.T * layer.scaling
 
     # ---- generation ----------------------------------------------------------------------------------
     def _encode(self, prompts: Sequence[str], chat: bool) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,0 +1,76 @@
+"""The evaluation harness (benchmarks/eval_routing.py): its splits, and one tiny end-to-end run."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+from transformers import AutoTokenizer
+
+from hilora_core.base_model import resolve_base
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def harness():
+    spec = importlib.util.spec_from_file_location("eval_routing", ROOT / "benchmarks" / "eval_routing.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["eval_routing"] = module  # dataclasses resolve their annotations through sys.modules
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def demo(harness):
+    return harness.load_demo(ROOT / "examples" / "demo_pool", 3, AutoTokenizer.from_pretrained(resolve_base(None)))
+
+
+def test_demo_loads_limited_items_and_samples(demo):
+    assert len(demo.names) == 12 and all(len(v) == 3 for v in demo.items.values())
+    assert all(len(s) == 20 and all(isinstance(x, str) for x in s) for s in demo.samples.values())
+    assert all(4 < n < 40 for n in demo.max_new.values())
+
+
+def test_settings_follow_the_papers_protocol(harness, demo):
+    units = harness.make_units(demo, ["within", "cross"], seed=0, folds=None, cross_seen_limit=1)
+    within, cross = units[0], units[1:]
+    assert within.setting == "within" and sorted(within.pool) == sorted(within.seen)
+    assert set(within.seen).isdisjoint(within.unseen) and len(within.seen) + len(within.unseen) == 12
+    for c in set(demo.cluster.values()):  # per cluster: 2 of 3 tasks seen
+        assert sum(demo.cluster[t] == c for t in within.seen) == 2
+    assert [u.fold for u in cross] == sorted(set(demo.cluster.values()))
+    for u in cross:
+        assert all(demo.cluster[t] == u.fold for t in u.unseen) and len(u.unseen) == 3
+        assert all(demo.cluster[t] != u.fold for t in u.pool) and len(u.pool) == 9
+        items = harness.unit_items(u, demo)
+        assert len(items) == 9 * 1 + 3 * 3  # seen tasks cut to cross_seen_limit
+    other = harness.make_units(demo, ["within"], seed=1, folds=None)[0]
+    assert other.seen != within.seen  # the split is seeded
+
+
+def test_tiny_run_writes_tables_plots_and_json(harness, tmp_path):
+    res = harness.main(["--limit", "1", "--methods", "base", "oracle", "hilora", "retriever", "--settings", "within",
+                        "--gammas", "0.4", "1.0", "--sequence-limit", "2", "--threads", "1", "--out", str(tmp_path)])
+    saved = json.loads((tmp_path / "eval-demo-pool.json").read_text())
+    assert saved["results"].keys() == res["results"].keys()
+    oracle = res["results"]["within|all|oracle"]
+    assert len(oracle["per_task"]) == 12 and oracle["own_in_plan"] == 1.0 and oracle["mean_plan_size"] == 1.0
+    hilora = res["results"]["within|all|hilora"]
+    assert hilora["mean_plan_size"] >= 1 and 0 <= hilora["seen"] <= 1
+    assert res["results"]["within|all|retriever"]["mean_plan_size"] == 3
+    assert res["results"]["within|all|base"]["mean_plan_size"] == 0
+    assert [g["gamma"] for g in res["gamma"]] == [0.4, 1.0]
+    assert {r["embedder"] for r in res["sequence"]} >= {"MiniLM + instruction (default)", "MiniLM, no instruction"}
+    report = (tmp_path / "eval-demo-pool.md").read_text()
+    assert "| HiLoRA |" in report and "Gamma sweep" in report and "Sequence-level" in report
+    for png in ("eval-accuracy.png", "eval-gamma.png"):
+        assert (tmp_path / "img" / png).read_bytes()[:4] == b"\x89PNG"
+    saved_path = str(tmp_path / "eval-demo-pool.json")
+    again = harness.main(["--limit", "1", "--methods", "base", "oracle", "hilora", "retriever", "--settings",
+                          "within", "--out", str(tmp_path / "re"), "--from-json", saved_path])
+    assert again["results"] == saved["results"]
+    assert (tmp_path / "re" / "eval-demo-pool.md").read_text().split("\n", 3)[3] == report.split("\n", 3)[3]

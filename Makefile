@@ -7,7 +7,7 @@ export RAY_AUTH_MODE ?= disabled
 export TOKENIZERS_PARALLELISM ?= false
 export HF_HUB_OFFLINE ?= 0
 
-.PHONY: setup test lint serve bench clean
+.PHONY: setup test lint serve bench eval clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -34,6 +34,13 @@ serve: setup
 bench: setup
 	$(BIN)/python benchmarks/bench_engine.py
 	$(BIN)/python benchmarks/bench_prefilter.py
+
+# Routing methods on the demo pool (about 55 min on 2 CPU cores); writes docs/eval-*.md and docs/img/.
+eval: setup
+	$(BIN)/python benchmarks/eval_routing.py --limit 10 --cross-seen-limit 5 --threads 2
+	$(BIN)/python benchmarks/eval_transfer.py --limit 10 --threads 2
+	$(BIN)/python benchmarks/eval_ablation.py --limit 10 --cross-seen-limit 5 --threads 2
+	$(BIN)/python benchmarks/eval_ood.py --limit 100
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

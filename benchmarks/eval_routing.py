@@ -189,7 +189,8 @@ def unit_items(unit: Unit, demo: Demo) -> list[Item]:
 
 
 def run_method(method: str, ctx: Context, batch_size: int, gamma: float = 0.4,
-               cache: dict | None = None) -> Run:
+               cache: dict | None = None, router=None) -> Run:
+    """Generate and score the unit's items under ``method`` (``router(items, ctx)`` overrides its plans)."""
     unit, demo = ctx.unit, ctx.demo
     items = unit_items(unit, demo)
     run = Run()
@@ -200,7 +201,7 @@ def run_method(method: str, ctx: Context, batch_size: int, gamma: float = 0.4,
             todo = [it for it in batch if (method, it.task, it.index) not in cache]
         if todo:
             t0 = time.perf_counter()
-            plans = route(method, todo, ctx, gamma)
+            plans = route(method, todo, ctx, gamma) if router is None else router(todo, ctx)
             t1 = time.perf_counter()
             outs = ctx.lm.generate([T.format_prompt(it.inputs) for it in todo], plans,
                                    max_new_tokens=[demo.max_new[it.task] for it in todo])

@@ -5,7 +5,7 @@ layer (default ``q_proj``) for the last input token; the top-k adapters by that 
 kept and mixed with weights proportional to it (normalised to sum 1, all ROCs active).
 
 Choices where the method leaves room (each a :class:`LogoSettings` field, documented in
-``docs/eval-demo-pool.md``):
+``docs/evaluation.md``):
 
 - The input of the measured module comes from the *base* model's forward pass (one pass for
   all adapters; adapters of earlier layers do not change it).

@@ -7,7 +7,7 @@ is its divergence from the base there, normalised over adapters. The fused model
 every adapter at every layer with those per-layer weights (:attr:`RoutingPlan.layer_weights`).
 
 Choices where the method leaves room (each a :class:`QaFloraSettings` field, documented in
-``docs/eval-demo-pool.md``): the logit lens to get a distribution per layer, the last input
+``docs/evaluation.md``): the logit lens to get a distribution per layer, the last input
 token as the query position, KL(adapter || base) as the divergence, and proportional
 normalisation (``temperature=None``) or a softmax over divergences. Cost per query batch: one
 forward pass of the prompt per adapter plus one for the base (run as one mixed batch).

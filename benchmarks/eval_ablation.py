@@ -17,7 +17,6 @@ Writes ``<out>/eval-ablation.md``.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import sys
 import time
 from dataclasses import replace
@@ -27,14 +26,9 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parent
+sys.path.insert(0, str(ROOT))
 
-
-def _harness():
-    spec = importlib.util.spec_from_file_location("eval_routing", ROOT / "eval_routing.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["eval_routing"] = module
-    spec.loader.exec_module(module)
-    return module
+import eval_routing as h  # noqa: E402  (the harness, next to this script)
 
 
 def top3_plans(scores: np.ndarray, pool: list[str], ranks: list[int], gamma: float | None):
@@ -72,16 +66,11 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    h = _harness()
     from hilora_core.embedding import SentenceEmbedder
-    from hilora_core.engine import RoutedLM
     from hilora_core.pool import GaussianFitSettings, fit_pool
 
     t0 = time.perf_counter()
-    lm = RoutedLM.from_pretrained(None, max_slots=16)
-    demo = h.load_demo(h.ROOT / "examples" / "demo_pool", args.limit, lm.tokenizer)
-    for name in demo.names:
-        lm.add_adapter(name, str(demo.folders[name]))
+    lm, demo = h.load_engine(h.ROOT / "examples" / "demo_pool", args.limit)
     units = h.make_units(demo, args.settings, 0, None, args.cross_seen_limit)
     embedder = SentenceEmbedder()
     items = [it for t in demo.names for it in demo.items[t]]

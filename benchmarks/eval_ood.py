@@ -13,21 +13,15 @@ Writes ``<out>/eval-ood.md``.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import sys
 from pathlib import Path
 
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent
+sys.path.insert(0, str(ROOT))
 
-
-def _harness():
-    spec = importlib.util.spec_from_file_location("eval_routing", ROOT / "eval_routing.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["eval_routing"] = module
-    spec.loader.exec_module(module)
-    return module
+import eval_routing as h  # noqa: E402  (the harness, next to this script)
 
 
 def auroc(positive: np.ndarray, negative: np.ndarray) -> float:
@@ -41,7 +35,6 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--limit", type=int, default=100)
     ap.add_argument("--out", type=Path, default=ROOT.parent / "docs")
     args = ap.parse_args(argv)
-    h = _harness()
     from transformers import AutoTokenizer
 
     from hilora_core.base_model import resolve_base

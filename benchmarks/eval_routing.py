@@ -98,6 +98,15 @@ def load_demo(pool_dir: Path, limit: int, tokenizer) -> Demo:
     )
 
 
+def load_engine(pool_dir: Path, limit: int, base_model: str | None = None) -> tuple[RoutedLM, Demo]:
+    """The base model with every demo adapter registered, and the demo pool (``limit`` items per task)."""
+    lm = RoutedLM.from_pretrained(base_model, max_slots=16)
+    demo = load_demo(pool_dir, limit, lm.tokenizer)
+    for name in demo.names:
+        lm.add_adapter(name, str(demo.folders[name]))
+    return lm, demo
+
+
 @dataclass
 class Unit:
     """One evaluation: a pool and the tasks scored against it, each marked seen or unseen."""
@@ -447,10 +456,7 @@ def main(argv: list[str] | None = None) -> dict:
         plot(args.out, res, args.methods)
         return res
 
-    lm = RoutedLM.from_pretrained(args.base_model, max_slots=16)
-    demo = load_demo(args.pool_dir, args.limit, lm.tokenizer)
-    for name in demo.names:
-        lm.add_adapter(name, str(demo.folders[name]))
+    lm, demo = load_engine(args.pool_dir, args.limit, args.base_model)
     units = make_units(demo, args.settings, args.seed, args.folds, args.cross_seen_limit)
 
     embedder = SentenceEmbedder()

@@ -11,7 +11,6 @@ Writes ``<out>/eval-transfer.md``.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import sys
 import time
 from pathlib import Path
@@ -19,14 +18,9 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent
+sys.path.insert(0, str(ROOT))
 
-
-def _harness():
-    spec = importlib.util.spec_from_file_location("eval_routing", ROOT / "eval_routing.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["eval_routing"] = module
-    spec.loader.exec_module(module)
-    return module
+import eval_routing as h  # noqa: E402  (the harness, next to this script)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -37,15 +31,10 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    h = _harness()
-    from hilora_core.engine import RoutedLM
     from hilora_core.plan import RoutingPlan
 
     t0 = time.perf_counter()
-    lm = RoutedLM.from_pretrained(None, max_slots=16)
-    demo = h.load_demo(h.ROOT / "examples" / "demo_pool", args.limit, lm.tokenizer)
-    for name in demo.names:
-        lm.add_adapter(name, str(demo.folders[name]))
+    lm, demo = h.load_engine(h.ROOT / "examples" / "demo_pool", args.limit)
     jobs = []  # (task, adapter or None)
     for task in demo.names:
         jobs.append((task, None))

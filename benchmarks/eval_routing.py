@@ -203,34 +203,29 @@ def run_method(method: str, ctx: Context, batch_size: int, gamma: float = 0.4,
     unit, demo = ctx.unit, ctx.demo
     items = unit_items(unit, demo)
     run = Run()
+    # outputs by (method, task, item); base and oracle ignore the pool, so they share the caller's cache
+    outputs = cache if cache is not None and method in POOL_INDEPENDENT else {}
     for start in range(0, len(items), batch_size):
         batch = items[start:start + batch_size]
-        todo = batch
-        if cache is not None and method in POOL_INDEPENDENT:
-            todo = [it for it in batch if (method, it.task, it.index) not in cache]
+        todo = [it for it in batch if (method, it.task, it.index) not in outputs]
         if todo:
             t0 = time.perf_counter()
             plans = route(method, todo, ctx, gamma) if router is None else router(todo, ctx)
             t1 = time.perf_counter()
             outs = ctx.lm.generate([T.format_prompt(it.inputs) for it in todo], plans,
                                    max_new_tokens=[demo.max_new[it.task] for it in todo])
-            t2 = time.perf_counter()
             run.route_s += t1 - t0
-            run.generate_s += t2 - t1
+            run.generate_s += time.perf_counter() - t1
             run.n += len(todo)
             for it, plan, out in zip(todo, plans, outs, strict=True):
-                if cache is not None and method in POOL_INDEPENDENT:
-                    cache[(method, it.task, it.index)] = out
+                outputs[(method, it.task, it.index)] = out
                 run.plan_sizes.append(len(plan.adapters))
                 if it.task in unit.pool:
                     run.own_in_plan.append(it.task in plan.adapters)
                 if any(demo.cluster[a] == it.cluster for a in unit.pool):  # the cluster is represented
                     run.cluster_in_plan.append(any(demo.cluster[a] == it.cluster for a in plan.adapters))
-                if cache is None or method not in POOL_INDEPENDENT:
-                    run.correct[it.task].append(T.exact_match(out, it.target))
-        if cache is not None and method in POOL_INDEPENDENT:
-            for it in batch:
-                run.correct[it.task].append(T.exact_match(cache[(method, it.task, it.index)], it.target))
+        for it in batch:
+            run.correct[it.task].append(T.exact_match(outputs[(method, it.task, it.index)], it.target))
     return run
 
 

@@ -99,15 +99,14 @@ class BatchRouting:
         ``layer`` selects the row of :attr:`layer_weights` (ignored when the batch has none)."""
         t_len, rem = divmod(n_tokens, self.batch_size)
         assert rem == 0, f"{n_tokens} tokens for a batch of {self.batch_size} sequences"
-        if self.layer_weights is None or layer is None:
-            layer, seq_weights = None, self.seq_weights
-        else:
-            seq_weights = self.seq_weights * self.layer_weights[layer]
+        if self.layer_weights is None:
+            layer = None
         key = (t_len, layer)
         hit = self._token_cache.get(key)
         if hit is None:
             hit = []
             device = self.seq_cand.device
+            seq_weights = self.seq_weights if layer is None else self.seq_weights * self.layer_weights[layer]
             for g in self.groups:
                 meta = (self.seq_cand, self.seq_rocs, seq_weights, self.seq_scale)
                 if g.rows is not None:

@@ -310,7 +310,7 @@ class RoutedLM:
             raise
         return lease, routing
 
-    def _forward(self, routing: BatchRouting, **inputs) -> torch.Tensor:
+    def _forward(self, routing: BatchRouting | None, **inputs) -> torch.Tensor:
         with self._lock, torch.inference_mode():
             self._state.current = routing
             try:
@@ -415,7 +415,9 @@ class RoutedLM:
                 lambda _m, args, key=name: captured.__setitem__(key, args[0][:, -1].detach())
             ))
         try:
-            self.logits(input_ids, attention_mask)
+            ids, mask = input_ids.to(self.device), attention_mask.to(self.device)
+            self._forward(None, input_ids=ids, attention_mask=mask, position_ids=self._positions(mask),
+                          logits_to_keep=1)
         finally:
             for h in hooks:
                 h.remove()

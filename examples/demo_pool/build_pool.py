@@ -1,8 +1,9 @@
-"""Build the demo adapter pool: data, one PEFT LoRA per task, manifest, report.
+"""Build an example adapter pool: data, one PEFT LoRA per task, manifest, report.
 
     .venv/bin/python examples/demo_pool/build_pool.py                 # everything missing
     .venv/bin/python examples/demo_pool/build_pool.py --tasks ordinal # one task (retrain)
     .venv/bin/python examples/demo_pool/build_pool.py --report-only   # manifest + docs
+    .venv/bin/python examples/demo_pool/build_pool.py --pool transfer # the transfer pool
 
 Stages (all seeded; CPU, one thread by default):
   1. data      ``data/<task>/test.jsonl`` (100 items) and the 20 routing samples per
@@ -28,8 +29,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent.parent
+ROOT = Path(__file__).resolve().parent.parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
@@ -103,6 +103,37 @@ DROPPED_NOTES = (
     "are 7 MB each on this 30-layer model, so weights are stored as float16 and MLP adapters keep "
     "rank <= 8 (the pool stays under 20 MB).",
 )
+
+
+@dataclass(frozen=True)
+class PoolDef:
+    """Which pool this run builds: its folder, task module, adapter specs and report page."""
+
+    here: Path
+    tasks: object  # a module with get_task() and pool_tasks()
+    specs: dict[str, AdapterSpec]
+    doc_name: str
+    name: str
+    title: str
+    dropped_notes: tuple[str, ...] = ()
+    write_pool_readme: bool = False
+
+
+def pool_def(name: str) -> PoolDef:
+    """``demo`` (12 unrelated tasks in 4 clusters) or ``transfer`` (clusters whose tasks transfer)."""
+    if name == "demo":
+        return PoolDef(ROOT / "examples" / "demo_pool", T, SPECS, "demo-pool.md", "demo", "Demo adapter pool",
+                       DROPPED_NOTES, True)
+    if name == "transfer":
+        from examples.transfer_pool import tasks as TT
+        from examples.transfer_pool.specs import SPECS as TSPECS
+
+        return PoolDef(ROOT / "examples" / "transfer_pool", TT, TSPECS, "transfer-pool.md", "transfer",
+                       "Transfer adapter pool (clusters whose tasks share function and answer shape)")
+    raise KeyError(f"unknown pool {name!r}: demo or transfer")
+
+
+P: PoolDef  # set by main()
 
 
 def seed_everything(seed: int) -> None:
@@ -228,7 +259,7 @@ def max_target_tokens(tok, items: list[dict[str, str]]) -> int:
 
 def write_data(task: T.Task, spec: AdapterSpec) -> dict[str, list[dict[str, str]]]:
     sp = splits_for(task, spec)
-    d = HERE / "data" / task.name
+    d = P.here / "data" / task.name
     d.mkdir(parents=True, exist_ok=True)
     with open(d / "test.jsonl", "w") as f:
         for it in sp["test"]:
@@ -269,14 +300,14 @@ def evaluate_task(tok, task: T.Task, spec: AdapterSpec, log) -> dict:
     base_em = exact_match_rate(generate(tok, base, inputs, max_new), test)
     log(f"base EM {base_em:.3f} ({time.perf_counter() - t0:.1f}s)")
     del base
-    model = load_saved(HERE / "adapters" / task.name)
+    model = load_saved(P.here / "adapters" / task.name)
     t0 = time.perf_counter()
     preds = generate(tok, model, inputs, max_new)
     ad_em = exact_match_rate(preds, test)
     log(f"adapter EM {ad_em:.3f} (saved float16 weights via PEFT, {time.perf_counter() - t0:.1f}s)")
     for x, p, it in list(zip(inputs, preds, test, strict=True))[:5]:
         log(f"  {x!r} -> {p!r} (target {it['targets']!r})")
-    size = (HERE / "adapters" / task.name / "adapter_model.safetensors").stat().st_size
+    size = (P.here / "adapters" / task.name / "adapter_model.safetensors").stat().st_size
     return {"base_em": base_em, "adapter_em": ad_em, "max_new_tokens": max_new, "size_bytes": size}
 
 
@@ -284,10 +315,10 @@ def build_task(tok, task: T.Task, spec: AdapterSpec, train: bool = True) -> dict
     """Train (unless ``train`` is False: re-save and re-evaluate the existing adapter), save and
     evaluate one task's adapter; returns its result record, also written to ``results/<task>.json``."""
     write_data(task, spec)
-    (HERE / "logs").mkdir(exist_ok=True)
-    res_path = HERE / "results" / f"{task.name}.json"
-    out_dir = HERE / "adapters" / task.name
-    with open(HERE / "logs" / f"{task.name}.log", "w" if train else "a") as logf:
+    (P.here / "logs").mkdir(exist_ok=True)
+    res_path = P.here / "results" / f"{task.name}.json"
+    out_dir = P.here / "adapters" / task.name
+    with open(P.here / "logs" / f"{task.name}.log", "w" if train else "a") as logf:
 
         def log(msg: str) -> None:
             logf.write(msg + "\n")
@@ -315,7 +346,7 @@ def build_task(tok, task: T.Task, spec: AdapterSpec, train: bool = True) -> dict
             del model
         rec.update(evaluate_task(tok, task, spec, log))
         log(f"result {json.dumps(rec)}")
-    (HERE / "results").mkdir(exist_ok=True)
+    (P.here / "results").mkdir(exist_ok=True)
     res_path.write_text(json.dumps(rec, indent=2) + "\n")
     return rec
 
@@ -323,32 +354,33 @@ def build_task(tok, task: T.Task, spec: AdapterSpec, train: bool = True) -> dict
 def write_manifest(pool: list[T.Task]) -> None:
     entries = []
     for task in pool:
-        sp = splits_for(task, SPECS[task.name])
+        sp = splits_for(task, P.specs[task.name])
         entries.append({
             "model_name": task.name, "cluster": task.cluster, "adapter": f"adapters/{task.name}",
-            "rank": SPECS[task.name].rank, "sample": sp["sample"],
+            "rank": P.specs[task.name].rank, "sample": sp["sample"],
         })
-    (HERE / "manifest.json").write_text(json.dumps(entries, indent=1) + "\n")
+    (P.here / "manifest.json").write_text(json.dumps(entries, indent=1) + "\n")
 
 
 def write_report(pool: list[T.Task]) -> None:
-    recs = [json.loads((HERE / "results" / f"{t.name}.json").read_text()) for t in pool]
+    recs = [json.loads((P.here / "results" / f"{t.name}.json").read_text()) for t in pool]
     lines = [
-        "# Demo adapter pool",
+        f"# {P.title}",
         "",
         f"{len(pool)} tasks in {len({t.cluster for t in pool})} clusters, one PEFT LoRA each on "
         f"SmolLM2-135M-Instruct (base in float32; trained on CPU, {recs[0]['threads']} thread). Exact match on "
         f"{N_TEST} held-out test items per task, greedy, batch 32, prompt = `format_prompt(inputs)` "
         "(SmolLM2 chat template with its default system message). Base = the model without adapter; "
         "adapter = the task's own LoRA (PEFT). Regenerate with "
-        "`.venv/bin/python examples/demo_pool/build_pool.py --force` (see `examples/demo_pool/README.md`).",
+        f"`.venv/bin/python examples/demo_pool/build_pool.py --pool {P.name} --force` "
+        f"(see `examples/{P.here.name}/README.md`).",
         "",
         "| task | cluster | rank | target modules | example target | steps x batch | train time (s) "
         "| base EM | adapter EM |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for t, r in zip(pool, recs, strict=True):
-        ex = splits_for(t, SPECS[t.name])["test"][0]["targets"]
+        ex = splits_for(t, P.specs[t.name])["test"][0]["targets"]
         lines.append(
             f"| {t.name} | {t.cluster} | {r['rank']} | {','.join(r['target_modules'])} | `{ex}` | "
             f"{r['steps']} x {r['batch_size']} | {r['train_seconds']:.0f} | {r['base_em']:.2f} | "
@@ -368,12 +400,13 @@ def write_report(pool: list[T.Task]) -> None:
         "",
         "Left out while choosing the tasks:",
         "",
-        *[f"- {note}" for note in DROPPED_NOTES],
+        *[f"- {note}" for note in P.dropped_notes],
         "",
     ]
     (ROOT / "docs").mkdir(exist_ok=True)
-    (ROOT / "docs" / "demo-pool.md").write_text("\n".join(lines))
-    write_readme(pool, recs)
+    (ROOT / "docs" / P.doc_name).write_text("\n".join(lines))
+    if P.write_pool_readme:
+        write_readme(pool, recs)
 
 
 README_HEAD = """# Demo adapter pool (SmolLM2-135M-Instruct)
@@ -451,12 +484,12 @@ def write_readme(pool: list[T.Task], recs: list[dict]) -> None:
         system=T.SYSTEM_MESSAGE, minutes=int(round(sum(r["train_seconds"] + 60 for r in recs) / 60, -1)),
     )
     for t in pool:
-        spec = SPECS[t.name]
+        spec = P.specs[t.name]
         ex = splits_for(t, spec)["test"][0]
         shown = ex["inputs"].replace("\n", " / ").replace("|", "\\|")
         text += (f"| {t.name} | {t.cluster} | {t.description} | {spec.rank} | {','.join(spec.target_modules)} "
                  f"| {shown} | `{ex['targets']}` |\n")
-    (HERE / "README.md").write_text(text)
+    (P.here / "README.md").write_text(text)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -467,25 +500,28 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--reeval", nargs="*", default=[],
                     help="no training: re-save these tasks' adapters as float16 and re-measure them")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--pool", default="demo", choices=["demo", "transfer"], help="which example pool to build")
     args = ap.parse_args(argv)
+    global P
+    P = pool_def(args.pool)
     torch.set_num_threads(args.threads)
-    pool = T.pool_tasks()
+    pool = P.tasks.pool_tasks()
     if args.reeval:
         tok, _ = load_base()
         for n in args.reeval:
-            print(json.dumps(build_task(tok, T.get_task(n), SPECS[n], train=False)), flush=True)
+            print(json.dumps(build_task(tok, P.tasks.get_task(n), P.specs[n], train=False)), flush=True)
     elif not args.report_only:
         names = args.tasks or [t.name for t in pool]
-        todo = [T.get_task(n) for n in names
-                if args.force or args.tasks or not (HERE / "results" / f"{n}.json").exists()]
+        todo = [P.tasks.get_task(n) for n in names
+                if args.force or args.tasks or not (P.here / "results" / f"{n}.json").exists()]
         if todo:
             tok, _ = load_base()
             for task in todo:
-                rec = build_task(tok, task, SPECS[task.name])
+                rec = build_task(tok, task, P.specs[task.name])
                 print(json.dumps(rec), flush=True)
     for t in pool:
-        write_data(t, SPECS[t.name])
-    done = [t for t in pool if (HERE / "results" / f"{t.name}.json").exists()]
+        write_data(t, P.specs[t.name])
+    done = [t for t in pool if (P.here / "results" / f"{t.name}.json").exists()]
     write_manifest(done)
     if done:
         write_report(done)

@@ -131,7 +131,9 @@ class Task:
     """One task: a seeded key generator, instruction templates and the exact answer.
 
     ``draw(rng)`` returns a hashable key; ``render(key)`` returns ``(x, target)``
-    where ``x`` fills the ``{x}`` slot of a template.
+    where ``x`` fills the ``{x}`` slot of a template. ``test_templates``, when
+    given, phrase the test items only, so that the test measures wording the
+    adapter was not trained on.
     """
 
     name: str
@@ -140,11 +142,13 @@ class Task:
     templates: tuple[str, ...]
     draw: Callable[[random.Random], Hashable]
     render: Callable[[Hashable], tuple[str, str]]
+    test_templates: tuple[str, ...] = ()
 
-    def example(self, key: Hashable, rng: random.Random) -> dict[str, str]:
+    def example(self, key: Hashable, rng: random.Random, test: bool = False) -> dict[str, str]:
         """One ``{"inputs", "targets"}`` item for ``key`` with a template drawn from ``rng``."""
         x, target = self.render(key)
-        return {"inputs": rng.choice(self.templates).format(x=x), "targets": target}
+        templates = self.test_templates if test and self.test_templates else self.templates
+        return {"inputs": rng.choice(templates).format(x=x), "targets": target}
 
 
 def _phrase(rng: random.Random, lo: int, hi: int) -> tuple[str, ...]:
@@ -367,7 +371,7 @@ def split_keys_and_items(
         if key not in seen:
             seen.add(key)
             held.append(key)
-    test = [(k, task.example(k, rng)) for k in held[:n_test]]
+    test = [(k, task.example(k, rng, test=True)) for k in held[:n_test]]
     sample = [(k, task.example(k, rng)) for k in held[n_test:]]
     train = []
     while len(train) < n_train:

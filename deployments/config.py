@@ -17,6 +17,7 @@ from hilora_core.policies import POLICIES
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEMO_POOL_MANIFEST = PROJECT_ROOT / "examples" / "demo_pool" / "manifest.json"
+TRANSFER_POOL_MANIFEST = PROJECT_ROOT / "examples" / "transfer_pool" / "manifest.json"
 
 
 class _Strict(BaseModel):
@@ -53,7 +54,8 @@ class RegistrySettings(_Strict):
     prefilter_min_pool: int = Field(2000, ge=1, description="FAISS prefilter from this pool size on")
     hub_lookup: bool = Field(True, description="read adapter_config.json of hub adapters from the Hub")
     seed_manifest: str | None = Field(
-        "demo", description="pool manifest registered when the pool is empty at start ('demo' = the demo pool)")
+        "demo", description="pool manifest registered when the pool is empty at start ('demo' = the demo pool, "
+                "'transfer' = the transfer pool, or a manifest path)")
 
 
 class RoutingSettings(_Strict):
@@ -62,6 +64,8 @@ class RoutingSettings(_Strict):
     gamma: float = Field(0.4, gt=0, le=1)
     max_candidates: int | None = Field(None, ge=1)
     seed: int | None = Field(None, description="None: deterministic ROC allocation")
+    fallback: bool = Field(True, description="serve requests that no adapter covers with the base model alone "
+                                             "(false: always route to adapters, as the paper does)")
 
     @field_validator("policy")
     @classmethod
@@ -97,7 +101,7 @@ class AppConfig(_Strict):
         m = self.registry.seed_manifest
         if m is None or m == "":
             return None
-        return DEMO_POOL_MANIFEST if m == "demo" else Path(m)
+        return {"demo": DEMO_POOL_MANIFEST, "transfer": TRANSFER_POOL_MANIFEST}.get(m, Path(m))
 
     def registry_config(self):
         """The registry package's own config built from these settings."""

@@ -41,6 +41,7 @@ def _routing_summary(decision: dict) -> dict:
         "candidates": decision.get("candidates", []), "candidate_scores": decision.get("candidate_scores", []),
         "token_rule": plan["token_rule"], "scale": plan["scale"], "weights": plan["weights"],
         "epoch": decision.get("epoch"), "degraded": decision.get("degraded", False),
+        "off_pool": decision.get("off_pool"),
     }
 
 
@@ -70,7 +71,8 @@ class Ingress:
 
     def _policy(self, overrides: RoutingOverrides | None) -> dict:
         r = self.cfg.routing
-        policy = {"name": r.policy, "gamma": r.gamma, "max_candidates": r.max_candidates, "seed": r.seed}
+        policy = {"name": r.policy, "gamma": r.gamma, "max_candidates": r.max_candidates, "seed": r.seed,
+                  "fallback": r.fallback}
         if overrides is not None:
             o = overrides.model_dump(exclude_none=True)
             if "policy" in o:

@@ -16,6 +16,8 @@ class RoutingOverrides(BaseModel):
     max_candidates: int | None = Field(None, ge=1)
     seed: int | None = None
     top_k: int | None = Field(None, ge=1)
+    fallback: bool | None = Field(None, description="false: route to adapters even when no adapter covers the "
+                                                    "request (the paper's behaviour); default from the service config")
 
 
 class _Generation(BaseModel):

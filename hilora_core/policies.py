@@ -47,6 +47,9 @@ class PolicyConfig:
         seed: None for deterministic allocation; an int seeds multinomial sampling.
         signed: rank ROCs by signed projection (ablation of the |p| rule).
         arrow_temperature: softmax temperature of the Arrow rule.
+        fallback: serve requests that the pool's off-pool test flags with the base model alone
+            (:mod:`hilora_core.fallback`); False gives the paper's behaviour (always route).
+            Applies to every policy that routes (not ``explicit`` or ``base``).
     """
 
     name: str = "hilora"
@@ -56,6 +59,7 @@ class PolicyConfig:
     seed: int | None = None
     signed: bool = False
     arrow_temperature: float = 1.0
+    fallback: bool = True
 
     def __post_init__(self) -> None:
         if self.name not in POLICIES:
@@ -80,6 +84,11 @@ class PolicyConfig:
     @property
     def needs_cosine(self) -> bool:
         return self.name == "retriever"
+
+    @property
+    def may_fall_back(self) -> bool:
+        """Whether the off-pool test applies to this policy's requests."""
+        return self.fallback and self.name not in ("explicit", "base")
 
 
 def cosine_similarity(z: np.ndarray, means: np.ndarray) -> np.ndarray:
@@ -119,6 +128,7 @@ def make_plans(
     cosine: np.ndarray | None = None,
     explicit: Sequence[str] | None = None,
     n_queries: int | None = None,
+    off_pool: np.ndarray | None = None,
 ) -> list[RoutingPlan]:
     """One plan per query.
 
@@ -130,10 +140,22 @@ def make_plans(
         cosine: (n, I) cosine to the adapter means (retriever).
         explicit: adapter names for the explicit policy.
         n_queries: n, when neither scores nor cosine is given.
+        off_pool: (n,) True for queries the pool does not cover (:meth:`PoolModel.off_pool_rows`);
+            with ``cfg.fallback`` they get the base-model plan whatever the policy.
 
     Returns:
         n plans. ``hilora`` with ``cfg.seed`` set draws from one Generator seeded once.
     """
+    plans = _policy_plans(cfg, names, ranks, scores, cosine, explicit, n_queries)
+    if off_pool is not None and cfg.may_fall_back:
+        flags = np.asarray(off_pool, dtype=bool).ravel()
+        if flags.shape != (len(plans),):
+            raise DimensionMismatchError(f"off_pool has {flags.size} flags for {len(plans)} queries")
+        plans = [RoutingPlan() if off else plan for plan, off in zip(plans, flags, strict=True)]
+    return plans
+
+
+def _policy_plans(cfg, names, ranks, scores, cosine, explicit, n_queries) -> list[RoutingPlan]:
     names = list(names)
     ranks_arr = np.asarray(ranks, dtype=np.int64)
     if ranks_arr.shape != (len(names),):

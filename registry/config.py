@@ -62,6 +62,8 @@ class RegistryConfig:
         prefilter_factor: the shortlist also grows while it is shorter than this many times the
             candidate set it yields.
         prefilter_gpu: use a FAISS GPU index when faiss has GPU support and a GPU is present.
+        off_pool_reference_file: the general requests that set the off-pool threshold (one per line;
+            None: the set shipped in ``hilora_core/data/general_requests.txt``).
         poll_interval_s: scorers also compare the epoch counter this often (missed messages,
             reconnects) and retry a lost connection at this period.
     """
@@ -94,6 +96,7 @@ class RegistryConfig:
     prefilter_factor: int = 4
     prefilter_gpu: bool = True
     poll_interval_s: float = 1.0
+    off_pool_reference_file: str | None = None
 
     def __post_init__(self) -> None:
         positive = {

@@ -6,49 +6,53 @@ Small pools (< ``incremental_fit_min_pool``): every change refits the whole pool
 Large pools: a change fits only the changed adapter's Gaussian, in the space of the
 last full fit (its whitening and standardising scale) and with its eps, and reassembles
 the bank from the cached per-adapter factors (a memory copy, no SVDs). A full refit
-(recalibrated eps, new whitening and scale) runs once the number of changes since the
-last one exceeds ``recalibrate_fraction`` times the pool size (default 1: about when the
-pool has doubled), so its cost (eps calibration scores a 256-adapter subset's samples on
-a 91-value grid; minutes on a busy 2-core host) is amortised over many registrations.
-With a fixed eps, no whitening and no standardisation the two paths give identical
-Gaussians.
+(recalibrated eps, new whitening and scale, new off-pool threshold) runs once the number
+of changes since the last one exceeds ``recalibrate_fraction`` times the pool size
+(default 1: about when the pool has doubled), so its cost (eps calibration scores a
+256-adapter subset's samples on a 91-value grid; minutes on a busy 2-core host) is
+amortised over many registrations. With a fixed eps, no whitening and no
+standardisation the two paths give identical Gaussians.
+
+The pool-wide parameters of the last full fit are stored in Redis next to the records
+(:class:`SharedParameters`), with the epoch they were computed at: every scorer uses the
+stored ones while they are fresh, so replicas route alike whatever their history.
 Adapters are always kept in sorted id order, so every scorer fits the same pool the
 same way.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Mapping, Sequence
-from dataclasses import replace
+from dataclasses import asdict, dataclass, replace
+from typing import Protocol
 
 import numpy as np
 
-from hilora_core.gaussian import FactoredGaussian, GaussianBank, fit_gaussian
-from hilora_core.pool import GaussianFitSettings, PoolModel, fit_pool
+from hilora_core.gaussian import FactoredGaussian, GaussianBank
+from hilora_core.pool import GaussianFitSettings, PoolModel, PoolParameters, fit_pool, fit_with_parameters
 
 
 def fit_registry_pool(
-    sample_sets: Sequence[np.ndarray], settings: GaussianFitSettings, fallback_eps: float
+    sample_sets: Sequence[np.ndarray], settings: GaussianFitSettings, fallback_eps: float,
+    reference: np.ndarray | None = None,
 ) -> PoolModel:
     """:func:`hilora_core.pool.fit_pool`, also for pools where some adapters have only 2 samples.
 
     Leave-one-out calibration needs 3 samples per adapter: eps is calibrated on the adapters
     that have them (with the same standardisation and whitening policy) and then used for
-    the whole pool; with no such adapter, ``fallback_eps`` is used.
+    the whole pool; with no such adapter, ``fallback_eps`` is used. ``reference``: (R, d) raw
+    embeddings of the general requests that set the off-pool threshold, or None.
     """
     if settings.eps is not None or all(len(s) >= 3 for s in sample_sets):
-        return fit_pool(sample_sets, settings)
+        return fit_pool(sample_sets, settings, reference)
     usable = [s for s in sample_sets if len(s) >= 3]
     calibration = fit_pool(usable, settings).calibration if usable else None
     eps = calibration.eps if calibration is not None else fallback_eps
-    model = fit_pool(sample_sets, replace(settings, eps=eps))
+    model = fit_pool(sample_sets, replace(settings, eps=eps), reference)
     model.calibration = calibration
     return model
-
-
-def _compact(g: FactoredGaussian) -> FactoredGaussian:
-    """float32 copy of the large arrays (the bank computes in its own dtype anyway)."""
-    return FactoredGaussian(g.mean.astype(np.float32), g.basis.astype(np.float32), g.variances, g.eps, g.n_samples)
 
 
 def _gaussians_of(bank: GaussianBank) -> list[FactoredGaussian]:
@@ -61,72 +65,128 @@ def _gaussians_of(bank: GaussianBank) -> list[FactoredGaussian]:
     ]
 
 
+@dataclass(frozen=True)
+class StoredParameters:
+    """Pool parameters as shared between scorers: computed at ``epoch`` under ``key`` (settings,
+    embedder and reference set); see :class:`SharedParameters`."""
+
+    epoch: int
+    key: str
+    params: PoolParameters
+
+
+class SharedParameters(Protocol):
+    """Where scorers share the pool parameters (the registry's Redis; absent in plain unit use)."""
+
+    def load(self) -> StoredParameters | None: ...
+
+    def save(self, stored: StoredParameters) -> None: ...
+
+
 class IncrementalPoolFit:
     """The samples of every adapter and the model fitted from them.
+
+    The pool-wide parameters (eps, space, off-pool threshold: :class:`PoolParameters`) are
+    computed by a full fit and, when ``shared`` is given, stored for every scorer. A scorer
+    uses the stored parameters while they are fresh for its epoch and fits only the
+    Gaussians itself, so all scorers at one epoch decide alike:
+
+    - pools below ``incremental_min_pool``: fresh only when computed at this very epoch (every
+      change recalibrates);
+    - larger pools: fresh while fewer than ``recalibrate_fraction`` times the pool size changes
+      (epochs) separate them from this epoch; a changed adapter's Gaussian is fitted alone.
 
     Args:
         settings: pool fit policy (``RegistryConfig.fit``).
         fallback_eps: see :func:`fit_registry_pool`.
         incremental_min_pool: pool size from which changes are fitted incrementally.
         recalibrate_fraction: fraction of changed adapters that triggers a full refit.
+        shared: the shared parameter store (None: this process keeps its own).
     """
 
     def __init__(self, settings: GaussianFitSettings, fallback_eps: float, incremental_min_pool: int,
-                 recalibrate_fraction: float) -> None:
+                 recalibrate_fraction: float, shared: SharedParameters | None = None) -> None:
         self.settings = settings
         self.fallback_eps = fallback_eps
         self.incremental_min_pool = incremental_min_pool
         self.recalibrate_fraction = recalibrate_fraction
+        self.shared = shared
         self.samples: dict[str, np.ndarray] = {}  # id -> (m, d) float32 raw embeddings
-        self._gaussians: dict[str, FactoredGaussian] = {}  # id -> Gaussian in the model's space
-        self._model: PoolModel | None = None
-        self._changed_since_full: set[str] = set()
+        self._gaussians: dict[str, FactoredGaussian] = {}  # id -> Gaussian fitted with self._stored
+        self._stored: StoredParameters | None = None  # the parameters of the current model
+        self._changes = 0  # changes applied, the epoch stand-in when build() is given none
+        self.reference: np.ndarray | None = None  # (R, d) raw embeddings of the general requests
         self.full_fits = 0
         self.incremental_fits = 0
 
     def reset(self, samples: Mapping[str, np.ndarray]) -> None:
         self.samples = {k: np.asarray(v, dtype=np.float32) for k, v in samples.items()}
-        self._gaussians, self._model, self._changed_since_full = {}, None, set()
+        self._gaussians, self._stored = {}, None
 
     def apply(self, puts: Mapping[str, np.ndarray], removes: Sequence[str]) -> None:
         for adapter_id in removes:
             self.samples.pop(adapter_id, None)
             self._gaussians.pop(adapter_id, None)
-            self._changed_since_full.add(adapter_id)
+            self._changes += 1
         for adapter_id, z in puts.items():
             self.samples[adapter_id] = np.asarray(z, dtype=np.float32)
             self._gaussians.pop(adapter_id, None)
-            self._changed_since_full.add(adapter_id)
+            self._changes += 1
 
-    def _needs_full_fit(self) -> bool:
-        n = len(self.samples)
-        if self._model is None or n < self.incremental_min_pool:
-            return True
-        return len(self._changed_since_full) > self.recalibrate_fraction * n
+    def key(self) -> str:
+        """What stored parameters must have been computed under: fit settings and reference set."""
+        ref = b"" if self.reference is None else np.ascontiguousarray(self.reference, dtype="<f4").tobytes()
+        settings = json.dumps({**asdict(self.settings), "fallback_eps": self.fallback_eps}, sort_keys=True)
+        return hashlib.sha1(settings.encode() + hashlib.sha1(ref).digest()).hexdigest()[:20]
 
-    def build(self, force_full: bool = False) -> tuple[list[str], PoolModel | None]:
-        """(ids in sorted order, fitted model) for the current samples; (.., None) when empty."""
+    def space_digest(self) -> str | None:
+        """Identifies the space the current Gaussians live in (whitening and scale); None before a fit."""
+        if self._stored is None:
+            return None
+        p = self._stored.params
+        w = None if p.whitener is None else hashlib.sha1(np.ascontiguousarray(p.whitener.matrix).tobytes()).hexdigest()
+        return f"{p.scale!r}:{w}"
+
+    def _fresh(self, stored: StoredParameters | None, epoch: int, n: int) -> bool:
+        if stored is None or stored.key != self.key():
+            return False
+        if n < self.incremental_min_pool:
+            return stored.epoch == epoch
+        return abs(epoch - stored.epoch) <= self.recalibrate_fraction * n
+
+    def build(self, force_full: bool = False, epoch: int | None = None) -> tuple[list[str], PoolModel | None]:
+        """(ids in sorted order, fitted model) for the current samples at pool ``epoch``; (.., None) when empty."""
         ids = sorted(self.samples)
         if not ids:
-            self._model, self._gaussians, self._changed_since_full = None, {}, set()
+            self._gaussians, self._stored = {}, None
             return ids, None
-        raw_means = np.stack([self.samples[i].mean(axis=0, dtype=np.float64) for i in ids])
-        if force_full or self._needs_full_fit():
-            model = fit_registry_pool([self.samples[i] for i in ids], self.settings, self.fallback_eps)
+        epoch = self._changes if epoch is None else epoch
+        stored = None
+        if not force_full:
+            stored = self.shared.load() if self.shared is not None else None
+            if not self._fresh(stored, epoch, len(ids)):
+                stored = self._stored if self._fresh(self._stored, epoch, len(ids)) else None
+        if stored is None:
+            model = fit_registry_pool([self.samples[i] for i in ids], self.settings, self.fallback_eps,
+                                      self.reference)
+            stored = StoredParameters(epoch, self.key(), PoolParameters.of(model))
+            if self.shared is not None:
+                self.shared.save(stored)
             self._gaussians = dict(zip(ids, _gaussians_of(model.bank), strict=True))
-            self._changed_since_full = set()
             self.full_fits += 1
         else:
-            prev = self._model
-            assert prev is not None
+            if self._stored is None or stored.params.digest() != self._stored.params.digest():
+                self._gaussians = {}  # other parameters: every Gaussian is refitted with them
+            params = stored.params
             for i in ids:
                 if i not in self._gaussians:
-                    self._gaussians[i] = _compact(fit_gaussian(prev.transform(self.samples[i]), prev.eps))
+                    one = fit_with_parameters([self.samples[i]], params, dtype="float32").bank
+                    self._gaussians[i] = _gaussians_of(one)[0]
                     self.incremental_fits += 1
             bank = GaussianBank([self._gaussians[i] for i in ids], dtype=np.dtype(self.settings.dtype))
-            model = PoolModel(bank=bank, means=raw_means, eps=prev.eps, whitener=prev.whitener,
-                              calibration=prev.calibration, scale=prev.scale)
-            # views into the new bank: the old one can be freed
-            self._gaussians = dict(zip(ids, _gaussians_of(bank), strict=True))
-        self._model = model
+            raw_means = np.stack([self.samples[i].mean(axis=0, dtype=np.float64) for i in ids])
+            model = PoolModel(bank=bank, means=raw_means, eps=params.eps, whitener=params.whitener,
+                              calibration=params.calibration, scale=params.scale, off_pool=params.off_pool)
+            self._gaussians = dict(zip(ids, _gaussians_of(bank), strict=True))  # views: the old bank can go
+        self._stored = stored
         return ids, model

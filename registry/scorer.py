@@ -24,8 +24,9 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from hilora_core.embedding import EmbedderIdentity, SentenceEmbedder
+from hilora_core.embedding import DEFAULT_INSTRUCTION, MINILM_NAME, EmbedderIdentity, SentenceEmbedder
 from hilora_core.errors import DimensionMismatchError, InvalidInputError
+from hilora_core.fallback import load_reference_requests
 from hilora_core.plan import RoutingPlan
 from hilora_core.policies import PolicyConfig, cosine_similarity, make_plans
 from hilora_core.pool import PoolModel
@@ -34,7 +35,7 @@ from hilora_core.sequence_routing import select_candidates
 from .config import RegistryConfig, build_embedder
 from .connection import REDIS_ERRORS, connect
 from .errors import EmbedderMismatchError, RegistryUnavailableError
-from .fitting import IncrementalPoolFit
+from .fitting import IncrementalPoolFit, StoredParameters
 from .prefilter import MeanIndex, prefilter_scores
 from .records import AdapterRecord, StoredAdapter
 from .store import AdapterStore, Change
@@ -88,6 +89,9 @@ class RouteDecision:
         epoch: pool epoch of the snapshot used.
         degraded: the scorer could not reach Redis; the snapshot may be stale.
         prefiltered: the FAISS shortlist was used; shortlist_size: its size (0 if not used).
+        off_pool: the base-model fallback test for this request: ``{"fallback": bool, "best_score",
+            "threshold", "enabled"}``; None when the pool has no off-pool threshold or the policy
+            does not route (explicit, base).
     """
 
     plan: RoutingPlan
@@ -97,20 +101,36 @@ class RouteDecision:
     degraded: bool
     prefiltered: bool = False
     shortlist_size: int = 0
+    off_pool: dict | None = None
+
+    @property
+    def fell_back(self) -> bool:
+        return bool(self.off_pool and self.off_pool["fallback"])
 
     def to_dict(self) -> dict:
         return {
             "plan": self.plan.to_dict(), "candidates": list(self.candidates),
             "candidate_scores": [float(s) for s in self.candidate_scores], "epoch": self.epoch,
             "degraded": self.degraded, "prefiltered": self.prefiltered, "shortlist_size": self.shortlist_size,
+            "off_pool": self.off_pool,
         }
 
 
+def _off_pool_info(model: PoolModel, cfg: PolicyConfig, best: float) -> dict | None:
+    """The decision's ``off_pool`` record (None when the pool has no threshold or the policy never falls back)."""
+    if model.off_pool is None or cfg.name in ("explicit", "base"):
+        return None
+    off = bool(model.off_pool_rows(np.array([best]))[0])
+    return {"fallback": off and cfg.fallback, "best_score": float(best), "threshold": model.off_pool.threshold,
+            "enabled": cfg.fallback}
+
+
 def _hilora_decision(plan: RoutingPlan, names: Sequence[str], row: np.ndarray, cfg: PolicyConfig,
-                     common: dict, prefiltered: bool = False) -> RouteDecision:
+                     common: dict, off_pool: dict | None, prefiltered: bool = False) -> RouteDecision:
     cand = select_candidates(row, cfg.max_candidates)
     return RouteDecision(plan, tuple(names[i] for i in cand), tuple(float(row[i]) for i in cand),
-                         prefiltered=prefiltered, shortlist_size=len(names) if prefiltered else 0, **common)
+                         prefiltered=prefiltered, shortlist_size=len(names) if prefiltered else 0,
+                         off_pool=off_pool, **common)
 
 
 def _route_prefiltered(snap: PoolSnapshot, z: np.ndarray, cfg: PolicyConfig, config: RegistryConfig,
@@ -126,8 +146,11 @@ def _route_prefiltered(snap: PoolSnapshot, z: np.ndarray, cfg: PolicyConfig, con
         names = [snap.ids[i] for i in sl.indices]
         # one plan per query; a seeded policy gets seed + q so queries do not share one draw
         qcfg = cfg if cfg.seed is None else replace(cfg, seed=cfg.seed + q)
-        plan = make_plans(qcfg, names, snap.ranks[sl.indices], scores=sl.scores[None, :])[0]
-        out.append(_hilora_decision(plan, names, sl.scores, cfg, common, prefiltered=True))
+        best = float(sl.scores.max())
+        plan = make_plans(qcfg, names, snap.ranks[sl.indices], scores=sl.scores[None, :],
+                          off_pool=snap.model.off_pool_rows(np.array([best])))[0]
+        info = _off_pool_info(snap.model, cfg, best)
+        out.append(_hilora_decision(plan, names, sl.scores, cfg, common, info, prefiltered=True))
     return out
 
 
@@ -145,28 +168,54 @@ def route_on_snapshot(
 
     HiLoRA policies use the FAISS prefilter when the snapshot has an index (or when
     ``use_prefilter`` forces it); retriever uses the cosine to every adapter's mean;
-    the other policies need no scores.
+    the other policies need no scores. Every policy that routes is gated by the pool's
+    off-pool test (``cfg.fallback``), which reads the Gaussian scores.
     """
     n = z.shape[0]
     names = list(snap.ids)
     common = {"epoch": snap.epoch, "degraded": degraded}
+    model = snap.model
     with single_blas_thread():
-        if cfg.needs_gaussian_scores and snap.model is not None:
+        if cfg.needs_gaussian_scores and model is not None:
             prefilter = snap.index is not None if use_prefilter is None else use_prefilter
             if prefilter:
                 return _route_prefiltered(snap, z, cfg, config, common)
-            scores = snap.model.score(z)
-            plans = make_plans(cfg, names, snap.ranks, scores=scores)
-            return [_hilora_decision(plans[q], names, scores[q], cfg, common) for q in range(n)]
+            scores = model.score(z)
+            best = scores.max(axis=1)
+            plans = make_plans(cfg, names, snap.ranks, scores=scores, off_pool=model.off_pool_rows(best))
+            return [_hilora_decision(plans[q], names, scores[q], cfg, common, _off_pool_info(model, cfg, best[q]))
+                    for q in range(n)]
         cosine = None
-        if cfg.needs_cosine and snap.model is not None:
-            cosine = cosine_similarity(z, snap.model.means)
-        plans = make_plans(cfg, names, snap.ranks, scores=None, cosine=cosine, explicit=explicit, n_queries=n)
+        if cfg.needs_cosine and model is not None:
+            cosine = cosine_similarity(z, model.means)
+        best = None
+        if model is not None and model.off_pool is not None and cfg.name not in ("explicit", "base"):
+            best = model.score(z).max(axis=1)
+        plans = make_plans(cfg, names, snap.ranks, scores=None, cosine=cosine, explicit=explicit, n_queries=n,
+                           off_pool=None if best is None else model.off_pool_rows(best))
     out = []
-    for plan in plans:
+    for q, plan in enumerate(plans):
         scores = tuple(plan.scores) if cfg.needs_cosine and plan.scores is not None else ()
-        out.append(RouteDecision(plan, plan.adapters, scores, **common))
+        info = None if best is None else _off_pool_info(model, cfg, best[q])
+        out.append(RouteDecision(plan, plan.adapters, scores, off_pool=info, **common))
     return out
+
+
+class _RedisParameters:
+    """The store as the fit's shared parameter place; Redis errors leave the fit to this process."""
+
+    def __init__(self, store: AdapterStore) -> None:
+        self.store = store
+
+    def load(self) -> StoredParameters | None:
+        try:
+            return self.store.get_parameters()
+        except RegistryUnavailableError:
+            return None
+
+    def save(self, stored: StoredParameters) -> None:
+        with contextlib.suppress(RegistryUnavailableError):
+            self.store.put_parameters(stored)
 
 
 def _identity_key(identity: EmbedderIdentity) -> str:
@@ -203,7 +252,8 @@ class PoolScorer:
             store = AdapterStore(client, self.config)
         self.store = store
         self._fit = IncrementalPoolFit(self.config.fit, self.config.fallback_eps,
-                                       self.config.incremental_fit_min_pool, self.config.recalibrate_fraction)
+                                       self.config.incremental_fit_min_pool, self.config.recalibrate_fraction,
+                                       shared=_RedisParameters(store))
         self._records: dict[str, AdapterRecord] = {}
         self._epoch = 0
         self._snapshot = PoolSnapshot(0, (), np.zeros(0, np.int64), {}, None)
@@ -213,6 +263,7 @@ class PoolScorer:
         self._index_dirty: set[str] = set()
         self._index_space_changed = True
         self._index_built_size = 0
+        self._references: dict[str, np.ndarray | None] = {}  # pool identity key -> reference embeddings
         self._lock = threading.RLock()  # guards the mutable state above (not the snapshot)
         self.degraded = False
         self.last_error: str | None = None
@@ -397,12 +448,46 @@ class PoolScorer:
             self._epoch = max(self._epoch, changes[-1].epoch)
             self._rebuild()
 
+    def _can_embed(self, identity: EmbedderIdentity) -> bool:
+        """Whether this process's embedder makes ``identity``'s embeddings (without loading a wrong one)."""
+        if self._embedder is not None:
+            return _identity_key(self._embedder.identity) == _identity_key(identity)
+        name = self.config.embedder_model or MINILM_NAME
+        instruction = DEFAULT_INSTRUCTION if self.config.embedder_instruction is None else \
+            self.config.embedder_instruction
+        return identity.name == name and identity.instruction == instruction
+
+    def _reference_for_pool(self) -> np.ndarray | None:
+        """(R, d) embeddings of the off-pool reference requests for the pool's embedder.
+
+        Read from Redis, where the first scorer that could embed them stored them, so every
+        replica fits the same threshold. None when neither Redis has them nor this process
+        can make them (the off-pool test then rests on the leave-one-out side alone).
+        """
+        if not self._records:
+            return None
+        identity = next(iter(self._records.values())).embedder
+        key = _identity_key(identity)
+        if key in self._references:
+            return self._references[key]
+        z = self.store.get_reference(identity)
+        if z is None and self._can_embed(identity):
+            try:
+                texts = load_reference_requests(self.config.off_pool_reference_file)
+                z = self.store.put_reference(identity, self.embedder.encode(texts))
+            except EmbedderMismatchError:
+                z = None
+        self._references[key] = z
+        return z
+
     def _rebuild(self, force_full: bool = False) -> None:
         """Fit the current samples and swap in a new snapshot (caller holds the lock)."""
-        full_before = self._fit.full_fits
-        ids, model = self._fit.build(force_full=force_full)
-        if self._fit.full_fits != full_before and self.config.fit.whiten:
-            self._index_space_changed = True  # a new whitening moves every mean
+        # stored parameters fitted with another reference set are not fresh (the fit's key differs)
+        self._fit.reference = self._reference_for_pool()
+        space_before = self._fit.space_digest()
+        ids, model = self._fit.build(force_full=force_full, epoch=self._epoch)
+        if self._fit.space_digest() != space_before:
+            self._index_space_changed = True  # a new whitening or scale moves every mean
         records = {i: self._records[i] for i in ids}
         ranks = np.array([records[i].rank for i in ids], dtype=np.int64)
         index, slot_to_pos = self._update_index(ids, model)

@@ -18,6 +18,7 @@ and a reader never sees half an adapter. The message published on
 
 from __future__ import annotations
 
+import hashlib
 import json
 import zlib
 from collections.abc import Callable, Iterator, Sequence
@@ -29,10 +30,12 @@ import redis
 
 from hilora_core.embedding import EmbedderIdentity
 from hilora_core.errors import UnknownAdapterError
+from hilora_core.pool import PoolParameters
 
 from .config import RegistryConfig
 from .connection import REDIS_ERRORS
 from .errors import ConflictError, EmbedderMismatchError, RegistryUnavailableError
+from .fitting import StoredParameters
 from .records import AdapterPage, AdapterRecord, StoredAdapter
 
 T = TypeVar("T")
@@ -73,6 +76,17 @@ redis.call('ZADD', KEYS[4], epoch, msg)
 redis.call('ZREMRANGEBYRANK', KEYS[4], 0, -(tonumber(ARGV[3]) + 1))
 redis.call('PUBLISH', ARGV[2], msg)
 return epoch
+"""
+
+
+# KEYS: fit;  ARGV: epoch, key, params JSON. Newer parameters (or another key) replace older ones.
+_PUT_FIT_SCRIPT = """
+local e = redis.call('HGET', KEYS[1], 'epoch')
+if e and tonumber(e) >= tonumber(ARGV[1]) and redis.call('HGET', KEYS[1], 'key') == ARGV[2] then
+  return 0
+end
+redis.call('HSET', KEYS[1], 'epoch', ARGV[1], 'key', ARGV[2], 'params', ARGV[3])
+return 1
 """
 
 
@@ -127,7 +141,9 @@ class AdapterStore:
         p = config.key_prefix
         self._ids_key, self._epoch_key = f"{p}:ids", f"{p}:epoch"
         self._changelog_key, self._embedder_key = f"{p}:changelog", f"{p}:embedder"
+        self._fit_key = f"{p}:fit"
         self._put = client.register_script(_PUT_SCRIPT)
+        self._put_fit = client.register_script(_PUT_FIT_SCRIPT)
         self._remove = client.register_script(_REMOVE_SCRIPT)
 
     def adapter_key(self, adapter_id: str) -> str:
@@ -191,6 +207,41 @@ class AdapterStore:
 
     def count(self) -> int:
         return int(self._call("count", lambda: self.client.zcard(self._ids_key)))
+
+    # ---- the pool parameters of the last full fit, shared by every scorer ----
+
+    def get_parameters(self) -> StoredParameters | None:
+        """The stored pool parameters, or None."""
+        raw = self._call("read fit", lambda: self.client.hmget(self._fit_key, "epoch", "key", "params"))
+        if raw[0] is None or raw[2] is None:
+            return None
+        return StoredParameters(int(raw[0]), raw[1].decode(), PoolParameters.from_dict(json.loads(raw[2])))
+
+    def put_parameters(self, stored: StoredParameters) -> bool:
+        """Store parameters unless ones at least as new, under the same key, are stored; True if written."""
+        args = [stored.epoch, stored.key, json.dumps(stored.params.to_dict(), sort_keys=True)]
+        return bool(self._call("write fit", lambda: self._put_fit(keys=[self._fit_key], args=args)))
+
+    # ---- the off-pool reference set, embedded once per embedder and shared by every scorer ----
+
+    def _reference_key(self, identity: EmbedderIdentity) -> str:
+        digest = hashlib.sha1(_canonical_identity(identity).encode()).hexdigest()[:16]
+        return f"{self.config.key_prefix}:reference:{digest}"
+
+    def get_reference(self, identity: EmbedderIdentity) -> np.ndarray | None:
+        """The (R, d) reference embeddings stored for ``identity``, or None."""
+        raw = self._call("read reference", lambda: self.client.get(self._reference_key(identity)))
+        if raw is None:
+            return None
+        z = np.frombuffer(raw, dtype="<f4")
+        return z.reshape(-1, identity.dim).astype(np.float32) if z.size % identity.dim == 0 else None
+
+    def put_reference(self, identity: EmbedderIdentity, z: np.ndarray) -> np.ndarray:
+        """Store (R, d) reference embeddings unless some scorer already did; returns the stored ones."""
+        self._call("write reference", lambda: self.client.set(self._reference_key(identity), encode_embeddings(z),
+                                                              nx=True))
+        stored = self.get_reference(identity)
+        return stored if stored is not None else np.asarray(z, dtype=np.float32)
 
     def pool_embedder(self) -> EmbedderIdentity | None:
         raw = self._call("read embedder", lambda: self.client.get(self._embedder_key))

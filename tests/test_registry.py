@@ -134,9 +134,14 @@ def test_routes_every_policy_and_matches_hilora_core(reg):
     z = np.stack([data["ad001"][0], data["ad004"][1], np.full(DIM, 5.0, np.float32)])
     ids = sorted(data)
     model = fit_pool([data[i] for i in ids], FIT)
-    expected = make_plans(PolicyConfig(), ids, [8] * 6, scores=model.score(z))
+    scores = model.score(z)
+    expected = make_plans(PolicyConfig(), ids, [8] * 6, scores=scores, off_pool=model.off_pool_rows(scores.max(1)))
     decisions = reg.route_embeddings(z, PolicyConfig())
     assert [d.plan for d in decisions] == expected
+    # the third query is far from every adapter: the base model serves it, and the decision says why
+    assert decisions[2].plan.is_base and decisions[2].fell_back
+    assert decisions[2].off_pool["best_score"] < decisions[2].off_pool["threshold"]
+    assert not decisions[0].fell_back and not decisions[0].plan.is_base
     for q, d in enumerate(decisions):
         scores = model.score(z[q])[0]
         assert list(d.candidates) == [ids[i] for i in select_candidates(scores)]

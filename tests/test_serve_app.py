@@ -110,6 +110,23 @@ def test_routed_and_explicit_completions(service):
     assert base.status_code == 200 and base.json()["routing"]["adapters"] == []
 
 
+def test_off_pool_request_is_answered_by_the_base_model(service):
+    c = service["client"]
+    q = "What is the capital of France?"
+    routed = chat(c, "hilora", q, max_tokens=12)
+    assert routed.status_code == 200, routed.text
+    r = routed.json()["routing"]
+    assert r["adapters"] == [] and r["off_pool"]["fallback"] is True and r["off_pool"]["enabled"] is True
+    assert r["off_pool"]["best_score"] < r["off_pool"]["threshold"]
+    base = chat(c, "base", q, max_tokens=12).json()
+    assert routed.json()["choices"][0]["message"]["content"] == base["choices"][0]["message"]["content"]
+    # per request, the paper's behaviour: always route to adapters
+    paper = chat(c, "hilora", q, max_tokens=4, routing={"fallback": False}).json()["routing"]
+    assert paper["adapters"] and paper["off_pool"]["fallback"] is False and paper["off_pool"]["enabled"] is False
+    shown = c.post("/v1/route", json={"input": q}).json()["data"][0]
+    assert shown["adapters"] == [] and shown["off_pool"]["fallback"] is True
+
+
 def test_streaming_equals_non_streaming(service):
     c = service["client"]
     full = chat(c, "alpha", "Name a colour.", max_tokens=10).json()["choices"][0]["message"]["content"]

@@ -1,0 +1,124 @@
+"""Candidate designs of the off-pool test, compared on data that is not the evaluation set.
+
+    .venv/bin/python benchmarks/offpool_designs.py --flan48 ../shared/data/flan48
+
+No generation: only whether a request would be sent to the base model. In-pool requests are the
+test items of the example pools (the transfer pool's are phrased with templates no adapter or
+sample saw) and, with ``--flan48``, the FLAN-48 dev split; off-pool requests are the shipped
+reference set (``hilora_core/data/general_requests.txt``) in 5 folds: each fold is scored by a
+test calibrated on the other four, so no design sees the requests it is scored on. The
+evaluation set (``benchmarks/data/offpool_requests.txt``) is not read here.
+
+Designs:
+
+- ``sample-quantile``: a threshold on HiLoRA's best score, the 1 % quantile of the registered
+  samples' leave-one-out best scores;
+- ``reference-gaussian``: a Gaussian fitted on the reference requests competes with the adapters
+  (fall back when it scores higher than the best adapter);
+- ``reference-quantile``: a threshold at the 99 % quantile of the reference requests' best scores;
+- ``min-of-both`` (the product's rule, :mod:`hilora_core.fallback`): the lower of the last and the
+  first thresholds.
+
+Writes ``<out>/offpool-designs.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from examples.demo_pool import tasks as T  # noqa: E402
+from examples.transfer_pool import tasks as TT  # noqa: E402
+from hilora_core.calibration import LeaveOneOutScores  # noqa: E402
+from hilora_core.embedding import SentenceEmbedder  # noqa: E402
+from hilora_core.fallback import calibrate_off_pool, load_reference_requests  # noqa: E402
+from hilora_core.gaussian import GaussianBank, fit_gaussian  # noqa: E402
+from hilora_core.pool import GaussianFitSettings, fit_pool  # noqa: E402
+
+DESIGNS = ("sample-quantile", "reference-gaussian", "reference-quantile", "min-of-both")
+
+
+def pools(flan48: Path | None, per_task: int):
+    """(name, {adapter: sample texts}, in-pool request texts) of each pool measured."""
+    demo = json.loads((ROOT / "examples" / "demo_pool" / "manifest.json").read_text())
+    sets = {e["model_name"]: [s["inputs"] for s in e["sample"]] for e in demo}
+    data = ROOT / "examples" / "demo_pool" / "data"
+    tests = [json.loads(line)["inputs"] for n in sets
+             for line in (data / n / "test.jsonl").read_text().splitlines()[:per_task]]
+    yield "demo", sets, tests
+    sets, tests = {}, []
+    for task in TT.pool_tasks():
+        sp = T.make_splits(task, 0, n_train=8, n_sample=20, n_test=per_task)
+        sets[task.name] = [x["inputs"] for x in sp["sample"]]
+        tests += [x["inputs"] for x in sp["test"]]
+    yield "transfer", sets, tests
+    if flan48 is not None:
+        pool = json.loads((flan48 / "pool_samples.json").read_text())
+        sets = {e["model_name"]: [s["inputs"] for s in e["sample"]] for e in pool}
+        tests = [json.loads(line)["inputs"] for line in (flan48 / "dev.jsonl").read_text().splitlines() if line]
+        yield "flan48", sets, tests
+
+
+def measure(embedder: SentenceEmbedder, sets: dict[str, list[str]], tests: list[str], reference: np.ndarray,
+            folds: int = 5, seed: int = 0) -> dict[str, tuple[float, float]]:
+    """design -> (in-pool fallback rate, held-out reference fallback rate)."""
+    settings = GaussianFitSettings()
+    raw = [embedder.encode(v) for v in sets.values()]
+    model = fit_pool(raw, settings)
+    space = [model.transform(z) for z in raw]
+    loo_best = LeaveOneOutScores(space).scores(model.eps).max(axis=1)
+    test_best = model.score(embedder.encode(tests)).max(axis=1)
+    ref_best = model.score(reference).max(axis=1)
+    order = np.random.default_rng(seed).permutation(len(reference))
+    out: dict[str, list[tuple[float, float]]] = {d: [] for d in DESIGNS}
+    for held in np.array_split(order, folds):
+        fit_idx = np.setdiff1d(order, held)
+        sample_only = calibrate_off_pool(loo_best, None).threshold
+        ref_only = calibrate_off_pool(None, ref_best[fit_idx]).threshold
+        both = calibrate_off_pool(loo_best, ref_best[fit_idx]).threshold
+        for name, t in (("sample-quantile", sample_only), ("reference-quantile", ref_only), ("min-of-both", both)):
+            out[name].append((float((test_best < t).mean()), float((ref_best[held] < t).mean())))
+        g = GaussianBank([fit_gaussian(model.transform(reference[fit_idx]), model.eps)])
+        margin_test = test_best - g.score(model.transform(embedder.encode(tests)))[:, 0]
+        margin_held = ref_best[held] - g.score(model.transform(reference[held]))[:, 0]
+        out["reference-gaussian"].append((float((margin_test < 0).mean()), float((margin_held < 0).mean())))
+    return {d: (float(np.mean([a for a, _ in v])), float(np.mean([b for _, b in v]))) for d, v in out.items()}
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--flan48", type=Path, default=None, help="folder with pool_samples.json and dev.jsonl")
+    ap.add_argument("--per-task", type=int, default=30, help="test items per example-pool task")
+    ap.add_argument("--out", type=Path, default=ROOT / "docs")
+    args = ap.parse_args(argv)
+    t0 = time.perf_counter()
+    embedder = SentenceEmbedder()
+    reference = embedder.encode(load_reference_requests())
+    command = "python benchmarks/offpool_designs.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    lines = ["# Off-pool test: candidate designs\n",
+             f"Generated by `{command}`"
+             f" ({time.perf_counter() - t0:.0f} s to load). Each cell: share of in-pool requests sent to the base "
+             "model (lower is better) / share of held-out general requests sent to the base model (higher is "
+             "better). Reference requests are scored in 5 folds, each by a test calibrated without it.\n",
+             "| pool | adapters | in-pool requests | " + " | ".join(DESIGNS) + " |",
+             "|---|---|---|" + "---|" * len(DESIGNS)]
+    for name, sets, tests in pools(args.flan48, args.per_task):
+        res = measure(embedder, sets, tests, reference)
+        lines.append(f"| {name} | {len(sets)} | {len(tests)} | "
+                     + " | ".join(f"{res[d][0]:.3f} / {res[d][1]:.3f}" for d in DESIGNS) + " |")
+        print(lines[-1], flush=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "offpool-designs.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

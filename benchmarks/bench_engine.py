@@ -79,7 +79,7 @@ class Setups:
     def __init__(self, args) -> None:
         import torch
 
-        from hilora_core.base_model import resolve_base
+        from hilora_core.models.base_model import resolve_base
 
         self.args = args
         self.device = torch.device(args.device)
@@ -244,7 +244,7 @@ def main() -> None:
 
     import torch
 
-    from hilora_core.base_model import resolve_base
+    from hilora_core.models.base_model import resolve_base
 
     tmp = None
     if args.adapters is None:

@@ -35,13 +35,13 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from hilora_core.gaussian import FactoredGaussian, GaussianBank, fit_gaussian  # noqa: E402
 from hilora_core.policies import PolicyConfig  # noqa: E402
-from hilora_core.pool import GaussianFitSettings, PoolModel, fit_pool  # noqa: E402
-from hilora_core.sequence_routing import select_candidates  # noqa: E402
+from hilora_core.routing.gaussian import FactoredGaussian, GaussianBank, fit_gaussian  # noqa: E402
+from hilora_core.routing.pool import GaussianFitSettings, PoolModel, fit_pool  # noqa: E402
+from hilora_core.routing.sequence_routing import select_candidates  # noqa: E402
 from registry.config import RegistryConfig  # noqa: E402
 from registry.prefilter import MeanIndex, prefilter_scores  # noqa: E402
-from registry.scorer import PoolSnapshot, route_on_snapshot, single_blas_thread  # noqa: E402
+from registry.routing import PoolSnapshot, route_on_snapshot, single_blas_thread  # noqa: E402
 
 D, M, CLUSTER = 384, 20, 20
 
@@ -155,7 +155,7 @@ def measure(name: str, model: PoolModel, z: np.ndarray, config: RegistryConfig, 
 def flan_model(pool_path: str, dev_path: str | None, settings: GaussianFitSettings, n_queries: int):
     import torch
 
-    from hilora_core.embedding import SentenceEmbedder
+    from hilora_core.models.embedding import SentenceEmbedder
 
     torch.set_num_threads(1)
     with open(pool_path) as fh:
@@ -175,7 +175,7 @@ def flan_model(pool_path: str, dev_path: str | None, settings: GaussianFitSettin
 
 def redis_round_trip(n: int, config: RegistryConfig) -> dict:
     """Register n synthetic adapters through an embedded Redis, start a scorer, add one more."""
-    from hilora_core.embedding import EmbedderIdentity
+    from hilora_core.models.embedding import EmbedderIdentity
     from registry import EmbeddedRedis, PoolScorer, Registry
 
     pool = SyntheticPool(n, seed=7)

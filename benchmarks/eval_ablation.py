@@ -25,16 +25,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import eval_routing as h  # noqa: E402  (the harness, next to this script)
+import hilora_core.evaluation.harness as h  # noqa: E402
 
 
 def top3_plans(scores: np.ndarray, pool: list[str], ranks: list[int], gamma: float | None):
     """C = the 3 best Gaussian scores; ROCs by HiLoRA's allocation (gamma) or all of them (None)."""
     from hilora_core.plan import RoutingPlan
-    from hilora_core.sequence_routing import allocate_rocs
+    from hilora_core.routing.sequence_routing import allocate_rocs
 
     plans = []
     for row in scores:
@@ -62,15 +62,15 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--cross-seen-limit", type=int, default=None)
     ap.add_argument("--settings", nargs="+", default=["within", "cross"], choices=["within", "cross"])
     ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--out", type=Path, default=ROOT.parent / "docs")
+    ap.add_argument("--out", type=Path, default=ROOT / "docs")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    from hilora_core.embedding import SentenceEmbedder
-    from hilora_core.pool import GaussianFitSettings, fit_pool
+    from hilora_core.models.embedding import SentenceEmbedder
+    from hilora_core.routing.pool import GaussianFitSettings, fit_pool
 
     t0 = time.perf_counter()
-    lm, demo = h.load_engine(h.ROOT / "examples" / "demo_pool", args.limit)
+    lm, demo = h.load_engine(ROOT / "examples" / "demo_pool", args.limit)
     units = h.make_units(demo, args.settings, 0, None, args.cross_seen_limit)
     embedder = SentenceEmbedder()
     items = [it for t in demo.names for it in demo.items[t]]
@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> None:
         for setting in ("within", "cross"):
             avg = h.setting_average(tagged, setting, "m")
             cells += [h.fmt(avg.get("seen")), h.fmt(avg.get("unseen"))]
-        size = h._mean([v["mean_plan_size"] for v in per_unit.values()])
+        size = h.mean_or_none([v["mean_plan_size"] for v in per_unit.values()])
         lines.append(f"| {label} | " + " | ".join(cells) + f" | {h.fmt(size, 2)} |")
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "eval-ablation.md").write_text("\n".join(lines) + "\n")

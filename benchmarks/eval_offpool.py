@@ -14,7 +14,7 @@ Three kinds of request (the off-pool issue's protocol):
   how many get any adapter at all.
 
 Every routing method runs twice: as the paper defines it (``fallback=False``) and with the pool's
-off-pool test in front (``+fb``: :meth:`hilora_core.pool.PoolModel.off_pool_rows`, the rule the
+off-pool test in front (``+fb``: :meth:`hilora_core.routing.pool.PoolModel.off_pool_rows`, the rule the
 service applies). Generation is cached by (request, plan), so a fallback variant costs only its
 changed plans. ``--flan48 DIR`` adds routing-only fallback rates on the FLAN-48 dev split: seen-task
 inputs against the whole pool, and each cluster's inputs against the pool without that cluster.
@@ -34,16 +34,14 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from eval_routing import Context, Item, Unit, load_demo, make_units, route  # noqa: E402
-
-from examples.demo_pool import tasks as T  # noqa: E402
-from hilora_core.embedding import SentenceEmbedder  # noqa: E402
 from hilora_core.engine import RoutedLM  # noqa: E402
-from hilora_core.fallback import load_reference_requests  # noqa: E402
+from hilora_core.evaluation.harness import Context, Item, Unit, chat_prompt, load_pool, make_units, route  # noqa: E402
+from hilora_core.evaluation.scoring import exact_match  # noqa: E402
+from hilora_core.models.embedding import SentenceEmbedder  # noqa: E402
 from hilora_core.plan import RoutingPlan  # noqa: E402
-from hilora_core.pool import GaussianFitSettings, PoolModel, fit_pool  # noqa: E402
+from hilora_core.routing.fallback import load_reference_requests  # noqa: E402
+from hilora_core.routing.pool import GaussianFitSettings, PoolModel, fit_pool  # noqa: E402
 
 ROUTED = ("hilora", "hilora_gs", "retriever", "arrow", "merged")
 LABELS = {"base": "Base", "oracle": "Oracle (own LoRA)", "hilora": "HiLoRA", "hilora_gs": "HiLoRA-GS",
@@ -77,7 +75,7 @@ class Generator:
         todo = [i for i, (k, p) in enumerate(zip(keys, plans, strict=True)) if (k, p) not in self.cache]
         for s in range(0, len(todo), self.batch_size):
             idx = todo[s:s + self.batch_size]
-            outs = self.lm.generate([T.format_prompt(prompts[i]) for i in idx], [plans[i] for i in idx],
+            outs = self.lm.generate([chat_prompt(self.lm.tokenizer, prompts[i]) for i in idx], [plans[i] for i in idx],
                                     max_new_tokens=[max_new[i] for i in idx])
             for i, out in zip(idx, outs, strict=True):
                 self.cache[(keys[i], plans[i])] = out
@@ -106,7 +104,7 @@ def eval_unit(unit: Unit, ctx: Context, gen: Generator, methods: list[str], limi
         per_task: dict[str, list[bool]] = {}
         fell = {"seen": [], "unseen": []}
         for it, pred, o in zip(items, preds, off, strict=True):
-            per_task.setdefault(it.task, []).append(T.exact_match(pred, it.target))
+            per_task.setdefault(it.task, []).append(exact_match(pred, it.target))
             fell["seen" if it.task in unit.seen else "unseen"].append(bool(o))
         em = {t: float(np.mean(v)) for t, v in per_task.items()}
         out[f"{method}|{int(fb)}"] = {
@@ -242,7 +240,7 @@ def main(argv: list[str] | None = None) -> dict:
     res = {"command": "python benchmarks/eval_offpool.py " + " ".join(argv if argv is not None else sys.argv[1:]),
            "pools": {}, "n_offpool": len(offpool), "offpool_tokens": args.offpool_tokens}
     for pool in args.pools:
-        demo = load_demo(POOLS[pool], args.limit, lm.tokenizer)
+        demo = load_pool(POOLS[pool], args.limit, lm.tokenizer)
         for name in demo.names:
             lm.add_adapter(name, str(demo.folders[name]))
         items = [it for t in demo.names for it in demo.items[t]]

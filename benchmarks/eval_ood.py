@@ -18,10 +18,10 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import eval_routing as h  # noqa: E402  (the harness, next to this script)
+import hilora_core.evaluation.harness as h  # noqa: E402
 
 
 def auroc(positive: np.ndarray, negative: np.ndarray) -> float:
@@ -33,16 +33,16 @@ def auroc(positive: np.ndarray, negative: np.ndarray) -> float:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--limit", type=int, default=100)
-    ap.add_argument("--out", type=Path, default=ROOT.parent / "docs")
+    ap.add_argument("--out", type=Path, default=ROOT / "docs")
     args = ap.parse_args(argv)
     from transformers import AutoTokenizer
 
-    from hilora_core.base_model import resolve_base
-    from hilora_core.embedding import SentenceEmbedder
-    from hilora_core.pool import GaussianFitSettings, fit_pool
-    from hilora_core.sequence_routing import select_candidates
+    from hilora_core.models.base_model import resolve_base
+    from hilora_core.models.embedding import SentenceEmbedder
+    from hilora_core.routing.pool import GaussianFitSettings, fit_pool
+    from hilora_core.routing.sequence_routing import select_candidates
 
-    demo = h.load_demo(h.ROOT / "examples" / "demo_pool", args.limit, AutoTokenizer.from_pretrained(resolve_base(None)))
+    demo = h.load_pool(ROOT / "examples" / "demo_pool", args.limit, AutoTokenizer.from_pretrained(resolve_base(None)))
     embedder = SentenceEmbedder()
     sample_emb = {t: embedder.encode(demo.samples[t]) for t in demo.names}
     query_emb = {t: embedder.encode([it.inputs for it in demo.items[t]]) for t in demo.names}

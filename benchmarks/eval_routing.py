@@ -28,8 +28,6 @@ import json
 import math
 import sys
 import time
-from collections import defaultdict
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -38,276 +36,35 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from examples.demo_pool import tasks as T  # noqa: E402
-from hilora_core.embedding import SentenceEmbedder  # noqa: E402
-from hilora_core.engine import RoutedLM  # noqa: E402
-from hilora_core.logo import LogoSettings, logo_plans, logo_signals  # noqa: E402
-from hilora_core.plan import RoutingPlan  # noqa: E402
-from hilora_core.policies import PolicyConfig, make_plans  # noqa: E402
-from hilora_core.pool import GaussianFitSettings, PoolModel, fit_pool  # noqa: E402
-from hilora_core.qa_flora import QaFloraSettings, layer_divergences, qa_flora_plans  # noqa: E402
-from hilora_core.sequence_routing import select_candidates  # noqa: E402
+from hilora_core.evaluation.harness import (  # noqa: E402
+    Context,
+    PoolData,
+    Unit,
+    llm_embed,
+    load_engine,
+    load_pool,
+    make_units,
+    mean_or_none,
+    run_method,
+    sequence_metrics,
+    setting_average,
+    summarise,
+)
+from hilora_core.models.embedding import SentenceEmbedder  # noqa: E402
+from hilora_core.routing.pool import GaussianFitSettings, fit_pool  # noqa: E402
 
 METHODS = ("base", "oracle", "hilora", "hilora_gs", "hilora_roc", "retriever", "arrow", "ensemble", "merged",
            "logo", "qa_flora")
 LABELS = {"base": "Base", "oracle": "Oracle (own LoRA)", "hilora": "HiLoRA", "hilora_gs": "HiLoRA-GS",
           "hilora_roc": "HiLoRA-ROC (k=24)", "retriever": "Retriever (k=3)", "arrow": "Arrow (k=3)",
           "ensemble": "Ensemble", "merged": "Merged", "logo": "LoGo (k=3)", "qa_flora": "qa-FLoRA"}
-POOL_INDEPENDENT = ("base", "oracle")
-
-
-# ----------------------------------------------------------------------------------------------- data
-@dataclass
-class Item:
-    task: str
-    cluster: str
-    index: int
-    inputs: str
-    target: str
-
-
-@dataclass
-class Demo:
-    """The demo pool: adapters (name -> folder, rank, cluster, samples) and the test items."""
-
-    names: list[str]
-    folders: dict[str, Path]
-    ranks: dict[str, int]
-    cluster: dict[str, str]
-    samples: dict[str, list[str]]
-    items: dict[str, list[Item]]
-    max_new: dict[str, int]
-
-
-def load_demo(pool_dir: Path, limit: int, tokenizer) -> Demo:
-    manifest = json.loads((pool_dir / "manifest.json").read_text())
-    names = [e["model_name"] for e in manifest]
-    items, max_new = {}, {}
-    for e in manifest:
-        rows = [json.loads(line) for line in (pool_dir / "data" / e["model_name"] / "test.jsonl").open()]
-        # answer budget from the whole test set, as build_pool.py measured the adapters
-        max_new[e["model_name"]] = max(len(tokenizer(r["targets"], add_special_tokens=False)["input_ids"])
-                                       for r in rows) + 4
-        items[e["model_name"]] = [Item(e["model_name"], e["cluster"], i, r["inputs"], r["targets"])
-                                  for i, r in enumerate(rows[:limit])]
-    return Demo(
-        names=names, folders={e["model_name"]: pool_dir / e["adapter"] for e in manifest},
-        ranks={e["model_name"]: int(e["rank"]) for e in manifest},
-        cluster={e["model_name"]: e["cluster"] for e in manifest},
-        samples={e["model_name"]: [s["inputs"] for s in e["sample"]] for e in manifest}, items=items, max_new=max_new,
-    )
-
-
-def load_engine(pool_dir: Path, limit: int, base_model: str | None = None) -> tuple[RoutedLM, Demo]:
-    """The base model with every demo adapter registered, and the demo pool (``limit`` items per task)."""
-    lm = RoutedLM.from_pretrained(base_model, max_slots=16)
-    demo = load_demo(pool_dir, limit, lm.tokenizer)
-    for name in demo.names:
-        lm.add_adapter(name, str(demo.folders[name]))
-    return lm, demo
-
-
-@dataclass
-class Unit:
-    """One evaluation: a pool and the tasks scored against it, each marked seen or unseen."""
-
-    setting: str
-    fold: str
-    pool: list[str]
-    seen: list[str]
-    unseen: list[str]
-    seen_limit: int | None = None  # items per seen task (None: all loaded)
-
-
-def make_units(demo: Demo, settings: list[str], seed: int, folds: list[str] | None,
-               cross_seen_limit: int | None = None) -> list[Unit]:
-    clusters = sorted(set(demo.cluster.values()))
-    units = []
-    if "within" in settings:
-        rng = np.random.default_rng(seed)
-        seen, unseen = [], []
-        for c in clusters:
-            tasks = [t for t in demo.names if demo.cluster[t] == c]
-            order = rng.permutation(len(tasks))
-            n_seen = math.ceil(len(tasks) / 2)
-            seen += [tasks[i] for i in sorted(order[:n_seen])]
-            unseen += [tasks[i] for i in sorted(order[n_seen:])]
-        units.append(Unit("within", "all", [t for t in demo.names if t in seen], seen, unseen))
-    if "cross" in settings:
-        for c in clusters:
-            if folds and c not in folds:
-                continue
-            pool = [t for t in demo.names if demo.cluster[t] != c]
-            units.append(Unit("cross", c, pool, pool, [t for t in demo.names if demo.cluster[t] == c],
-                              seen_limit=cross_seen_limit))
-    return units
-
-
-# ------------------------------------------------------------------------------------------- routing
-@dataclass
-class Context:
-    """Everything a method needs to route one unit's queries."""
-
-    lm: RoutedLM
-    demo: Demo
-    unit: Unit
-    model: PoolModel
-    query_emb: dict[tuple[str, int], np.ndarray]
-
-
-def route(method: str, items: list[Item], ctx: Context, gamma: float = 0.4) -> list[RoutingPlan]:
-    """One plan per item under ``method`` over the unit's pool."""
-    pool, ranks = ctx.unit.pool, [ctx.demo.ranks[a] for a in ctx.unit.pool]
-    if method == "base":
-        return [RoutingPlan()] * len(items)
-    if method == "oracle":
-        return [RoutingPlan.single(it.task) for it in items]
-    if method in ("hilora", "hilora_gs", "retriever"):
-        z = np.stack([ctx.query_emb[(it.task, it.index)] for it in items])
-        if method == "retriever":
-            return make_plans(PolicyConfig("retriever"), pool, ranks, cosine=ctx.model.cosine(z))
-        return make_plans(PolicyConfig(method, gamma=gamma), pool, ranks, scores=ctx.model.score(z))
-    if method in ("hilora_roc", "arrow", "ensemble", "merged"):
-        return make_plans(PolicyConfig(method), pool, ranks, n_queries=len(items))
-    ids, mask = ctx.lm.encode([T.format_prompt(it.inputs) for it in items])
-    if method == "logo":
-        return logo_plans(logo_signals(ctx.lm, ids, mask, pool, LogoSettings()), pool, LogoSettings().top_k)
-    if method == "qa_flora":
-        settings = QaFloraSettings()
-        return qa_flora_plans(layer_divergences(ctx.lm, ids, mask, pool, settings.divergence), pool, settings)
-    raise ValueError(f"unknown method {method!r}")
-
-
-@dataclass
-class Run:
-    """Predictions and timings of one (unit, method)."""
-
-    correct: dict[str, list[bool]] = field(default_factory=lambda: defaultdict(list))
-    route_s: float = 0.0
-    generate_s: float = 0.0
-    n: int = 0
-    plan_sizes: list[int] = field(default_factory=list)
-    own_in_plan: list[bool] = field(default_factory=list)  # seen items only
-    cluster_in_plan: list[bool] = field(default_factory=list)  # any planned adapter of the item's cluster
-
-
-def unit_items(unit: Unit, demo: Demo) -> list[Item]:
-    """The unit's items: every loaded item of its unseen tasks, ``seen_limit`` of each seen task."""
-    return [it for t in unit.seen for it in demo.items[t][: unit.seen_limit]] + [
-        it for t in unit.unseen for it in demo.items[t]]
-
-
-def run_method(method: str, ctx: Context, batch_size: int, gamma: float = 0.4,
-               cache: dict | None = None, router=None) -> Run:
-    """Generate and score the unit's items under ``method`` (``router(items, ctx)`` overrides its plans)."""
-    unit, demo = ctx.unit, ctx.demo
-    items = unit_items(unit, demo)
-    run = Run()
-    # outputs by (method, task, item); base and oracle ignore the pool, so they share the caller's cache
-    outputs = cache if cache is not None and method in POOL_INDEPENDENT else {}
-    for start in range(0, len(items), batch_size):
-        batch = items[start:start + batch_size]
-        todo = [it for it in batch if (method, it.task, it.index) not in outputs]
-        if todo:
-            t0 = time.perf_counter()
-            plans = route(method, todo, ctx, gamma) if router is None else router(todo, ctx)
-            t1 = time.perf_counter()
-            outs = ctx.lm.generate([T.format_prompt(it.inputs) for it in todo], plans,
-                                   max_new_tokens=[demo.max_new[it.task] for it in todo])
-            run.route_s += t1 - t0
-            run.generate_s += time.perf_counter() - t1
-            run.n += len(todo)
-            for it, plan, out in zip(todo, plans, outs, strict=True):
-                outputs[(method, it.task, it.index)] = out
-                run.plan_sizes.append(len(plan.adapters))
-                if it.task in unit.pool:
-                    run.own_in_plan.append(it.task in plan.adapters)
-                if any(demo.cluster[a] == it.cluster for a in unit.pool):  # the cluster is represented
-                    run.cluster_in_plan.append(any(demo.cluster[a] == it.cluster for a in plan.adapters))
-        for it in batch:
-            run.correct[it.task].append(T.exact_match(outputs[(method, it.task, it.index)], it.target))
-    return run
-
-
-# ------------------------------------------------------------------------------- sequence-level study
-def llm_embed(lm: RoutedLM, texts: list[str], layer: int, batch_size: int = 32) -> np.ndarray:
-    """Mean-pooled hidden states of the base model's decoder ``layer`` for raw texts, (n, d)."""
-    out = []
-    for s in range(0, len(texts), batch_size):
-        ids, mask = lm.encode(texts[s:s + batch_size])
-        with torch.inference_mode():
-            hs = lm.model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[layer + 1]
-        m = mask.unsqueeze(-1).to(hs.dtype)
-        out.append(((hs * m).sum(1) / m.sum(1)).float().numpy())
-    return np.concatenate(out)
-
-
-def sequence_metrics(model: PoolModel, unit: Unit, items: list[Item], emb: dict, demo: Demo) -> dict[str, float]:
-    """Candidate-set statistics of HiLoRA's rule for ``items`` of the unit's tasks (no generation)."""
-    keys = [(it.task, it.index, it.cluster) for it in items if it.task in unit.seen or it.task in unit.unseen]
-    scores = model.score(np.stack([emb[(t, i)] for t, i, _ in keys]))
-    own, size, top1_cluster, unseen_cluster = [], [], [], []
-    for (task, _, cluster), row in zip(keys, scores, strict=True):
-        cand = [unit.pool[j] for j in select_candidates(row)]
-        size.append(len(cand))
-        represented = any(demo.cluster[a] == cluster for a in unit.pool)
-        if represented:
-            top1_cluster.append(demo.cluster[cand[0]] == cluster)
-        if task in unit.pool:
-            own.append(task in cand)
-        elif represented:
-            unseen_cluster.append(any(demo.cluster[a] == cluster for a in cand))
-    return {"own_in_C": float(np.mean(own)) if own else float("nan"), "mean_C": float(np.mean(size)),
-            "top1_cluster": float(np.mean(top1_cluster)) if top1_cluster else float("nan"),
-            "unseen_cluster_in_C": float(np.mean(unseen_cluster)) if unseen_cluster else float("nan"),
-            "eps": model.eps}
-
-
-# ---------------------------------------------------------------------------------------- reporting
-def summarise(run: Run, unit: Unit) -> dict:
-    per_task = {t: float(np.mean(v)) for t, v in run.correct.items()}
-    seen = [per_task[t] for t in unit.seen]
-    unseen = [per_task[t] for t in unit.unseen]
-    return {
-        "per_task": per_task, "seen": float(np.mean(seen)) if seen else None,
-        "unseen": float(np.mean(unseen)) if unseen else None,
-        "n": sum(len(v) for v in run.correct.values()), "n_generated": run.n,
-        "route_s": run.route_s, "generate_s": run.generate_s,
-        "mean_plan_size": float(np.mean(run.plan_sizes)) if run.plan_sizes else None,
-        "own_in_plan": float(np.mean(run.own_in_plan)) if run.own_in_plan else None,
-        "cluster_in_plan": float(np.mean(run.cluster_in_plan)) if run.cluster_in_plan else None,
-    }
-
-
-def setting_average(results: dict, setting: str, method: str) -> dict[str, float | None]:
-    """Seen: mean over units of each unit's seen mean; unseen: mean over all unseen (task, unit) pairs."""
-    rows = [r for (s, _, m), r in results.items() if s == setting and m == method]
-    if not rows:
-        return {}
-    seen = [r["seen"] for r in rows if r["seen"] is not None]
-    unseen_tasks = [r["per_task"][t] for (s, f, m), r in results.items() if s == setting and m == method
-                    for t in r["unseen_tasks"]]
-    n = sum(r["n"] for r in rows)
-    n_gen = sum(r["n_generated"] for r in rows)
-    return {"seen": float(np.mean(seen)) if seen else None,
-            "unseen": float(np.mean(unseen_tasks)) if unseen_tasks else None,
-            "route_ms_per_query": 1000 * sum(r["route_s"] for r in rows) / n_gen if n_gen else None,
-            "gen_ms_per_query": 1000 * sum(r["generate_s"] for r in rows) / n_gen if n_gen else None, "n": n,
-            "own_in_plan": _mean([r["own_in_plan"] for r in rows]),
-            "cluster_in_plan": _mean([r["cluster_in_plan"] for r in rows]),
-            "mean_plan_size": _mean([r["mean_plan_size"] for r in rows])}
-
-
-def _mean(xs):
-    xs = [x for x in xs if x is not None]
-    return float(np.mean(xs)) if xs else None
 
 
 def fmt(x, digits=3):
     return "" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
 
 
-def write_report(out: Path, res: dict, args, units: list[Unit], demo: Demo) -> None:
+def write_report(out: Path, res: dict, args, units: list[Unit], demo: PoolData) -> None:
     results = {tuple(k.split("|")): v for k, v in res["results"].items()}
     lines = ["# Routing methods on the demo pool\n",
              f"Generated by `{res['command']}` ({res['finished']}, {res['wall_s'] / 60:.1f} min, "
@@ -441,10 +198,10 @@ def main(argv: list[str] | None = None) -> dict:
     if args.from_json is not None:
         from transformers import AutoTokenizer
 
-        from hilora_core.base_model import resolve_base
+        from hilora_core.models.base_model import resolve_base
 
         tok = AutoTokenizer.from_pretrained(resolve_base(None) if args.base_model is None else args.base_model)
-        demo = load_demo(args.pool_dir, args.limit, tok)
+        demo = load_pool(args.pool_dir, args.limit, tok)
         res = json.loads(args.from_json.read_text())
         write_report(args.out, res, args, make_units(demo, args.settings, args.seed, args.folds,
                                                      args.cross_seen_limit), demo)
@@ -492,12 +249,12 @@ def main(argv: list[str] | None = None) -> dict:
             rows = [r for r in gamma_rows if r["setting"] == setting and r["gamma"] == g]
             if rows:
                 unseen = [v for r in rows for v in r["unseen_per_task"].values()]
-                gamma_summary.append({"setting": setting, "gamma": g, "seen": _mean([r["seen"] for r in rows]),
+                gamma_summary.append({"setting": setting, "gamma": g, "seen": mean_or_none([r["seen"] for r in rows]),
                                       "unseen": float(np.mean(unseen)) if unseen else None})
 
     sequence_rows = []
     if not args.no_sequence:
-        seq_demo = load_demo(args.pool_dir, args.sequence_limit, lm.tokenizer)
+        seq_demo = load_pool(args.pool_dir, args.sequence_limit, lm.tokenizer)
         seq_items = [it for t in demo.names for it in seq_demo.items[t]]
         texts = [it.inputs for it in seq_items]
         embedders = {}
@@ -525,7 +282,7 @@ def main(argv: list[str] | None = None) -> dict:
                             model = fit_pool(sets, GaussianFitSettings(eps=model.eps * factor))
                         rows.append(sequence_metrics(model, u, seq_items, qe, demo))
                     sequence_rows.append({"setting": setting, "embedder": emb_name, "eps_label": label,
-                                          **{k: _mean([r[k] for r in rows if not math.isnan(r[k])])
+                                          **{k: mean_or_none([r[k] for r in rows if not math.isnan(r[k])])
                                              for k in rows[0]}})
         for row in sequence_rows:  # JSON has no NaN
             for k, v in row.items():

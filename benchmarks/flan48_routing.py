@@ -14,9 +14,14 @@ from __future__ import annotations
 import argparse
 import time
 
-from hilora_core.embedding import DEFAULT_INSTRUCTION, SentenceEmbedder
-from hilora_core.pool import GaussianFitSettings
-from hilora_core.route_eval import embed_pool_and_inputs, evaluate_routing, load_labelled_inputs, load_pool_manifest
+from hilora_core.evaluation.route_eval import (
+    embed_pool_and_inputs,
+    evaluate_routing,
+    load_labelled_inputs,
+    load_pool_manifest,
+)
+from hilora_core.models.embedding import DEFAULT_INSTRUCTION, SentenceEmbedder
+from hilora_core.routing.pool import GaussianFitSettings
 
 SETTINGS = {
     # the raw (unit-norm) embedding space with a fixed eps: the reference points of the data's README

@@ -5,7 +5,7 @@
 No generation: only whether a request would be sent to the base model. In-pool requests are the
 test items of the example pools (the transfer pool's are phrased with templates no adapter or
 sample saw) and, with ``--flan48``, the FLAN-48 dev split; off-pool requests are the shipped
-reference set (``hilora_core/data/general_requests.txt``) in 5 folds: each fold is scored by a
+reference set (``hilora_core/routing/data/general_requests.txt``) in 5 folds: each fold is scored by a
 test calibrated on the other four, so no design sees the requests it is scored on. The
 evaluation set (``benchmarks/data/offpool_requests.txt``) is not read here.
 
@@ -16,7 +16,7 @@ Designs:
 - ``reference-gaussian``: a Gaussian fitted on the reference requests competes with the adapters
   (fall back when it scores higher than the best adapter);
 - ``reference-quantile``: a threshold at the 99 % quantile of the reference requests' best scores;
-- ``min-of-both`` (the product's rule, :mod:`hilora_core.fallback`): the lower of the last and the
+- ``min-of-both`` (the product's rule, :mod:`hilora_core.routing.fallback`): the lower of the last and the
   first thresholds.
 
 Writes ``<out>/offpool-designs.md``.
@@ -37,11 +37,11 @@ sys.path.insert(0, str(ROOT))
 
 from examples.demo_pool import tasks as T  # noqa: E402
 from examples.transfer_pool import tasks as TT  # noqa: E402
-from hilora_core.calibration import LeaveOneOutScores  # noqa: E402
-from hilora_core.embedding import SentenceEmbedder  # noqa: E402
-from hilora_core.fallback import calibrate_off_pool, load_reference_requests  # noqa: E402
-from hilora_core.gaussian import GaussianBank, fit_gaussian  # noqa: E402
-from hilora_core.pool import GaussianFitSettings, fit_pool  # noqa: E402
+from hilora_core.models.embedding import SentenceEmbedder  # noqa: E402
+from hilora_core.routing.calibration import LeaveOneOutScores  # noqa: E402
+from hilora_core.routing.fallback import calibrate_off_pool, load_reference_requests  # noqa: E402
+from hilora_core.routing.gaussian import GaussianBank, fit_gaussian  # noqa: E402
+from hilora_core.routing.pool import GaussianFitSettings, fit_pool  # noqa: E402
 
 DESIGNS = ("sample-quantile", "reference-gaussian", "reference-quantile", "min-of-both")
 

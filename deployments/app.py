@@ -2,8 +2,9 @@
 
 ``serve run serve_config.yaml`` imports :func:`build_app` and passes the
 config's ``args`` (validated as :class:`deployments.config.AppConfig`).
-Deployment options (replicas, autoscaling, resources) come from the YAML's
-``deployments`` section; the defaults here fit a 2-core CPU machine.
+Deployment options: :data:`DEPLOYMENT_DEFAULTS` is the one place their defaults are written
+(sized for a 2-core CPU machine); a YAML's ``deployments`` section overrides any of them and adds
+autoscaling (``serve_config.yaml``, ``serve_config.gpu.yaml``).
 """
 
 from __future__ import annotations
@@ -16,14 +17,21 @@ from .ingress import Ingress
 from .model import LoRAModel
 from .registry_deployment import RegistryService
 
+DEPLOYMENT_DEFAULTS: dict[str, dict] = {
+    "Ingress": {"max_ongoing_requests": 128, "ray_actor_options": {"num_cpus": 0.1}},
+    "Embedder": {"max_ongoing_requests": 64, "ray_actor_options": {"num_cpus": 0.2}},
+    "RegistryService": {"max_ongoing_requests": 64, "ray_actor_options": {"num_cpus": 0.1}},
+    "LoRAModel": {"max_ongoing_requests": 32, "ray_actor_options": {"num_cpus": 1}},
+}
+
 
 def build_app(args: dict | None = None) -> Application:
-    cfg = AppConfig.model_validate(args or {})
-    config = cfg.model_dump()
-    small = {"num_cpus": 0.1}
-    return Ingress.options(ray_actor_options=small).bind(
-        Embedder.options(ray_actor_options={"num_cpus": 0.2}).bind(config),
-        RegistryService.options(ray_actor_options=small).bind(config),
-        LoRAModel.options(ray_actor_options={"num_cpus": 1}).bind(config),
+    """The application graph for the validated ``args`` (:class:`AppConfig`)."""
+    config = AppConfig.model_validate(args or {}).model_dump()
+    d = DEPLOYMENT_DEFAULTS
+    return Ingress.options(**d["Ingress"]).bind(
+        Embedder.options(**d["Embedder"]).bind(config),
+        RegistryService.options(**d["RegistryService"]).bind(config),
+        LoRAModel.options(**d["LoRAModel"]).bind(config),
         config,
     )

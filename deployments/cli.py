@@ -3,7 +3,7 @@
 Subcommands are implemented next to what they drive; this module only wires
 them together and imports each lazily (so ``hilora --help`` is instant).
 
-    hilora route-eval   sequence-level routing metrics on a labelled split (hilora_core.route_eval)
+    hilora route-eval   sequence-level routing metrics on a labelled split (hilora_core.evaluation.route_eval)
     hilora registry     import / list adapters in the Redis registry (registry.cli)
 """
 
@@ -57,14 +57,14 @@ def _pool_through_registry(args, embedder, pool_z, settings):
 def _run_route_eval(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
-    from hilora_core.embedding import DEFAULT_INSTRUCTION, SentenceEmbedder
-    from hilora_core.pool import GaussianFitSettings
-    from hilora_core.route_eval import (
+    from hilora_core.evaluation.route_eval import (
         embed_pool_and_inputs,
         evaluate_routing,
         load_labelled_inputs,
         load_pool_manifest,
     )
+    from hilora_core.models.embedding import DEFAULT_INSTRUCTION, SentenceEmbedder
+    from hilora_core.routing.pool import GaussianFitSettings
 
     settings = GaussianFitSettings()
     if args.eps is not None:

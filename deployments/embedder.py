@@ -7,17 +7,24 @@ import asyncio
 import numpy as np
 from ray import serve
 
-from hilora_core.embedding import DEFAULT_INSTRUCTION, SentenceEmbedder
+from hilora_core.models.embedding import DEFAULT_INSTRUCTION, SentenceEmbedder
 
 from .config import AppConfig
 
 
-@serve.deployment(max_ongoing_requests=64)
-class Embedder:
-    def __init__(self, config: dict) -> None:
+class EmbedderReplica:
+    """An embedding replica (the plain class; :data:`Embedder` is its Serve deployment).
+
+    Args:
+        config: the application config (``AppConfig`` as a dict).
+        embedder: the :class:`SentenceEmbedder` to serve (default: built from ``config``).
+    """
+
+    def __init__(self, config: dict, embedder: SentenceEmbedder | None = None) -> None:
         cfg = AppConfig.model_validate(config)
         instruction = DEFAULT_INSTRUCTION if cfg.embedder.instruction is None else cfg.embedder.instruction
-        self.embedder = SentenceEmbedder(cfg.embedder.model, instruction=instruction, revision=cfg.embedder.revision)
+        self.embedder = embedder if embedder is not None else SentenceEmbedder(
+            cfg.embedder.model, instruction=instruction, revision=cfg.embedder.revision)
         self._embed_batch.set_max_batch_size(cfg.embedder.max_batch_size)
         self._embed_batch.set_batch_wait_timeout_s(cfg.embedder.batch_wait_timeout_s)
 
@@ -33,3 +40,6 @@ class Embedder:
     async def _embed_batch(self, texts: list[str]) -> list[np.ndarray]:
         z = await asyncio.to_thread(self.embedder.encode, list(texts))
         return list(z)
+
+
+Embedder = serve.deployment(EmbedderReplica, name="Embedder")

@@ -15,10 +15,9 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from hilora_core.plan import RoutingPlan
-
 from .auth import check_admin
 from .config import AppConfig
+from .contracts import Decision, GenerateCall
 from .errors import to_http
 from .metrics import ServiceMetrics
 from .schemas import (
@@ -33,19 +32,7 @@ app = FastAPI(title="HiLoRA Serve", version="0.1.0",
               description="Serve a pool of LoRA adapters with training-free hierarchical routing.")
 
 
-def _routing_summary(decision: dict) -> dict:
-    """The `routing` field of every response: what was used and why."""
-    plan = decision["plan"]
-    return {
-        "adapters": plan["adapters"], "rocs": plan["rocs"], "scores": plan["scores"],
-        "candidates": decision.get("candidates", []), "candidate_scores": decision.get("candidate_scores", []),
-        "token_rule": plan["token_rule"], "scale": plan["scale"], "weights": plan["weights"],
-        "epoch": decision.get("epoch"), "degraded": decision.get("degraded", False),
-        "off_pool": decision.get("off_pool"),
-    }
-
-
-@serve.deployment(max_ongoing_requests=128)
+@serve.deployment
 @serve.ingress(app)
 class Ingress:
     def __init__(self, embedder: DeploymentHandle, registry: DeploymentHandle, model: DeploymentHandle,
@@ -92,7 +79,7 @@ class Ingress:
         if len(stops) > lim.max_stop:
             raise HTTPException(422, f"{len(stops)} stop sequences; the limit is {lim.max_stop}")
 
-    async def _decide(self, model: str, text: str, overrides: RoutingOverrides | None) -> dict:
+    async def _decide(self, model: str, text: str, overrides: RoutingOverrides | None) -> Decision:
         """The routing decision for one request, by the `model` field."""
         t0 = time.perf_counter()
         try:
@@ -100,8 +87,7 @@ class Ingress:
                 z = await self.embedder.embed.remote([text])
                 decision = (await self.registry.route.remote(z, self._policy(overrides)))[0]
             elif model == self.cfg.base_model_name:
-                decision = {"plan": RoutingPlan().to_dict(),
-                            "candidates": [], "candidate_scores": [], "sources": {}}
+                decision = Decision.base_model()
             else:
                 decision = await self.registry.explicit.remote(model)
         except HTTPException:
@@ -109,17 +95,17 @@ class Ingress:
         except Exception as err:  # noqa: BLE001 - typed errors become 4xx, others propagate
             raise to_http(err) from None
         self.metrics.routing_latency.observe(time.perf_counter() - t0)
-        self.metrics.candidates.observe(len(decision["plan"]["adapters"]))
+        self.metrics.candidates.observe(len(decision.plan["adapters"]))
         return decision
 
-    def _model_call(self, decision: dict, body, prompt: str | None, messages: list | None) -> dict:
+    def _model_call(self, decision: Decision, body, prompt: str | None, messages: list | None) -> GenerateCall:
         stop = [body.stop] if isinstance(body.stop, str) else (body.stop or [])
-        return {"plan": decision["plan"], "sources": decision["sources"], "prompt": prompt, "messages": messages,
-                "max_tokens": body.max_tokens, "temperature": body.temperature, "top_p": body.top_p,
-                "seed": body.seed, "stop": stop}
+        return GenerateCall(plan=decision.plan, sources=decision.sources, prompt=prompt, messages=messages,
+                            max_tokens=body.max_tokens, temperature=body.temperature, top_p=body.top_p,
+                            seed=body.seed, stop=stop)
 
-    def _handle(self, decision: dict):
-        adapters = decision["plan"]["adapters"]
+    def _handle(self, decision: Decision):
+        adapters = decision.plan["adapters"]
         return self.model.options(multiplexed_model_id=adapters[0]) if adapters else self.model
 
     async def _generate(self, body, prompt: str | None, messages: list | None, route_text: str, kind: str,
@@ -146,9 +132,9 @@ class Ingress:
             choice = {"index": 0, "text": result["text"], "finish_reason": result["finish_reason"], "logprobs": None}
             obj = "text_completion"
         return {"id": rid, "object": obj, "created": int(time.time()), "model": body.model, "choices": [choice],
-                "usage": usage, "routing": _routing_summary(decision)}
+                "usage": usage, "routing": decision.summary()}
 
-    async def _stream(self, call: dict, decision: dict, model: str, rid: str, kind: str, started: float):
+    async def _stream(self, call: GenerateCall, decision: Decision, model: str, rid: str, kind: str, started: float):
         gen = self._handle(decision).options(stream=True).stream.remote(call)
         try:
             first = await gen.__anext__()  # adapters loaded: errors so far are still a clean 4xx
@@ -179,7 +165,7 @@ class Ingress:
                         self.metrics.tokens.labels("prompt").inc(item["prompt_tokens"])
                         self.metrics.tokens.labels("completion").inc(item["completion_tokens"])
                         yield chunk(item["delta"], item["finish_reason"],
-                                    {"usage": usage, "routing": _routing_summary(decision)}, role=first_chunk)
+                                    {"usage": usage, "routing": decision.summary()}, role=first_chunk)
                     elif item["delta"]:
                         yield chunk(item["delta"], None, role=first_chunk)
                     else:
@@ -240,7 +226,7 @@ class Ingress:
         except Exception as err:  # noqa: BLE001
             raise to_http(err) from None
         self.metrics.routing_latency.observe(time.perf_counter() - t0)
-        return {"object": "list", "data": [_routing_summary(d) for d in decisions]}
+        return {"object": "list", "data": [d.summary() for d in decisions]}
 
     # ---- admin -------------------------------------------------------------------------------
 

@@ -4,8 +4,10 @@ Requests arrive with a decision from the registry (a RoutingPlan plus where each
 adapter's weights live). Adapters are registered with the engine on first
 sight and their tensors loaded on demand. Concurrent non-streaming requests
 are merged by ``@serve.batch`` into one mixed batch, whatever their plans.
-Streams run one at a time through the same engine (the engine is not
-re-entrant, so every call holds ``_engine_lock``).
+Streams run one at a time: the engine serialises forward passes, and this
+replica also holds ``_engine_lock`` for a whole generation so that a batch and
+a stream never interleave their decode steps (continuous batching is the
+planned replacement).
 
 Affinity: the ingress sends each request with ``multiplexed_model_id`` set to
 its top adapter, so Serve prefers a replica that already served that adapter;
@@ -25,9 +27,9 @@ from ray import serve
 
 from hilora_core.engine import RoutedLM
 from hilora_core.errors import CapacityError
-from hilora_core.plan import RoutingPlan
 
 from .config import AppConfig
+from .contracts import AdapterLocation, GenerateCall
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -43,21 +45,28 @@ def _device_and_dtype(cfg: AppConfig) -> tuple[str, torch.dtype]:
     return device, dtype
 
 
-def plan_from_dict(d: dict) -> RoutingPlan:
-    return RoutingPlan(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items()})
+def build_engine(cfg: AppConfig) -> RoutedLM:
+    """The replica's engine from the config (device, dtype, cache sizes, torch threads)."""
+    if cfg.model.torch_threads:
+        torch.set_num_threads(cfg.model.torch_threads)
+    device, dtype = _device_and_dtype(cfg)
+    return RoutedLM.from_pretrained(
+        cfg.model.base, device=device, dtype=dtype, max_slots=cfg.model.max_slots,
+        host_cache_size=cfg.model.host_cache_size, max_rank=cfg.model.max_rank,
+    )
 
 
-@serve.deployment(max_ongoing_requests=32)
-class LoRAModel:
-    def __init__(self, config: dict) -> None:
+class ModelReplica:
+    """A model replica (the plain class; :data:`LoRAModel` is its Serve deployment).
+
+    Args:
+        config: the application config (``AppConfig`` as a dict).
+        engine: the :class:`RoutedLM` to serve (default: :func:`build_engine` from ``config``).
+    """
+
+    def __init__(self, config: dict, engine: RoutedLM | None = None) -> None:
         cfg = AppConfig.model_validate(config)
-        if cfg.model.torch_threads:
-            torch.set_num_threads(cfg.model.torch_threads)
-        device, dtype = _device_and_dtype(cfg)
-        self.lm = RoutedLM.from_pretrained(
-            cfg.model.base, device=device, dtype=dtype, max_slots=cfg.model.max_slots,
-            host_cache_size=cfg.model.host_cache_size, max_rank=cfg.model.max_rank,
-        )
+        self.lm = engine if engine is not None else build_engine(cfg)
         self.replica = f"{os.getpid()}"
         self._known: dict[str, tuple[str, str | None]] = {}
         self._engine_lock = threading.Lock()
@@ -66,15 +75,15 @@ class LoRAModel:
 
     # ---- adapters --------------------------------------------------------------------------
 
-    def _ensure_adapters(self, sources: dict[str, dict]) -> None:
+    def _ensure_adapters(self, sources: dict[str, AdapterLocation]) -> None:
         """Register unseen adapters (or ones whose source changed) with the engine."""
         for name, src in sources.items():
-            key = (src["location"], src.get("revision"))
+            key = (src.location, src.revision)
             if self._known.get(name) == key:
                 continue
             if name in self.lm.adapters:
                 self.lm.remove_adapter(name)
-            self.lm.add_adapter(name, src["location"], revision=src.get("revision"))
+            self.lm.add_adapter(name, src.location, revision=src.revision)
             self._known[name] = key
 
     @serve.multiplexed(max_num_models_per_replica=64)
@@ -89,15 +98,15 @@ class LoRAModel:
 
     # ---- generation ------------------------------------------------------------------------
 
-    def _prompt(self, req: dict) -> str:
-        if req.get("messages") is not None:
-            return self.lm.tokenizer.apply_chat_template(req["messages"], tokenize=False, add_generation_prompt=True)
-        return req["prompt"]
+    def _prompt(self, req: GenerateCall) -> str:
+        if req.messages is not None:
+            return self.lm.tokenizer.apply_chat_template(req.messages, tokenize=False, add_generation_prompt=True)
+        return req.prompt
 
     def stats(self) -> dict:
         return {"replica": self.replica, "cache": self.lm.cache_stats()}
 
-    async def generate(self, req: dict) -> dict:
+    async def generate(self, req: GenerateCall) -> dict:
         """One request -> {text, finish_reason, prompt_tokens, completion_tokens, replica, cache}."""
         await self._note_affinity()
         result = await self._generate_batch(req)
@@ -106,16 +115,20 @@ class LoRAModel:
         return result
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
-    async def _generate_batch(self, reqs: list[dict]) -> list[dict]:
-        return await asyncio.to_thread(self._run_batch, reqs)
+    async def _generate_batch(self, reqs: list[GenerateCall]) -> list[dict]:
+        return await asyncio.to_thread(self.run_batch, reqs)
 
-    def _run_batch(self, reqs: list[dict]) -> list[dict]:
-        """Results in request order; a failed engine call gives {"error": exception} to its requests."""
+    def run_batch(self, reqs: list[GenerateCall]) -> list[dict]:
+        """Run calls as mixed engine batches (one per seed); results in request order.
+
+        A failed engine call gives ``{"error": exception}`` to its requests; a batch whose plans
+        together need more adapters than the device slots is split into single requests.
+        """
         out: list[dict] = [{} for _ in reqs]
         # requests with different seeds cannot share one sampling generator: one engine call per seed
         groups: dict[object, list[int]] = defaultdict(list)
         for i, r in enumerate(reqs):
-            groups[r.get("seed")].append(i)
+            groups[r.seed].append(i)
         with self._engine_lock:
             for seed, idx in groups.items():
                 try:
@@ -144,19 +157,17 @@ class LoRAModel:
                               "replica": self.replica, "cache": stats}
         return out
 
-    def _generate_group(self, reqs: list[dict], idx: list[int], seed: int | None) -> list:
+    def _generate_group(self, reqs: list[GenerateCall], idx: list[int], seed: int | None) -> list:
         """One engine call for the requests ``idx`` (same seed): a mixed batch of their plans."""
         for i in idx:
-            self._ensure_adapters(reqs[i]["sources"])
+            self._ensure_adapters(reqs[i].sources)
         return self.lm.generate_detailed(
-            [self._prompt(reqs[i]) for i in idx], [plan_from_dict(reqs[i]["plan"]) for i in idx],
-            max_new_tokens=[reqs[i]["max_tokens"] for i in idx],
-            temperature=[reqs[i]["temperature"] for i in idx],
-            top_p=[reqs[i]["top_p"] for i in idx], seed=seed,
-            stop=[tuple(reqs[i].get("stop") or ()) for i in idx],
+            [self._prompt(reqs[i]) for i in idx], [reqs[i].routing_plan() for i in idx],
+            max_new_tokens=[reqs[i].max_tokens for i in idx], temperature=[reqs[i].temperature for i in idx],
+            top_p=[reqs[i].top_p for i in idx], seed=seed, stop=[tuple(reqs[i].stop) for i in idx],
         )
 
-    async def stream(self, req: dict):
+    async def stream(self, req: GenerateCall):
         """Yields {"event": "start"}, then {"delta": str} chunks, then a final summary dict."""
         await self._note_affinity()
         loop = asyncio.get_running_loop()
@@ -166,12 +177,11 @@ class LoRAModel:
         def run() -> None:
             try:
                 with self._engine_lock:
-                    self._ensure_adapters(req["sources"])
+                    self._ensure_adapters(req.sources)
                     loop.call_soon_threadsafe(queue.put_nowait, {"event": "start"})
                     events = self.lm.stream(
-                        [self._prompt(req)], [plan_from_dict(req["plan"])], max_new_tokens=req["max_tokens"],
-                        temperature=req["temperature"], top_p=req["top_p"], seed=req.get("seed"),
-                        stop=[tuple(req.get("stop") or ())],
+                        [self._prompt(req)], [req.routing_plan()], max_new_tokens=req.max_tokens,
+                        temperature=req.temperature, top_p=req.top_p, seed=req.seed, stop=[tuple(req.stop)],
                     )
                     for ev in events:
                         item = {"delta": ev.delta}
@@ -197,3 +207,6 @@ class LoRAModel:
             if item.get("finish_reason") is not None:
                 item["seconds"] = time.perf_counter() - started
             yield item
+
+
+LoRAModel = serve.deployment(ModelReplica, name="LoRAModel")

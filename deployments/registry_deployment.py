@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from ray import serve
 
-from hilora_core.embedding import EmbedderIdentity
+from hilora_core.models.embedding import EmbedderIdentity
 from hilora_core.plan import RoutingPlan
 from hilora_core.policies import PolicyConfig
 from registry.errors import ConflictError
@@ -23,15 +23,22 @@ from registry.manifest import import_manifest
 from registry.registry import Registry
 
 from .config import AppConfig
+from .contracts import AdapterLocation, Decision
 
 log = logging.getLogger("ray.serve")
 
 
-@serve.deployment(max_ongoing_requests=64)
-class RegistryService:
-    def __init__(self, config: dict) -> None:
+class RegistryReplica:
+    """A registry replica (the plain class; :data:`RegistryService` is its Serve deployment).
+
+    Args:
+        config: the application config (``AppConfig`` as a dict).
+        registry: the :class:`Registry` to serve (default: built from ``config``; tests pass their own).
+    """
+
+    def __init__(self, config: dict, registry: Registry | None = None) -> None:
         self.cfg = AppConfig.model_validate(config)
-        self.registry = Registry(self.cfg.registry_config())
+        self.registry = registry if registry is not None else Registry(self.cfg.registry_config())
         self._seed_pool()
 
     def _seed_pool(self) -> None:
@@ -47,31 +54,25 @@ class RegistryService:
 
     # ---- routing ---------------------------------------------------------------------------
 
-    def _sources(self, names) -> dict[str, dict]:
+    def _sources(self, names) -> dict[str, AdapterLocation]:
         records = self.registry.scorer.snapshot.records
         out = {}
         for name in names:
             rec = records.get(name) or self.registry.get(name)
-            out[name] = {"location": rec.source.location, "revision": rec.source.revision}
+            out[name] = AdapterLocation(location=rec.source.location, revision=rec.source.revision)
         return out
 
-    async def route(self, embeddings: np.ndarray, policy: dict) -> list[dict]:
-        """(n, d) request embeddings -> one decision dict per request (plan, candidates, scores, sources)."""
+    async def route(self, embeddings: np.ndarray, policy: dict) -> list[Decision]:
+        """(n, d) request embeddings -> one :class:`Decision` per request (plan, candidates, scores, sources)."""
         cfg = PolicyConfig(**policy)
         decisions = await asyncio.to_thread(self.registry.route_embeddings, np.asarray(embeddings), cfg)
-        out = []
-        for d in decisions:
-            item = d.to_dict()
-            item["sources"] = self._sources(d.plan.adapters)
-            out.append(item)
-        return out
+        return [Decision(**d.to_dict(), sources=self._sources(d.plan.adapters)) for d in decisions]
 
-    def explicit(self, adapter_id: str) -> dict:
+    def explicit(self, adapter_id: str) -> Decision:
         """The plain-LoRA decision for one named adapter (UnknownAdapterError if not registered)."""
         rec = self.registry.get(adapter_id)
-        plan = RoutingPlan.single(rec.id)
-        return {"plan": plan.to_dict(), "candidates": [rec.id], "candidate_scores": [], "epoch": self.registry.epoch(),
-                "degraded": self.registry.scorer.degraded, "sources": self._sources([rec.id])}
+        return Decision(plan=RoutingPlan.single(rec.id).to_dict(), candidates=[rec.id], epoch=self.registry.epoch(),
+                        degraded=self.registry.scorer.degraded, sources=self._sources([rec.id]))
 
     # ---- admin -----------------------------------------------------------------------------
 
@@ -103,3 +104,6 @@ class RegistryService:
 
     def status(self) -> dict:
         return self.registry.scorer.status()
+
+
+RegistryService = serve.deployment(RegistryReplica, name="RegistryService")

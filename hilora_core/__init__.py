@@ -10,8 +10,9 @@ Policies: :class:`PolicyConfig`, :func:`make_plans`, :class:`RoutingPlan`.
 Engine: :class:`RoutedLM` (imported lazily: it pulls in transformers).
 """
 
-from .calibration import EpsCalibration, calibrate_eps
-from .errors import (
+from hilora_core.baselines.arrow import arrow_prototype
+from hilora_core.baselines.retriever import cosine_similarity
+from hilora_core.errors import (
     AdapterLoadError,
     CapacityError,
     DimensionMismatchError,
@@ -21,15 +22,17 @@ from .errors import (
     UnknownAdapterError,
     UnsupportedModelError,
 )
-from .gaussian import FactoredGaussian, GaussianBank, fit_gaussian
-from .plan import RoutingPlan
-from .policies import POLICIES, PolicyConfig, cosine_similarity, make_plans
-from .sequence_routing import allocate_rocs, roc_budget, select_candidates
-from .token_routing import TokenRule, arrow_prototype, route_rocs, route_rocs_batched
-from .whitening import Whitener
+from hilora_core.plan import RoutingPlan, TokenRule
+from hilora_core.policies import POLICIES, Policy, PolicyConfig, make_plans
+from hilora_core.routing.calibration import EpsCalibration, calibrate_eps
+from hilora_core.routing.gaussian import FactoredGaussian, GaussianBank, fit_gaussian
+from hilora_core.routing.sequence_routing import allocate_rocs, roc_budget, select_candidates
+from hilora_core.routing.token_routing import route_rocs, route_rocs_batched
+from hilora_core.routing.whitening import Whitener
 
 __all__ = [
     "POLICIES",
+    "Policy",
     "AdapterLoadError",
     "CapacityError",
     "DimensionMismatchError",
@@ -62,7 +65,7 @@ __all__ = [
 def __getattr__(name: str):
     # The engine imports transformers (seconds); load it only when asked for.
     if name == "RoutedLM":
-        from .engine import RoutedLM
+        from hilora_core.engine import RoutedLM
 
         return RoutedLM
     raise AttributeError(f"module 'hilora_core' has no attribute {name!r}")

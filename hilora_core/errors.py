@@ -1,15 +1,21 @@
-"""Typed errors a caller can cause. Each message quotes the offending value.
+"""The project's typed errors. Each message quotes the offending value.
 
-Every error here subclasses both :class:`HiLoRAError` and the builtin that best
-describes it (``ValueError``, ``KeyError``...), so callers may catch either.
-The HTTP layer maps them to 4xx responses.
+Every error subclasses :class:`HiLoRAError` and the builtin that best describes it, so callers
+may catch either. Two families:
+
+- the caller's mistakes (``ValueError`` / ``KeyError``: :class:`InvalidInputError`,
+  :class:`UnknownAdapterError`, :class:`AdapterLoadError`, ...): HTTP 4xx;
+- the service's state (``RuntimeError``: :class:`CapacityError` here,
+  ``registry.errors.RegistryUnavailableError``): HTTP 503, worth retrying.
+
+``deployments/errors.py`` is the one place that maps them to status codes.
 """
 
 from __future__ import annotations
 
 
 class HiLoRAError(Exception):
-    """Base class of every error raised on behalf of bad caller input."""
+    """Base class of every typed error of HiLoRA Serve (see the module docstring for the families)."""
 
 
 class InvalidInputError(HiLoRAError, ValueError):

@@ -4,12 +4,22 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Literal
+from enum import Enum
 
-from .errors import InvalidInputError
+from hilora_core.errors import InvalidInputError
 
-TokenRuleName = Literal["per_adapter", "global_topk", "arrow"]
-TOKEN_RULES: tuple[str, ...] = ("per_adapter", "global_topk", "arrow")
+
+class TokenRule(str, Enum):
+    """How a plan's adapters are applied to each token (the only spelling of the rule names).
+
+    per_adapter  HiLoRA: the top-o_i ROCs of each adapter by |projection| (all of them: plain LoRA)
+    global_topk  HiLoRA-ROC: the top-k ROCs over all the plan's adapters together
+    arrow        Arrow: the top-k adapters per token by |x . v_i|, all their ROCs
+    """
+
+    PER_ADAPTER = "per_adapter"
+    GLOBAL_TOPK = "global_topk"
+    ARROW = "arrow"
 
 
 @dataclass(frozen=True)
@@ -36,7 +46,7 @@ class RoutingPlan:
     rocs: tuple[int, ...] | None = None
     scale: float = 1.0
     weights: tuple[float, ...] | None = None
-    token_rule: TokenRuleName = "per_adapter"
+    token_rule: TokenRule = TokenRule.PER_ADAPTER
     top_k: int | None = None
     normalize: bool = True
     signed: bool = False
@@ -70,9 +80,13 @@ class RoutingPlan:
             raise InvalidInputError(f"ROC counts must be >= 0, got {list(self.rocs)}")
         if self.rocs is not None and n and sum(self.rocs) < 1:
             raise InvalidInputError(f"a plan with adapters must activate at least one ROC, got {list(self.rocs)}")
-        if self.token_rule not in TOKEN_RULES:
-            raise InvalidInputError(f"token_rule must be one of {TOKEN_RULES}, got {self.token_rule!r}")
-        if self.token_rule != "per_adapter" and (self.top_k is None or self.top_k < 1):
+        try:
+            object.__setattr__(self, "token_rule", TokenRule(self.token_rule))
+        except ValueError:
+            raise InvalidInputError(
+                f"token_rule must be one of {[r.value for r in TokenRule]}, got {self.token_rule!r}"
+            ) from None
+        if self.token_rule != TokenRule.PER_ADAPTER and (self.top_k is None or self.top_k < 1):
             raise InvalidInputError(f"token rule {self.token_rule!r} needs top_k >= 1, got {self.top_k!r}")
         if not (self.scale == self.scale) or abs(self.scale) == float("inf"):
             raise InvalidInputError(f"scale must be finite, got {self.scale!r}")
@@ -86,13 +100,21 @@ class RoutingPlan:
         """Plain LoRA with one adapter (all ROCs, scale 1): equals PEFT running it."""
         return cls(adapters=(adapter,), rocs=None, normalize=False)
 
+    @classmethod
+    def from_dict(cls, d: dict) -> RoutingPlan:
+        """The inverse of :meth:`to_dict` (lists back to tuples; checked like any plan)."""
+        def tup(v):
+            return tuple(tup(x) for x in v) if isinstance(v, list) else v
+
+        return cls(**{k: tup(v) for k, v in d.items()})
+
     def to_dict(self) -> dict:
         return {
             "adapters": list(self.adapters),
             "rocs": None if self.rocs is None else [int(o) for o in self.rocs],
             "scale": self.scale,
             "weights": None if self.weights is None else list(self.weights),
-            "token_rule": self.token_rule,
+            "token_rule": self.token_rule.value,
             "top_k": self.top_k,
             "normalize": self.normalize,
             "signed": self.signed,
@@ -100,3 +122,20 @@ class RoutingPlan:
             "scores": None if self.scores is None else [float(s) for s in self.scores],
             "layer_weights": None if self.layer_weights is None else [list(row) for row in self.layer_weights],
         }
+
+
+@dataclass(frozen=True)
+class Routed:
+    """One query's routing outcome: the plan to execute, and the candidates it was chosen from.
+
+    Attributes:
+        plan: what the engine runs.
+        candidates: indices (into the pool's adapter list) of the adapters the policy considered,
+            best first (HiLoRA: the whole candidate set C, including adapters that drew 0 ROCs;
+            Retriever: the top k; pool-wide policies: none).
+        candidate_scores: their scores (Gaussian scores; cosine for Retriever).
+    """
+
+    plan: RoutingPlan
+    candidates: tuple[int, ...] = ()
+    candidate_scores: tuple[float, ...] = ()

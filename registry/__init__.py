@@ -13,7 +13,8 @@ from .manifest import ImportReport, import_manifest, load_manifest
 from .prefilter import MeanIndex, prefilter_scores
 from .records import AdapterPage, AdapterRecord, StoredAdapter
 from .registry import Registry
-from .scorer import PoolScorer, PoolSnapshot, RouteDecision
+from .routing import PoolSnapshot, RouteDecision
+from .scorer import PoolScorer
 from .store import AdapterStore
 
 __all__ = [

@@ -7,11 +7,11 @@ the weights are fetched later, on demand, by the model replicas.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from dataclasses import dataclass
 
+from hilora_core.adapter_config import MAX_CONFIG_BYTES, parse_adapter_config
 from hilora_core.errors import AdapterLoadError, InvalidInputError
 
 from .errors import IncompatibleAdapterError
@@ -19,7 +19,6 @@ from .errors import IncompatibleAdapterError
 HUB_REPO_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
 REVISION_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,127}$")
 CONFIG_NAME = "adapter_config.json"
-MAX_CONFIG_BYTES = 1_000_000
 
 
 @dataclass(frozen=True)
@@ -72,34 +71,13 @@ class AdapterSpec:
     config_source: str
 
 
-def _parse_config(raw: bytes, where: str) -> dict:
-    if len(raw) > MAX_CONFIG_BYTES:
-        raise AdapterLoadError(f"{where} is {len(raw)} bytes; an adapter config is at most {MAX_CONFIG_BYTES}")
-    try:
-        cfg = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise AdapterLoadError(f"{where} is not valid JSON: {exc}") from None
-    if not isinstance(cfg, dict):
-        raise AdapterLoadError(f"{where} must hold a JSON object, got {type(cfg).__name__}")
-    return cfg
-
-
-def _spec_from_config(cfg: dict, where: str, config_source: str) -> AdapterSpec:
-    peft_type = cfg.get("peft_type", "LORA")
-    if str(peft_type).upper() != "LORA":
-        raise AdapterLoadError(f"{where}: peft_type {peft_type!r} is not LORA")
-    rank, alpha, targets = cfg.get("r"), cfg.get("lora_alpha", cfg.get("r")), cfg.get("target_modules")
-    if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
-        raise AdapterLoadError(f"{where}: r must be an integer >= 1, got {rank!r}")
-    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not alpha > 0:
-        raise AdapterLoadError(f"{where}: lora_alpha must be a number > 0, got {alpha!r}")
-    if isinstance(targets, str):
-        targets = [targets]
-    if not isinstance(targets, list) or not targets or not all(isinstance(t, str) and t for t in targets):
+def _spec_from_config(raw: bytes, where: str, config_source: str) -> AdapterSpec:
+    """The router's view of an ``adapter_config.json`` (parsed and checked by the engine's one parser)."""
+    cfg = parse_adapter_config(raw, where)
+    targets = (cfg.target_modules,) if isinstance(cfg.target_modules, str) else cfg.target_modules
+    if not targets:
         raise AdapterLoadError(f"{where}: target_modules must be a non-empty list of names, got {targets!r}")
-    base = cfg.get("base_model_name_or_path")
-    return AdapterSpec(int(rank), float(alpha), tuple(sorted(set(targets))),
-                       base if isinstance(base, str) and base else None, config_source)
+    return AdapterSpec(cfg.rank, cfg.alpha, tuple(targets), cfg.base_model, config_source)
 
 
 def read_local_config(folder: str) -> AdapterSpec:
@@ -107,7 +85,7 @@ def read_local_config(folder: str) -> AdapterSpec:
     if not os.path.isfile(path):
         raise AdapterLoadError(f"no {CONFIG_NAME} in adapter folder {folder!r}")
     with open(path, "rb") as fh:
-        return _spec_from_config(_parse_config(fh.read(MAX_CONFIG_BYTES + 1), path), path, "local")
+        return _spec_from_config(fh.read(MAX_CONFIG_BYTES + 1), path, "local")
 
 
 def read_hub_config(repo: str, revision: str | None) -> AdapterSpec | None:
@@ -123,7 +101,7 @@ def read_hub_config(repo: str, revision: str | None) -> AdapterSpec | None:
         return None
     with open(path, "rb") as fh:
         where = f"{repo}@{revision or 'main'}/{CONFIG_NAME}"
-        return _spec_from_config(_parse_config(fh.read(MAX_CONFIG_BYTES + 1), where), where, "hub")
+        return _spec_from_config(fh.read(MAX_CONFIG_BYTES + 1), where, "hub")
 
 
 def resolve_spec(

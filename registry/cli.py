@@ -1,6 +1,6 @@
 """``hilora registry ...`` commands: import a manifest, list adapters.
 
-The lead's console script wires :func:`add_registry_commands` into ``hilora``;
+The ``hilora`` console script (``deployments/cli.py``) adds these through :func:`add_registry_commands`;
 ``python -m registry.cli registry ...`` runs the same commands standalone.
 
     hilora registry import MANIFEST --source-pattern 'Styxxxx/llama2_7b_lora-{model_name}' \\

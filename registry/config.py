@@ -12,10 +12,10 @@ import os
 from dataclasses import dataclass, field
 
 from hilora_core.errors import InvalidInputError
-from hilora_core.pool import GaussianFitSettings
+from hilora_core.routing.pool import GaussianFitSettings
 
-# The pool-wide Gaussian fit policy (eps rule, whitening). The lead sets this from the FLAN-48
-# measurement; the registry and its scorers read it only through RegistryConfig.fit.
+# The pool-wide Gaussian fit policy (eps rule, whitening, off-pool quantiles), chosen from the FLAN-48
+# measurement (docs/routing-flan48.md); the registry and its scorers read it only through RegistryConfig.fit.
 DEFAULT_FIT_SETTINGS = GaussianFitSettings()
 
 REDIS_URL_ENV = "REDIS_URL"
@@ -63,7 +63,7 @@ class RegistryConfig:
             candidate set it yields.
         prefilter_gpu: use a FAISS GPU index when faiss has GPU support and a GPU is present.
         off_pool_reference_file: the general requests that set the off-pool threshold (one per line;
-            None: the set shipped in ``hilora_core/data/general_requests.txt``).
+            None: the set shipped in ``hilora_core/routing/data/general_requests.txt``).
         poll_interval_s: scorers also compare the epoch counter this often (missed messages,
             reconnects) and retry a lost connection at this period.
     """
@@ -132,8 +132,8 @@ class RegistryConfig:
 
 
 def build_embedder(config: RegistryConfig):
-    """The :class:`hilora_core.embedding.SentenceEmbedder` the config names (loads the model)."""
-    from hilora_core.embedding import SentenceEmbedder
+    """The :class:`hilora_core.models.embedding.SentenceEmbedder` the config names (loads the model)."""
+    from hilora_core.models.embedding import SentenceEmbedder
 
     kwargs = {} if config.embedder_instruction is None else {"instruction": config.embedder_instruction}
     return SentenceEmbedder(config.embedder_model, **kwargs)

@@ -1,4 +1,4 @@
-"""Keeping a scorer's :class:`hilora_core.pool.PoolModel` in step with a changing pool.
+"""Keeping a scorer's :class:`hilora_core.routing.pool.PoolModel` in step with a changing pool.
 
 Small pools (< ``incremental_fit_min_pool``): every change refits the whole pool with
 :func:`fit_registry_pool` (pool-wide eps calibration and whitening from all samples).
@@ -30,15 +30,15 @@ from typing import Protocol
 
 import numpy as np
 
-from hilora_core.gaussian import FactoredGaussian, GaussianBank
-from hilora_core.pool import GaussianFitSettings, PoolModel, PoolParameters, fit_pool, fit_with_parameters
+from hilora_core.routing.gaussian import FactoredGaussian, GaussianBank
+from hilora_core.routing.pool import GaussianFitSettings, PoolModel, PoolParameters, fit_pool, fit_with_parameters
 
 
 def fit_registry_pool(
     sample_sets: Sequence[np.ndarray], settings: GaussianFitSettings, fallback_eps: float,
     reference: np.ndarray | None = None,
 ) -> PoolModel:
-    """:func:`hilora_core.pool.fit_pool`, also for pools where some adapters have only 2 samples.
+    """:func:`hilora_core.routing.pool.fit_pool`, also for pools where some adapters have only 2 samples.
 
     Leave-one-out calibration needs 3 samples per adapter: eps is calibrated on the adapters
     that have them (with the same standardisation and whitening policy) and then used for

@@ -7,18 +7,15 @@ manifest is validated before the first write.
 
 from __future__ import annotations
 
-import json
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from hilora_core.errors import InvalidInputError
+from hilora_core.manifest import read_manifest
 
 from .errors import ConflictError
 from .registry import Registry
 from .validation import validate_adapter_id, validate_samples
-
-MAX_MANIFEST_BYTES = 200_000_000
 
 
 @dataclass(frozen=True)
@@ -40,32 +37,11 @@ class ImportReport:
 
 def load_manifest(path: str, min_samples: int = 2, max_samples: int = 1_000,
                   max_chars: int = 8_000) -> list[ManifestEntry]:
-    """Read and validate a manifest file (every entry, before anything is written)."""
-    if not os.path.isfile(path):
-        raise InvalidInputError(f"manifest {path!r} does not exist")
-    if os.path.getsize(path) > MAX_MANIFEST_BYTES:
-        raise InvalidInputError(f"manifest {path!r} is larger than {MAX_MANIFEST_BYTES} bytes")
-    try:
-        with open(path, encoding="utf-8") as fh:
-            data = json.load(fh)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InvalidInputError(f"manifest {path!r} is not valid JSON: {exc}") from None
-    if not isinstance(data, list) or not data:
-        raise InvalidInputError(f"manifest {path!r} must be a non-empty JSON list of adapters")
-    entries, seen = [], set()
-    for i, item in enumerate(data):
-        if not isinstance(item, dict) or "model_name" not in item or "sample" not in item:
-            raise InvalidInputError(f"manifest entry {i} needs 'model_name' and 'sample', got {str(item)[:80]!r}")
-        name = validate_adapter_id(item["model_name"])
-        if name in seen:
-            raise InvalidInputError(f"manifest names adapter {name!r} twice")
-        seen.add(name)
-        samples = item["sample"]
-        if not isinstance(samples, list) or not all(isinstance(s, dict) and "inputs" in s for s in samples):
-            raise InvalidInputError(f"manifest entry {name!r}: 'sample' must be a list of objects with 'inputs'")
-        texts = validate_samples([s["inputs"] for s in samples], min_samples, max_samples, max_chars)
-        entries.append(ManifestEntry(name, texts))
-    return entries
+    """Read a manifest (:func:`hilora_core.manifest.read_manifest`) and check every id and sample set
+    against the registry's rules, before anything is written."""
+    return [ManifestEntry(validate_adapter_id(e.name), validate_samples(e.samples, min_samples, max_samples,
+                                                                         max_chars))
+            for e in read_manifest(path)]
 
 
 def format_source(pattern: str, name: str) -> str:

@@ -32,8 +32,9 @@ import faiss
 import numpy as np
 
 from hilora_core.errors import InvalidInputError
-from hilora_core.gaussian import LOG_2PI, GaussianBank
-from hilora_core.pool import PoolModel
+from hilora_core.routing.gaussian import GaussianBank, score_from_terms, woodbury_terms
+from hilora_core.routing.pool import PoolModel
+from hilora_core.routing.sequence_routing import candidate_counts
 
 INDEX_KINDS = ("ivf", "flat")
 _GPU_RESOURCES = None
@@ -122,14 +123,10 @@ class Shortlist:
 def _needs_more(scores: np.ndarray, tail: int, factor: int) -> bool:
     """Should the shortlist grow? Yes if it is shorter than ``factor`` times the candidate
     count, or if any of its last ``tail`` entries would be in C(x) under these scores."""
-    top = float(scores.max())
-    if top > 0:
-        count = int((scores > 0).sum())
-        return count * factor > scores.size or bool((scores[-tail:] > 0).any())
-    c = max(1, math.ceil(-top))
+    c = int(candidate_counts(scores)[0])
     if c * factor > scores.size:
         return True
-    kth = float(np.partition(scores, scores.size - c)[scores.size - c])  # c-th largest
+    kth = float(np.partition(scores, scores.size - c)[scores.size - c])  # c-th largest: the last one in C
     return bool((scores[-tail:] >= kth).any())
 
 
@@ -147,9 +144,8 @@ def score_shortlists(bank: GaussianBank, zt: np.ndarray, pos: np.ndarray) -> np.
     delta_sq = np.einsum("nkd,nkd->nk", delta, delta, dtype=np.float64)  # (n, k)
     proj = np.einsum("nkjd,nkd->nkj", bank.bases[pos], delta).astype(np.float64)  # (n, k, K): q_j . delta
     var, eps = bank.variances[pos], bank.eps[pos]  # (n, k, K), (n, k)
-    explained = (var / (var + eps[..., None]) * proj**2).sum(axis=-1)  # (n, k)
-    logdet = d * np.log(eps) + np.log1p(var / eps[..., None]).sum(axis=-1)
-    return (-0.5 * (d * LOG_2PI + logdet) - 0.5 * (delta_sq - explained) / eps) / d
+    weights, const = woodbury_terms(var, eps, d)
+    return score_from_terms(delta_sq, proj**2, weights, const, eps, d)
 
 
 def prefilter_scores(
@@ -191,3 +187,70 @@ def prefilter_scores(
         todo = np.asarray(again, dtype=np.int64)
         k = min(2 * k, max_k, size)
     return [s for s in out if s is not None]
+
+
+class IndexKeeper:
+    """Keeps a :class:`MeanIndex` in step with a changing pool, keyed by stable integer ids.
+
+    FAISS stores integer ids, adapters have string ids: every adapter gets an index id (its
+    "slot") the first time it is seen, kept until it leaves the pool. Changed adapters are
+    re-added by slot; the index is rebuilt when the embedding space changes (new whitening or
+    scale), when the pool halves or doubles since the last build, or when the index kind changes.
+
+    Args:
+        min_pool: no index below this many adapters.
+        kind, nprobe, use_gpu: as :meth:`MeanIndex.build`.
+    """
+
+    def __init__(self, min_pool: int, kind: str, nprobe: int, use_gpu: bool) -> None:
+        self.min_pool, self.kind, self.nprobe, self.use_gpu = min_pool, kind, nprobe, use_gpu
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget every slot (a full reload); the next :meth:`update` rebuilds."""
+        self._slot: dict[str, int] = {}  # adapter id -> index id
+        self._indexed: dict[str, int] = {}  # the slots in the current index
+        self._next = 0
+        self._dirty: set[str] = set()
+        self._space_changed = True
+        self._built_size = 0
+        self.index: MeanIndex | None = None
+
+    def mark_changed(self, ids: Sequence[str]) -> None:
+        """These adapters were added, replaced or removed since the last update."""
+        self._dirty.update(ids)
+
+    def mark_space_changed(self) -> None:
+        """Every mean moved (new whitening or scale): rebuild at the next update."""
+        self._space_changed = True
+
+    def update(self, ids: Sequence[str], means: np.ndarray | None) -> tuple[MeanIndex | None, np.ndarray | None]:
+        """The index over ``means`` (I, d) of ``ids`` (I,), and slot -> bank position (S,) (-1: none)."""
+        present = set(ids)
+        for gone in [i for i in self._slot if i not in present]:
+            del self._slot[gone]
+        for i in ids:
+            if i not in self._slot:
+                self._slot[i] = self._next
+                self._next += 1
+        if means is None or len(ids) < self.min_pool:
+            self._dirty.clear()
+            self._space_changed = True
+            self.index = None
+            return None, None
+        slots = np.array([self._slot[i] for i in ids], dtype=np.int64)
+        slot_to_pos = np.full(self._next, -1, dtype=np.int64)
+        slot_to_pos[slots] = np.arange(len(ids))
+        resize = not (0.5 * self._built_size <= len(ids) <= 2 * self._built_size)
+        prev = self.index
+        if prev is None or self._space_changed or resize or prev.kind != self.kind:
+            self.index = MeanIndex.build(means, slots, self.kind, self.nprobe, self.use_gpu)
+            self._built_size = len(ids)
+        else:
+            old_slots = [s for i, s in self._indexed.items() if i in self._dirty]
+            pos = np.array([slot_to_pos[self._slot[i]] for i in self._dirty if i in self._slot], dtype=np.int64)
+            self.index = prev.updated(old_slots, means[pos], slots[pos])
+        self._indexed = dict(self._slot)
+        self._dirty = set()
+        self._space_changed = False
+        return self.index, slot_to_pos

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from hilora_core.embedding import EmbedderIdentity
+from hilora_core.models.embedding import EmbedderIdentity
 
 from .adapter_source import AdapterSource
 

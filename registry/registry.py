@@ -12,8 +12,8 @@ from dataclasses import asdict
 
 import numpy as np
 
-from hilora_core.embedding import EmbedderIdentity, SentenceEmbedder
 from hilora_core.errors import InvalidInputError, UnknownAdapterError
+from hilora_core.models.embedding import EmbedderIdentity, SentenceEmbedder
 from hilora_core.policies import PolicyConfig
 
 from .adapter_source import AdapterSource, AdapterSpec, check_base_model, resolve_spec
@@ -21,7 +21,8 @@ from .config import RegistryConfig, build_embedder
 from .connection import connect
 from .errors import ConflictError
 from .records import AdapterPage, AdapterRecord, StoredAdapter
-from .scorer import PoolScorer, RouteDecision
+from .routing import RouteDecision
+from .scorer import PoolScorer
 from .store import AdapterStore
 from .validation import check_identity, validate_adapter_id, validate_embeddings, validate_samples
 

@@ -20,185 +20,22 @@ import json
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from hilora_core.embedding import DEFAULT_INSTRUCTION, MINILM_NAME, EmbedderIdentity, SentenceEmbedder
 from hilora_core.errors import DimensionMismatchError, InvalidInputError
-from hilora_core.fallback import load_reference_requests
-from hilora_core.plan import RoutingPlan
-from hilora_core.policies import PolicyConfig, cosine_similarity, make_plans
-from hilora_core.pool import PoolModel
-from hilora_core.sequence_routing import select_candidates
+from hilora_core.models.embedding import DEFAULT_INSTRUCTION, MINILM_NAME, EmbedderIdentity, SentenceEmbedder
+from hilora_core.policies import PolicyConfig
+from hilora_core.routing.fallback import load_reference_requests
 
 from .config import RegistryConfig, build_embedder
 from .connection import REDIS_ERRORS, connect
 from .errors import EmbedderMismatchError, RegistryUnavailableError
 from .fitting import IncrementalPoolFit, StoredParameters
-from .prefilter import MeanIndex, prefilter_scores
+from .prefilter import IndexKeeper
 from .records import AdapterRecord, StoredAdapter
+from .routing import PoolSnapshot, RouteDecision, route_on_snapshot
 from .store import AdapterStore, Change
-
-try:  # BLAS threads spinning on a busy 2-core host make small matrix products 50x slower
-    from threadpoolctl import ThreadpoolController
-
-    _THREADPOOLS = ThreadpoolController()
-
-    def single_blas_thread():
-        """Context manager: BLAS runs single-threaded inside (routing is many small products)."""
-        return _THREADPOOLS.limit(limits=1, user_api="blas")
-except ImportError:  # pragma: no cover
-    def single_blas_thread():
-        return contextlib.nullcontext()
-
-
-@dataclass(frozen=True)
-class PoolSnapshot:
-    """An immutable fitted pool.
-
-    Attributes:
-        epoch: store epoch this copy reflects.
-        ids: (I,) adapter ids in bank order (sorted).
-        ranks: (I,) LoRA ranks.
-        records: id -> record.
-        model: the fitted Gaussians (None for an empty pool).
-        index: prefilter index (None below ``prefilter_min_pool``).
-        slot_to_pos: (S,) bank position of each index slot, -1 where none.
-    """
-
-    epoch: int
-    ids: tuple[str, ...]
-    ranks: np.ndarray
-    records: dict[str, AdapterRecord]
-    model: PoolModel | None
-    index: MeanIndex | None = None
-    slot_to_pos: np.ndarray | None = None
-    built_at: float = field(default_factory=time.time)
-
-
-@dataclass(frozen=True)
-class RouteDecision:
-    """The sequence-level decision for one input.
-
-    Attributes:
-        plan: what the model replicas execute (adapters, ROCs, scale, token rule).
-        candidates: the candidate set C (HiLoRA policies: every adapter selected by the
-            score rule, including any that drew 0 ROCs; other policies: the plan's adapters).
-        candidate_scores: their scores (Gaussian scores; cosine for retriever; empty otherwise).
-        epoch: pool epoch of the snapshot used.
-        degraded: the scorer could not reach Redis; the snapshot may be stale.
-        prefiltered: the FAISS shortlist was used; shortlist_size: its size (0 if not used).
-        off_pool: the base-model fallback test for this request: ``{"fallback": bool, "best_score",
-            "threshold", "enabled"}``; None when the pool has no off-pool threshold or the policy
-            does not route (explicit, base).
-    """
-
-    plan: RoutingPlan
-    candidates: tuple[str, ...]
-    candidate_scores: tuple[float, ...]
-    epoch: int
-    degraded: bool
-    prefiltered: bool = False
-    shortlist_size: int = 0
-    off_pool: dict | None = None
-
-    @property
-    def fell_back(self) -> bool:
-        return bool(self.off_pool and self.off_pool["fallback"])
-
-    def to_dict(self) -> dict:
-        return {
-            "plan": self.plan.to_dict(), "candidates": list(self.candidates),
-            "candidate_scores": [float(s) for s in self.candidate_scores], "epoch": self.epoch,
-            "degraded": self.degraded, "prefiltered": self.prefiltered, "shortlist_size": self.shortlist_size,
-            "off_pool": self.off_pool,
-        }
-
-
-def _off_pool_info(model: PoolModel, cfg: PolicyConfig, best: float) -> dict | None:
-    """The decision's ``off_pool`` record (None when the pool has no threshold or the policy never falls back)."""
-    if model.off_pool is None or cfg.name in ("explicit", "base"):
-        return None
-    off = bool(model.off_pool_rows(np.array([best]))[0])
-    return {"fallback": off and cfg.fallback, "best_score": float(best), "threshold": model.off_pool.threshold,
-            "enabled": cfg.fallback}
-
-
-def _hilora_decision(plan: RoutingPlan, names: Sequence[str], row: np.ndarray, cfg: PolicyConfig,
-                     common: dict, off_pool: dict | None, prefiltered: bool = False) -> RouteDecision:
-    cand = select_candidates(row, cfg.max_candidates)
-    return RouteDecision(plan, tuple(names[i] for i in cand), tuple(float(row[i]) for i in cand),
-                         prefiltered=prefiltered, shortlist_size=len(names) if prefiltered else 0,
-                         off_pool=off_pool, **common)
-
-
-def _route_prefiltered(snap: PoolSnapshot, z: np.ndarray, cfg: PolicyConfig, config: RegistryConfig,
-                       common: dict) -> list[RouteDecision]:
-    index, slot_to_pos = snap.index, snap.slot_to_pos
-    if index is None or slot_to_pos is None:  # forced on a small pool: index everything exactly
-        slot_to_pos = np.arange(len(snap.ids), dtype=np.int64)
-        index = MeanIndex.build(snap.model.bank.means, slot_to_pos, "flat", use_gpu=config.prefilter_gpu)
-    shortlists = prefilter_scores(snap.model, index, slot_to_pos, z, config.prefilter_k, config.prefilter_max_k,
-                                  config.prefilter_tail, config.prefilter_factor)
-    out = []
-    for q, sl in enumerate(shortlists):
-        names = [snap.ids[i] for i in sl.indices]
-        # one plan per query; a seeded policy gets seed + q so queries do not share one draw
-        qcfg = cfg if cfg.seed is None else replace(cfg, seed=cfg.seed + q)
-        best = float(sl.scores.max())
-        plan = make_plans(qcfg, names, snap.ranks[sl.indices], scores=sl.scores[None, :],
-                          off_pool=snap.model.off_pool_rows(np.array([best])))[0]
-        info = _off_pool_info(snap.model, cfg, best)
-        out.append(_hilora_decision(plan, names, sl.scores, cfg, common, info, prefiltered=True))
-    return out
-
-
-def route_on_snapshot(
-    snap: PoolSnapshot,
-    z: np.ndarray,
-    cfg: PolicyConfig,
-    config: RegistryConfig,
-    *,
-    explicit: Sequence[str] | None = None,
-    use_prefilter: bool | None = None,
-    degraded: bool = False,
-) -> list[RouteDecision]:
-    """Route (n, d) checked query embeddings against one snapshot (no Redis involved).
-
-    HiLoRA policies use the FAISS prefilter when the snapshot has an index (or when
-    ``use_prefilter`` forces it); retriever uses the cosine to every adapter's mean;
-    the other policies need no scores. Every policy that routes is gated by the pool's
-    off-pool test (``cfg.fallback``), which reads the Gaussian scores.
-    """
-    n = z.shape[0]
-    names = list(snap.ids)
-    common = {"epoch": snap.epoch, "degraded": degraded}
-    model = snap.model
-    with single_blas_thread():
-        if cfg.needs_gaussian_scores and model is not None:
-            prefilter = snap.index is not None if use_prefilter is None else use_prefilter
-            if prefilter:
-                return _route_prefiltered(snap, z, cfg, config, common)
-            scores = model.score(z)
-            best = scores.max(axis=1)
-            plans = make_plans(cfg, names, snap.ranks, scores=scores, off_pool=model.off_pool_rows(best))
-            return [_hilora_decision(plans[q], names, scores[q], cfg, common, _off_pool_info(model, cfg, best[q]))
-                    for q in range(n)]
-        cosine = None
-        if cfg.needs_cosine and model is not None:
-            cosine = cosine_similarity(z, model.means)
-        best = None
-        if model is not None and model.off_pool is not None and cfg.name not in ("explicit", "base"):
-            best = model.score(z).max(axis=1)
-        plans = make_plans(cfg, names, snap.ranks, scores=None, cosine=cosine, explicit=explicit, n_queries=n,
-                           off_pool=None if best is None else model.off_pool_rows(best))
-    out = []
-    for q, plan in enumerate(plans):
-        scores = tuple(plan.scores) if cfg.needs_cosine and plan.scores is not None else ()
-        info = None if best is None else _off_pool_info(model, cfg, best[q])
-        out.append(RouteDecision(plan, plan.adapters, scores, off_pool=info, **common))
-    return out
 
 
 class _RedisParameters:
@@ -257,12 +94,8 @@ class PoolScorer:
         self._records: dict[str, AdapterRecord] = {}
         self._epoch = 0
         self._snapshot = PoolSnapshot(0, (), np.zeros(0, np.int64), {}, None)
-        self._slots: dict[str, int] = {}
-        self._prev_slots: dict[str, int] = {}
-        self._next_slot = 0
-        self._index_dirty: set[str] = set()
-        self._index_space_changed = True
-        self._index_built_size = 0
+        c = self.config
+        self._index = IndexKeeper(c.prefilter_min_pool, c.prefilter_index, c.prefilter_nprobe, c.prefilter_gpu)
         self._references: dict[str, np.ndarray | None] = {}  # pool identity key -> reference embeddings
         self._lock = threading.RLock()  # guards the mutable state above (not the snapshot)
         self.degraded = False
@@ -416,8 +249,7 @@ class PoolScorer:
             fetched = self.store.fetch(ids)
             self._records = {k: v.record for k, v in fetched.items()}
             self._fit.reset({k: v.embeddings for k, v in fetched.items()})
-            self._slots, self._next_slot = {}, 0
-            self._index_space_changed = True
+            self._index.reset()
             self._epoch = epoch
             self.full_reloads += 1
             self._rebuild()
@@ -444,7 +276,7 @@ class PoolScorer:
             for i, item in fetched.items():
                 self._records[i] = item.record
             self._fit.apply({i: item.embeddings for i, item in fetched.items()}, removes)
-            self._index_dirty.update(last)
+            self._index.mark_changed(list(last))
             self._epoch = max(self._epoch, changes[-1].epoch)
             self._rebuild()
 
@@ -487,41 +319,11 @@ class PoolScorer:
         space_before = self._fit.space_digest()
         ids, model = self._fit.build(force_full=force_full, epoch=self._epoch)
         if self._fit.space_digest() != space_before:
-            self._index_space_changed = True  # a new whitening or scale moves every mean
+            self._index.mark_space_changed()  # a new whitening or scale moves every mean
         records = {i: self._records[i] for i in ids}
         ranks = np.array([records[i].rank for i in ids], dtype=np.int64)
-        index, slot_to_pos = self._update_index(ids, model)
+        index, slot_to_pos = self._index.update(ids, None if model is None else model.bank.means)
         self._snapshot = PoolSnapshot(self._epoch, tuple(ids), ranks, records, model, index, slot_to_pos)
-
-    def _update_index(self, ids: list[str], model: PoolModel | None) -> tuple[MeanIndex | None, np.ndarray | None]:
-        c = self.config
-        prev = self._snapshot.index
-        for gone in [i for i in self._slots if i not in self._fit.samples]:
-            del self._slots[gone]
-        for i in ids:
-            if i not in self._slots:
-                self._slots[i] = self._next_slot
-                self._next_slot += 1
-        if model is None or len(ids) < c.prefilter_min_pool:
-            self._index_dirty.clear()
-            self._index_space_changed = True
-            return None, None
-        slots = np.array([self._slots[i] for i in ids], dtype=np.int64)
-        slot_to_pos = np.full(self._next_slot, -1, dtype=np.int64)
-        slot_to_pos[slots] = np.arange(len(ids))
-        resize = not (0.5 * self._index_built_size <= len(ids) <= 2 * self._index_built_size)
-        if prev is None or self._index_space_changed or resize or prev.kind != c.prefilter_index:
-            index = MeanIndex.build(model.bank.means, slots, c.prefilter_index, c.prefilter_nprobe, c.prefilter_gpu)
-            self._index_built_size = len(ids)
-        else:
-            dirty = self._index_dirty
-            old_slots = [s for i, s in self._prev_slots.items() if i in dirty]
-            pos = np.array([slot_to_pos[self._slots[i]] for i in dirty if i in self._slots], dtype=np.int64)
-            index = prev.updated(old_slots, model.bank.means[pos], slots[pos])
-        self._prev_slots = dict(self._slots)
-        self._index_dirty = set()
-        self._index_space_changed = False
-        return index, slot_to_pos
 
     def _follow(self) -> None:
         pubsub = None

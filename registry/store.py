@@ -28,9 +28,9 @@ from typing import TypeVar
 import numpy as np
 import redis
 
-from hilora_core.embedding import EmbedderIdentity
 from hilora_core.errors import UnknownAdapterError
-from hilora_core.pool import PoolParameters
+from hilora_core.models.embedding import EmbedderIdentity
+from hilora_core.routing.pool import PoolParameters
 
 from .config import RegistryConfig
 from .connection import REDIS_ERRORS
@@ -242,10 +242,6 @@ class AdapterStore:
                                                               nx=True))
         stored = self.get_reference(identity)
         return stored if stored is not None else np.asarray(z, dtype=np.float32)
-
-    def pool_embedder(self) -> EmbedderIdentity | None:
-        raw = self._call("read embedder", lambda: self.client.get(self._embedder_key))
-        return EmbedderIdentity.from_dict(json.loads(raw)) if raw else None
 
     @staticmethod
     def _record(meta: bytes, epoch: bytes | None) -> AdapterRecord:

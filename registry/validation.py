@@ -11,8 +11,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from hilora_core.embedding import EmbedderIdentity
 from hilora_core.errors import DimensionMismatchError, InvalidInputError
+from hilora_core.models.embedding import EmbedderIdentity
 
 from .errors import EmbedderMismatchError
 

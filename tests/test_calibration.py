@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 
 from hilora_core import GaussianBank, InvalidInputError, Whitener, calibrate_eps, fit_gaussian, select_candidates
-from hilora_core.calibration import candidate_stats
-from hilora_core.pool import GaussianFitSettings, fit_pool
+from hilora_core.routing.calibration import candidate_stats
+from hilora_core.routing.pool import GaussianFitSettings, fit_pool
 
 
 def clustered_sets(n_sets=6, m=12, d=24, spread=0.02, seed=0):
@@ -100,4 +100,4 @@ def test_fit_pool_own_samples_score_highest():
         pool = fit_pool(sets, settings)
         for i, s in enumerate(sets):
             assert np.all(pool.score(s).argmax(axis=1) == i)
-        assert pool.cosine(sets[0]).shape == (12, len(sets))
+        assert pool.means.shape == (len(sets), sets[0].shape[1])

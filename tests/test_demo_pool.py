@@ -99,7 +99,7 @@ def _matches(template: str, text: str) -> bool:
 def test_format_prompt_is_the_models_chat_template() -> None:
     from transformers import AutoTokenizer
 
-    from hilora_core.base_model import resolve_base
+    from hilora_core.models.base_model import resolve_base
 
     tok = AutoTokenizer.from_pretrained(resolve_base(None))
     x = "Write the number 12 in words."

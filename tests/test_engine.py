@@ -11,9 +11,9 @@ from test_engine_support import make_adapter, rel_err
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hilora_core import RoutedLM, RoutingPlan, UnknownAdapterError
-from hilora_core.base_model import resolve_base
 from hilora_core.engine import load_adapter
-from hilora_core.token_routing import route_rocs
+from hilora_core.models.base_model import resolve_base
+from hilora_core.routing.token_routing import route_rocs
 
 PROMPTS = ["The movie was wonderful and the actors", "Question: is the sky green?", "Hi"]
 ADAPTERS = {

@@ -14,7 +14,7 @@ from test_engine_support import make_adapter, rel_err, scale_first_roc
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hilora_core import RoutedLM, RoutingPlan
-from hilora_core.base_model import resolve_base
+from hilora_core.models.base_model import resolve_base
 
 NAMES = ("t0", "t1", "t2")
 
@@ -55,8 +55,23 @@ def test_arrow_matches_peft(arrow_setup):
     assert rel_err(merged, ref) > 1e-3
 
 
+def test_arrow_prototypes_are_computed_only_for_arrow_plans(arrow_setup):
+    lm, _, tok = arrow_setup
+    lm.add_adapter("lazy", lm.adapter_info("t0")["location"])
+    ids = tok(["Hello there."], return_tensors="pt").input_ids
+    lm.logits(ids, plans=[RoutingPlan.single("lazy")])
+    layer = lm.slots.layers["model.layers.0.self_attn.q_proj"]
+    slot = lm.slots.slot_of("lazy")
+    assert slot is not None and float(layer.prototypes[slot].abs().sum()) == 0.0  # plain LoRA: no SVD
+    lm.logits(ids, plans=[RoutingPlan(adapters=("lazy", "t1"), token_rule="arrow", top_k=1, normalize=False)])
+    assert float(layer.prototypes[slot].norm()) == pytest.approx(1.0, abs=1e-5)
+    lm.remove_adapter("lazy")
+
+
 def test_arrow_prototypes_match_peft(arrow_setup):
-    lm, peft_arrow, _ = arrow_setup
+    lm, peft_arrow, tok = arrow_setup
+    ids = tok(["Prototypes are computed when an Arrow plan first uses the adapters."], return_tensors="pt").input_ids
+    lm.logits(ids, plans=[RoutingPlan(adapters=NAMES, token_rule="arrow", top_k=2, normalize=False)])
     checked = 0
     for name, module in peft_arrow.named_modules():
         if not hasattr(module, "lora_arrow") or not hasattr(module.lora_arrow["arrow_router"], "prototypes"):
@@ -65,7 +80,7 @@ def test_arrow_prototypes_match_peft(arrow_setup):
         module_path = name.removeprefix("base_model.model.")
         layer = lm.slots.layers[module_path]
         for e, adapter in enumerate(NAMES):
-            slot = lm.slots.require(adapter)
+            slot = lm.slots.slot_of(adapter)
             cos = torch.nn.functional.cosine_similarity(layer.prototypes[slot], theirs[e], dim=0)
             assert abs(float(cos)) > 0.999, (module_path, adapter, float(cos))
         checked += 1

@@ -15,8 +15,8 @@ from test_engine_support import make_adapter, make_tiny_llama, rel_err
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
 from hilora_core import AdapterLoadError, CapacityError, RoutedLM, RoutingPlan, UnsupportedModelError
-from hilora_core.base_model import resolve_base
 from hilora_core.engine import HostAdapterCache, inspect_adapter, load_adapter
+from hilora_core.models.base_model import resolve_base
 
 N_ADAPTERS = 5
 IDS = torch.tensor([[5, 17, 42, 99, 7]])
@@ -239,7 +239,7 @@ def test_config_checks(tiny, tmp_path):
     cases = {
         "peft_type": ({"peft_type": "IA3"}, "peft_type"),
         "modules_to_save": ({"modules_to_save": ["lm_head"]}, "modules_to_save"),
-        "no_rank": ({"r": None}, "'r'"),
+        "no_rank": ({"r": None}, "r must be an integer"),
     }
     for case, (patch, message) in cases.items():
         folder = Path(tmp_path / case)

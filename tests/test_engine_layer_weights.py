@@ -9,7 +9,8 @@ from test_engine_support import make_adapter, rel_err
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hilora_core import InvalidInputError, RoutedLM, RoutingPlan
-from hilora_core.base_model import resolve_base
+from hilora_core.engine import introspection
+from hilora_core.models.base_model import resolve_base
 
 PROMPTS = ["Write the number 42 in words.", "Reverse the words: red green blue"]
 
@@ -98,12 +99,12 @@ def test_bad_layer_weights_are_refused(setup):
 def test_logit_lens_of_the_last_layer_is_the_model_output(setup):
     lm, _, ids, mask = setup
     plans = [RoutingPlan.single("a"), RoutingPlan()]
-    states = lm.last_token_states(ids, mask, plans)
+    states = introspection.last_token_states(lm, ids, mask, plans)
     assert states.shape == (2, lm.n_layers, lm.model.config.hidden_size)
-    lens = lm.lens_logprobs(states[:, -1])
+    lens = introspection.lens_logprobs(lm, states[:, -1])
     ref = torch.log_softmax(lm.logits(ids, mask, plans)[:, -1].float(), dim=-1)
     assert rel_err(lens, ref) < 1e-4
-    base_states = lm.last_token_states(ids, mask)
+    base_states = introspection.last_token_states(lm, ids, mask)
     assert torch.allclose(base_states[1], states[1])  # the base row is the base model
     assert not torch.allclose(base_states[0], states[0])
 
@@ -111,14 +112,14 @@ def test_logit_lens_of_the_last_layer_is_the_model_output(setup):
 def test_adapter_delta_equals_peft_lora_output(setup):
     lm, peft, ids, mask = setup
     module = f"model.layers.{lm.n_layers - 1}.self_attn.q_proj"
-    assert module in lm.adapter_modules("a")
-    assert not any(m.endswith("q_proj") for m in lm.adapter_modules("b"))
-    x = lm.linear_inputs(ids, mask, [module])[module]
+    assert module in introspection.adapter_modules(lm, "a")
+    assert not any(m.endswith("q_proj") for m in introspection.adapter_modules(lm, "b"))
+    x = introspection.linear_inputs(lm, ids, mask, [module])[module]
     assert x.shape == (2, lm.model.config.hidden_size)
-    ours = lm.adapter_delta("a", module, x)
+    ours = introspection.adapter_delta(lm, "a", module, x)
     layer = peft.get_submodule(f"base_model.model.{module}")
     with torch.no_grad():
         ref = layer.lora_B["a"](layer.lora_A["a"](x)) * layer.scaling["a"]
     assert rel_err(ours, ref) < 1e-4
     with pytest.raises(InvalidInputError, match="does not adapt"):
-        lm.adapter_delta("b", module, x)
+        introspection.adapter_delta(lm, "b", module, x)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from hilora_core import InvalidInputError, TokenRule, arrow_prototype
-from hilora_core.token_routing import prepare_token_routing, route_rocs_batched, stack_adapters
+from hilora_core.routing.token_routing import prepare_token_routing, route_rocs_batched, stack_adapters
 
 
 def _random_batch(rule: TokenRule, seed: int):

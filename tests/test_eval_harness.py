@@ -1,4 +1,5 @@
-"""The evaluation harness (benchmarks/eval_routing.py): its splits, and one tiny end-to-end run."""
+"""The evaluation harness (hilora_core.evaluation.harness): its splits, its prompts, and one tiny end-to-end
+run of the benchmark script over it (benchmarks/eval_routing.py)."""
 
 from __future__ import annotations
 
@@ -10,23 +11,37 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer
 
-from hilora_core.base_model import resolve_base
+import hilora_core.evaluation.harness as harness
+from hilora_core.models.base_model import resolve_base
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def harness():
+def script():
+    """The benchmark script, loaded as a module (benchmarks/ is not a package)."""
     spec = importlib.util.spec_from_file_location("eval_routing", ROOT / "benchmarks" / "eval_routing.py")
     module = importlib.util.module_from_spec(spec)
-    sys.modules["eval_routing"] = module  # dataclasses resolve their annotations through sys.modules
+    sys.modules["eval_routing"] = module
     spec.loader.exec_module(module)
     return module
 
 
 @pytest.fixture(scope="module")
-def demo(harness):
-    return harness.load_demo(ROOT / "examples" / "demo_pool", 3, AutoTokenizer.from_pretrained(resolve_base(None)))
+def tokenizer():
+    return AutoTokenizer.from_pretrained(resolve_base(None))
+
+
+@pytest.fixture(scope="module")
+def demo(tokenizer):
+    return harness.load_pool(ROOT / "examples" / "demo_pool", 3, tokenizer)
+
+
+def test_chat_prompt_is_the_pools_training_format(tokenizer):
+    from examples.demo_pool.tasks import format_prompt
+
+    text = "Spell out 45 in English words."
+    assert harness.chat_prompt(tokenizer, text) == format_prompt(text)
 
 
 def test_demo_loads_limited_items_and_samples(demo):
@@ -35,7 +50,7 @@ def test_demo_loads_limited_items_and_samples(demo):
     assert all(4 < n < 40 for n in demo.max_new.values())
 
 
-def test_settings_follow_the_papers_protocol(harness, demo):
+def test_settings_follow_the_papers_protocol(demo):
     units = harness.make_units(demo, ["within", "cross"], seed=0, folds=None, cross_seen_limit=1)
     within, cross = units[0], units[1:]
     assert within.setting == "within" and sorted(within.pool) == sorted(within.seen)
@@ -52,8 +67,8 @@ def test_settings_follow_the_papers_protocol(harness, demo):
     assert other.seen != within.seen  # the split is seeded
 
 
-def test_tiny_run_writes_tables_plots_and_json(harness, tmp_path):
-    res = harness.main(["--limit", "1", "--methods", "base", "oracle", "hilora", "retriever", "--settings", "within",
+def test_tiny_run_writes_tables_plots_and_json(script, tmp_path):
+    res = script.main(["--limit", "1", "--methods", "base", "oracle", "hilora", "retriever", "--settings", "within",
                         "--gammas", "0.4", "1.0", "--sequence-limit", "2", "--threads", "1", "--out", str(tmp_path)])
     saved = json.loads((tmp_path / "eval-demo-pool.json").read_text())
     assert saved["results"].keys() == res["results"].keys()
@@ -70,7 +85,7 @@ def test_tiny_run_writes_tables_plots_and_json(harness, tmp_path):
     for png in ("eval-accuracy.png", "eval-gamma.png"):
         assert (tmp_path / "img" / png).read_bytes()[:4] == b"\x89PNG"
     saved_path = str(tmp_path / "eval-demo-pool.json")
-    again = harness.main(["--limit", "1", "--methods", "base", "oracle", "hilora", "retriever", "--settings",
+    again = script.main(["--limit", "1", "--methods", "base", "oracle", "hilora", "retriever", "--settings",
                           "within", "--out", str(tmp_path / "re"), "--from-json", saved_path])
     assert again["results"] == saved["results"]
     assert (tmp_path / "re" / "eval-demo-pool.md").read_text().split("\n", 3)[3] == report.split("\n", 3)[3]

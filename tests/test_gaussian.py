@@ -12,7 +12,16 @@ from hilora_core import (
     InvalidInputError,
     fit_gaussian,
 )
-from hilora_core.gaussian import dense_log_density
+
+
+def dense_log_density(z: np.ndarray, mean: np.ndarray, cov: np.ndarray) -> np.ndarray:
+    """Reference log N(z; mean, cov) with a dense (d, d) covariance. z (n, d) -> (n,)."""
+    z = np.asarray(z, dtype=np.float64)
+    d = mean.shape[0]
+    chol = np.linalg.cholesky(cov)
+    sol = np.linalg.solve(chol, (z - mean).T)  # (d, n)
+    logdet = 2.0 * np.log(np.diag(chol)).sum()
+    return -0.5 * (d * np.log(2.0 * np.pi) + logdet + (sol**2).sum(axis=0))
 
 
 def dense_score(z, samples, eps):

@@ -12,9 +12,9 @@ from test_engine_support import make_adapter
 from transformers import AutoModelForCausalLM
 
 from hilora_core import InvalidInputError, RoutedLM
-from hilora_core.base_model import resolve_base
-from hilora_core.logo import LogoSettings, logo_plans, logo_signals, measured_module
-from hilora_core.qa_flora import QaFloraSettings, fusion_weights, layer_divergences, qa_flora_plans
+from hilora_core.baselines.logo import LogoSettings, logo_plans, logo_signals, measured_module
+from hilora_core.baselines.qa_flora import QaFloraSettings, fusion_weights, layer_divergences, qa_flora_plans
+from hilora_core.models.base_model import resolve_base
 
 PROMPTS = ["Write 42 in words.", "What is the largest number in 3, 9, 4?", "Uppercase: hello"]
 

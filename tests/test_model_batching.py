@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from deployments.contracts import AdapterLocation, GenerateCall
 from hilora_core.errors import CapacityError
 from hilora_core.plan import RoutingPlan
 
@@ -12,8 +13,8 @@ def replica(tmp_path_factory):
     from test_engine_support import make_adapter
     from transformers import AutoModelForCausalLM
 
-    from deployments.model import LoRAModel
-    from hilora_core.base_model import resolve_base
+    from deployments.model import ModelReplica, build_engine
+    from hilora_core.models.base_model import resolve_base
 
     old_threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -22,25 +23,26 @@ def replica(tmp_path_factory):
     make_adapter(base, tmp / "a", seed=1, r=4, target_modules=["q_proj", "v_proj"])
     make_adapter(base, tmp / "b", seed=2, r=4, target_modules=["q_proj", "v_proj"])
     del base
-    cls = LoRAModel.func_or_class  # the plain class behind the Serve deployment
-    model = cls({"model": {"max_slots": 1, "host_cache_size": 4}, "registry": {"seed_manifest": None}})
-    yield model, {"a": {"location": str(tmp / "a"), "revision": None},
-                  "b": {"location": str(tmp / "b"), "revision": None}}
+    from deployments.config import AppConfig
+
+    config = {"model": {"max_slots": 1, "host_cache_size": 4}, "registry": {"seed_manifest": None}}
+    model = ModelReplica(config, engine=build_engine(AppConfig.model_validate(config)))
+    yield model, {"a": AdapterLocation(location=str(tmp / "a")), "b": AdapterLocation(location=str(tmp / "b"))}
     torch.set_num_threads(old_threads)
 
 
-def request(plan: RoutingPlan, sources: dict, prompt: str) -> dict:
-    return {"plan": plan.to_dict(), "sources": {a: sources[a] for a in plan.adapters}, "prompt": prompt,
-            "messages": None, "max_tokens": 4, "temperature": 0.0, "top_p": 1.0, "seed": None, "stop": []}
+def request(plan: RoutingPlan, sources: dict, prompt: str) -> GenerateCall:
+    return GenerateCall(plan=plan.to_dict(), sources={a: sources[a] for a in plan.adapters}, prompt=prompt,
+                        max_tokens=4)
 
 
 def test_batch_overflowing_the_slots_is_split_and_matches_single_runs(replica):
     model, sources = replica
     reqs = [request(RoutingPlan.single("a"), sources, "One, two,"),
             request(RoutingPlan.single("b"), sources, "Red, green,")]
-    together = model._run_batch(reqs)  # two adapters, one slot: the engine refuses, the replica splits
+    together = model.run_batch(reqs)  # two adapters, one slot: the engine refuses, the replica splits
     assert all("error" not in r for r in together), together
-    alone = [model._run_batch([r])[0] for r in reqs]
+    alone = [model.run_batch([r])[0] for r in reqs]
     assert [r["text"] for r in together] == [r["text"] for r in alone]
     assert all(r["completion_tokens"] >= 1 for r in together)
 
@@ -48,8 +50,8 @@ def test_batch_overflowing_the_slots_is_split_and_matches_single_runs(replica):
 def test_a_single_plan_larger_than_the_slots_gets_a_capacity_error(replica):
     model, sources = replica
     plan = RoutingPlan(adapters=("a", "b"), rocs=(2, 2))
-    (out,) = model._run_batch([request(plan, sources, "Hello")])
+    (out,) = model.run_batch([request(plan, sources, "Hello")])
     assert isinstance(out["error"], CapacityError) and "slots" in str(out["error"])
     # and the replica keeps serving
-    (ok,) = model._run_batch([request(RoutingPlan.single("a"), sources, "Hello")])
+    (ok,) = model.run_batch([request(RoutingPlan.single("a"), sources, "Hello")])
     assert "error" not in ok

@@ -15,10 +15,10 @@ import pytest
 from redis_server import RedisServer
 
 from hilora_core.errors import InvalidInputError
-from hilora_core.fallback import OffPoolThreshold, calibrate_off_pool, load_reference_requests
 from hilora_core.plan import RoutingPlan
 from hilora_core.policies import POLICIES, PolicyConfig, make_plans
-from hilora_core.pool import GaussianFitSettings, PoolParameters, fit_pool, fit_with_parameters
+from hilora_core.routing.fallback import OffPoolThreshold, calibrate_off_pool, load_reference_requests
+from hilora_core.routing.pool import GaussianFitSettings, PoolParameters, fit_pool, fit_with_parameters
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "examples" / "demo_pool"
@@ -81,7 +81,7 @@ def test_fallback_plan_replaces_any_routing_policy_but_not_explicit_or_base():
 # ------------------------------------------------------------------ a real pool, the real embedder
 @pytest.fixture(scope="module")
 def embedder():
-    from hilora_core.embedding import SentenceEmbedder
+    from hilora_core.models.embedding import SentenceEmbedder
 
     return SentenceEmbedder()
 
@@ -154,7 +154,7 @@ import json, sys
 import numpy as np
 from registry.config import RegistryConfig
 from registry.scorer import PoolScorer
-from hilora_core.embedding import EmbedderIdentity
+from hilora_core.models.embedding import EmbedderIdentity
 cfg = RegistryConfig(**json.loads(sys.argv[1]))
 z = np.load(sys.argv[2])
 ident = EmbedderIdentity("synthetic-test", None, z.shape[1], "", True)
@@ -165,7 +165,7 @@ print(json.dumps({"decisions": out, "status": scorer.status()}))
 
 
 def test_two_scorer_processes_decide_alike_after_incremental_registrations(redis_url, tmp_path):
-    from hilora_core.embedding import EmbedderIdentity
+    from hilora_core.models.embedding import EmbedderIdentity
     from registry.registry import Registry
 
     dim = 16

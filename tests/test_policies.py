@@ -11,7 +11,7 @@ from hilora_core import (
     UnknownAdapterError,
     make_plans,
 )
-from hilora_core.policies import cosine_similarity
+from hilora_core.baselines.retriever import cosine_similarity
 
 NAMES = ["a", "b", "c", "d"]
 RANKS = [4, 8, 8, 16]

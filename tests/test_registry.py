@@ -13,16 +13,16 @@ import numpy as np
 import pytest
 from redis_server import RedisServer
 
-from hilora_core.embedding import EmbedderIdentity
 from hilora_core.errors import (
     AdapterLoadError,
     DimensionMismatchError,
     InvalidInputError,
     UnknownAdapterError,
 )
+from hilora_core.models.embedding import EmbedderIdentity
 from hilora_core.policies import POLICIES, PolicyConfig
-from hilora_core.pool import GaussianFitSettings
-from hilora_core.sequence_routing import select_candidates
+from hilora_core.routing.pool import GaussianFitSettings
+from hilora_core.routing.sequence_routing import select_candidates
 from registry import (
     ConflictError,
     EmbedderMismatchError,
@@ -128,7 +128,7 @@ def test_conflict_and_replace(reg):
 
 def test_routes_every_policy_and_matches_hilora_core(reg):
     from hilora_core.policies import make_plans
-    from hilora_core.pool import fit_pool
+    from hilora_core.routing.pool import fit_pool
 
     data = _fill(reg, 6, seed=2)
     z = np.stack([data["ad001"][0], data["ad004"][1], np.full(DIM, 5.0, np.float32)])
@@ -409,7 +409,7 @@ def test_prefilter_matches_exact_candidates_above_threshold(config, whiten):
 
 
 def test_incremental_fit_equals_full_fit_with_fixed_eps(config):
-    from hilora_core.pool import fit_pool
+    from hilora_core.routing.pool import fit_pool
 
     fixed = GaussianFitSettings(eps=0.02, standardize=False)  # the space does not move with the pool
     cfg = RegistryConfig(**{**config.__dict__, "incremental_fit_min_pool": 5, "recalibrate_fraction": 1.0,

@@ -11,10 +11,10 @@ import sys
 import pytest
 from redis_server import RedisServer
 
-from hilora_core.embedding import SentenceEmbedder
 from hilora_core.errors import InvalidInputError
+from hilora_core.models.embedding import SentenceEmbedder
 from hilora_core.policies import PolicyConfig
-from hilora_core.pool import GaussianFitSettings
+from hilora_core.routing.pool import GaussianFitSettings
 from registry import EmbeddedRedis, Registry, RegistryConfig
 from registry.cli import main
 

@@ -25,7 +25,7 @@ def service(tmp_path_factory):
     from ray import serve
     from test_engine_support import make_adapter
 
-    from hilora_core.base_model import resolve_base
+    from hilora_core.models.base_model import resolve_base
 
     tmp = tmp_path_factory.mktemp("serve")
     redis_srv = RedisServer(str(tmp / "redis")).start()

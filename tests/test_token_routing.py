@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from hilora_core import DimensionMismatchError, InvalidInputError, TokenRule, arrow_prototype, route_rocs
-from hilora_core.token_routing import route_rocs_batched, stack_adapters
+from hilora_core.routing.token_routing import route_rocs_batched, stack_adapters
 
 torch.manual_seed(0)
 

@@ -49,7 +49,7 @@ MLP = ("gate_proj", "up_proj", "down_proj")
 
 
 @dataclass(frozen=True)
-class AdapterSpec:
+class TrainingSpec:
     """LoRA shape and training schedule of one task's adapter."""
 
     rank: int
@@ -62,32 +62,32 @@ class AdapterSpec:
 
 # Ranks and target modules vary within every cluster, so that neither says
 # which cluster an adapter belongs to.
-SPECS: dict[str, AdapterSpec] = {
-    "number_to_words": AdapterSpec(16, ATTN_QKVO, steps=150),
-    "words_to_number": AdapterSpec(8, ATTN_QV, steps=60),
-    "int_to_roman": AdapterSpec(12, MLP, steps=150),
-    "roman_to_int": AdapterSpec(4, ATTN_QKVO),
-    "thousands_separator": AdapterSpec(8, MLP),
-    "ordinal": AdapterSpec(4, ATTN_QV, steps=60),
-    "uppercase": AdapterSpec(8, MLP),
-    "acronym": AdapterSpec(16, ATTN_QV),
-    "reverse_words": AdapterSpec(4, ATTN_QKVO),
-    "sort_words": AdapterSpec(12, ATTN_QKVO),
-    "title_case": AdapterSpec(4, ATTN_QV, steps=50),
-    "spell_word": AdapterSpec(16, MLP),
-    "iso_to_us_date": AdapterSpec(4, ATTN_QV, steps=50),
-    "iso_to_long_date": AdapterSpec(12, ATTN_QKVO, steps=50),
-    "long_to_iso_date": AdapterSpec(4, MLP, steps=50),
-    "date_to_month": AdapterSpec(16, ATTN_QV),
-    "add": AdapterSpec(8, ATTN_QKVO),
-    "subtract": AdapterSpec(16, MLP),
-    "multiply": AdapterSpec(12, ATTN_QV),
-    "modulo": AdapterSpec(4, MLP),
-    "list_max": AdapterSpec(8, ATTN_QKVO),
-    "list_min": AdapterSpec(12, ATTN_QV, steps=100),
-    "list_last": AdapterSpec(8, ATTN_QV, steps=50),
-    "list_count": AdapterSpec(16, ATTN_QKVO),
-    "list_sort": AdapterSpec(8, MLP),
+SPECS: dict[str, TrainingSpec] = {
+    "number_to_words": TrainingSpec(16, ATTN_QKVO, steps=150),
+    "words_to_number": TrainingSpec(8, ATTN_QV, steps=60),
+    "int_to_roman": TrainingSpec(12, MLP, steps=150),
+    "roman_to_int": TrainingSpec(4, ATTN_QKVO),
+    "thousands_separator": TrainingSpec(8, MLP),
+    "ordinal": TrainingSpec(4, ATTN_QV, steps=60),
+    "uppercase": TrainingSpec(8, MLP),
+    "acronym": TrainingSpec(16, ATTN_QV),
+    "reverse_words": TrainingSpec(4, ATTN_QKVO),
+    "sort_words": TrainingSpec(12, ATTN_QKVO),
+    "title_case": TrainingSpec(4, ATTN_QV, steps=50),
+    "spell_word": TrainingSpec(16, MLP),
+    "iso_to_us_date": TrainingSpec(4, ATTN_QV, steps=50),
+    "iso_to_long_date": TrainingSpec(12, ATTN_QKVO, steps=50),
+    "long_to_iso_date": TrainingSpec(4, MLP, steps=50),
+    "date_to_month": TrainingSpec(16, ATTN_QV),
+    "add": TrainingSpec(8, ATTN_QKVO),
+    "subtract": TrainingSpec(16, MLP),
+    "multiply": TrainingSpec(12, ATTN_QV),
+    "modulo": TrainingSpec(4, MLP),
+    "list_max": TrainingSpec(8, ATTN_QKVO),
+    "list_min": TrainingSpec(12, ATTN_QV, steps=100),
+    "list_last": TrainingSpec(8, ATTN_QV, steps=50),
+    "list_count": TrainingSpec(16, ATTN_QKVO),
+    "list_sort": TrainingSpec(8, MLP),
 }
 
 
@@ -111,7 +111,7 @@ class PoolDef:
 
     here: Path
     tasks: object  # a module with get_task() and pool_tasks()
-    specs: dict[str, AdapterSpec]
+    specs: dict[str, TrainingSpec]
     doc_name: str
     name: str
     title: str
@@ -142,7 +142,7 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def splits_for(task: T.Task, spec: AdapterSpec) -> dict[str, list[dict[str, str]]]:
+def splits_for(task: T.Task, spec: TrainingSpec) -> dict[str, list[dict[str, str]]]:
     return T.make_splits(task, SEED, n_train=spec.steps * spec.batch_size, n_sample=N_SAMPLE, n_test=N_TEST)
 
 
@@ -150,7 +150,7 @@ def load_base():
     """(tokenizer, float32 model) of the embedded SmolLM2 base."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from hilora_core.base_model import resolve_base
+    from hilora_core.models.base_model import resolve_base
 
     path = resolve_base(None)
     tok = AutoTokenizer.from_pretrained(path)
@@ -187,7 +187,7 @@ def target_loss(peft_model, ids, mask, labels) -> torch.Tensor:
     return torch.nn.functional.cross_entropy(logits.float(), nxt[keep])
 
 
-def train_adapter(tok, base, task: T.Task, spec: AdapterSpec, train: list[dict[str, str]], log) -> tuple:
+def train_adapter(tok, base, task: T.Task, spec: TrainingSpec, train: list[dict[str, str]], log) -> tuple:
     """A trained PeftModel on ``base`` and (step times, losses)."""
     from peft import LoraConfig, get_peft_model
 
@@ -257,7 +257,7 @@ def max_target_tokens(tok, items: list[dict[str, str]]) -> int:
 # --------------------------------------------------------------------------- stages
 
 
-def write_data(task: T.Task, spec: AdapterSpec) -> dict[str, list[dict[str, str]]]:
+def write_data(task: T.Task, spec: TrainingSpec) -> dict[str, list[dict[str, str]]]:
     sp = splits_for(task, spec)
     d = P.here / "data" / task.name
     d.mkdir(parents=True, exist_ok=True)
@@ -290,7 +290,7 @@ def load_saved(folder: Path):
     return PeftModel.from_pretrained(base, str(folder)).eval()
 
 
-def evaluate_task(tok, task: T.Task, spec: AdapterSpec, log) -> dict:
+def evaluate_task(tok, task: T.Task, spec: TrainingSpec, log) -> dict:
     """Base and saved-adapter exact match on the task's test set (greedy, batch 32)."""
     test = splits_for(task, spec)["test"]
     inputs = [it["inputs"] for it in test]
@@ -311,7 +311,7 @@ def evaluate_task(tok, task: T.Task, spec: AdapterSpec, log) -> dict:
     return {"base_em": base_em, "adapter_em": ad_em, "max_new_tokens": max_new, "size_bytes": size}
 
 
-def build_task(tok, task: T.Task, spec: AdapterSpec, train: bool = True) -> dict:
+def build_task(tok, task: T.Task, spec: TrainingSpec, train: bool = True) -> dict:
     """Train (unless ``train`` is False: re-save and re-evaluate the existing adapter), save and
     evaluate one task's adapter; returns its result record, also written to ``results/<task>.json``."""
     write_data(task, spec)

@@ -21,6 +21,8 @@ import zlib
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 
+from hilora_core.evaluation.scoring import exact_match, normalize_answer  # noqa: F401  (re-exported)
+
 # SmolLM2-Instruct's chat template for one user turn (it adds this system
 # message whenever none is given); tests check it against the tokenizer's.
 SYSTEM_MESSAGE = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
@@ -34,19 +36,6 @@ END_OF_TURN = "<|im_end|>"
 def format_prompt(inputs: str) -> str:
     """The full model prompt (chat template, generation header included) for a task input."""
     return PROMPT_TEMPLATE.format(inputs=inputs)
-
-
-def normalize_answer(text: str) -> str:
-    """Strip whitespace and one trailing period; case is kept."""
-    text = text.strip()
-    if text.endswith("."):
-        text = text[:-1].rstrip()
-    return text
-
-
-def exact_match(prediction: str, target: str) -> bool:
-    """Exact match after ``normalize_answer`` on both sides."""
-    return normalize_answer(prediction) == normalize_answer(target)
 
 
 # --------------------------------------------------------------------------- converters

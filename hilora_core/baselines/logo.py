@@ -21,13 +21,17 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-from hilora_core.engine import RoutedLM
+from hilora_core.engine import introspection
 from hilora_core.errors import InvalidInputError
 from hilora_core.plan import RoutingPlan
+
+if TYPE_CHECKING:
+    from hilora_core.engine import RoutedLM
 
 FALLBACK_ORDER = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -56,7 +60,7 @@ class LogoSettings:
 def measured_module(lm: RoutedLM, adapter: str, module: str = "q_proj") -> str | None:
     """Full name of the last-layer module where ``adapter`` is measured, or None."""
     prefix = f"model.layers.{lm.n_layers - 1}."
-    adapted = {m.rsplit(".", 1)[-1]: m for m in lm.adapter_modules(adapter) if m.startswith(prefix)}
+    adapted = {m.rsplit(".", 1)[-1]: m for m in introspection.adapter_modules(lm, adapter) if m.startswith(prefix)}
     for leaf in (module, *FALLBACK_ORDER):
         if leaf in adapted:
             return adapted[leaf]
@@ -71,14 +75,14 @@ def logo_signals(
     settings = settings or LogoSettings()
     where = {a: measured_module(lm, a, settings.module) for a in adapters}
     modules = sorted({m for m in where.values() if m is not None})
-    inputs = lm.linear_inputs(input_ids, attention_mask, modules)
+    inputs = introspection.linear_inputs(lm, input_ids, attention_mask, modules)
     out = np.zeros((input_ids.shape[0], len(adapters)))
     base_norm = {}
     for j, a in enumerate(adapters):
         m = where[a]
         if m is None:
             continue
-        delta = lm.adapter_delta(a, m, inputs[m]).float().norm(dim=-1)
+        delta = introspection.adapter_delta(lm, a, m, inputs[m]).float().norm(dim=-1)
         if settings.signal == "relative":
             if m not in base_norm:
                 with torch.inference_mode():

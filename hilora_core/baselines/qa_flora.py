@@ -17,13 +17,17 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-from hilora_core.engine import RoutedLM
+from hilora_core.engine import introspection
 from hilora_core.errors import InvalidInputError
 from hilora_core.plan import RoutingPlan
+
+if TYPE_CHECKING:
+    from hilora_core.engine import RoutedLM
 
 
 @dataclass(frozen=True)
@@ -63,11 +67,11 @@ def layer_divergences(
     """(B, L, n) divergence between each adapter's and the base's logit-lens distribution per layer."""
     b, n = input_ids.shape[0], len(adapters)
     plans = [RoutingPlan()] * b + [RoutingPlan.single(a) for a in adapters for _ in range(b)]
-    states = lm.last_token_states(input_ids.repeat(n + 1, 1), attention_mask.repeat(n + 1, 1), plans)
+    states = introspection.last_token_states(lm, input_ids.repeat(n + 1, 1), attention_mask.repeat(n + 1, 1), plans)
     out = np.zeros((b, lm.n_layers, n))
-    base_log = lm.lens_logprobs(states[:b])  # (B, L, V)
+    base_log = introspection.lens_logprobs(lm, states[:b])  # (B, L, V)
     for j in range(n):
-        ad_log = lm.lens_logprobs(states[b * (j + 1): b * (j + 2)])
+        ad_log = introspection.lens_logprobs(lm, states[b * (j + 1): b * (j + 2)])
         out[:, :, j] = _divergence(ad_log, base_log, divergence).clamp_min(0).cpu().numpy()
     return out
 

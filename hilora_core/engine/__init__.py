@@ -5,32 +5,37 @@ Modules, in data-flow order:
     host_cache      host-memory LRU of adapter tensors (one load per adapter at a time)
     slots           preallocated device slots per routed layer (LRU, pinning, in-use protection)
     routed_linear   the wrapped linear layers and the per-batch routing metadata
+    ensemble        ensemble plans as one row per adapter, their distributions mixed
     generation      token choice, stop strings, result types
+    decode          the decode loop of a mixed batch
+    settings        EngineSettings, supported architectures
     routed_lm       RoutedLM, the public entry point
+    introspection   hidden states, logit lens, layer inputs (the LoGo / qa-FLoRA baselines only)
 """
 
-from .adapter_files import (
+from hilora_core.engine.adapter_files import (
     SUPPORTED_TARGETS,
     AdapterConfig,
-    AdapterSource,
     HostAdapter,
+    InspectedAdapter,
     LayerLoRA,
     inspect_adapter,
     load_adapter,
     read_adapter_config,
 )
-from .generation import GenerationResult, StreamEvent
-from .host_cache import HostAdapterCache
-from .routed_linear import BatchRouting, RoutedLinear, RoutingState, build_batch_routing
-from .routed_lm import SUPPORTED_ARCHITECTURES, EngineSettings, RoutedLM, check_architecture
-from .slots import AdapterSlots, LayerSlots, SlotLease
+from hilora_core.engine.generation import GenerationResult, StreamEvent
+from hilora_core.engine.host_cache import HostAdapterCache
+from hilora_core.engine.routed_linear import BatchRouting, RoutedLinear, RoutingState, build_batch_routing
+from hilora_core.engine.routed_lm import RoutedLM
+from hilora_core.engine.settings import SUPPORTED_ARCHITECTURES, EngineSettings, check_architecture
+from hilora_core.engine.slots import AdapterSlots, LayerSlots, SlotLease
 
 __all__ = [
     "SUPPORTED_ARCHITECTURES",
     "SUPPORTED_TARGETS",
     "AdapterConfig",
     "AdapterSlots",
-    "AdapterSource",
+    "InspectedAdapter",
     "BatchRouting",
     "EngineSettings",
     "GenerationResult",

@@ -6,77 +6,35 @@ Two steps, so that registering an adapter is cheap but still fails early:
 1. :func:`inspect_adapter` (at registration): resolve the folder (downloading just those
    two files from the hub, revision pinned), parse and check the config, read the
    safetensors *header* only, and check every tensor's name and shape against the base
-   model. Returns an :class:`AdapterSource`.
+   model. Returns an :class:`InspectedAdapter`.
 2. :func:`load_adapter` (on first use): read the tensors (never pickle), compute each
-   layer's scaling and Arrow prototype. Returns a :class:`HostAdapter` on the CPU.
+   layer's scaling. Returns a :class:`HostAdapter` on the CPU.
 
 Everything a user can get wrong raises :class:`AdapterLoadError` quoting the bad value.
 """
 
 from __future__ import annotations
 
-import json
-import math
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from ..errors import AdapterLoadError
-from ..token_routing import arrow_prototype
+from hilora_core.adapter_config import CONFIG_FILE, AdapterConfig, read_adapter_config
+from hilora_core.errors import AdapterLoadError
 
-CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 PICKLE_FILES = ("adapter_model.bin", "adapter_model.pt", "pytorch_model.bin")
 # Linear layers of Llama-family decoders an adapter may target.
 SUPPORTED_TARGETS: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-# LoraConfig fields that change the maths in a way this engine does not implement.
-_REFUSED_FLAGS: tuple[tuple[str, str], ...] = (
-    ("use_dora", "DoRA (use_dora=true)"),
-    ("lora_bias", "a trained LoRA bias (lora_bias=true)"),
-    ("fan_in_fan_out", "fan_in_fan_out=true (Conv1D layers)"),
-    ("use_qalora", "QA-LoRA (use_qalora=true)"),
-    ("alora_invocation_tokens", "activated LoRA (alora_invocation_tokens)"),
-    ("layer_replication", "layer_replication"),
-    ("modules_to_save", "modules_to_save (fully trained extra modules)"),
-    ("trainable_token_indices", "trainable_token_indices"),
-    ("target_parameters", "target_parameters (LoRA on raw parameters)"),
-)
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _LORA_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.[\w-]+)?\.weight$")
 
 
-def _pattern_key(patterns: Mapping[str, object], module: str) -> str | None:
-    """PEFT's rule for rank_pattern / alpha_pattern keys: ``(.*\\.)?(pattern)$`` on the module name."""
-    for key in patterns:
-        if re.match(rf"(.*\.)?({key})$", module):
-            return key
-    return None
-
-
 @dataclass(frozen=True)
-class AdapterConfig:
-    """The parts of a PEFT ``LoraConfig`` that the engine uses."""
-
-    rank: int
-    alpha: float
-    use_rslora: bool = False
-    target_modules: tuple[str, ...] | str = ()
-    base_model: str | None = None
-    rank_pattern: dict[str, int] = field(default_factory=dict)
-    alpha_pattern: dict[str, float] = field(default_factory=dict)
-
-    def scaling(self, module: str, rank: int) -> float:
-        """``alpha / r`` (``alpha / sqrt(r)`` with rsLoRA); alpha from ``alpha_pattern`` when it matches."""
-        key = _pattern_key(self.alpha_pattern, module)
-        alpha = float(self.alpha_pattern[key]) if key is not None else self.alpha
-        return alpha / math.sqrt(rank) if self.use_rslora else alpha / rank
-
-
-@dataclass(frozen=True)
-class AdapterSource:
+class InspectedAdapter:
     """A registered adapter: where its files are and what they contain (no tensors yet).
 
     Attributes:
@@ -106,12 +64,11 @@ class AdapterSource:
 
 @dataclass
 class LayerLoRA:
-    """One adapted layer: A (r, d_in), B (d_out, r), scaling, Arrow prototype (d_in,)."""
+    """One adapted layer: A (r, d_in), B (d_out, r) and the PEFT scaling."""
 
     a: torch.Tensor
     b: torch.Tensor
     scaling: float
-    prototype: torch.Tensor
 
     @property
     def rank(self) -> int:
@@ -122,12 +79,12 @@ class LayerLoRA:
 class HostAdapter:
     """An adapter's tensors in host memory, ready to be copied into a device slot."""
 
-    source: AdapterSource
+    source: InspectedAdapter
     layers: dict[str, LayerLoRA]
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for ly in self.layers.values() for t in (ly.a, ly.b, ly.prototype))
+        return sum(t.numel() * t.element_size() for ly in self.layers.values() for t in (ly.a, ly.b))
 
 
 def resolve_adapter_dir(location: str, revision: str | None = None) -> Path:
@@ -148,44 +105,6 @@ def resolve_adapter_dir(location: str, revision: str | None = None) -> Path:
             f"could not download adapter {location!r} (revision {revision!r}) from the hub: {exc}"
         ) from exc
     return Path(folder)
-
-
-def read_adapter_config(directory: Path) -> AdapterConfig:
-    """Parse and check ``adapter_config.json`` (PEFT LoRA only)."""
-    cfg_path = directory / CONFIG_FILE
-    if not cfg_path.is_file():
-        raise AdapterLoadError(f"{cfg_path} is missing: not a PEFT adapter folder")
-    try:
-        raw = json.loads(cfg_path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise AdapterLoadError(f"{cfg_path} is not valid JSON: {exc}") from exc
-    if not isinstance(raw, dict):
-        raise AdapterLoadError(f"{cfg_path} must hold a JSON object, got {type(raw).__name__}")
-    peft_type = str(raw.get("peft_type", "LORA")).upper()
-    if peft_type != "LORA":
-        raise AdapterLoadError(f"only LoRA adapters are supported, {cfg_path} has peft_type={peft_type!r}")
-    for key, what in _REFUSED_FLAGS:
-        if raw.get(key):
-            raise AdapterLoadError(f"{what} is not supported: {key}={raw[key]!r} in {cfg_path}")
-    if raw.get("bias", "none") != "none":
-        raise AdapterLoadError(f"bias-trained adapters are not supported: bias={raw['bias']!r} in {cfg_path}")
-    try:
-        rank = int(raw["r"])
-        alpha = float(raw.get("lora_alpha", rank))
-    except (KeyError, TypeError, ValueError) as exc:
-        raise AdapterLoadError(f"{cfg_path} needs an integer 'r' and numeric 'lora_alpha': {exc}") from exc
-    if rank < 1 or not math.isfinite(alpha):
-        raise AdapterLoadError(f"bad LoRA hyper-parameters in {cfg_path}: r={rank!r}, lora_alpha={alpha!r}")
-    targets = raw.get("target_modules") or ()
-    return AdapterConfig(
-        rank=rank,
-        alpha=alpha,
-        use_rslora=bool(raw.get("use_rslora", False)),
-        target_modules=targets if isinstance(targets, str) else tuple(sorted(targets)),
-        base_model=raw.get("base_model_name_or_path"),
-        rank_pattern=dict(raw.get("rank_pattern") or {}),
-        alpha_pattern=dict(raw.get("alpha_pattern") or {}),
-    )
 
 
 def _weights_file(directory: Path) -> Path:
@@ -217,7 +136,7 @@ def inspect_adapter(
     base_linears: Mapping[str, tuple[int, int]],
     max_rank: int,
     revision: str | None = None,
-) -> AdapterSource:
+) -> InspectedAdapter:
     """Check an adapter against the base model without reading its tensors.
 
     Args:
@@ -228,7 +147,7 @@ def inspect_adapter(
         revision: hub revision (branch, tag or commit) to pin.
 
     Returns:
-        The :class:`AdapterSource`, with each adapted module's (rank, d_in, d_out).
+        The :class:`InspectedAdapter`, with each adapted module's (rank, d_in, d_out).
     """
     directory = resolve_adapter_dir(location, revision)
     config = read_adapter_config(directory)
@@ -267,15 +186,15 @@ def inspect_adapter(
         if r > max_rank:
             raise AdapterLoadError(f"adapter {name!r} has rank {r} at {mod!r}, above the engine's max_rank={max_rank}")
         modules[mod] = (r, d_in, d_out)
-    return AdapterSource(name, location, revision, directory, config, modules)
+    return InspectedAdapter(name, location, revision, directory, config, modules)
 
 
-def load_adapter(source: AdapterSource, dtype: torch.dtype = torch.float32) -> HostAdapter:
+def load_adapter(source: InspectedAdapter, dtype: torch.dtype = torch.float32) -> HostAdapter:
     """Read an inspected adapter's tensors into host memory (safetensors only) and prepare each layer.
 
     Returns:
         A :class:`HostAdapter` with, per module, A (r, d_in), B (d_out, r) in ``dtype``, the
-        PEFT scaling, and the Arrow prototype (top right singular vector of B A).
+        PEFT scaling.
     """
     from safetensors import safe_open
 
@@ -306,6 +225,5 @@ def load_adapter(source: AdapterSource, dtype: torch.dtype = torch.float32) -> H
             a=a.to(dtype).contiguous(),
             b=b.to(dtype).contiguous(),
             scaling=source.config.scaling(mod, r),
-            prototype=arrow_prototype(a, b).to(dtype),
         )
     return HostAdapter(source, layers)

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..errors import InvalidInputError
+from hilora_core.errors import InvalidInputError
 
 
 @dataclass

@@ -12,8 +12,8 @@ from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import Future
 
-from ..errors import InvalidInputError
-from .adapter_files import AdapterSource, HostAdapter
+from hilora_core.engine.adapter_files import HostAdapter, InspectedAdapter
+from hilora_core.errors import InvalidInputError
 
 
 class HostAdapterCache:
@@ -21,10 +21,10 @@ class HostAdapterCache:
 
     Args:
         capacity: the most adapters kept in host memory (>= 1).
-        loader: reads one :class:`AdapterSource` into a :class:`HostAdapter` (disk I/O).
+        loader: reads one :class:`InspectedAdapter` into a :class:`HostAdapter` (disk I/O).
     """
 
-    def __init__(self, capacity: int, loader: Callable[[AdapterSource], HostAdapter]) -> None:
+    def __init__(self, capacity: int, loader: Callable[[InspectedAdapter], HostAdapter]) -> None:
         if capacity < 1:
             raise InvalidInputError(f"host_cache_size must be >= 1, got {capacity!r}")
         self.capacity = capacity
@@ -37,7 +37,7 @@ class HostAdapterCache:
         self.evictions = 0
         self.loads = 0  # completed reads from disk
 
-    def get(self, source: AdapterSource) -> HostAdapter:
+    def get(self, source: InspectedAdapter) -> HostAdapter:
         """The adapter's tensors, loading them once if they are not cached."""
         with self._lock:
             entry = self._entries.get(source.name)

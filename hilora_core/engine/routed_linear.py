@@ -1,7 +1,7 @@
 """Routed linear layers and the per-batch routing metadata they read.
 
 :class:`RoutedLinear` wraps a base ``nn.Linear``: ``y = base(x) + routed LoRA(x)``, the
-routed part computed by :func:`hilora_core.token_routing.route_rocs_batched` in one call
+routed part computed by :func:`hilora_core.routing.token_routing.route_rocs_batched` in one call
 for the whole mixed batch (one call per distinct (token rule, signed) pair present, usually
 one). The metadata comes from a :class:`BatchRouting` placed on the shared
 :class:`RoutingState` by the engine around each forward pass.
@@ -23,7 +23,6 @@ step costs each layer two small matmuls plus the top-k selection.
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -31,12 +30,15 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..errors import InvalidInputError
-from ..plan import RoutingPlan
-from ..token_routing import TokenRouting, TokenRule, prepare_token_routing, route_rocs_batched
-from .slots import LayerSlots
-
-_RULES = {"per_adapter": TokenRule.PER_ADAPTER, "global_topk": TokenRule.GLOBAL_TOPK, "arrow": TokenRule.ARROW}
+from hilora_core.engine.slots import LayerSlots
+from hilora_core.errors import InvalidInputError
+from hilora_core.plan import RoutingPlan, TokenRule
+from hilora_core.routing.token_routing import (
+    TokenRouting,
+    normalisation,
+    prepare_token_routing,
+    route_rocs_batched,
+)
 
 
 @dataclass
@@ -254,16 +256,16 @@ def build_batch_routing(
         cand[i, :n] = torch.tensor([pos[slot_of[a]] for a in p.adapters])
         ranks = [adapter_rank[a] for a in p.adapters]
         o = list(p.rocs) if p.rocs is not None else ranks
-        if p.token_rule == "per_adapter":
+        if p.token_rule == TokenRule.PER_ADAPTER:
             rocs[i, :n] = torch.tensor(list(p.rocs) if p.rocs is not None else [big] * n)
         else:
             rocs[i, 0] = int(p.top_k)
         weights[i, :n] = torch.tensor(list(p.weights) if p.weights is not None else [1.0] * n)
         s = float(p.scale)
         if p.normalize:
-            s *= math.sqrt((sum(ranks) / n) / max(sum(o), 1))
+            s *= normalisation(ranks, o)
         scale[i] = s
-        by_rule.setdefault((_RULES[p.token_rule], bool(p.signed)), []).append(i)
+        by_rule.setdefault((p.token_rule, bool(p.signed)), []).append(i)
     groups = [
         RuleGroup(rule, signed, None if len(rows) == n_rows else torch.tensor(rows, dtype=torch.long, device=device))
         for (rule, signed), rows in by_rule.items()

@@ -23,68 +23,28 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from ..base_model import DEFAULT_BASE, resolve_base
-from ..errors import InvalidInputError, UnknownAdapterError, UnsupportedModelError
-from ..plan import RoutingPlan
-from .adapter_files import SUPPORTED_TARGETS, AdapterSource, HostAdapter, inspect_adapter, load_adapter
-from .generation import (
-    GenerationResult,
-    StreamEvent,
-    TextTracker,
-    check_sampling,
-    choose_tokens,
-    per_sequence,
+from hilora_core.engine.adapter_files import (
+    SUPPORTED_TARGETS,
+    HostAdapter,
+    InspectedAdapter,
+    inspect_adapter,
+    load_adapter,
 )
-from .host_cache import HostAdapterCache
-from .routed_linear import BatchRouting, RoutedLinear, RoutingState, build_batch_routing, layer_index
-from .slots import AdapterSlots, SlotLease
-
-SUPPORTED_ARCHITECTURES: tuple[str, ...] = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
-_SUPPORTED_MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
-
-
-@dataclass(frozen=True)
-class EngineSettings:
-    """Settings of a :class:`RoutedLM`.
-
-    Attributes:
-        max_slots: adapters resident on the device at once (S of the slot stacks).
-        host_cache_size: adapters kept in host memory (LRU).
-        max_rank: the largest LoRA rank a slot holds (R); larger adapters are refused.
-        arrow_temperature: softmax temperature of the Arrow token rule.
-    """
-
-    max_slots: int = 16
-    host_cache_size: int = 64
-    max_rank: int = 64
-    arrow_temperature: float = 1.0
-
-    def __post_init__(self) -> None:
-        for name in ("max_slots", "host_cache_size", "max_rank"):
-            if int(getattr(self, name)) < 1:
-                raise InvalidInputError(f"{name} must be >= 1, got {getattr(self, name)!r}")
-        if not self.arrow_temperature > 0:
-            raise InvalidInputError(f"arrow_temperature must be > 0, got {self.arrow_temperature!r}")
-
-
-def check_architecture(config) -> str:
-    """The model's architecture name if supported, else :class:`UnsupportedModelError` naming it."""
-    archs = list(getattr(config, "architectures", None) or [])
-    model_type = getattr(config, "model_type", None)
-    if not archs and model_type in _SUPPORTED_MODEL_TYPES:
-        return _SUPPORTED_MODEL_TYPES[model_type]
-    for arch in archs:
-        if arch in SUPPORTED_ARCHITECTURES:
-            return arch
-    raise UnsupportedModelError(
-        f"unsupported base architecture {archs or model_type!r}; supported: {list(SUPPORTED_ARCHITECTURES)}"
-    )
+from hilora_core.engine.decode import DecodeRequest, decode
+from hilora_core.engine.ensemble import ExpandedBatch, expand_ensembles, mix_logits
+from hilora_core.engine.generation import GenerationResult, StreamEvent, check_sampling, per_sequence
+from hilora_core.engine.host_cache import HostAdapterCache
+from hilora_core.engine.routed_linear import BatchRouting, RoutedLinear, RoutingState, build_batch_routing, layer_index
+from hilora_core.engine.settings import EngineSettings, check_architecture
+from hilora_core.engine.slots import AdapterSlots, SlotLease
+from hilora_core.errors import InvalidInputError, UnknownAdapterError
+from hilora_core.models.base_model import DEFAULT_BASE, resolve_base
+from hilora_core.plan import RoutingPlan, TokenRule
 
 
 class RoutedLM:
@@ -109,7 +69,7 @@ class RoutedLM:
         self._state = RoutingState()
         self._lock = threading.RLock()  # forward passes and model surgery
         self._registry_lock = threading.Lock()
-        self._sources: dict[str, AdapterSource] = {}
+        self._sources: dict[str, InspectedAdapter] = {}
         self.slots = AdapterSlots(self.settings.max_slots, self.settings.max_rank, self.device, self.dtype)
         self.host_cache = HostAdapterCache(self.settings.host_cache_size, self._load_host)
         self._routed: dict[str, RoutedLinear] = {}
@@ -118,7 +78,7 @@ class RoutedLM:
             for name, mod in model.named_modules()
             if isinstance(mod, nn.Linear) and name.rsplit(".", 1)[-1] in SUPPORTED_TARGETS
         }
-        self._eos_ids = self._find_eos_ids()
+        self.eos_ids = self._find_eos_ids()
         self.n_layers = int(model.config.num_hidden_layers)
 
     # ---- construction ------------------------------------------------------------------------------
@@ -239,66 +199,38 @@ class RoutedLM:
         """Counters of both tiers: ``{"device": {...}, "host": {...}, "adapters": n}``."""
         return {"device": self.slots.stats(), "host": self.host_cache.stats(), "adapters": len(self._sources)}
 
-    def _source(self, name: str) -> AdapterSource:
+    def _source(self, name: str) -> InspectedAdapter:
         with self._registry_lock:
             src = self._sources.get(name)
             if src is None:
                 raise UnknownAdapterError(f"unknown adapter {name!r}; registered: {sorted(self._sources)[:20]}")
             return src
 
-    def _load_host(self, source: AdapterSource) -> HostAdapter:
+    def _load_host(self, source: InspectedAdapter) -> HostAdapter:
         return load_adapter(source, self.dtype)
 
     def _fetch(self, name: str) -> HostAdapter:
         return self.host_cache.get(self._source(name))
 
     # ---- batches -------------------------------------------------------------------------------------
-    def _expand(self, plans: Sequence[RoutingPlan], n: int):
-        """Rows to run: ensemble plans become one single-adapter row per adapter.
-
-        Returns (row plans, row -> sequence (R,) list, mixing matrix (n, R) or None).
-        """
-        if plans is None:
-            plans = [RoutingPlan()] * n
-        plans = list(plans)
-        if len(plans) != n:
-            raise InvalidInputError(f"got {len(plans)} plans for {n} sequences")
-        for p in plans:
-            if not isinstance(p, RoutingPlan):
-                raise InvalidInputError(f"plans must be RoutingPlan objects, got {type(p).__name__}")
-        names = {a for p in plans for a in p.adapters}
+    def _expand(self, plans: Sequence[RoutingPlan] | None, n: int) -> ExpandedBatch:
+        """Check the plans (known adapters) and expand ensembles (:func:`expand_ensembles`)."""
+        batch = expand_ensembles(plans, n, self.device)
+        names = {a for p in batch.rows for a in p.adapters}
         with self._registry_lock:
             unknown = sorted(names - set(self._sources))
             if unknown:
                 raise UnknownAdapterError(f"unknown adapter(s) {unknown}; registered: {sorted(self._sources)[:20]}")
-        if not any(p.ensemble and p.adapters for p in plans):
-            return plans, list(range(n)), None
-        rows: list[RoutingPlan] = []
-        row_seq: list[int] = []
-        mix: list[tuple[int, int, float]] = []
-        for i, p in enumerate(plans):
-            if not (p.ensemble and p.adapters):
-                mix.append((i, len(rows), 1.0))
-                rows.append(p)
-                row_seq.append(i)
-                continue
-            w = list(p.weights) if p.weights is not None else [1.0] * len(p.adapters)
-            total = sum(w)
-            if not total > 0:
-                raise InvalidInputError(f"ensemble weights must have a positive sum, got {w}")
-            for a, wa in zip(p.adapters, w, strict=True):
-                mix.append((i, len(rows), wa / total))
-                rows.append(RoutingPlan(adapters=(a,), scale=p.scale, normalize=False))
-                row_seq.append(i)
-        matrix = torch.zeros((n, len(rows)), dtype=torch.float32)
-        for i, r, w in mix:
-            matrix[i, r] = w
-        return rows, row_seq, matrix.to(self.device)
+        return batch
 
-    def _start_batch(self, rows: Sequence[RoutingPlan]) -> tuple[SlotLease, BatchRouting]:
+    # ---- the hooks of the decode loop and the introspection API --------------------------------------
+    def start_batch(self, rows: Sequence[RoutingPlan]) -> tuple[SlotLease, BatchRouting]:
+        """Make the rows' adapters resident (held until the lease is released) and build their routing."""
         names = list(dict.fromkeys(a for p in rows for a in p.adapters))
         lease = self.slots.acquire(names, self._fetch)
         try:
+            if any(p.token_rule == TokenRule.ARROW for p in rows):
+                self.slots.ensure_prototypes(lease.slots.values())
             ranks = {a: self._source(a).config.rank for a in names}
             routing = build_batch_routing(
                 rows, lease.slots, {s: self.slots.slot_rank(s) for s in lease.slots.values()}, ranks,
@@ -310,7 +242,8 @@ class RoutedLM:
             raise
         return lease, routing
 
-    def _forward(self, routing: BatchRouting | None, **inputs) -> torch.Tensor:
+    def forward(self, routing: BatchRouting | None, **inputs) -> torch.Tensor:
+        """One forward pass of the base model with ``routing`` in force (None: the base model); logits."""
         with self._lock, torch.inference_mode():
             self._state.current = routing
             try:
@@ -319,17 +252,9 @@ class RoutedLM:
                 self._state.current = None
 
     @staticmethod
-    def _positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    def positions(attention_mask: torch.Tensor) -> torch.Tensor:
+        """Position ids (B, T) of a left-padded batch."""
         return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-
-    @staticmethod
-    def _mix(logits: torch.Tensor, matrix: torch.Tensor | None) -> torch.Tensor:
-        """Rows' logits (R, ..., V) -> per-sequence scores; ensembles: log of the weighted mean probability."""
-        if matrix is None:
-            return logits
-        probs = torch.softmax(logits.float(), dim=-1)
-        mixed = torch.einsum("nr,r...v->n...v", matrix, probs)
-        return mixed.clamp_min(torch.finfo(torch.float32).tiny).log().to(logits.dtype)
 
     def logits(
         self,
@@ -351,90 +276,19 @@ class RoutedLM:
             raise InvalidInputError(
                 f"attention_mask shape {tuple(attention_mask.shape)} != input_ids shape {tuple(input_ids.shape)}"
             )
-        rows, row_seq, matrix = self._expand(plans, n)
-        idx = torch.tensor(row_seq, device=self.device)
+        batch = self._expand(plans, n)
+        rows, matrix = batch.rows, batch.matrix
+        idx = torch.tensor(batch.row_seq, device=self.device)
         ids = input_ids.to(self.device).index_select(0, idx)
         mask = attention_mask.to(self.device).index_select(0, idx)
-        lease, routing = self._start_batch(rows)
+        lease, routing = self.start_batch(rows)
         with lease:
-            out = self._forward(routing, input_ids=ids, attention_mask=mask, position_ids=self._positions(mask))
-        return self._mix(out, matrix)
+            out = self.forward(routing, input_ids=ids, attention_mask=mask, position_ids=self.positions(mask))
+        return mix_logits(out, matrix)
 
-    # ---- introspection (instance-level baselines: LoGo, qa-FLoRA) --------------------------------------
     def encode(self, prompts: Sequence[str], chat: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """Left-padded (input_ids (B, T), attention_mask (B, T)) as :meth:`generate` builds them."""
         return self._encode(prompts, chat)
-
-    def _decoder_layers(self) -> Sequence[nn.Module]:
-        return self.model.get_decoder().layers
-
-    def last_token_states(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, plans: Sequence[RoutingPlan] | None = None
-    ) -> torch.Tensor:
-        """Each decoder layer's output at the last position, (B, L, d), each row under its own plan.
-
-        With left padding the last position is every sequence's last prompt token. Ensemble plans are
-        refused (they have no single hidden state)."""
-        n = input_ids.shape[0]
-        rows, _, matrix = self._expand(plans, n)
-        if matrix is not None:
-            raise InvalidInputError("last_token_states does not take ensemble plans")
-        captured: list[torch.Tensor] = []
-
-        def grab(_module, _args, output):
-            h = output[0] if isinstance(output, tuple) else output
-            captured.append(h[:, -1].detach())
-
-        hooks = [layer.register_forward_hook(grab) for layer in self._decoder_layers()]
-        try:
-            lease, routing = self._start_batch(rows)
-            with lease:
-                ids, mask = input_ids.to(self.device), attention_mask.to(self.device)
-                self._forward(routing, input_ids=ids, attention_mask=mask, position_ids=self._positions(mask),
-                              logits_to_keep=1)
-        finally:
-            for h in hooks:
-                h.remove()
-        return torch.stack(captured, dim=1)
-
-    def lens_logprobs(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Logit lens: the final norm and LM head applied to hidden states (..., d) -> log-probs (..., V)."""
-        with torch.inference_mode():
-            logits = self.model.get_output_embeddings()(self.model.get_decoder().norm(hidden.to(self.dtype)))
-            return torch.log_softmax(logits.float(), dim=-1)
-
-    def linear_inputs(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, module_names: Sequence[str]
-    ) -> dict[str, torch.Tensor]:
-        """Inputs (B, d_in) of the named linear layers at the last position, base model only."""
-        captured: dict[str, torch.Tensor] = {}
-        hooks = []
-        for name in module_names:
-            module = self.model.get_submodule(name)
-            hooks.append(module.register_forward_pre_hook(
-                lambda _m, args, key=name: captured.__setitem__(key, args[0][:, -1].detach())
-            ))
-        try:
-            ids, mask = input_ids.to(self.device), attention_mask.to(self.device)
-            self._forward(None, input_ids=ids, attention_mask=mask, position_ids=self._positions(mask),
-                          logits_to_keep=1)
-        finally:
-            for h in hooks:
-                h.remove()
-        return captured
-
-    def adapter_modules(self, name: str) -> list[str]:
-        """Module names the adapter ``name`` adapts (``model.layers.12.self_attn.q_proj``, ...)."""
-        return list(self._source(name).modules)
-
-    def adapter_delta(self, name: str, module_name: str, x: torch.Tensor) -> torch.Tensor:
-        """The adapter's LoRA output ``s * B A x`` at one module: x (B, d_in) -> (B, d_out)."""
-        layer = self._fetch(name).layers.get(module_name)
-        if layer is None:
-            raise InvalidInputError(f"adapter {name!r} does not adapt {module_name!r}")
-        with torch.inference_mode():
-            x = x.to(device=layer.a.device, dtype=layer.a.dtype)
-            return (x @ layer.a.T) @ layer.b.T * layer.scaling
 
     # ---- generation ----------------------------------------------------------------------------------
     def _encode(self, prompts: Sequence[str], chat: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -502,61 +356,8 @@ class RoutedLM:
                 raise InvalidInputError(f"stop has {len(stops)} lists for {n} prompts")
         if any(not s for st in stops for s in st):
             raise InvalidInputError("stop strings must be non-empty")
-        rows, row_seq, matrix = self._expand(plans, n)
-        return self._generate(ids, mask, rows, row_seq, matrix, max_new, temps, top_ps, seed, stops, ignore_eos)
-
-    def _generate(self, ids, mask, rows, row_seq, matrix, max_new, temps, top_ps, seed, stops, ignore_eos):
-        from transformers import DynamicCache
-
-        n = ids.shape[0]
-        generator = None
-        if any(t > 0 for t in temps):
-            generator = torch.Generator(device=self.device)
-            generator.manual_seed(int(seed) if seed is not None else int(torch.randint(0, 2**62, (1,)).item()))
-        temp_t = torch.tensor(temps, device=self.device)
-        top_p_t = torch.tensor(top_ps, device=self.device)
-        prompt_tokens = mask.sum(dim=1).tolist()
-        trackers = [TextTracker(self.tokenizer, stops[i]) for i in range(n)]
-        done = [False] * n
-        eos = set() if ignore_eos else self._eos_ids
-        pad = self.tokenizer.pad_token_id
-        row_idx = torch.tensor(row_seq, device=self.device)
-        cur_ids = ids.index_select(0, row_idx)
-        cur_mask = mask.index_select(0, row_idx)
-        positions = self._positions(cur_mask)
-        lease, routing = self._start_batch(rows)
-        try:
-            cache = DynamicCache(config=self.model.config)
-            for step in range(max(max_new)):
-                logits = self._forward(
-                    routing, input_ids=cur_ids, attention_mask=cur_mask, position_ids=positions,
-                    past_key_values=cache, use_cache=True, logits_to_keep=1,
-                )[:, -1]
-                scores = self._mix(logits, matrix)  # (n, V)
-                next_tok = choose_tokens(scores, temp_t, top_p_t, generator)
-                for i, tok in enumerate(next_tok.tolist()):
-                    if done[i]:
-                        continue
-                    ended = tok in eos
-                    delta, stopped = trackers[i].push(None if ended else tok)
-                    if ended:
-                        trackers[i].token_ids.append(tok)
-                    reason = "stop" if (ended or stopped) else "length" if step + 1 >= max_new[i] else None
-                    if reason is not None:
-                        done[i] = True
-                        delta += trackers[i].finish()
-                        yield StreamEvent(i, delta, True, reason, len(trackers[i].token_ids), prompt_tokens[i],
-                                          list(trackers[i].token_ids))
-                    elif delta:
-                        yield StreamEvent(i, delta, False, None, len(trackers[i].token_ids), prompt_tokens[i])
-                if all(done):
-                    break
-                feed = torch.where(torch.tensor(done, device=self.device), torch.full_like(next_tok, pad), next_tok)
-                cur_ids = feed.index_select(0, row_idx).unsqueeze(1)
-                cur_mask = torch.cat([cur_mask, cur_mask.new_ones((cur_mask.shape[0], 1))], dim=1)
-                positions = positions[:, -1:] + 1
-        finally:
-            lease.release()
+        batch = self._expand(plans, n)
+        return decode(self, DecodeRequest(ids, mask, batch, max_new, temps, top_ps, seed, stops, ignore_eos))
 
     def generate_detailed(self, prompts: Sequence[str], plans: Sequence[RoutingPlan] | None = None,
                           **kwargs) -> list[GenerationResult]:

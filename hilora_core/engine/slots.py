@@ -6,7 +6,7 @@ Every routed layer owns a :class:`LayerSlots`:
     b_stack     (S, d_out, R)  columns >= r are zero
     scalings    (S,)
     ranks       (S,)           0 where the slot's adapter does not adapt this layer
-    prototypes  (S, d_in)      Arrow prototypes (zero where not adapted)
+    prototypes  (S, d_in)      Arrow prototypes, computed only when an Arrow plan first uses the slot
 
 S = ``n_slots`` and R = ``max_rank`` are settings. Filling a slot writes these tensors in
 place (nothing is reallocated per request). :class:`AdapterSlots` maps adapter names to
@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..errors import CapacityError, InvalidInputError, UnknownAdapterError
-from .adapter_files import HostAdapter
+from hilora_core.engine.adapter_files import HostAdapter
+from hilora_core.errors import CapacityError, InvalidInputError
 
 
 @dataclass
@@ -102,6 +102,7 @@ class AdapterSlots:
         self._slot_rank = [0] * n_slots  # max rank over layers of the adapter in each slot
         self._pinned: set[str] = set()
         self._stale: set[int] = set()  # slots of removed adapters still held by a batch
+        self._prototyped: set[int] = set()  # slots whose Arrow prototypes are computed
         self.hits = 0
         self.misses = 0
         self.evictions = 0
@@ -218,10 +219,27 @@ class AdapterSlots:
             stacks.b_stack[slot, :, :r].copy_(lora.b)
             stacks.scalings[slot] = lora.scaling
             stacks.ranks[slot] = r
-            stacks.prototypes[slot].copy_(lora.prototype)
             top = max(top, r)
         self._slot_rank[slot] = top
         self._stale.discard(slot)
+        self._prototyped.discard(slot)
+
+    def ensure_prototypes(self, slots: Iterable[int]) -> None:
+        """Compute the Arrow prototypes of these (held) slots at every layer, once per filling.
+
+        Only the Arrow baseline reads them: a pool that is never routed by Arrow never pays the SVDs.
+        """
+        from hilora_core.baselines.arrow import arrow_prototype
+
+        with self._lock:
+            todo = [s for s in slots if s not in self._prototyped]
+            for slot in todo:
+                for stacks in self.layers.values():
+                    r = int(stacks.ranks[slot])
+                    if r > 0:
+                        proto = arrow_prototype(stacks.a_stack[slot, :r], stacks.b_stack[slot, :, :r])
+                        stacks.prototypes[slot].copy_(proto)
+                self._prototyped.add(slot)
 
     def _release(self, slots: Iterable[int]) -> None:
         with self._lock:
@@ -277,9 +295,3 @@ class AdapterSlots:
             else:
                 self._stale.add(slot)
             return True
-
-    def require(self, name: str) -> int:
-        slot = self.slot_of(name)
-        if slot is None:
-            raise UnknownAdapterError(f"adapter {name!r} is not resident in a device slot")
-        return slot

@@ -25,6 +25,7 @@ import numpy as np
 
 from hilora_core.baselines.retriever import cosine_similarity
 from hilora_core.errors import InvalidInputError
+from hilora_core.manifest import read_manifest
 from hilora_core.routing.pool import GaussianFitSettings, PoolModel, fit_pool
 from hilora_core.routing.sequence_routing import select_candidates
 
@@ -37,17 +38,8 @@ class LabelledInput:
 
 
 def load_pool_manifest(path: str | Path) -> dict[str, list[str]]:
-    """``[{model_name, sample: [{inputs, ...}]}]`` -> {adapter name: sample input texts}."""
-    data = json.loads(Path(path).read_text())
-    if not isinstance(data, list):
-        raise InvalidInputError(f"{path}: a pool manifest is a JSON list of adapters")
-    pool = {}
-    for i, entry in enumerate(data):
-        try:
-            pool[str(entry["model_name"])] = [str(s["inputs"]) for s in entry["sample"]]
-        except (KeyError, TypeError) as err:
-            raise InvalidInputError(f"{path}: entry {i} lacks model_name or sample[].inputs ({err})") from err
-    return pool
+    """A pool manifest (:func:`hilora_core.manifest.read_manifest`) -> {adapter name: sample input texts}."""
+    return {e.name: e.samples for e in read_manifest(path)}
 
 
 def load_labelled_inputs(path: str | Path) -> list[LabelledInput]:
@@ -64,16 +56,39 @@ def load_labelled_inputs(path: str | Path) -> list[LabelledInput]:
     return out
 
 
-def _metrics(scores: np.ndarray, own: np.ndarray, clusters: np.ndarray, input_clusters: np.ndarray,
-             candidates: Callable[[np.ndarray], np.ndarray]) -> dict[str, float]:
-    sets = [candidates(row) for row in scores]
+def candidate_statistics(scores: np.ndarray, own: np.ndarray, adapter_clusters: np.ndarray,
+                         input_clusters: np.ndarray, max_candidates: int | None = None,
+                         candidates: Callable[[np.ndarray], np.ndarray] | None = None) -> dict[str, np.ndarray]:
+    """Per-query statistics of a candidate rule: the one place routing metrics are computed.
+
+    Args:
+        scores: (n, I) scores; own: (n,) each query's own adapter index, -1 when it has none in the pool.
+        adapter_clusters: (I,) cluster of each adapter; input_clusters: (n,) cluster of each query.
+        candidates: row -> candidate indices (default: HiLoRA's :func:`select_candidates`).
+
+    Returns:
+        (n,) arrays: ``own_in_candidates``, ``candidates`` (|C|), ``task_top1``, ``cluster_top1``,
+        ``cluster_in_candidates`` (any adapter of the query's cluster in C).
+    """
+    rule = candidates or (lambda row: select_candidates(row, max_candidates))
+    sets = [rule(row) for row in scores]
     top = scores.argmax(axis=1)
     return {
-        "own_in_candidates": float(np.mean([o in c for o, c in zip(own, sets, strict=True)])),
-        "mean_candidates": float(np.mean([len(c) for c in sets])),
-        "task_top1": float(np.mean(top == own)),
-        "cluster_top1": float(np.mean(clusters[top] == input_clusters)),
+        "own_in_candidates": np.array([o in c for o, c in zip(own, sets, strict=True)]),
+        "candidates": np.array([len(c) for c in sets]),
+        "task_top1": top == own,
+        "cluster_top1": adapter_clusters[top] == input_clusters,
+        "cluster_in_candidates": np.array([(adapter_clusters[c] == ic).any()
+                                           for c, ic in zip(sets, input_clusters, strict=True)]),
     }
+
+
+def _metrics(scores: np.ndarray, own: np.ndarray, clusters: np.ndarray, input_clusters: np.ndarray,
+             candidates: Callable[[np.ndarray], np.ndarray]) -> dict[str, float]:
+    st = candidate_statistics(scores, own, clusters, input_clusters, candidates=candidates)
+    return {"own_in_candidates": float(st["own_in_candidates"].mean()),
+            "mean_candidates": float(st["candidates"].mean()), "task_top1": float(st["task_top1"].mean()),
+            "cluster_top1": float(st["cluster_top1"].mean())}
 
 
 def evaluate_routing(

@@ -1,0 +1,172 @@
+"""Routing requests against one immutable snapshot of the pool (no Redis involved).
+
+:func:`route_on_snapshot` scores the request embeddings (through the FAISS prefilter for
+large pools), applies the off-pool test, and asks the policy table
+(:func:`hilora_core.policies.route_queries`) for the plans; each request gets a
+:class:`RouteDecision` that says what was chosen and why.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+
+from hilora_core.baselines.retriever import cosine_similarity
+from hilora_core.plan import Routed, RoutingPlan
+from hilora_core.policies import PolicyConfig, route_queries
+from hilora_core.routing.pool import PoolModel
+
+from .config import RegistryConfig
+from .prefilter import MeanIndex, prefilter_scores
+from .records import AdapterRecord
+
+try:  # BLAS threads spinning on a busy 2-core host make small matrix products 50x slower
+    from threadpoolctl import ThreadpoolController
+
+    _THREADPOOLS = ThreadpoolController()
+
+    def single_blas_thread():
+        """Context manager: BLAS runs single-threaded inside (routing is many small products)."""
+        return _THREADPOOLS.limit(limits=1, user_api="blas")
+except ImportError:  # pragma: no cover
+    def single_blas_thread():
+        return contextlib.nullcontext()
+
+
+@dataclass(frozen=True)
+class PoolSnapshot:
+    """An immutable fitted pool.
+
+    Attributes:
+        epoch: store epoch this copy reflects.
+        ids: (I,) adapter ids in bank order (sorted).
+        ranks: (I,) LoRA ranks.
+        records: id -> record.
+        model: the fitted Gaussians (None for an empty pool).
+        index: prefilter index (None below ``prefilter_min_pool``).
+        slot_to_pos: (S,) bank position of each index slot, -1 where none.
+    """
+
+    epoch: int
+    ids: tuple[str, ...]
+    ranks: np.ndarray
+    records: dict[str, AdapterRecord]
+    model: PoolModel | None
+    index: MeanIndex | None = None
+    slot_to_pos: np.ndarray | None = None
+    built_at: float = field(default_factory=time.time)
+
+
+@dataclass(frozen=True)
+class RouteDecision:
+    """The sequence-level decision for one input.
+
+    Attributes:
+        plan: what the model replicas execute (adapters, ROCs, scale, token rule).
+        candidates: the adapters the policy chose from (HiLoRA policies: the candidate set C,
+            including any that drew 0 ROCs; retriever: its top k; other policies: the plan's adapters).
+        candidate_scores: their scores (Gaussian scores; cosine for retriever; empty otherwise).
+        epoch: pool epoch of the snapshot used.
+        degraded: the scorer could not reach Redis; the snapshot may be stale.
+        prefiltered: the FAISS shortlist was used; shortlist_size: its size (0 if not used).
+        off_pool: the base-model fallback test for this request: ``{"fallback": bool, "best_score",
+            "threshold", "enabled"}``; None when the pool has no off-pool threshold or the policy
+            does not route (explicit, base).
+    """
+
+    plan: RoutingPlan
+    candidates: tuple[str, ...]
+    candidate_scores: tuple[float, ...]
+    epoch: int
+    degraded: bool
+    prefiltered: bool = False
+    shortlist_size: int = 0
+    off_pool: dict | None = None
+
+    @property
+    def fell_back(self) -> bool:
+        return bool(self.off_pool and self.off_pool["fallback"])
+
+    def to_dict(self) -> dict:
+        return {
+            "plan": self.plan.to_dict(), "candidates": list(self.candidates),
+            "candidate_scores": [float(s) for s in self.candidate_scores], "epoch": self.epoch,
+            "degraded": self.degraded, "prefiltered": self.prefiltered, "shortlist_size": self.shortlist_size,
+            "off_pool": self.off_pool,
+        }
+
+
+def _off_pool_info(model: PoolModel | None, cfg: PolicyConfig, best: float | None) -> dict | None:
+    """The decision's ``off_pool`` record (None when the pool has no threshold or the policy does not route)."""
+    if model is None or model.off_pool is None or best is None or not cfg.spec.routes:
+        return None
+    off = bool(model.off_pool_rows(np.array([best]))[0])
+    return {"fallback": off and cfg.fallback, "best_score": float(best), "threshold": model.off_pool.threshold,
+            "enabled": cfg.fallback}
+
+
+def _decision(r: Routed, names: Sequence[str], common: dict, off_pool: dict | None,
+              shortlist_size: int = 0) -> RouteDecision:
+    candidates = tuple(names[i] for i in r.candidates) if r.candidates else r.plan.adapters
+    return RouteDecision(r.plan, candidates, r.candidate_scores, prefiltered=shortlist_size > 0,
+                         shortlist_size=shortlist_size, off_pool=off_pool, **common)
+
+
+def _route_prefiltered(snap: PoolSnapshot, z: np.ndarray, cfg: PolicyConfig, config: RegistryConfig,
+                       common: dict) -> list[RouteDecision]:
+    model = snap.model
+    index, slot_to_pos = snap.index, snap.slot_to_pos
+    if index is None or slot_to_pos is None:  # forced on a small pool: index everything exactly
+        slot_to_pos = np.arange(len(snap.ids), dtype=np.int64)
+        index = MeanIndex.build(model.bank.means, slot_to_pos, "flat", use_gpu=config.prefilter_gpu)
+    shortlists = prefilter_scores(model, index, slot_to_pos, z, config.prefilter_k, config.prefilter_max_k,
+                                  config.prefilter_tail, config.prefilter_factor)
+    out = []
+    for q, sl in enumerate(shortlists):
+        names = [snap.ids[i] for i in sl.indices]
+        # one plan per query; a seeded policy gets seed + q so queries do not share one draw
+        qcfg = cfg if cfg.seed is None else replace(cfg, seed=cfg.seed + q)
+        best = float(sl.scores.max())
+        (r,) = route_queries(qcfg, names, snap.ranks[sl.indices], scores=sl.scores[None, :],
+                             off_pool=model.off_pool_rows(np.array([best])))
+        out.append(_decision(r, names, common, _off_pool_info(model, cfg, best), shortlist_size=len(names)))
+    return out
+
+
+def route_on_snapshot(
+    snap: PoolSnapshot,
+    z: np.ndarray,
+    cfg: PolicyConfig,
+    config: RegistryConfig,
+    *,
+    explicit: Sequence[str] | None = None,
+    use_prefilter: bool | None = None,
+    degraded: bool = False,
+) -> list[RouteDecision]:
+    """Route (n, d) checked query embeddings against one snapshot.
+
+    Policies that read Gaussian scores use the FAISS prefilter when the snapshot has an index
+    (or when ``use_prefilter`` forces it); retriever uses the cosine to every adapter's mean;
+    the other policies need no scores. Every policy that routes is gated by the pool's off-pool
+    test (``cfg.fallback``), which reads the Gaussian scores.
+    """
+    n = z.shape[0]
+    names = list(snap.ids)
+    common = {"epoch": snap.epoch, "degraded": degraded}
+    model = snap.model
+    with single_blas_thread():
+        prefilter = snap.index is not None if use_prefilter is None else use_prefilter
+        if cfg.needs_gaussian_scores and model is not None and prefilter:
+            return _route_prefiltered(snap, z, cfg, config, common)
+        gated = model is not None and model.off_pool is not None and cfg.spec.routes
+        scores = model.score(z) if model is not None and (cfg.needs_gaussian_scores or gated) else None
+        cosine = cosine_similarity(z, model.means) if model is not None and cfg.needs_cosine else None
+        best = None if scores is None else scores.max(axis=1)
+        routed = route_queries(cfg, names, snap.ranks, scores=scores, cosine=cosine, explicit=explicit,
+                               n_queries=n, off_pool=None if best is None else model.off_pool_rows(best))
+    return [_decision(r, names, common, _off_pool_info(model, cfg, None if best is None else best[q]))
+            for q, r in enumerate(routed)]

@@ -9,6 +9,7 @@ LoRAModel (generation) -> response. Client mistakes become 4xx JSON errors
 import json
 import time
 import uuid
+from collections.abc import AsyncIterator, Callable
 
 from fastapi import FastAPI, Header, HTTPException, Response
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -18,7 +19,7 @@ from ray.serve.handle import DeploymentHandle
 from .auth import check_admin
 from .config import AppConfig
 from .contracts import Decision, GenerateCall
-from .errors import to_http
+from .errors import message_of, to_http
 from .metrics import ServiceMetrics
 from .schemas import (
     ChatCompletionRequest,
@@ -27,6 +28,30 @@ from .schemas import (
     RouteRequest,
     RoutingOverrides,
 )
+
+
+async def sse_events(items: AsyncIterator[dict], chunk: Callable[..., str],
+                     on_final: Callable[[dict], dict]) -> AsyncIterator[str]:
+    """Server-sent events from a replica's stream items, ``data: [DONE]`` last.
+
+    ``chunk(delta, finish_reason, extra, role)`` formats one event; the final item's event carries
+    ``on_final(item)`` (usage, routing). The response headers are already sent when the replica
+    fails, so a failure becomes one in-band ``{"error": {"message": ...}}`` event before ``[DONE]``.
+    """
+    first = True
+    try:
+        async for item in items:
+            if item.get("finish_reason") is not None:
+                yield chunk(item["delta"], item["finish_reason"], on_final(item), role=first)
+            elif item["delta"]:
+                yield chunk(item["delta"], None, role=first)
+            else:
+                continue
+            first = False
+    except Exception as err:  # noqa: BLE001 - headers are sent: report in-band
+        yield f"data: {json.dumps({'error': {'message': message_of(err)}})}\n\n"
+    yield "data: [DONE]\n\n"
+
 
 app = FastAPI(title="HiLoRA Serve", version="0.1.0",
               description="Serve a pool of LoRA adapters with training-free hierarchical routing.")
@@ -154,27 +179,18 @@ class Ingress:
             body.update(extra or {})
             return f"data: {json.dumps(body)}\n\n"
 
+        def on_final(item: dict) -> dict:
+            usage = {"prompt_tokens": item["prompt_tokens"], "completion_tokens": item["completion_tokens"],
+                     "total_tokens": item["prompt_tokens"] + item["completion_tokens"]}
+            self.metrics.observe_cache(item["replica"], item["cache"])
+            self.metrics.tokens.labels("prompt").inc(item["prompt_tokens"])
+            self.metrics.tokens.labels("completion").inc(item["completion_tokens"])
+            return {"usage": usage, "routing": decision.summary()}
+
         async def events():
-            first_chunk = True
-            try:
-                async for item in gen:
-                    if item.get("finish_reason") is not None:
-                        usage = {"prompt_tokens": item["prompt_tokens"], "completion_tokens": item["completion_tokens"],
-                                 "total_tokens": item["prompt_tokens"] + item["completion_tokens"]}
-                        self.metrics.observe_cache(item["replica"], item["cache"])
-                        self.metrics.tokens.labels("prompt").inc(item["prompt_tokens"])
-                        self.metrics.tokens.labels("completion").inc(item["completion_tokens"])
-                        yield chunk(item["delta"], item["finish_reason"],
-                                    {"usage": usage, "routing": decision.summary()}, role=first_chunk)
-                    elif item["delta"]:
-                        yield chunk(item["delta"], None, role=first_chunk)
-                    else:
-                        continue
-                    first_chunk = False
-            except Exception as err:  # noqa: BLE001 - headers are sent: report in-band
-                yield f"data: {json.dumps({'error': {'message': str(err).splitlines()[-1]}})}\n\n"
+            async for line in sse_events(gen, chunk, on_final):
+                yield line
             self.metrics.request_latency.labels(kind).observe(time.perf_counter() - started)
-            yield "data: [DONE]\n\n"
 
         return StreamingResponse(events(), media_type="text/event-stream")
 

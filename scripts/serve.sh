@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 export RAY_AUTH_MODE="${RAY_AUTH_MODE:-disabled}"
 export TOKENIZERS_PARALLELISM=false
 CONFIG="${1:-serve_config.yaml}"
-.venv/bin/python -c "from hilora_core.base_model import resolve_base; print('base model:', resolve_base(None))"
+.venv/bin/python -c "from hilora_core.models.base_model import resolve_base; print('base model:', resolve_base(None))"
 if [ -z "${HILORA_ADMIN_TOKEN:-}" ]; then
     echo "note: HILORA_ADMIN_TOKEN is unset, so the admin API (/admin/...) is disabled" >&2
 fi

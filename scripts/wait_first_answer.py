@@ -17,7 +17,7 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--url", default="http://127.0.0.1:8000")
     ap.add_argument("--timeout", type=float, default=600)
-    ap.add_argument("--prompt", default="Write the number 42 in words.")
+    ap.add_argument("--prompt", default="Spell out 45 in English words.")
     args = ap.parse_args()
     body = json.dumps({"model": "hilora", "messages": [{"role": "user", "content": args.prompt}],
                        "max_tokens": 16}).encode()

@@ -6,8 +6,8 @@ import math
 
 import pytest
 import torch
+from engine_helpers import make_adapter, rel_err
 from peft import PeftModel
-from test_engine_support import make_adapter, rel_err
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hilora_core import RoutedLM, RoutingPlan, UnknownAdapterError
@@ -27,8 +27,6 @@ ADAPTERS = {
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # 2 threads on a shared 2-core machine is ~10x slower when other jobs run
     base_dir = resolve_base(None)
     tmp = tmp_path_factory.mktemp("adapters")
     base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
@@ -42,7 +40,6 @@ def setup(tmp_path_factory):
     tok = AutoTokenizer.from_pretrained(base_dir)
     tok.padding_side = "left"
     yield lm, peft, tok, paths
-    torch.set_num_threads(threads)
 
 
 def peft_logits(peft, adapter: str, ids, mask=None):

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from engine_helpers import make_adapter, rel_err, scale_first_roc
 from peft import ArrowConfig, create_arrow_model
-from test_engine_support import make_adapter, rel_err, scale_first_roc
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hilora_core import RoutedLM, RoutingPlan
@@ -21,8 +21,6 @@ NAMES = ("t0", "t1", "t2")
 
 @pytest.fixture(scope="module")
 def arrow_setup(tmp_path_factory):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     base_dir = resolve_base(None)
     tmp = tmp_path_factory.mktemp("arrow")
     base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
@@ -37,7 +35,6 @@ def arrow_setup(tmp_path_factory):
         lm.add_adapter(name, path)
     tok = AutoTokenizer.from_pretrained(base_dir)
     yield lm, peft_arrow, tok
-    torch.set_num_threads(threads)
 
 
 def test_arrow_matches_peft(arrow_setup):

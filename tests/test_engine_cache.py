@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from engine_helpers import make_adapter, make_tiny_llama, rel_err
 from peft import PeftModel
-from test_engine_support import make_adapter, make_tiny_llama, rel_err
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
 from hilora_core import AdapterLoadError, CapacityError, RoutedLM, RoutingPlan, UnsupportedModelError
@@ -24,8 +24,6 @@ IDS = torch.tensor([[5, 17, 42, 99, 7]])
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     tmp = tmp_path_factory.mktemp("tiny")
     tok = AutoTokenizer.from_pretrained(resolve_base(None))
     base_dir = make_tiny_llama(tmp / "base", tok)
@@ -60,7 +58,6 @@ def tiny(tmp_path_factory):
     gpt2.save_pretrained(tmp / "gpt2_base")
     bad["_gpt2_base"] = tmp / "gpt2_base"
     yield {"base_dir": base_dir, "base": base, "paths": paths, "bad": bad, "tmp": tmp}
-    torch.set_num_threads(threads)
 
 
 def new_lm(tiny, **kw) -> RoutedLM:

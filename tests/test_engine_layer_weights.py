@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from engine_helpers import make_adapter, rel_err
 from peft import PeftModel
-from test_engine_support import make_adapter, rel_err
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hilora_core import InvalidInputError, RoutedLM, RoutingPlan
@@ -17,8 +17,6 @@ PROMPTS = ["Write the number 42 in words.", "Reverse the words: red green blue"]
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     base_dir = resolve_base(None)
     tmp = tmp_path_factory.mktemp("lw")
     base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
@@ -32,7 +30,6 @@ def setup(tmp_path_factory):
     tok.padding_side = "left"
     enc = tok(PROMPTS, return_tensors="pt", padding=True)
     yield lm, peft, enc["input_ids"], enc["attention_mask"]
-    torch.set_num_threads(threads)
 
 
 def test_uniform_layer_weights_equal_plan_weights(setup):

@@ -7,8 +7,8 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from engine_helpers import make_adapter
 from safetensors.torch import load_file, save_file
-from test_engine_support import make_adapter
 from transformers import AutoModelForCausalLM
 
 from hilora_core import InvalidInputError, RoutedLM
@@ -29,8 +29,6 @@ def scale_lora_b(src, dst, factor: float):
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     tmp = tmp_path_factory.mktemp("baselines")
     base = AutoModelForCausalLM.from_pretrained(resolve_base(None), dtype=torch.float32).eval()
     q = make_adapter(base, tmp / "q", seed=1, r=8, target_modules=["q_proj", "v_proj"])
@@ -45,7 +43,6 @@ def setup(tmp_path_factory):
         lm.add_adapter(name, str(path))
     ids, mask = lm.encode(PROMPTS)
     yield lm, ids, mask
-    torch.set_num_threads(threads)
 
 
 def test_logo_signal_scales_with_the_adapter_and_falls_back_for_mlp_adapters(setup):

@@ -1,7 +1,6 @@
 """The model deployment's batching, without Ray: mixed batches, and batches that overflow the slots."""
 
 import pytest
-import torch
 
 from deployments.contracts import AdapterLocation, GenerateCall
 from hilora_core.errors import CapacityError
@@ -10,14 +9,12 @@ from hilora_core.plan import RoutingPlan
 
 @pytest.fixture(scope="module")
 def replica(tmp_path_factory):
-    from test_engine_support import make_adapter
+    from engine_helpers import make_adapter
     from transformers import AutoModelForCausalLM
 
     from deployments.model import ModelReplica, build_engine
     from hilora_core.models.base_model import resolve_base
 
-    old_threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     tmp = tmp_path_factory.mktemp("batching")
     base = AutoModelForCausalLM.from_pretrained(resolve_base(None))
     make_adapter(base, tmp / "a", seed=1, r=4, target_modules=["q_proj", "v_proj"])
@@ -28,7 +25,6 @@ def replica(tmp_path_factory):
     config = {"model": {"max_slots": 1, "host_cache_size": 4}, "registry": {"seed_manifest": None}}
     model = ModelReplica(config, engine=build_engine(AppConfig.model_validate(config)))
     yield model, {"a": AdapterLocation(location=str(tmp / "a")), "b": AdapterLocation(location=str(tmp / "b"))}
-    torch.set_num_threads(old_threads)
 
 
 def request(plan: RoutingPlan, sources: dict, prompt: str) -> GenerateCall:

@@ -22,8 +22,8 @@ BETA_SAMPLES = [f"Reverse the letters of the word '{w}'." for w in ("apple", "ri
 @pytest.fixture(scope="module")
 def service(tmp_path_factory):
     ray = pytest.importorskip("ray")
+    from engine_helpers import make_adapter
     from ray import serve
-    from test_engine_support import make_adapter
 
     from hilora_core.models.base_model import resolve_base
 
@@ -148,16 +148,21 @@ def test_streaming_equals_non_streaming(service):
 
 def test_openai_client(service):
     openai = pytest.importorskip("openai")
+    c = service["client"]
     client = openai.OpenAI(base_url=f"http://127.0.0.1:{service['port']}/v1", api_key="unused")
-    resp = client.chat.completions.create(model="hilora", messages=[{"role": "user", "content": "Reverse 'abc'."}],
-                                          max_tokens=5)
-    assert isinstance(resp.choices[0].message.content, str)
-    assert resp.model_extra["routing"]["adapters"]
+    msg = [{"role": "user", "content": "Convert the number 7 into English words."}]
+    resp = client.chat.completions.create(model="hilora", messages=msg, max_tokens=5)
+    direct = chat(c, "hilora", msg[0]["content"], max_tokens=5).json()
+    # the SDK sees the same greedy answer and routing as a plain HTTP client
+    assert resp.choices[0].message.content == direct["choices"][0]["message"]["content"]
+    assert resp.model_extra["routing"]["adapters"] == direct["routing"]["adapters"] == ["alpha"]
     comp = client.completions.create(model="alpha", prompt="One, two,", max_tokens=3)
-    assert isinstance(comp.choices[0].text, str)
+    http_comp = c.post("/v1/completions", json={"model": "alpha", "prompt": "One, two,", "max_tokens": 3}).json()
+    assert comp.choices[0].text == http_comp["choices"][0]["text"] and comp.usage.completion_tokens >= 1
     stream = client.chat.completions.create(model="alpha", messages=[{"role": "user", "content": "Hi"}],
                                             max_tokens=4, stream=True)
-    assert isinstance("".join((ch.choices[0].delta.content or "") for ch in stream), str)
+    streamed = "".join((ch.choices[0].delta.content or "") for ch in stream if ch.choices)
+    assert streamed == chat(c, "alpha", "Hi", max_tokens=4).json()["choices"][0]["message"]["content"]
     assert "alpha" in [m.id for m in client.models.list().data]
 
 
@@ -238,3 +243,25 @@ def test_delete_adapter(service):
     assert r.status_code == 200 and r.json()["deleted"] is True
     assert chat(c, "beta", "x").status_code == 404
     assert os.path.isdir(service["beta"])  # weights are the user's: never deleted
+
+
+def test_a_stream_that_fails_after_its_headers_ends_with_an_in_band_error_event():
+    import asyncio
+
+    from deployments.ingress import sse_events
+
+    async def items():
+        yield {"delta": "Hel"}
+        yield {"delta": ""}  # nothing new: no event
+        raise RuntimeError("Traceback (most recent call last): ...\nCapacityError: no free adapter slot")
+
+    def chunk(delta, finish, extra=None, role=False):
+        return json.dumps({"delta": delta, "finish": finish, "role": role})
+
+    async def collect():
+        return [line async for line in sse_events(items(), chunk, lambda item: {})]
+
+    out = asyncio.run(collect())
+    assert len(out) == 3 and json.loads(out[0]) == {"delta": "Hel", "finish": None, "role": True}
+    assert json.loads(out[1].removeprefix("data: "))["error"]["message"] == "CapacityError: no free adapter slot"
+    assert out[2] == "data: [DONE]\n\n"

@@ -325,19 +325,29 @@ TASK_NAMES: tuple[str, ...] = (
     "list_max", "list_min", "list_last",
 )
 
-_BY_NAME = {t.name: t for t in CANDIDATES}
+@dataclass(frozen=True)
+class TaskSet:
+    """A pool's tasks: every candidate generator, and the names that make up the pool."""
+
+    label: str
+    candidates: tuple[Task, ...]
+    pool: tuple[str, ...]
+
+    def get(self, name: str) -> Task:
+        """The task called ``name`` (KeyError quoting it when unknown)."""
+        for t in self.candidates:
+            if t.name == name:
+                return t
+        raise KeyError(f"unknown {self.label} task {name!r}; known: {sorted(t.name for t in self.candidates)}")
+
+    def pool_tasks(self) -> list[Task]:
+        """The tasks of the pool, in pool order."""
+        return [self.get(n) for n in self.pool]
 
 
-def get_task(name: str) -> Task:
-    """The task called ``name`` (KeyError quoting it when unknown)."""
-    if name not in _BY_NAME:
-        raise KeyError(f"unknown demo task {name!r}; known: {sorted(_BY_NAME)}")
-    return _BY_NAME[name]
-
-
-def pool_tasks() -> list[Task]:
-    """The tasks of the pool, in pool order."""
-    return [get_task(n) for n in TASK_NAMES]
+DEMO_TASKS = TaskSet("demo", CANDIDATES, TASK_NAMES)
+get_task = DEMO_TASKS.get
+pool_tasks = DEMO_TASKS.pool_tasks
 
 
 def task_seed(seed: int, name: str) -> int:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import random
 
-from examples.demo_pool.tasks import MONTHS, Task, format_prompt, number_to_words, task_seed  # noqa: F401
+from examples.demo_pool.tasks import MONTHS, Task, TaskSet, format_prompt, number_to_words, task_seed  # noqa: F401
 
 # --------------------------------------------------------------------------- dates -> ISO
 
@@ -231,16 +231,6 @@ TASKS: tuple[Task, ...] = (
 )
 
 TASK_NAMES: tuple[str, ...] = tuple(t.name for t in TASKS)
-_BY_NAME = {t.name: t for t in TASKS}
-
-
-def get_task(name: str) -> Task:
-    """The task called ``name`` (KeyError quoting it when unknown)."""
-    if name not in _BY_NAME:
-        raise KeyError(f"unknown transfer-pool task {name!r}; known: {sorted(_BY_NAME)}")
-    return _BY_NAME[name]
-
-
-def pool_tasks() -> list[Task]:
-    """The tasks of the pool, in pool order."""
-    return [get_task(n) for n in TASK_NAMES]
+TRANSFER_TASKS = TaskSet("transfer-pool", TASKS, TASK_NAMES)
+get_task = TRANSFER_TASKS.get
+pool_tasks = TRANSFER_TASKS.pool_tasks

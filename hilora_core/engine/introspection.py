@@ -19,6 +19,23 @@ if TYPE_CHECKING:
     from hilora_core.engine.routed_lm import RoutedLM
 
 
+def _last_position_pass(lm: RoutedLM, rows: Sequence[RoutingPlan] | None, input_ids: torch.Tensor,
+                        attention_mask: torch.Tensor, hooks: list) -> None:
+    """One forward pass that keeps only the last position's logits; removes ``hooks`` afterwards."""
+    try:
+        ids, mask = input_ids.to(lm.device), attention_mask.to(lm.device)
+        kwargs = {"input_ids": ids, "attention_mask": mask, "position_ids": lm.positions(mask), "logits_to_keep": 1}
+        if rows is None:
+            lm.forward(None, **kwargs)
+        else:
+            lease, routing = lm.start_batch(rows)
+            with lease:
+                lm.forward(routing, **kwargs)
+    finally:
+        for h in hooks:
+            h.remove()
+
+
 def last_token_states(
     lm: RoutedLM, input_ids: torch.Tensor, attention_mask: torch.Tensor, plans: Sequence[RoutingPlan] | None = None
 ) -> torch.Tensor:
@@ -26,8 +43,7 @@ def last_token_states(
 
     With left padding the last position is every sequence's last prompt token. Ensemble plans are
     refused (they have no single hidden state)."""
-    n = input_ids.shape[0]
-    batch = lm._expand(plans, n)
+    batch = lm._expand(plans, input_ids.shape[0])
     if batch.matrix is not None:
         raise InvalidInputError("last_token_states does not take ensemble plans")
     captured: list[torch.Tensor] = []
@@ -37,16 +53,9 @@ def last_token_states(
         captured.append(h[:, -1].detach())
 
     hooks = [layer.register_forward_hook(grab) for layer in lm.model.get_decoder().layers]
-    try:
-        lease, routing = lm.start_batch(batch.rows)
-        with lease:
-            ids, mask = input_ids.to(lm.device), attention_mask.to(lm.device)
-            lm.forward(routing, input_ids=ids, attention_mask=mask, position_ids=lm.positions(mask),
-                          logits_to_keep=1)
-    finally:
-        for h in hooks:
-            h.remove()
+    _last_position_pass(lm, batch.rows, input_ids, attention_mask, hooks)
     return torch.stack(captured, dim=1)
+
 
 def lens_logprobs(lm: RoutedLM, hidden: torch.Tensor) -> torch.Tensor:
     """Logit lens: the final norm and LM head applied to hidden states (..., d) -> log-probs (..., V)."""
@@ -54,29 +63,22 @@ def lens_logprobs(lm: RoutedLM, hidden: torch.Tensor) -> torch.Tensor:
         logits = lm.model.get_output_embeddings()(lm.model.get_decoder().norm(hidden.to(lm.dtype)))
         return torch.log_softmax(logits.float(), dim=-1)
 
+
 def linear_inputs(
     lm: RoutedLM, input_ids: torch.Tensor, attention_mask: torch.Tensor, module_names: Sequence[str]
 ) -> dict[str, torch.Tensor]:
     """Inputs (B, d_in) of the named linear layers at the last position, base model only."""
     captured: dict[str, torch.Tensor] = {}
-    hooks = []
-    for name in module_names:
-        module = lm.model.get_submodule(name)
-        hooks.append(module.register_forward_pre_hook(
-            lambda _m, args, key=name: captured.__setitem__(key, args[0][:, -1].detach())
-        ))
-    try:
-        ids, mask = input_ids.to(lm.device), attention_mask.to(lm.device)
-        lm.forward(None, input_ids=ids, attention_mask=mask, position_ids=lm.positions(mask),
-                      logits_to_keep=1)
-    finally:
-        for h in hooks:
-            h.remove()
+    hooks = [lm.model.get_submodule(name).register_forward_pre_hook(
+        lambda _m, args, key=name: captured.__setitem__(key, args[0][:, -1].detach())) for name in module_names]
+    _last_position_pass(lm, None, input_ids, attention_mask, hooks)
     return captured
+
 
 def adapter_modules(lm: RoutedLM, name: str) -> list[str]:
     """Module names the adapter ``name`` adapts (``model.layers.12.self_attn.q_proj``, ...)."""
     return list(lm._source(name).modules)
+
 
 def adapter_delta(lm: RoutedLM, name: str, module_name: str, x: torch.Tensor) -> torch.Tensor:
     """The adapter's LoRA output ``s * B A x`` at one module: x (B, d_in) -> (B, d_out)."""

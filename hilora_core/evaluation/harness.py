@@ -144,27 +144,30 @@ class Context:
     query_emb: dict[tuple[str, int], np.ndarray]
 
 
+INSTANCE_LEVEL = ("logo", "qa_flora")  # baselines that need the model itself (not in the policy table)
+
+
 def route(method: str, items: list[Item], ctx: Context, gamma: float = 0.4) -> list[RoutingPlan]:
-    """One plan per item under ``method`` over the unit's pool."""
+    """One plan per item under ``method`` over the unit's pool.
+
+    ``method``: ``oracle`` (the item's own adapter), an instance-level baseline (``logo``,
+    ``qa_flora``), or any policy of :data:`hilora_core.policies.POLICY_TABLE` (``base`` included),
+    run as the paper defines it (no off-pool gate; ``benchmarks/eval_offpool.py`` adds it).
+    """
     pool, ranks = ctx.unit.pool, [ctx.demo.ranks[a] for a in ctx.unit.pool]
-    if method == "base":
-        return [RoutingPlan()] * len(items)
     if method == "oracle":
         return [RoutingPlan.single(it.task) for it in items]
-    if method in ("hilora", "hilora_gs", "retriever"):
-        z = np.stack([ctx.query_emb[(it.task, it.index)] for it in items])
-        if method == "retriever":
-            return make_plans(PolicyConfig("retriever"), pool, ranks, cosine=cosine_similarity(z, ctx.model.means))
-        return make_plans(PolicyConfig(method, gamma=gamma), pool, ranks, scores=ctx.model.score(z))
-    if method in ("hilora_roc", "arrow", "ensemble", "merged"):
-        return make_plans(PolicyConfig(method), pool, ranks, n_queries=len(items))
-    ids, mask = ctx.lm.encode([chat_prompt(ctx.lm.tokenizer, it.inputs) for it in items])
-    if method == "logo":
-        return logo_plans(logo_signals(ctx.lm, ids, mask, pool, LogoSettings()), pool, LogoSettings().top_k)
-    if method == "qa_flora":
+    if method in INSTANCE_LEVEL:
+        ids, mask = ctx.lm.encode([chat_prompt(ctx.lm.tokenizer, it.inputs) for it in items])
+        if method == "logo":
+            return logo_plans(logo_signals(ctx.lm, ids, mask, pool, LogoSettings()), pool, LogoSettings().top_k)
         settings = QaFloraSettings()
         return qa_flora_plans(layer_divergences(ctx.lm, ids, mask, pool, settings.divergence), pool, settings)
-    raise ValueError(f"unknown method {method!r}")
+    cfg = PolicyConfig(method, gamma=gamma, fallback=False)
+    z = np.stack([ctx.query_emb[(it.task, it.index)] for it in items]) if cfg.spec.input else None
+    scores = ctx.model.score(z) if cfg.needs_gaussian_scores else None
+    cosine = cosine_similarity(z, ctx.model.means) if cfg.needs_cosine else None
+    return make_plans(cfg, pool, ranks, scores=scores, cosine=cosine, n_queries=len(items))
 
 
 @dataclass

@@ -8,7 +8,7 @@ clusters. Queries: 24 fresh samples of random adapters ("seen") + 8 points near 
 cluster centre but off every adapter ("unseen", wide candidate sets).
 
     .venv/bin/python benchmarks/bench_prefilter.py --sizes 1000 10000 100000 \\
-        --flan /work/shared/data/flan48/pool_samples.json --flan-dev /work/shared/data/flan48/dev.jsonl \\
+        --flan ../shared/data/flan48/pool_samples.json --flan-dev ../shared/data/flan48/dev.jsonl \\
         --redis-size 10000
 
 Routing runs single-threaded (BLAS and FAISS), the setting a busy 2-core host needs.
@@ -155,13 +155,13 @@ def measure(name: str, model: PoolModel, z: np.ndarray, config: RegistryConfig, 
 def flan_model(pool_path: str, dev_path: str | None, settings: GaussianFitSettings, n_queries: int):
     import torch
 
+    from hilora_core.manifest import read_manifest
     from hilora_core.models.embedding import SentenceEmbedder
 
     torch.set_num_threads(1)
-    with open(pool_path) as fh:
-        pool = json.load(fh)
+    pool = read_manifest(pool_path)
     emb = SentenceEmbedder()
-    sets = [emb.encode([s["inputs"] for s in a["sample"]]) for a in pool]
+    sets = [emb.encode(a.samples) for a in pool]
     model = fit_pool(sets, settings)
     rng = np.random.default_rng(0)
     if dev_path:
@@ -169,7 +169,7 @@ def flan_model(pool_path: str, dev_path: str | None, settings: GaussianFitSettin
             dev = [json.loads(line)["inputs"] for line in fh if line.strip()]
         texts = [dev[i] for i in rng.choice(len(dev), n_queries, replace=False)]
     else:
-        texts = [pool[i % len(pool)]["sample"][-1]["inputs"] for i in range(n_queries)]
+        texts = [pool[i % len(pool)].samples[-1] for i in range(n_queries)]
     return model, emb.encode(texts)
 
 

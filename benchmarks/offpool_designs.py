@@ -35,8 +35,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from examples.demo_pool import tasks as T  # noqa: E402
-from examples.transfer_pool import tasks as TT  # noqa: E402
+from hilora_core.manifest import read_manifest  # noqa: E402
 from hilora_core.models.embedding import SentenceEmbedder  # noqa: E402
 from hilora_core.routing.calibration import LeaveOneOutScores  # noqa: E402
 from hilora_core.routing.fallback import calibrate_off_pool, load_reference_requests  # noqa: E402
@@ -48,21 +47,14 @@ DESIGNS = ("sample-quantile", "reference-gaussian", "reference-quantile", "min-o
 
 def pools(flan48: Path | None, per_task: int):
     """(name, {adapter: sample texts}, in-pool request texts) of each pool measured."""
-    demo = json.loads((ROOT / "examples" / "demo_pool" / "manifest.json").read_text())
-    sets = {e["model_name"]: [s["inputs"] for s in e["sample"]] for e in demo}
-    data = ROOT / "examples" / "demo_pool" / "data"
-    tests = [json.loads(line)["inputs"] for n in sets
-             for line in (data / n / "test.jsonl").read_text().splitlines()[:per_task]]
-    yield "demo", sets, tests
-    sets, tests = {}, []
-    for task in TT.pool_tasks():
-        sp = T.make_splits(task, 0, n_train=8, n_sample=20, n_test=per_task)
-        sets[task.name] = [x["inputs"] for x in sp["sample"]]
-        tests += [x["inputs"] for x in sp["test"]]
-    yield "transfer", sets, tests
+    for name in ("demo", "transfer"):
+        folder = ROOT / "examples" / f"{name}_pool"
+        sets = {e.name: e.samples for e in read_manifest(folder / "manifest.json")}
+        tests = [json.loads(line)["inputs"] for n in sets
+                 for line in (folder / "data" / n / "test.jsonl").read_text().splitlines()[:per_task]]
+        yield name, sets, tests
     if flan48 is not None:
-        pool = json.loads((flan48 / "pool_samples.json").read_text())
-        sets = {e["model_name"]: [s["inputs"] for s in e["sample"]] for e in pool}
+        sets = {e.name: e.samples for e in read_manifest(flan48 / "pool_samples.json")}
         tests = [json.loads(line)["inputs"] for line in (flan48 / "dev.jsonl").read_text().splitlines() if line]
         yield "flan48", sets, tests
 

@@ -13,7 +13,12 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from hilora_core.policies import POLICIES
+from hilora_core.engine.settings import EngineSettings
+from hilora_core.policies import POLICIES, PolicyConfig
+from registry.config import DEFAULT_FIT_SETTINGS, RegistryConfig
+
+# The algorithm's and the registry's own defaults, read here instead of written again.
+_ENGINE, _POLICY, _REGISTRY = EngineSettings(), PolicyConfig(), RegistryConfig()
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEMO_POOL_MANIFEST = PROJECT_ROOT / "examples" / "demo_pool" / "manifest.json"
@@ -29,9 +34,9 @@ class ModelSettings(_Strict):
     device: str = Field("auto", description="'auto' (cuda when present), 'cpu' or 'cuda[:N]'")
     dtype: Literal["float32", "bfloat16", "float16", "auto"] = Field(
         "auto", description="'auto': float32 on CPU, bfloat16 on CUDA")
-    max_slots: int = Field(16, ge=1, description="adapters resident on the device at once")
-    host_cache_size: int = Field(64, ge=1, description="adapters kept in host memory (LRU)")
-    max_rank: int = Field(64, ge=1, description="largest LoRA rank a device slot holds")
+    max_slots: int = Field(_ENGINE.max_slots, ge=1, description="adapters resident on the device at once")
+    host_cache_size: int = Field(_ENGINE.host_cache_size, ge=1, description="adapters kept in host memory (LRU)")
+    max_rank: int = Field(_ENGINE.max_rank, ge=1, description="largest LoRA rank a device slot holds")
     torch_threads: int | None = Field(None, ge=1, description="torch CPU threads per replica (None: torch default)")
     max_batch_size: int = Field(8, ge=1, description="requests merged into one mixed generation batch")
     batch_wait_timeout_s: float = Field(0.01, ge=0, description="how long a batch waits to fill")
@@ -47,12 +52,14 @@ class EmbedderSettings(_Strict):
 
 class RegistrySettings(_Strict):
     redis_url: str | None = Field(None, description="redis:// URL; None = $REDIS_URL, else embedded Redis")
-    embedded_dir: str = Field("./var/redis", description="data folder of the embedded Redis (persistent)")
-    key_prefix: str = "hilora"
-    eps: float | None = Field(None, gt=0, description="fixed eps; None = calibrated by leave-one-out")
-    target_rate: float = Field(0.9, gt=0, le=1, description="calibration target rate")
-    prefilter_min_pool: int = Field(2000, ge=1, description="FAISS prefilter from this pool size on")
-    hub_lookup: bool = Field(True, description="read adapter_config.json of hub adapters from the Hub")
+    embedded_dir: str = Field(_REGISTRY.embedded_dir, description="data folder of the embedded Redis (persistent)")
+    key_prefix: str = _REGISTRY.key_prefix
+    eps: float | None = Field(DEFAULT_FIT_SETTINGS.eps, gt=0,
+                              description="fixed eps; None = calibrated by leave-one-out")
+    target_rate: float = Field(DEFAULT_FIT_SETTINGS.target_rate, gt=0, le=1, description="calibration target rate")
+    prefilter_min_pool: int = Field(_REGISTRY.prefilter_min_pool, ge=1,
+                                    description="FAISS prefilter from this pool size on")
+    hub_lookup: bool = Field(_REGISTRY.hub_lookup, description="read adapter_config.json of hub adapters from the Hub")
     seed_manifest: str | None = Field(
         "demo", description="pool manifest registered when the pool is empty at start ('demo' = the demo pool, "
                 "'transfer' = the transfer pool, or a manifest path)")
@@ -60,12 +67,12 @@ class RegistrySettings(_Strict):
 
 class RoutingSettings(_Strict):
     model_alias: str = Field("hilora", description="the `model` value that selects automatic routing")
-    policy: str = Field("hilora", description="default policy of the alias")
-    gamma: float = Field(0.4, gt=0, le=1)
-    max_candidates: int | None = Field(None, ge=1)
-    seed: int | None = Field(None, description="None: deterministic ROC allocation")
-    fallback: bool = Field(True, description="serve requests that no adapter covers with the base model alone "
-                                             "(false: always route to adapters, as the paper does)")
+    policy: str = Field(_POLICY.name.value, description="default policy of the alias")
+    gamma: float = Field(_POLICY.gamma, gt=0, le=1)
+    max_candidates: int | None = Field(_POLICY.max_candidates, ge=1)
+    seed: int | None = Field(_POLICY.seed, description="None: deterministic ROC allocation")
+    fallback: bool = Field(_POLICY.fallback, description="serve requests that no adapter covers with the base model "
+                                                         "alone (false: always route to adapters, as the paper does)")
 
     @field_validator("policy")
     @classmethod
@@ -106,8 +113,6 @@ class AppConfig(_Strict):
     def registry_config(self):
         """The registry package's own config built from these settings."""
         from dataclasses import replace
-
-        from registry.config import DEFAULT_FIT_SETTINGS, RegistryConfig
 
         fit = replace(DEFAULT_FIT_SETTINGS, eps=self.registry.eps, target_rate=self.registry.target_rate)
         embedded = Path(self.registry.embedded_dir)

@@ -13,44 +13,26 @@ Modules, in data-flow order:
     introspection   hidden states, logit lens, layer inputs (the LoGo / qa-FLoRA baselines only)
 """
 
-from hilora_core.engine.adapter_files import (
-    SUPPORTED_TARGETS,
-    AdapterConfig,
-    HostAdapter,
-    InspectedAdapter,
-    LayerLoRA,
-    inspect_adapter,
-    load_adapter,
-    read_adapter_config,
-)
-from hilora_core.engine.generation import GenerationResult, StreamEvent
-from hilora_core.engine.host_cache import HostAdapterCache
-from hilora_core.engine.routed_linear import BatchRouting, RoutedLinear, RoutingState, build_batch_routing
-from hilora_core.engine.routed_lm import RoutedLM
-from hilora_core.engine.settings import SUPPORTED_ARCHITECTURES, EngineSettings, check_architecture
-from hilora_core.engine.slots import AdapterSlots, LayerSlots, SlotLease
+import importlib
 
-__all__ = [
-    "SUPPORTED_ARCHITECTURES",
-    "SUPPORTED_TARGETS",
-    "AdapterConfig",
-    "AdapterSlots",
-    "InspectedAdapter",
-    "BatchRouting",
-    "EngineSettings",
-    "GenerationResult",
-    "HostAdapter",
-    "HostAdapterCache",
-    "LayerLoRA",
-    "LayerSlots",
-    "RoutedLM",
-    "RoutedLinear",
-    "RoutingState",
-    "SlotLease",
-    "StreamEvent",
-    "build_batch_routing",
-    "check_architecture",
-    "inspect_adapter",
-    "load_adapter",
-    "read_adapter_config",
-]
+# name -> the submodule that defines it; imported on first use, so that light imports
+# (``hilora_core.engine.settings``) do not pull in transformers.
+_EXPORTS = {
+    "SUPPORTED_TARGETS": "adapter_files", "HostAdapter": "adapter_files", "InspectedAdapter": "adapter_files",
+    "LayerLoRA": "adapter_files", "inspect_adapter": "adapter_files", "load_adapter": "adapter_files",
+    "AdapterConfig": "adapter_files", "read_adapter_config": "adapter_files",
+    "GenerationResult": "generation", "StreamEvent": "generation",
+    "HostAdapterCache": "host_cache",
+    "BatchRouting": "routed_linear", "RoutedLinear": "routed_linear", "RoutingState": "routed_linear",
+    "build_batch_routing": "routed_linear",
+    "RoutedLM": "routed_lm",
+    "SUPPORTED_ARCHITECTURES": "settings", "EngineSettings": "settings", "check_architecture": "settings",
+    "AdapterSlots": "slots", "LayerSlots": "slots", "SlotLease": "slots",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f"hilora_core.engine.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module 'hilora_core.engine' has no attribute {name!r}")

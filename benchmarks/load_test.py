@@ -36,7 +36,7 @@ def load_prompts(n_tasks: int, per_task: int) -> list[tuple[str, str]]:
 
 async def one(client: httpx.AsyncClient, model: str, text: str, max_tokens: int, stream: bool = True) -> dict:
     body = {"model": model, "messages": [{"role": "user", "content": text}], "max_tokens": max_tokens,
-            "stream": stream}
+            "stream": stream, **({"stream_options": {"include_usage": True}} if stream else {})}
     t0 = time.perf_counter()
     if not stream:  # one JSON response: TTFT is the whole latency
         try:
@@ -58,7 +58,7 @@ async def one(client: httpx.AsyncClient, model: str, text: str, max_tokens: int,
                 chunk = json.loads(line[6:])
                 if "error" in chunk:
                     return {"ok": False, "status": "stream-error"}
-                if ttft is None and chunk["choices"][0].get("delta", {}).get("content"):
+                if ttft is None and chunk["choices"] and chunk["choices"][0].get("delta", {}).get("content"):
                     ttft = time.perf_counter() - t0
                 if chunk.get("usage"):
                     tokens = chunk["usage"]["completion_tokens"]

@@ -30,19 +30,23 @@ from .schemas import (
 )
 
 
-async def sse_events(items: AsyncIterator[dict], chunk: Callable[..., str],
-                     on_final: Callable[[dict], dict]) -> AsyncIterator[str]:
+async def sse_events(items: AsyncIterator[dict], chunk: Callable[..., str], on_final: Callable[[dict], dict],
+                     after_final: Callable[[dict], str | None] | None = None) -> AsyncIterator[str]:
     """Server-sent events from a replica's stream items, ``data: [DONE]`` last.
 
     ``chunk(delta, finish_reason, extra, role)`` formats one event; the final item's event carries
-    ``on_final(item)`` (usage, routing). The response headers are already sent when the replica
-    fails, so a failure becomes one in-band ``{"error": {"message": ...}}`` event before ``[DONE]``.
+    ``on_final(item)`` (the routing), and ``after_final(item)`` may add one more event (the usage
+    chunk of ``stream_options.include_usage``). The response headers are already sent when the
+    replica fails, so a failure becomes one in-band ``{"error": {"message": ...}}`` event before ``[DONE]``.
     """
     first = True
     try:
         async for item in items:
             if item.get("finish_reason") is not None:
                 yield chunk(item["delta"], item["finish_reason"], on_final(item), role=first)
+                extra = after_final(item) if after_final is not None else None
+                if extra:
+                    yield extra
             elif item["delta"]:
                 yield chunk(item["delta"], None, role=first)
             else:
@@ -126,7 +130,7 @@ class Ingress:
     def _model_call(self, decision: Decision, body, prompt: str | None, messages: list | None) -> GenerateCall:
         stop = [body.stop] if isinstance(body.stop, str) else (body.stop or [])
         return GenerateCall(plan=decision.plan, sources=decision.sources, prompt=prompt, messages=messages,
-                            max_tokens=body.max_tokens, temperature=body.temperature, top_p=body.top_p,
+                            max_tokens=body.new_tokens, temperature=body.temperature, top_p=body.top_p,
                             seed=body.seed, stop=stop)
 
     def _handle(self, decision: Decision):
@@ -136,12 +140,13 @@ class Ingress:
     async def _generate(self, body, prompt: str | None, messages: list | None, route_text: str, kind: str,
                         text_len: int):
         started = time.perf_counter()
-        self._check_limits(text_len, body.max_tokens, body.stop)
+        self._check_limits(text_len, body.new_tokens, body.stop)
         decision = await self._decide(body.model, route_text, body.routing)
         call = self._model_call(decision, body, prompt, messages)
         rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         if body.stream:
-            return await self._stream(call, decision, body.model, rid, kind, started)
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            return await self._stream(call, decision, body.model, rid, kind, started, include_usage)
         result = await self._remote(self._handle(decision).generate.remote(call))
         self.metrics.observe_cache(result["replica"], result["cache"])
         self.metrics.tokens.labels("prompt").inc(result["prompt_tokens"])
@@ -159,7 +164,8 @@ class Ingress:
         return {"id": rid, "object": obj, "created": int(time.time()), "model": body.model, "choices": [choice],
                 "usage": usage, "routing": decision.summary()}
 
-    async def _stream(self, call: GenerateCall, decision: Decision, model: str, rid: str, kind: str, started: float):
+    async def _stream(self, call: GenerateCall, decision: Decision, model: str, rid: str, kind: str, started: float,
+                      include_usage: bool = False):
         gen = self._handle(decision).options(stream=True).stream.remote(call)
         try:
             first = await gen.__anext__()  # adapters loaded: errors so far are still a clean 4xx
@@ -180,15 +186,21 @@ class Ingress:
             return f"data: {json.dumps(body)}\n\n"
 
         def on_final(item: dict) -> dict:
-            usage = {"prompt_tokens": item["prompt_tokens"], "completion_tokens": item["completion_tokens"],
-                     "total_tokens": item["prompt_tokens"] + item["completion_tokens"]}
             self.metrics.observe_cache(item["replica"], item["cache"])
             self.metrics.tokens.labels("prompt").inc(item["prompt_tokens"])
             self.metrics.tokens.labels("completion").inc(item["completion_tokens"])
-            return {"usage": usage, "routing": decision.summary()}
+            return {"routing": decision.summary()}
+
+        def usage_chunk(item: dict) -> str | None:
+            if not include_usage:
+                return None
+            usage = {"prompt_tokens": item["prompt_tokens"], "completion_tokens": item["completion_tokens"],
+                     "total_tokens": item["prompt_tokens"] + item["completion_tokens"]}
+            body = {"id": rid, "object": obj, "created": created, "model": model, "choices": [], "usage": usage}
+            return f"data: {json.dumps(body)}\n\n"
 
         async def events():
-            async for line in sse_events(gen, chunk, on_final):
+            async for line in sse_events(gen, chunk, on_final, usage_chunk):
                 yield line
             self.metrics.request_latency.labels(kind).observe(time.perf_counter() - started)
 
@@ -207,11 +219,11 @@ class Ingress:
     async def chat_completions(self, body: ChatCompletionRequest):
         if len(body.messages) > self.cfg.limits.max_messages:
             raise HTTPException(422, f"{len(body.messages)} messages; the limit is {self.cfg.limits.max_messages}")
-        users = [m.content for m in body.messages if m.role == "user"]
+        users = [m.text for m in body.messages if m.role == "user"]
         if not users:
             raise HTTPException(422, "a chat request needs at least one user message")
-        messages = [m.model_dump() for m in body.messages]
-        total = sum(len(m.content) for m in body.messages)
+        messages = [{"role": m.role, "content": m.text} for m in body.messages]
+        total = sum(len(m.text) for m in body.messages)
         return await self._generate(body, None, messages, users[-1], "chat", total)
 
     @app.get("/v1/models")
@@ -275,6 +287,11 @@ class Ingress:
 
     @app.get("/healthz")
     async def healthz(self):
+        return {"status": "ok"}
+
+    @app.get("/health")
+    async def health(self):
+        """The common name of the liveness check (benchmark clients call it first)."""
         return {"status": "ok"}
 
     @app.get("/readyz")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class RoutingOverrides(BaseModel):
@@ -20,27 +20,73 @@ class RoutingOverrides(BaseModel):
                                                     "request (the paper's behaviour); default from the service config")
 
 
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    include_usage: bool = Field(False, description="send usage in a final chunk with no choices")
+
+
+# OpenAI fields the service does not implement: accepted at their neutral value, refused otherwise
+# (a silently ignored field is a silent wrong answer). Checked in _Generation._refuse_unsupported.
+_NEUTRAL = {"logprobs": (None, False, 0), "top_logprobs": (None, 0), "echo": (None, False), "logit_bias": (None, {}),
+            "frequency_penalty": (None, 0, 0.0), "presence_penalty": (None, 0, 0.0), "best_of": (None, 1),
+            "suffix": (None, ""), "tools": (None, []), "tool_choice": (None, "none"), "functions": (None, []),
+            "parallel_tool_calls": (None, False), "logprobs_in_stream": (None, False)}
+
+
 class _Generation(BaseModel):
-    model_config = ConfigDict(extra="ignore")  # OpenAI clients send fields we do not use (user, logprobs...)
+    # OpenAI clients send fields beyond the ones below: known ones that change the answer are refused
+    # unless neutral (_NEUTRAL); others (metadata, store, ...) do not change the answer and are ignored.
+    model_config = ConfigDict(extra="allow")
     model: str
-    max_tokens: int = Field(64, ge=1)
+    max_tokens: int | None = Field(None, ge=1, description="default 64")
+    max_completion_tokens: int | None = Field(None, ge=1, description="the newer name of max_tokens")
     temperature: float = Field(0.0, ge=0, le=5)
     top_p: float = Field(1.0, gt=0, le=1)
     stop: str | list[str] | None = None
     stream: bool = False
+    stream_options: StreamOptions | None = None
     seed: int | None = None
     n: int = Field(1, ge=1, le=1, description="one choice per request")
+    user: str | None = Field(None, description="accepted; not used")
+    response_format: dict | None = Field(None, description="only {'type': 'text'}")
     routing: RoutingOverrides | None = None
+
+    @model_validator(mode="after")
+    def _refuse_unsupported(self):
+        for name, value in (self.model_extra or {}).items():
+            if name in _NEUTRAL and value not in _NEUTRAL[name]:
+                raise ValueError(f"{name}={value!r} is not supported by this server")
+        if self.response_format not in (None, {"type": "text"}):
+            raise ValueError(f"response_format={self.response_format!r} is not supported; only {{'type': 'text'}}")
+        if self.max_tokens is not None and self.max_completion_tokens is not None \
+                and self.max_tokens != self.max_completion_tokens:
+            raise ValueError("max_tokens and max_completion_tokens differ; send one of them")
+        return self
+
+    @property
+    def new_tokens(self) -> int:
+        """The answer budget: max_completion_tokens, else max_tokens, else 64."""
+        return self.max_completion_tokens or self.max_tokens or 64
 
 
 class CompletionRequest(_Generation):
     prompt: str | list[str]
 
 
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["text"] = Field(description="only text parts are supported")
+    text: str
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
     role: Literal["system", "user", "assistant"]
-    content: str
+    content: str | list[TextPart] = Field(description="a string, or a list of text parts (joined by newlines)")
+
+    @property
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "\n".join(p.text for p in self.content)
 
 
 class ChatCompletionRequest(_Generation):

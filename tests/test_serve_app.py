@@ -110,6 +110,33 @@ def test_routed_and_explicit_completions(service):
     assert base.status_code == 200 and base.json()["routing"]["adapters"] == []
 
 
+def test_openai_request_fields_as_real_clients_send_them(service):
+    c = service["client"]
+    assert c.get("/health").json() == {"status": "ok"}
+    q = "Convert the number 12 into English words."
+    plain = chat(c, "alpha", q, max_tokens=6).json()["choices"][0]["message"]["content"]
+    # content as a list of text parts (guidellm, the OpenAI SDK with parts), max_completion_tokens, user
+    parts = {"model": "alpha", "messages": [{"role": "user", "content": [{"type": "text", "text": q}]}],
+             "max_completion_tokens": 6, "user": "someone", "response_format": {"type": "text"}}
+    r = c.post("/v1/chat/completions", json=parts)
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["message"]["content"] == plain
+    # fields that would change the answer are refused with a message, never silently ignored
+    for extra, word in (({"logprobs": True, "top_logprobs": 2}, "logprobs"), ({"logit_bias": {"42": 5}}, "logit_bias"),
+                        ({"response_format": {"type": "json_object"}}, "response_format"),
+                        ({"presence_penalty": 0.5}, "presence_penalty"),
+                        ({"max_tokens": 5, "max_completion_tokens": 6}, "max_completion_tokens")):
+        r = c.post("/v1/chat/completions", json={"model": "alpha", "messages": [{"role": "user", "content": q}],
+                                                 **extra})
+        assert r.status_code == 422 and word in r.text, (extra, r.text)
+    image = {"model": "alpha", "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "http://example.invalid/x.png"}}]}]}
+    r = c.post("/v1/chat/completions", json=image)
+    assert r.status_code == 422 and "text" in r.text
+    r = c.post("/v1/completions", json={"model": "alpha", "prompt": "One,", "echo": True, "logprobs": 1})
+    assert r.status_code == 422 and "not supported" in r.text
+
+
 def test_off_pool_request_is_answered_by_the_base_model(service):
     c = service["client"]
     q = "What is the capital of France?"
@@ -131,19 +158,24 @@ def test_streaming_equals_non_streaming(service):
     c = service["client"]
     full = chat(c, "alpha", "Name a colour.", max_tokens=10).json()["choices"][0]["message"]["content"]
     body = {"model": "alpha", "messages": [{"role": "user", "content": "Name a colour."}], "max_tokens": 10,
-            "stream": True}
-    pieces, final = [], None
+            "stream": True, "stream_options": {"include_usage": True}}
+    pieces, final, usage = [], None, None
     with c.stream("POST", "/v1/chat/completions", json=body) as r:
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
         lines = [ln for ln in r.iter_lines() if ln.startswith("data: ")]
     assert lines[-1] == "data: [DONE]"
     for ln in lines[:-1]:
         chunk = json.loads(ln.removeprefix("data: "))
+        if not chunk["choices"]:  # the usage chunk of stream_options.include_usage, after the last content
+            usage = chunk["usage"]
+            continue
+        assert "usage" not in chunk
         pieces.append(chunk["choices"][0]["delta"].get("content", ""))
         if chunk["choices"][0]["finish_reason"] is not None:
             final = chunk
     assert "".join(pieces) == full
-    assert final is not None and final["routing"]["adapters"] == ["alpha"] and final["usage"]["completion_tokens"] >= 1
+    assert final is not None and final["routing"]["adapters"] == ["alpha"]
+    assert usage is not None and usage["completion_tokens"] >= 1 and json.loads(lines[-2][6:])["choices"] == []
 
 
 def test_openai_client(service):

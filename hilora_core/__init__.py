@@ -3,11 +3,15 @@
 Pure algorithm and model code: numpy, torch, transformers, peft,
 sentence-transformers. Nothing here knows about Ray, Redis or HTTP.
 
-Sequence level: :func:`fit_gaussian`, :class:`GaussianBank`,
-:func:`select_candidates`, :func:`allocate_rocs`, :func:`calibrate_eps`.
-Token level: :func:`route_rocs` (and the batched form the model layers call).
-Policies: :class:`PolicyConfig`, :func:`make_plans`, :class:`RoutingPlan`.
-Engine: :class:`RoutedLM` (imported lazily: it pulls in transformers).
+Packages: ``routing`` (the paper's method, top to bottom), ``baselines`` (the compared methods),
+``engine`` (RoutedLM), ``evaluation`` (metrics and the benchmark harness), ``models`` (loading the
+base LLM and the embedder); ``policies`` is the table from policy name to plan function and
+``plan`` the RoutingPlan the engine executes. ``docs/architecture.md`` has the whole picture.
+
+Re-exported here: :func:`fit_gaussian`, :class:`GaussianBank`, :func:`select_candidates`,
+:func:`allocate_rocs`, :func:`calibrate_eps`, :func:`route_rocs`, :class:`PolicyConfig`,
+:func:`make_plans`, :class:`RoutingPlan`, and :class:`RoutedLM` (imported lazily: it pulls in
+transformers).
 """
 
 from hilora_core.baselines.arrow import arrow_prototype

@@ -115,7 +115,8 @@ class IncrementalPoolFit:
         self._gaussians: dict[str, FactoredGaussian] = {}  # id -> Gaussian fitted with self._stored
         self._stored: StoredParameters | None = None  # the parameters of the current model
         self._changes = 0  # changes applied, the epoch stand-in when build() is given none
-        self.reference: np.ndarray | None = None  # (R, d) raw embeddings of the general requests
+        self._reference: np.ndarray | None = None
+        self._key = self._make_key()
         self.full_fits = 0
         self.incremental_fits = 0
 
@@ -133,19 +134,29 @@ class IncrementalPoolFit:
             self._gaussians.pop(adapter_id, None)
             self._changes += 1
 
-    def key(self) -> str:
-        """What stored parameters must have been computed under: fit settings and reference set."""
-        ref = b"" if self.reference is None else np.ascontiguousarray(self.reference, dtype="<f4").tobytes()
+    @property
+    def reference(self) -> np.ndarray | None:
+        """(R, d) raw embeddings of the general requests that set the off-pool threshold, or None."""
+        return self._reference
+
+    @reference.setter
+    def reference(self, z: np.ndarray | None) -> None:
+        if z is not self._reference:
+            self._reference = z
+            self._key = self._make_key()
+
+    def _make_key(self) -> str:
+        ref = b"" if self._reference is None else np.ascontiguousarray(self._reference, dtype="<f4").tobytes()
         settings = json.dumps({**asdict(self.settings), "fallback_eps": self.fallback_eps}, sort_keys=True)
         return hashlib.sha1(settings.encode() + hashlib.sha1(ref).digest()).hexdigest()[:20]
 
+    def key(self) -> str:
+        """What stored parameters must have been computed under: fit settings and reference set."""
+        return self._key
+
     def space_digest(self) -> str | None:
         """Identifies the space the current Gaussians live in (whitening and scale); None before a fit."""
-        if self._stored is None:
-            return None
-        p = self._stored.params
-        w = None if p.whitener is None else hashlib.sha1(np.ascontiguousarray(p.whitener.matrix).tobytes()).hexdigest()
-        return f"{p.scale!r}:{w}"
+        return None if self._stored is None else self._stored.params.space_digest
 
     def _fresh(self, stored: StoredParameters | None, epoch: int, n: int) -> bool:
         if stored is None or stored.key != self.key():
@@ -175,7 +186,7 @@ class IncrementalPoolFit:
             self._gaussians = dict(zip(ids, _gaussians_of(model.bank), strict=True))
             self.full_fits += 1
         else:
-            if self._stored is None or stored.params.digest() != self._stored.params.digest():
+            if self._stored is None or stored.params.digest != self._stored.params.digest:
                 self._gaussians = {}  # other parameters: every Gaussian is refitted with them
             params = stored.params
             for i in ids:

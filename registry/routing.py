@@ -100,13 +100,13 @@ class RouteDecision:
         }
 
 
-def _off_pool_info(model: PoolModel | None, cfg: PolicyConfig, best: float | None) -> dict | None:
-    """The decision's ``off_pool`` record (None when the pool has no threshold or the policy does not route)."""
+def _off_pool_info(model: PoolModel | None, cfg: PolicyConfig, best: float | None, off: bool) -> dict | None:
+    """The decision's ``off_pool`` record (None when the pool has no threshold or the policy does not route);
+    ``off``: the pool's test flagged the request."""
     if model is None or model.off_pool is None or best is None or not cfg.spec.routes:
         return None
-    off = bool(model.off_pool_rows(np.array([best]))[0])
-    return {"fallback": off and cfg.fallback, "best_score": float(best), "threshold": model.off_pool.threshold,
-            "enabled": cfg.fallback}
+    return {"fallback": bool(off) and cfg.fallback, "best_score": float(best),
+            "threshold": model.off_pool.threshold, "enabled": cfg.fallback}
 
 
 def _decision(r: Routed, names: Sequence[str], common: dict, off_pool: dict | None,
@@ -131,9 +131,9 @@ def _route_prefiltered(snap: PoolSnapshot, z: np.ndarray, cfg: PolicyConfig, con
         # one plan per query; a seeded policy gets seed + q so queries do not share one draw
         qcfg = cfg if cfg.seed is None else replace(cfg, seed=cfg.seed + q)
         best = float(sl.scores.max())
-        (r,) = route_queries(qcfg, names, snap.ranks[sl.indices], scores=sl.scores[None, :],
-                             off_pool=model.off_pool_rows(np.array([best])))
-        out.append(_decision(r, names, common, _off_pool_info(model, cfg, best), shortlist_size=len(names)))
+        off = model.off_pool_rows(np.array([best]))
+        (r,) = route_queries(qcfg, names, snap.ranks[sl.indices], scores=sl.scores[None, :], off_pool=off)
+        out.append(_decision(r, names, common, _off_pool_info(model, cfg, best, off[0]), shortlist_size=len(names)))
     return out
 
 
@@ -166,7 +166,9 @@ def route_on_snapshot(
         scores = model.score(z) if model is not None and (cfg.needs_gaussian_scores or gated) else None
         cosine = cosine_similarity(z, model.means) if model is not None and cfg.needs_cosine else None
         best = None if scores is None else scores.max(axis=1)
+        off = None if best is None else model.off_pool_rows(best)
         routed = route_queries(cfg, names, snap.ranks, scores=scores, cosine=cosine, explicit=explicit,
-                               n_queries=n, off_pool=None if best is None else model.off_pool_rows(best))
-    return [_decision(r, names, common, _off_pool_info(model, cfg, None if best is None else best[q]))
+                               n_queries=n, off_pool=off)
+    return [_decision(r, names, common,
+                      None if best is None else _off_pool_info(model, cfg, best[q], off[q]))
             for q, r in enumerate(routed)]

@@ -120,6 +120,7 @@ def calibrate_eps(
     seed: int = 0,
     criterion: str = "candidates",
     max_candidates: int | None = None,
+    loo: LeaveOneOutScores | None = None,
 ) -> EpsCalibration:
     """Pick eps by leave-one-out over the adapters' sample embeddings (see the module docstring).
 
@@ -133,6 +134,8 @@ def calibrate_eps(
         seed: for that subset.
         criterion: "candidates" or "own_score".
         max_candidates: the cap on |C| the router will use ("candidates" only).
+        loo: the leave-one-out fits of these sets' calibration subset, when the caller already has
+            them (:func:`hilora_core.routing.pool.fit_pool` shares them with the off-pool threshold).
     """
     if not 0.0 < target_rate <= 1.0:
         raise InvalidInputError(f"target_rate must be in (0, 1], got {target_rate!r}")
@@ -147,16 +150,16 @@ def calibrate_eps(
     for i, s in enumerate(sets):
         if s.shape[0] < 3:
             raise InvalidInputError(f"adapter {i} has {s.shape[0]} samples; leave-one-out needs at least 3")
-    sets = subset_for_calibration(sets, max_adapters, seed)
+    if loo is None:
+        loo = LeaveOneOutScores(subset_for_calibration(sets, max_adapters, seed))
     if grid is None:
-        pooled = np.concatenate(sets)
+        pooled = np.concatenate(loo.sets)
         var = float(((pooled - pooled.mean(axis=0)) ** 2).mean())
         grid = max(var, 1e-300) * np.logspace(-4, 2, 31)
     grid = np.sort(np.asarray(grid, dtype=np.float64))
-    held = _held_out_terms(sets)
     if criterion == "own_score":
-        return _calibrate_own_score(held, grid, target_rate)
-    return _calibrate_candidates(sets, held, grid, target_rate, max_candidates)
+        return _calibrate_own_score(loo.held, grid, target_rate)
+    return _calibrate_candidates(loo, grid, target_rate, max_candidates)
 
 
 def _calibrate_own_score(held: _HeldOut, grid: np.ndarray, target_rate: float) -> EpsCalibration:
@@ -189,17 +192,18 @@ class LeaveOneOutScores:
         owner: (N,) the adapter index of each sample.
     """
 
-    def __init__(self, sets: Sequence[np.ndarray], held: _HeldOut | None = None) -> None:
-        bank = GaussianBank([fit_gaussian(s, 1.0) for s in sets], dtype=np.float64)
+    def __init__(self, sets: Sequence[np.ndarray]) -> None:
+        self.sets = [np.asarray(s, dtype=np.float64) for s in sets]
+        bank = GaussianBank([fit_gaussian(s, 1.0) for s in self.sets], dtype=np.float64)
         self._bank = bank
-        self._held = held if held is not None else _held_out_terms(sets)
+        self.held = _held_out_terms(self.sets)
         self.owner = np.repeat(np.arange(len(sets)), [len(s) for s in sets])
-        self._dist_sq, self._proj_sq = bank.distance_terms(np.concatenate(sets))  # eps-independent
+        self._dist_sq, self._proj_sq = bank.distance_terms(np.concatenate(self.sets))  # eps-independent
 
     def scores(self, eps: float) -> np.ndarray:
         """(N, I) leave-one-out scores at ``eps``."""
         scores = self._bank.with_eps(eps).score_from_terms(self._dist_sq, self._proj_sq)
-        scores[np.arange(len(self.owner)), self.owner] = self._held.scores(np.array([eps]))[:, 0]
+        scores[np.arange(len(self.owner)), self.owner] = self.held.scores(np.array([eps]))[:, 0]
         return scores
 
 
@@ -211,8 +215,7 @@ def subset_for_calibration(sets: Sequence[np.ndarray], max_adapters: int | None,
     return [sets[i] for i in sorted(pick)]
 
 
-def _calibrate_candidates(sets, held: _HeldOut, grid, target_rate, max_candidates) -> EpsCalibration:
-    loo = LeaveOneOutScores(sets, held)
+def _calibrate_candidates(loo: LeaveOneOutScores, grid, target_rate, max_candidates) -> EpsCalibration:
 
     def stats(eps: float) -> tuple[float, float]:
         hit, size = candidate_stats(loo.scores(eps), loo.owner, max_candidates)

@@ -14,6 +14,7 @@ import hashlib
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
@@ -135,9 +136,19 @@ class PoolParameters:
                 "reached": c.reached, "mean_candidates": c.mean_candidates},
         }
 
+    @cached_property
     def digest(self) -> str:
         """A stable hash of :meth:`to_dict` (equal parameters, equal digest)."""
         return hashlib.sha1(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()
+
+    @cached_property
+    def space_digest(self) -> str:
+        """A hash of the space alone (scale and whitening): the Gaussians' means move when it changes."""
+        w = self.whitener
+        parts = [repr(self.scale).encode()]
+        if w is not None:
+            parts += [np.ascontiguousarray(w.center).tobytes(), np.ascontiguousarray(w.matrix).tobytes()]
+        return hashlib.sha1(b"|".join(parts)).hexdigest()
 
     @classmethod
     def from_dict(cls, d: dict) -> PoolParameters:
@@ -194,34 +205,33 @@ def fit_pool(
         pooled = np.concatenate(space)
         scale = float(np.sqrt(pooled.shape[1] / max(float((pooled**2).sum(axis=1).mean()), 1e-300)))
         space = [s * scale for s in space]
+    # leave-one-out fits of (a subset of) the samples: eps calibration and the off-pool threshold share them
+    usable = [z for z in space if len(z) >= 3]
+    loo = LeaveOneOutScores(subset_for_calibration(usable, 128, seed=0)) if usable else None
     calibration = None
     if settings.eps is None:
-        calibration = calibrate_eps(space, settings.target_rate, criterion=settings.criterion)
+        calibration = calibrate_eps(space, settings.target_rate, criterion=settings.criterion, loo=loo)
         eps = calibration.eps
     else:
         eps = float(settings.eps)
     bank = GaussianBank([fit_gaussian(s, eps) for s in space], dtype=np.dtype(settings.dtype))
     model = PoolModel(bank=bank, means=means, eps=eps, whitener=whitener, calibration=calibration, scale=scale)
-    model.off_pool = fit_off_pool(model, space, settings, reference)
+    model.off_pool = fit_off_pool(model, loo, settings, reference)
     return model
 
 
 def fit_off_pool(
-    model: PoolModel, space_sets: Sequence[np.ndarray], settings: GaussianFitSettings, reference: np.ndarray | None
+    model: PoolModel, loo: LeaveOneOutScores | None, settings: GaussianFitSettings, reference: np.ndarray | None
 ) -> OffPoolThreshold | None:
     """The off-pool threshold of a fitted pool (:mod:`hilora_core.routing.fallback`).
 
     Args:
         model: the fitted pool.
-        space_sets: the adapters' samples in the model's space (after whitening and scaling).
+        loo: leave-one-out fits of the pool's samples in the model's space (None: no adapter has 3 samples).
         settings: the quantiles.
         reference: (R, d) raw reference embeddings, or None.
     """
-    usable = [s for s in space_sets if len(s) >= 3]
-    sample_best = None
-    if usable:
-        loo = LeaveOneOutScores(subset_for_calibration(usable, 128, seed=0))
-        sample_best = loo.scores(model.eps).max(axis=1)
+    sample_best = None if loo is None else loo.scores(model.eps).max(axis=1)
     reference_best = None
     if reference is not None:
         ref = np.atleast_2d(np.asarray(reference, dtype=np.float64))

@@ -1,12 +1,19 @@
-"""Bounded load test of a running service on loopback: routed (`model: hilora`) vs explicit single adapter.
+"""Bounded load test on loopback: routed (`model: hilora`) vs explicit single adapter, streaming and not.
 
-    make serve                       # in another terminal (or any running deployment)
+Against a running service (`make serve` in another terminal):
+
     python benchmarks/load_test.py --url http://127.0.0.1:8000 --requests 32 --concurrency 1 8 32
+
+Or in one run that starts the service itself, once per scheduler, on the same prompts (the new
+continuous-batching loop against the earlier static path), after measuring the engine alone:
+
+    python benchmarks/load_test.py --launch --schedulers continuous static --out docs/load-test.json
 
 Prompts are drawn round-robin from several tasks of the demo pool's test sets (examples/demo_pool/data),
 so a batch mixes tasks. The explicit baseline sends the same prompts with `model` set to each prompt's own
-adapter. Every request streams, so time to first token (TTFT) is measured too. The loop is bounded: a fixed
-number of requests per run and a timeout per request; it only talks to the given URL.
+adapter. Streamed requests measure time to first token (TTFT). `--launch` also measures what happens after
+a client abandons a long stream: the latency of the next request. The loop is bounded: a fixed number of
+requests per run and a timeout per request; it only talks to loopback.
 """
 
 from __future__ import annotations
@@ -14,13 +21,17 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import statistics
+import sys
+import tempfile
 import time
 from pathlib import Path
 
 import httpx
 
-POOL_DATA = Path(__file__).resolve().parent.parent / "examples" / "demo_pool" / "data"
+ROOT = Path(__file__).resolve().parent.parent
+POOL_DATA = ROOT / "examples" / "demo_pool" / "data"
 
 
 def load_prompts(n_tasks: int, per_task: int) -> list[tuple[str, str]]:
@@ -69,6 +80,10 @@ async def one(client: httpx.AsyncClient, model: str, text: str, max_tokens: int,
     return {"ok": ok, "latency": total, "ttft": ttft if ttft is not None else total, "tokens": tokens}
 
 
+def pct(xs: list[float], p: float) -> float:
+    return xs[min(len(xs) - 1, int(round(p * (len(xs) - 1))))]
+
+
 async def run(url: str, jobs: list[tuple[str, str]], concurrency: int, max_tokens: int, timeout: float,
               stream: bool = True) -> dict:
     sem = asyncio.Semaphore(concurrency)
@@ -82,45 +97,176 @@ async def run(url: str, jobs: list[tuple[str, str]], concurrency: int, max_token
     good = [r for r in results if r["ok"]]
     lat = sorted(r["latency"] for r in good) or [float("nan")]
     ttft = sorted(r["ttft"] for r in good) or [float("nan")]
-
-    def pct(xs, p):
-        return xs[min(len(xs) - 1, int(round(p * (len(xs) - 1))))]
-
     return {"requests": len(jobs), "errors": len(results) - len(good), "wall_s": wall,
             "req_per_s": len(good) / wall, "tok_per_s": sum(r["tokens"] for r in good) / wall,
             "p50": statistics.median(lat), "p99": pct(lat, 0.99), "ttft_p50": statistics.median(ttft),
             "ttft_p99": pct(ttft, 0.99)}
 
 
+async def abandoned_stream(url: str, hold_s: float = 1.0, max_tokens: int = 500) -> dict:
+    """Open a long stream, read it for ``hold_s``, drop the connection; time the next request."""
+    body = {"model": "base", "max_tokens": max_tokens, "stream": True, "messages": [
+        {"role": "user", "content": "Write a very long story about a lighthouse keeper, chapter by chapter."}]}
+    async with httpx.AsyncClient(base_url=url, timeout=600) as client:
+        async with client.stream("POST", "/v1/chat/completions", json=body) as r:
+            t0 = time.perf_counter()
+            async for _ in r.aiter_lines():
+                if time.perf_counter() - t0 > hold_s:
+                    break
+        t1 = time.perf_counter()
+        nxt = await one(client, "base", "Say hello.", 8, stream=False)
+        return {"next_request_s": time.perf_counter() - t1, "ok": nxt["ok"]}
+
+
+def engine_tok_per_s(prompts: list[tuple[str, str]], batch: int, max_tokens: int, threads: int) -> float:
+    """The engine alone: one static batch of ``batch`` chat prompts (own adapters), generated tokens / s."""
+    import torch
+
+    from hilora_core.engine import RoutedLM
+    from hilora_core.manifest import read_manifest
+    from hilora_core.plan import RoutingPlan
+
+    torch.set_num_threads(threads)
+    manifest = ROOT / "examples" / "demo_pool" / "manifest.json"
+    lm = RoutedLM.from_pretrained(None)
+    for e in read_manifest(manifest):
+        lm.add_adapter(e.name, manifest.parent / e.adapter)
+    jobs = (prompts * (batch // len(prompts) + 1))[:batch]
+    texts, plans = [x for _, x in jobs], [RoutingPlan.single(t) for t, _ in jobs]
+    lm.generate(texts[:2], plans[:2], max_new_tokens=2, chat=True)  # warm-up
+    t0 = time.perf_counter()
+    out = lm.generate_detailed(texts, plans, max_new_tokens=max_tokens, chat=True)
+    return sum(r.completion_tokens for r in out) / (time.perf_counter() - t0)
+
+
+def measure(url: str, prompts: list[tuple[str, str]], args, stream: bool) -> list[dict]:
+    rows = []
+    for c in args.concurrency:
+        explicit = asyncio.run(run(url, list(prompts), c, args.max_tokens, args.timeout, stream))
+        routed = asyncio.run(run(url, [("hilora", x) for _, x in prompts], c, args.max_tokens, args.timeout, stream))
+        for mode, r in (("explicit", explicit), ("hilora", routed)):
+            r.update(concurrency=c, mode=mode, stream=stream)
+            if mode == "hilora":
+                r["routed_over_explicit"] = routed["req_per_s"] / explicit["req_per_s"]
+            rows.append(r)
+            print_row(r, flush=True)
+    return rows
+
+
+HEADER = ("| scheduler | stream | concurrency | mode | req/s | tok/s | p50 s | p99 s | TTFT p50 s | TTFT p99 s "
+          "| errors | routed/explicit |\n|---|---|---|---|---|---|---|---|---|---|---|---|")
+
+
+def print_row(r: dict, flush: bool = False) -> None:
+    ratio = f"{r['routed_over_explicit']:.2f}" if "routed_over_explicit" in r else ""
+    print(f"| {r.get('scheduler', '')} | {'yes' if r['stream'] else 'no'} | {r['concurrency']} | {r['mode']} "
+          f"| {r['req_per_s']:.2f} | {r['tok_per_s']:.1f} | {r['p50']:.2f} | {r['p99']:.2f} | {r['ttft_p50']:.2f} "
+          f"| {r['ttft_p99']:.2f} | {r['errors']} | {ratio} |", flush=flush)
+
+
+def launch(scheduler: str, threads: int, data_dir: str):
+    """Start Ray and the application on loopback with ``model.scheduler = scheduler``; returns (url, stop)."""
+    import ray
+    from ray import serve
+
+    sys.path.insert(0, str(ROOT))
+    from deployments.app import build_app
+    from tests.redis_server import free_port
+
+    port = free_port()
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"RAY_AUTH_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false"}})
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    config = {"model": {"scheduler": scheduler, "torch_threads": threads},
+              "registry": {"embedded_dir": data_dir, "seed_manifest": "demo"}}
+    serve.run(build_app(config), name="hilora", route_prefix="/")
+
+    def stop() -> None:
+        serve.shutdown()
+        ray.shutdown()
+
+    return f"http://127.0.0.1:{port}", stop
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--url", default="http://127.0.0.1:8000")
+    ap.add_argument("--launch", action="store_true", help="start the service here, once per --schedulers")
+    ap.add_argument("--schedulers", nargs="+", default=["continuous", "static"], choices=["continuous", "static"])
     ap.add_argument("--requests", type=int, default=32, help="requests per (mode, concurrency) run")
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     ap.add_argument("--tasks", type=int, default=6)
     ap.add_argument("--max-tokens", type=int, default=16)
-    ap.add_argument("--timeout", type=float, default=300)
-    ap.add_argument("--no-stream", action="store_true",
-                    help="plain JSON requests, merged into mixed batches by the model replicas")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads of the model replica and the engine run")
+    ap.add_argument("--timeout", type=float, default=600)
+    ap.add_argument("--no-stream", action="store_true", help="only non-streaming requests")
+    ap.add_argument("--stream-only", action="store_true", help="only streaming requests")
+    ap.add_argument("--out", type=Path, help="write every number as JSON here")
     args = ap.parse_args()
     if not args.url.startswith(("http://127.", "http://localhost", "http://[::1]")):
         raise SystemExit("the load test only targets loopback addresses")
     prompts = load_prompts(args.tasks, max(1, args.requests // args.tasks + 1))[: args.requests]
-    asyncio.run(run(args.url, [("hilora", prompts[0][1])], 1, 4, args.timeout))  # warm-up
-    stream = not args.no_stream
-    print(f"{len(prompts)} requests per run, {args.max_tokens} new tokens each, tasks round-robin, "
-          f"{'streaming' if stream else 'non-streaming'}\n")
-    print("| concurrency | mode | req/s | tok/s | p50 s | p99 s | TTFT p50 s | TTFT p99 s | errors | "
-          "routed/explicit req/s |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    for c in args.concurrency:
-        explicit = asyncio.run(run(args.url, [(t, x) for t, x in prompts], c, args.max_tokens, args.timeout, stream))
-        routed = asyncio.run(run(args.url, [("hilora", x) for _, x in prompts], c, args.max_tokens, args.timeout,
-                                 stream))
-        for mode, r in (("explicit", explicit), ("hilora", routed)):
-            ratio = f"{routed['req_per_s'] / explicit['req_per_s']:.2f}" if mode == "hilora" else ""
-            print(f"| {c} | {mode} | {r['req_per_s']:.2f} | {r['tok_per_s']:.1f} | {r['p50']:.2f} | {r['p99']:.2f} "
-                  f"| {r['ttft_p50']:.2f} | {r['ttft_p99']:.2f} | {r['errors']} | {ratio} |", flush=True)
+    modes = [m for m in (True, False) if not (m and args.no_stream) and not (not m and args.stream_only)]
+    report: dict = {"requests": len(prompts), "max_tokens": args.max_tokens, "concurrency": args.concurrency,
+                    "rows": [], "abandoned": {}}
+    print(f"{len(prompts)} requests per run, {args.max_tokens} new tokens each, tasks round-robin\n")
+    targets: list[tuple[str, str | None]] = [(s, None) for s in args.schedulers] if args.launch else [("", args.url)]
+    if args.launch:
+        batch = max(args.concurrency)
+        report["engine_tok_per_s"] = engine_tok_per_s(prompts, batch, args.max_tokens, args.threads)
+        print(f"engine alone, one static batch of {batch}: {report['engine_tok_per_s']:.1f} generated tok/s\n")
+    print(HEADER)
+    for scheduler, url in targets:
+        stop = None
+        with tempfile.TemporaryDirectory() as data_dir:
+            if url is None:
+                url, stop = launch(scheduler, args.threads, os.path.join(data_dir, "redis"))
+            try:
+                asyncio.run(run(url, [("hilora", prompts[0][1])], 1, 4, args.timeout))  # warm-up
+                for stream in modes:
+                    for r in measure(url, prompts, args, stream):
+                        r["scheduler"] = scheduler
+                        report["rows"].append(r)
+                if args.launch:
+                    report["abandoned"][scheduler] = asyncio.run(abandoned_stream(url))
+            finally:
+                if stop is not None:
+                    stop()
+    summarise(report)
+    if args.out:
+        args.out.write_text(json.dumps(report, indent=1))
+
+
+def summarise(report: dict) -> None:
+    rows = report["rows"]
+
+    def get(scheduler, stream, c, mode="hilora"):
+        for r in rows:
+            if (r["scheduler"], r["stream"], r["concurrency"], r["mode"]) == (scheduler, stream, c, mode):
+                return r
+        return None
+
+    print()
+    for scheduler in dict.fromkeys(r["scheduler"] for r in rows):
+        cs = sorted({r["concurrency"] for r in rows})
+        lo, hi = cs[0], cs[-1]
+        s_lo, s_hi = get(scheduler, True, lo), get(scheduler, True, hi)
+        if s_lo and s_hi:
+            print(f"{scheduler or 'service'}: streaming req/s at concurrency {hi} / {lo}: "
+                  f"{s_hi['req_per_s'] / s_lo['req_per_s']:.2f}x; TTFT p50 at {hi}: {s_hi['ttft_p50']:.2f} s")
+        if "engine_tok_per_s" in report:
+            for stream in (True, False):
+                r = get(scheduler, stream, hi)
+                if r:
+                    print(f"  {'streaming' if stream else 'non-streaming'} served tok/s at {hi} / engine batch {hi}: "
+                          f"{r['tok_per_s'] / report['engine_tok_per_s']:.2f}")
+        ratios = [r["routed_over_explicit"] for r in rows
+                  if r["scheduler"] == scheduler and "routed_over_explicit" in r]
+        if ratios:
+            print(f"  routed / explicit req/s: {min(ratios):.2f} to {max(ratios):.2f}")
+        ab = report["abandoned"].get(scheduler)
+        if ab:
+            print(f"  next request after an abandoned 500-token stream: {ab['next_request_s']:.2f} s (ok={ab['ok']})")
 
 
 if __name__ == "__main__":

@@ -17,18 +17,25 @@ from .ingress import Ingress
 from .model import LoRAModel
 from .registry_deployment import RegistryService
 
+# Every queue is bounded: a model replica takes up to max_rows running plus max_waiting queued requests
+# (its own admission control answers 503 beyond that), and each caller queues at most max_queued_requests
+# more before Serve answers 503 itself.
 DEPLOYMENT_DEFAULTS: dict[str, dict] = {
-    "Ingress": {"max_ongoing_requests": 128, "ray_actor_options": {"num_cpus": 0.1}},
-    "Embedder": {"max_ongoing_requests": 64, "ray_actor_options": {"num_cpus": 0.2}},
-    "RegistryService": {"max_ongoing_requests": 64, "ray_actor_options": {"num_cpus": 0.1}},
-    "LoRAModel": {"max_ongoing_requests": 32, "ray_actor_options": {"num_cpus": 1}},
+    "Ingress": {"max_ongoing_requests": 128, "max_queued_requests": 256, "ray_actor_options": {"num_cpus": 0.1}},
+    "Embedder": {"max_ongoing_requests": 64, "max_queued_requests": 256, "ray_actor_options": {"num_cpus": 0.2}},
+    "RegistryService": {"max_ongoing_requests": 64, "max_queued_requests": 256,
+                        "ray_actor_options": {"num_cpus": 0.1}},
+    "LoRAModel": {"max_ongoing_requests": 96, "max_queued_requests": 32, "ray_actor_options": {"num_cpus": 1}},
 }
 
 
 def build_app(args: dict | None = None) -> Application:
     """The application graph for the validated ``args`` (:class:`AppConfig`)."""
-    config = AppConfig.model_validate(args or {}).model_dump()
-    d = DEPLOYMENT_DEFAULTS
+    cfg = AppConfig.model_validate(args or {})
+    config = cfg.model_dump()
+    d = {name: dict(opts) for name, opts in DEPLOYMENT_DEFAULTS.items()}
+    if cfg.model.scheduler == "continuous":  # the replica's own bound: running rows plus its queue
+        d["LoRAModel"]["max_ongoing_requests"] = cfg.model.max_rows + cfg.model.max_waiting
     return Ingress.options(**d["Ingress"]).bind(
         Embedder.options(**d["Embedder"]).bind(config),
         RegistryService.options(**d["RegistryService"]).bind(config),

@@ -13,12 +13,13 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from hilora_core.engine.batching import BatchingSettings
 from hilora_core.engine.settings import EngineSettings
 from hilora_core.policies import POLICIES, PolicyConfig
 from registry.config import DEFAULT_FIT_SETTINGS, RegistryConfig
 
 # The algorithm's and the registry's own defaults, read here instead of written again.
-_ENGINE, _POLICY, _REGISTRY = EngineSettings(), PolicyConfig(), RegistryConfig()
+_ENGINE, _BATCHING, _POLICY, _REGISTRY = EngineSettings(), BatchingSettings(), PolicyConfig(), RegistryConfig()
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEMO_POOL_MANIFEST = PROJECT_ROOT / "examples" / "demo_pool" / "manifest.json"
@@ -38,8 +39,24 @@ class ModelSettings(_Strict):
     host_cache_size: int = Field(_ENGINE.host_cache_size, ge=1, description="adapters kept in host memory (LRU)")
     max_rank: int = Field(_ENGINE.max_rank, ge=1, description="largest LoRA rank a device slot holds")
     torch_threads: int | None = Field(None, ge=1, description="torch CPU threads per replica (None: torch default)")
-    max_batch_size: int = Field(8, ge=1, description="requests merged into one mixed generation batch")
-    batch_wait_timeout_s: float = Field(0.01, ge=0, description="how long a batch waits to fill")
+    scheduler: Literal["continuous", "static"] = Field(
+        "continuous", description="'continuous': one generation loop, requests join and leave between decode "
+        "steps; 'static': the earlier path (serve.batch batches, one stream at a time), kept for comparison")
+    max_rows: int = Field(_BATCHING.max_rows, ge=1, description="rows decoding at once (continuous)")
+    max_waiting: int = Field(_BATCHING.max_waiting, ge=0,
+                             description="requests queued for a row; beyond it HTTP 503 (continuous)")
+    max_tokens_per_sequence: int = Field(_BATCHING.max_tokens_per_sequence, ge=1,
+                                         description="prompt + generated tokens of one request (KV memory)")
+    prefill_tokens_per_step: int = Field(_BATCHING.prefill_tokens_per_step, ge=1,
+                                         description="prompt tokens prefilled between two decode steps")
+    request_timeout_s: float | None = Field(_BATCHING.request_timeout_s, gt=0,
+                                            description="requests running longer end with HTTP 504")
+    max_batch_size: int = Field(8, ge=1, description="requests merged into one batch (static scheduler)")
+    batch_wait_timeout_s: float = Field(0.01, ge=0, description="how long a batch waits to fill (static)")
+
+    def batching(self) -> BatchingSettings:
+        return BatchingSettings(self.max_rows, self.max_waiting, self.max_tokens_per_sequence,
+                                self.prefill_tokens_per_step, self.request_timeout_s)
 
 
 class EmbedderSettings(_Strict):

@@ -77,6 +77,8 @@ class GenerateCall(_Message):
     top_p: float = 1.0
     seed: int | None = None
     stop: list[str] = []
+    logprobs: int | None = Field(None, description="None, or alternatives (0-20) reported per generated token")
+    echo_logprobs: bool = Field(False, description="also report the prompt tokens' logprobs")
 
     def routing_plan(self) -> RoutingPlan:
         return RoutingPlan.from_dict(self.plan)

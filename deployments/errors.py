@@ -9,9 +9,13 @@ from hilora_core.errors import (
     CapacityError,
     HiLoRAError,
     InvalidInputError,
+    RequestCancelledError,
+    RequestTimeoutError,
     UnknownAdapterError,
     UnsupportedModelError,
 )
+
+RETRY_AFTER_S = 1  # seconds a client is told to wait after a 503 (queue full, registry or slots busy)
 
 
 def _cause(err: BaseException) -> BaseException:
@@ -25,15 +29,21 @@ def _cause(err: BaseException) -> BaseException:
 
 def status_for(err: BaseException) -> int | None:
     """HTTP status for a known error type, or None for an unexpected one."""
+    from ray.serve.exceptions import BackPressureError
+
     from registry.errors import ConflictError, RegistryUnavailableError
 
     for e in (err, _cause(err)):
+        if isinstance(e, BackPressureError):
+            return 503
         if isinstance(e, UnknownAdapterError):
             return 404
         if isinstance(e, ConflictError):
             return 409
-        if isinstance(e, (RegistryUnavailableError, CapacityError)):
+        if isinstance(e, (RegistryUnavailableError, CapacityError, RequestCancelledError)):
             return 503
+        if isinstance(e, RequestTimeoutError):
+            return 504
         if isinstance(e, (AdapterLoadError, UnsupportedModelError, InvalidInputError, HiLoRAError)):
             return 422
     return None
@@ -50,4 +60,5 @@ def to_http(err: BaseException) -> HTTPException:
     status = status_for(err)
     if status is None:
         raise err
-    return HTTPException(status_code=status, detail=message_of(err))
+    headers = {"Retry-After": str(RETRY_AFTER_S)} if status == 503 else None
+    return HTTPException(status_code=status, detail=message_of(err), headers=headers)

@@ -149,6 +149,7 @@ class Ingress:
             return await self._stream(call, decision, body.model, rid, kind, started, include_usage)
         result = await self._remote(self._handle(decision).generate.remote(call))
         self.metrics.observe_cache(result["replica"], result["cache"])
+        self.metrics.observe_batching(result["replica"], result.get("batching"))
         self.metrics.tokens.labels("prompt").inc(result["prompt_tokens"])
         self.metrics.tokens.labels("completion").inc(result["completion_tokens"])
         self.metrics.request_latency.labels(kind).observe(time.perf_counter() - started)
@@ -175,7 +176,14 @@ class Ingress:
         obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
         created = int(time.time())
 
+        last_text = [None]
+
         def chunk(delta: str, finish: str | None, extra: dict | None = None, role: bool = False) -> str:
+            if delta:
+                now = time.perf_counter()
+                hist = self.metrics.ttft if last_text[0] is None else self.metrics.itl
+                hist.labels(kind).observe(now - (started if last_text[0] is None else last_text[0]))
+                last_text[0] = now
             if kind == "chat":
                 d = {"role": "assistant", "content": delta} if role else {"content": delta}
                 choice = {"index": 0, "delta": d, "finish_reason": finish}
@@ -187,6 +195,7 @@ class Ingress:
 
         def on_final(item: dict) -> dict:
             self.metrics.observe_cache(item["replica"], item["cache"])
+            self.metrics.observe_batching(item["replica"], item.get("batching"))
             self.metrics.tokens.labels("prompt").inc(item["prompt_tokens"])
             self.metrics.tokens.labels("completion").inc(item["completion_tokens"])
             return {"routing": decision.summary()}

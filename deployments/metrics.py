@@ -1,8 +1,9 @@
 """Prometheus metrics of an ingress replica (served at ``GET /metrics``).
 
-Request-side metrics are observed by the ingress itself. Adapter-cache metrics
-come from the model replicas: every generation result carries its replica's
-cache counters, and the ingress exports the latest seen per replica.
+Request-side metrics (latency, time to first token and between tokens of streams) are observed
+by the ingress itself. Adapter-cache and generation-loop metrics come from the model replicas:
+every generation result carries its replica's counters (queue depth, running rows, tokens,
+cancellations, rejections, timeouts), and the ingress exports the latest seen per replica.
 """
 
 from __future__ import annotations
@@ -27,6 +28,19 @@ class ServiceMetrics:
                                   ["replica", "tier", "event"], registry=r)
         self.resident = Gauge("hilora_adapters_resident", "adapters resident per model replica and tier",
                               ["replica", "tier"], registry=r)
+
+        self.ttft = Histogram("hilora_time_to_first_token_seconds", "streams: request start to first text chunk",
+                              ["endpoint"], buckets=LATENCY_BUCKETS, registry=r)
+        self.itl = Histogram("hilora_inter_token_latency_seconds", "streams: time between text chunks",
+                             ["endpoint"], buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5), registry=r)
+        self.loop = Gauge("hilora_generation_loop", "generation loop of each model replica: queue, batch, counters",
+                          ["replica", "quantity"], registry=r)
+
+    def observe_batching(self, replica: str, stats: dict | None) -> None:
+        """The latest generation-loop numbers of a replica (``ContinuousBatcher.stats``)."""
+        for key, value in (stats or {}).items():
+            if isinstance(value, (int, float)):
+                self.loop.labels(replica, key).set(value)
 
     def observe_cache(self, replica: str, stats: dict) -> None:
         for tier in ("device", "host"):

@@ -2,12 +2,16 @@
 
 Requests arrive with a decision from the registry (a RoutingPlan plus where each
 adapter's weights live). Adapters are registered with the engine on first
-sight and their tensors loaded on demand. Concurrent non-streaming requests
-are merged by ``@serve.batch`` into one mixed batch, whatever their plans.
-Streams run one at a time: the engine serialises forward passes, and this
-replica also holds ``_engine_lock`` for a whole generation so that a batch and
-a stream never interleave their decode steps (continuous batching is the
-planned replacement).
+sight and their tensors loaded on demand.
+
+Scheduling (``model.scheduler``):
+- ``continuous`` (default): every request, streamed or not, is submitted to the replica's
+  one generation loop (:class:`hilora_core.engine.batching.ContinuousBatcher`); it joins the
+  running batch at the next step and leaves when it finishes. A client that goes away
+  (the Serve call is cancelled, or the stream is closed) cancels its request within one step.
+  A full queue answers 503 (:class:`QueueFullError`).
+- ``static``: the earlier path, kept to measure against: ``@serve.batch`` merges non-streaming
+  requests into one batch that runs to its longest member, and streams run one at a time.
 
 Affinity: the ingress sends each request with ``multiplexed_model_id`` set to
 its top adapter, so Serve prefers a replica that already served that adapter;
@@ -26,7 +30,9 @@ import torch
 from ray import serve
 
 from hilora_core.engine import RoutedLM
-from hilora_core.errors import CapacityError
+from hilora_core.engine.batching import ContinuousBatcher, SequenceRequest
+from hilora_core.engine.generation import StreamEvent, TokenLogprob
+from hilora_core.errors import CapacityError, InvalidInputError
 
 from .config import AppConfig
 from .contracts import AdapterLocation, GenerateCall
@@ -69,7 +75,9 @@ class ModelReplica:
         self.lm = engine if engine is not None else build_engine(cfg)
         self.replica = f"{os.getpid()}"
         self._known: dict[str, tuple[str, str | None]] = {}
-        self._engine_lock = threading.Lock()
+        self._adapters_lock = threading.Lock()
+        self._engine_lock = threading.Lock()  # static scheduler only
+        self.batcher = ContinuousBatcher(self.lm, cfg.model.batching()) if cfg.model.scheduler == "continuous" else None
         self._generate_batch.set_max_batch_size(cfg.model.max_batch_size)
         self._generate_batch.set_batch_wait_timeout_s(cfg.model.batch_wait_timeout_s)
 
@@ -77,14 +85,15 @@ class ModelReplica:
 
     def _ensure_adapters(self, sources: dict[str, AdapterLocation]) -> None:
         """Register unseen adapters (or ones whose source changed) with the engine."""
-        for name, src in sources.items():
-            key = (src.location, src.revision)
-            if self._known.get(name) == key:
-                continue
-            if name in self.lm.adapters:
-                self.lm.remove_adapter(name)
-            self.lm.add_adapter(name, src.location, revision=src.revision)
-            self._known[name] = key
+        with self._adapters_lock:
+            for name, src in sources.items():
+                key = (src.location, src.revision)
+                if self._known.get(name) == key:
+                    continue
+                if name in self.lm.adapters:
+                    self.lm.remove_adapter(name)
+                self.lm.add_adapter(name, src.location, revision=src.revision)
+                self._known[name] = key
 
     @serve.multiplexed(max_num_models_per_replica=64)
     async def _affinity(self, adapter_id: str) -> str:
@@ -96,28 +105,132 @@ class ModelReplica:
         if mid:
             await self._affinity(mid)
 
-    # ---- generation ------------------------------------------------------------------------
+    # ---- helpers ---------------------------------------------------------------------------
 
     def _prompt(self, req: GenerateCall) -> str:
         if req.messages is not None:
             return self.lm.tokenizer.apply_chat_template(req.messages, tokenize=False, add_generation_prompt=True)
         return req.prompt
 
+    def _prompt_ids(self, req: GenerateCall) -> list[int]:
+        """Token ids as :meth:`RoutedLM.encode` makes them (chat: the template's text, no extra specials)."""
+        text = self._prompt(req)
+        return list(self.lm.tokenizer(text, add_special_tokens=req.messages is None)["input_ids"])
+
+    def _token(self, token_id: int) -> dict:
+        text = self.lm.tokenizer.decode([token_id])
+        return {"token": text, "bytes": list(text.encode("utf-8")), "id": token_id}
+
+    def _logprob(self, entry: TokenLogprob | None) -> dict | None:
+        """One token's OpenAI-style logprob entry: token, logprob, bytes, top_logprobs."""
+        if entry is None:
+            return None
+        out = self._token(entry.token_id) | {"logprob": entry.logprob}
+        out["top_logprobs"] = [self._token(t) | {"logprob": lp} for t, lp in entry.top]
+        return out
+
     def stats(self) -> dict:
-        return {"replica": self.replica, "cache": self.lm.cache_stats()}
+        out = {"replica": self.replica, "cache": self.lm.cache_stats()}
+        if self.batcher is not None:
+            out["batching"] = self.batcher.stats()
+        return out
+
+    def _summary(self, ev: StreamEvent) -> dict:
+        out = {"finish_reason": ev.finish_reason, "prompt_tokens": ev.prompt_tokens,
+               "completion_tokens": ev.completion_tokens, "replica": self.replica, "cache": self.lm.cache_stats()}
+        if self.batcher is not None:
+            out["batching"] = self.batcher.stats()
+        return out
+
+    def _submit(self, req: GenerateCall, sink):
+        """Register the adapters and queue the request (adapter files are read here, off the event loop)."""
+        self._ensure_adapters(req.sources)
+        return self.batcher.submit(SequenceRequest(
+            self._prompt_ids(req), req.routing_plan(), max_new_tokens=req.max_tokens, temperature=req.temperature,
+            top_p=req.top_p, seed=req.seed, stop=tuple(req.stop), logprobs=req.logprobs,
+            prompt_logprobs=req.echo_logprobs), sink)
+
+    async def _events(self, req: GenerateCall):
+        """Submit to the loop; yield ``"start"``, then its events. Cancelling or closing this generator
+        (the caller went away) cancels the request in the loop."""
+        loop = asyncio.get_running_loop()
+        items: asyncio.Queue = asyncio.Queue()
+        handle = await asyncio.to_thread(self._submit, req, lambda item: loop.call_soon_threadsafe(items.put_nowait,
+                                                                                                  item))
+        try:
+            yield "start"
+            while True:
+                item = await items.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if item.finished:
+                    return
+        finally:
+            handle.cancel()
+
+    # ---- generation ------------------------------------------------------------------------
 
     async def generate(self, req: GenerateCall) -> dict:
-        """One request -> {text, finish_reason, prompt_tokens, completion_tokens, replica, cache}."""
+        """One request -> {text, finish_reason, prompt_tokens, completion_tokens, logprobs?, prompt_logprobs?,
+        replica, cache, seconds}."""
         await self._note_affinity()
-        result = await self._generate_batch(req)
-        if "error" in result:
-            raise result["error"]
-        return result
+        if self.batcher is None:
+            self._static_check(req)
+            result = await self._generate_batch(req)
+            if "error" in result:
+                raise result["error"]
+            return result
+        started = time.perf_counter()
+        text, logprobs, prompt_lp, last = [], [], None, None
+        async for ev in self._events(req):
+            if ev == "start":
+                continue
+            text.append(ev.delta)
+            logprobs += [self._logprob(t) for t in ev.logprobs or ()]
+            if ev.prompt_logprobs is not None:
+                prompt_lp = [self._logprob(t) for t in ev.prompt_logprobs]
+            last = ev
+        out = {"text": "".join(text), **self._summary(last), "seconds": time.perf_counter() - started}
+        if req.logprobs is not None:
+            out["logprobs"] = logprobs
+        if req.echo_logprobs:
+            out["prompt_logprobs"] = prompt_lp
+            out["prompt_token_ids"] = self._prompt_ids(req)
+        return out
+
+    async def stream(self, req: GenerateCall):
+        """Yields {"event": "start"}, then {"delta": str, "logprobs"?} chunks, then a final summary dict."""
+        await self._note_affinity()
+        if self.batcher is None:
+            self._static_check(req)
+            async for item in self._static_stream(req):
+                yield item
+            return
+        started = time.perf_counter()
+        async for ev in self._events(req):
+            if ev == "start":
+                yield {"event": "start"}
+                continue
+            item = {"delta": ev.delta}
+            if ev.logprobs is not None:
+                item["logprobs"] = [self._logprob(t) for t in ev.logprobs]
+            if ev.prompt_logprobs is not None:
+                item["prompt_logprobs"] = [self._logprob(t) for t in ev.prompt_logprobs]
+            if ev.finished:
+                item.update(self._summary(ev), seconds=time.perf_counter() - started)
+            yield item
+
+    # ---- the static scheduler (the earlier path, for comparison) ----------------------------------
+
+    @staticmethod
+    def _static_check(req: GenerateCall) -> None:
+        if req.logprobs is not None or req.echo_logprobs:
+            raise InvalidInputError("logprobs and echo need model.scheduler 'continuous'")
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
     async def _generate_batch(self, reqs: list[GenerateCall]) -> list[dict]:
         return await asyncio.to_thread(self.run_batch, reqs)
-
     def run_batch(self, reqs: list[GenerateCall]) -> list[dict]:
         """Run calls as mixed engine batches (one per seed); results in request order.
 
@@ -167,9 +280,8 @@ class ModelReplica:
             top_p=[reqs[i].top_p for i in idx], seed=seed, stop=[tuple(reqs[i].stop) for i in idx],
         )
 
-    async def stream(self, req: GenerateCall):
-        """Yields {"event": "start"}, then {"delta": str} chunks, then a final summary dict."""
-        await self._note_affinity()
+    async def _static_stream(self, req: GenerateCall):
+        """The static scheduler's stream: the whole generation holds the engine."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
         done = object()

@@ -47,3 +47,15 @@ class UnsupportedModelError(HiLoRAError, ValueError):
 
 class CapacityError(HiLoRAError, RuntimeError):
     """A batch needs more adapter slots than the engine has."""
+
+
+class QueueFullError(CapacityError):
+    """The model replica's queue is full; the request changed nothing and may be retried (HTTP 503)."""
+
+
+class RequestTimeoutError(HiLoRAError, TimeoutError):
+    """A request ran past the server's time limit and was stopped (HTTP 504)."""
+
+
+class RequestCancelledError(HiLoRAError, RuntimeError):
+    """A request was cancelled (its client went away, or the loop shut down)."""

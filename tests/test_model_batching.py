@@ -1,4 +1,5 @@
-"""The model deployment's batching, without Ray: mixed batches, and batches that overflow the slots."""
+"""The model deployment's static scheduler (kept for comparison), without Ray: mixed batches, and batches that
+overflow the slots."""
 
 import pytest
 
@@ -22,7 +23,8 @@ def replica(tmp_path_factory):
     del base
     from deployments.config import AppConfig
 
-    config = {"model": {"max_slots": 1, "host_cache_size": 4}, "registry": {"seed_manifest": None}}
+    config = {"model": {"max_slots": 1, "host_cache_size": 4, "scheduler": "static"},
+              "registry": {"seed_manifest": None}}
     model = ModelReplica(config, engine=build_engine(AppConfig.model_validate(config)))
     yield model, {"a": AdapterLocation(location=str(tmp / "a")), "b": AdapterLocation(location=str(tmp / "b"))}
 

@@ -48,7 +48,7 @@ def service(tmp_path_factory):
     from deployments.app import build_app
 
     config = {
-        "model": {"torch_threads": 1, "max_batch_size": 4, "max_slots": 4, "host_cache_size": 8},
+        "model": {"torch_threads": 1, "max_slots": 4, "host_cache_size": 8, "max_rows": 2, "max_waiting": 2},
         "registry": {"redis_url": redis_srv.url, "seed_manifest": str(pool / "manifest.json"), "eps": None},
         "limits": {"max_prompt_chars": 2000, "max_tokens": 64},
     }
@@ -242,12 +242,58 @@ def test_admin_disabled_without_token():
     check_admin(TOKEN, f"Bearer {TOKEN}", "HILORA_ADMIN_TOKEN")  # accepted
 
 
+STORY = "Write a long story about a dragon who learns to cook. Describe every dish in detail."
+
+
+def loop_metric(client, quantity: str) -> float:
+    """The latest generation-loop number the ingress exports for the (single) model replica."""
+    for line in client.get("/metrics").text.splitlines():
+        if line.startswith("hilora_generation_loop{") and f'quantity="{quantity}"' in line:
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def open_stream(stack, client, text: str):
+    body = {"model": "base", "messages": [{"role": "user", "content": text}], "max_tokens": 64, "stream": True}
+    r = stack.enter_context(client.stream("POST", "/v1/chat/completions", json=body))
+    assert r.status_code == 200, r.read()
+    return r
+
+
+def test_abandoned_streams_are_cancelled_and_a_full_queue_answers_503(service):
+    from contextlib import ExitStack
+
+    c = service["client"]
+    cancelled_before = loop_metric(c, "cancelled")
+    with httpx.Client(base_url=c.base_url, timeout=120) as other, ExitStack() as stack:
+        streams = []
+        for i in range(4):  # 2 rows running (each has sent text), then 2 queued behind them
+            streams.append(open_stream(stack, other, f"{STORY} ({i})"))
+            if i < 2:
+                next(ln for ln in streams[-1].iter_lines() if ln.startswith("data: "))
+        full = chat(c, "base", "Say hi", max_tokens=4)
+        assert full.status_code == 503 and "max_waiting=2" in full.json()["detail"], full.text
+        assert full.headers["retry-after"] == "1"
+        # now every client goes away: two mid-stream, two while queued
+    # the service is free again at once: the abandoned requests left the batch and the queue
+    deadline = time.time() + 60
+    while True:
+        ok = chat(c, "base", "Say hi", max_tokens=4)
+        assert ok.status_code in (200, 503), ok.text
+        if ok.status_code == 200 and loop_metric(c, "cancelled") >= cancelled_before + 4:
+            break
+        assert time.time() < deadline, (ok.status_code, loop_metric(c, "cancelled"))
+        time.sleep(0.5)
+    assert loop_metric(c, "running") <= 1 and loop_metric(c, "waiting") == 0
+
+
 def test_metrics_exported(service):
     c = service["client"]
     chat(c, "alpha", "ping")
     text = c.get("/metrics").text
     for name in ("hilora_request_latency_seconds", "hilora_routing_latency_seconds", "hilora_tokens_total",
-                 "hilora_candidates_per_request", "hilora_adapter_cache_events", "hilora_adapters_resident"):
+                 "hilora_candidates_per_request", "hilora_adapter_cache_events", "hilora_adapters_resident",
+                 "hilora_generation_loop"):
         assert name in text, name
 
 

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from hilora_core.engine.ensemble import ExpandedBatch, mix_logits
-from hilora_core.engine.generation import StreamEvent, TextTracker, choose_tokens
+from hilora_core.engine.generation import SequenceProgress, StreamEvent, TextTracker, choose_tokens
 
 if TYPE_CHECKING:
     from hilora_core.engine.routed_lm import RoutedLM
@@ -47,9 +47,8 @@ def decode(lm: RoutedLM, req: DecodeRequest) -> Iterator[StreamEvent]:
     temp_t = torch.tensor(req.temperatures, device=lm.device)
     top_p_t = torch.tensor(req.top_ps, device=lm.device)
     prompt_tokens = mask.sum(dim=1).tolist()
-    trackers = [TextTracker(lm.tokenizer, stops[i]) for i in range(n)]
-    done = [False] * n
     eos = set() if req.ignore_eos else lm.eos_ids
+    seqs = [SequenceProgress(TextTracker(lm.tokenizer, stops[i]), req.max_new_tokens[i], eos) for i in range(n)]
     pad = lm.tokenizer.pad_token_id
     row_idx = torch.tensor(req.batch.row_seq, device=lm.device)
     cur_ids = ids.index_select(0, row_idx)
@@ -58,7 +57,7 @@ def decode(lm: RoutedLM, req: DecodeRequest) -> Iterator[StreamEvent]:
     lease, routing = lm.start_batch(req.batch.rows)
     try:
         cache = DynamicCache(config=lm.model.config)
-        for step in range(max(req.max_new_tokens)):
+        for _ in range(max(req.max_new_tokens)):
             logits = lm.forward(
                 routing, input_ids=cur_ids, attention_mask=cur_mask, position_ids=positions,
                 past_key_values=cache, use_cache=True, logits_to_keep=1,
@@ -66,20 +65,15 @@ def decode(lm: RoutedLM, req: DecodeRequest) -> Iterator[StreamEvent]:
             scores = mix_logits(logits, req.batch.matrix)  # (n, V)
             next_tok = choose_tokens(scores, temp_t, top_p_t, generator)
             for i, tok in enumerate(next_tok.tolist()):
-                if done[i]:
+                if seqs[i].done:
                     continue
-                ended = tok in eos
-                delta, stopped = trackers[i].push(None if ended else tok)
-                if ended:
-                    trackers[i].token_ids.append(tok)
-                reason = "stop" if (ended or stopped) else "length" if step + 1 >= req.max_new_tokens[i] else None
+                delta, reason = seqs[i].accept(tok)
+                ids_i = seqs[i].tracker.token_ids
                 if reason is not None:
-                    done[i] = True
-                    delta += trackers[i].finish()
-                    yield StreamEvent(i, delta, True, reason, len(trackers[i].token_ids), prompt_tokens[i],
-                                      list(trackers[i].token_ids))
+                    yield StreamEvent(i, delta, True, reason, len(ids_i), prompt_tokens[i], list(ids_i))
                 elif delta:
-                    yield StreamEvent(i, delta, False, None, len(trackers[i].token_ids), prompt_tokens[i])
+                    yield StreamEvent(i, delta, False, None, len(ids_i), prompt_tokens[i])
+            done = [s.done for s in seqs]
             if all(done):
                 break
             feed = torch.where(torch.tensor(done, device=lm.device), torch.full_like(next_tok, pad), next_tok)

@@ -40,9 +40,22 @@ class GenerationResult:
     finish_reason: str
 
 
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One token with its log-probability (natural log) and, if asked, the ``top`` alternatives."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
 @dataclass
 class StreamEvent:
-    """A text delta of sequence ``index``; the last event of a sequence has ``finished=True``."""
+    """A text delta of sequence ``index``; the last event of a sequence has ``finished=True``.
+
+    ``logprobs``: the tokens chosen since the previous event, when the request asked for them.
+    ``prompt_logprobs``: on the first event, the prompt tokens' entries (the first one None), when asked.
+    """
 
     index: int
     delta: str
@@ -51,6 +64,31 @@ class StreamEvent:
     completion_tokens: int = 0
     prompt_tokens: int = 0
     token_ids: list[int] | None = None  # all generated ids, on the finishing event only
+    logprobs: list[TokenLogprob] | None = None
+    prompt_logprobs: list[TokenLogprob | None] | None = None
+
+
+@dataclass
+class SequenceProgress:
+    """When one sequence ends: EOS, a stop string, or its token budget (the rule of every decode loop)."""
+
+    tracker: TextTracker
+    max_new_tokens: int
+    eos: frozenset[int] | set[int]
+    done: bool = False
+
+    def accept(self, token_id: int) -> tuple[str, str | None]:
+        """Add a chosen token. Returns (text delta now final, finish reason or None)."""
+        ended = token_id in self.eos
+        delta, stopped = self.tracker.push(None if ended else token_id)
+        if ended:
+            self.tracker.token_ids.append(token_id)
+        n = len(self.tracker.token_ids)
+        reason = "stop" if (ended or stopped) else "length" if n >= self.max_new_tokens else None
+        if reason is not None:
+            self.done = True
+            delta += self.tracker.finish()
+        return delta, reason
 
 
 def per_sequence(name: str, value, n: int, kind=float) -> list:

@@ -226,21 +226,42 @@ class RoutedLM:
     # ---- the hooks of the decode loop and the introspection API --------------------------------------
     def start_batch(self, rows: Sequence[RoutingPlan]) -> tuple[SlotLease, BatchRouting]:
         """Make the rows' adapters resident (held until the lease is released) and build their routing."""
-        names = list(dict.fromkeys(a for p in rows for a in p.adapters))
-        lease = self.slots.acquire(names, self._fetch)
+        lease = self.acquire(rows)
         try:
-            if any(p.token_rule == TokenRule.ARROW for p in rows):
-                self.slots.ensure_prototypes(lease.slots.values())
-            ranks = {a: self._source(a).config.rank for a in names}
-            routing = build_batch_routing(
-                rows, lease.slots, {s: self.slots.slot_rank(s) for s in lease.slots.values()}, ranks,
-                self.device, self.dtype, self.settings.arrow_temperature,
-                n_layers=self.n_layers,
-            )
+            routing = self.build_routing(rows, lease.slots)
         except BaseException:
             lease.release()
             raise
         return lease, routing
+
+    def acquire(self, rows: Sequence[RoutingPlan]) -> SlotLease:
+        """Hold device slots for the rows' adapters (loaded if needed) until the lease is released."""
+        names = list(dict.fromkeys(a for p in rows for a in p.adapters))
+        lease = self.slots.acquire(names, self._fetch)
+        if any(p.token_rule == TokenRule.ARROW for p in rows):
+            self.slots.ensure_prototypes(lease.slots.values())
+        return lease
+
+    def build_routing(self, rows: Sequence[RoutingPlan], slot_of: dict[str, int],
+                      ranks: dict[str, int] | None = None) -> BatchRouting:
+        """The routing metadata of a batch of (non-ensemble) rows whose adapters sit in ``slot_of``;
+        ``ranks``: adapter -> nominal rank (default: read from the registered adapters)."""
+        names = list(dict.fromkeys(a for p in rows for a in p.adapters))
+        if ranks is None:
+            ranks = self.adapter_ranks(names)
+        return build_batch_routing(
+            rows, slot_of, {slot_of[a]: self.slots.slot_rank(slot_of[a]) for a in names}, ranks,
+            self.device, self.dtype, self.settings.arrow_temperature, n_layers=self.n_layers,
+        )
+
+    def adapter_ranks(self, names: Sequence[str]) -> dict[str, int]:
+        """Nominal LoRA rank of each named adapter."""
+        return {a: self._source(a).config.rank for a in names}
+
+    def load_to_host(self, plan: RoutingPlan) -> None:
+        """Read the plan's adapters into host memory now (disk and hub I/O off the decode loop)."""
+        for name in plan.adapters:
+            self._fetch(name)
 
     def forward(self, routing: BatchRouting | None, **inputs) -> torch.Tensor:
         """One forward pass of the base model with ``routing`` in force (None: the base model); logits."""

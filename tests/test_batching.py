@@ -1,0 +1,277 @@
+"""The continuous-batching loop on the real SmolLM2 base with real PEFT adapters.
+
+Every request run inside a changing batch must produce exactly what it produces alone (greedy, and
+seeded sampling); cancelled and expired requests must give back their rows and adapter slots; a full
+queue must refuse without touching anything else; the KV memory's column shifts must not change a token.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+from engine_helpers import make_adapter
+from transformers import AutoModelForCausalLM
+
+from hilora_core import RoutedLM, RoutingPlan
+from hilora_core.engine.batching import BatchingSettings, ContinuousBatcher, SequenceRequest
+from hilora_core.errors import (
+    CapacityError,
+    InvalidInputError,
+    QueueFullError,
+    RequestCancelledError,
+    RequestTimeoutError,
+    UnknownAdapterError,
+)
+from hilora_core.models.base_model import resolve_base
+
+PROMPTS = [
+    "Write a short poem about the sea.",
+    "What is 17 plus 25?",
+    "Name three colours.",
+    "Translate 'good night' into French, please, and explain the phrase in one sentence.",
+    "Hi",
+    "List the days of the week.",
+]
+
+
+@pytest.fixture(scope="module")
+def lm(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("batching")
+    base = AutoModelForCausalLM.from_pretrained(resolve_base(None), dtype=torch.float32)
+    paths = {
+        "a": make_adapter(base, tmp / "a", seed=1, r=8, target_modules=["q_proj", "v_proj"]),
+        "b": make_adapter(base, tmp / "b", seed=2, r=4, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]),
+        "c": make_adapter(base, tmp / "c", seed=3, r=8, target_modules=["gate_proj", "up_proj", "down_proj"]),
+    }
+    del base
+    engine = RoutedLM.from_pretrained(None, max_slots=4)
+    for name, path in paths.items():
+        engine.add_adapter(name, str(path))
+    return engine
+
+
+PLANS = [
+    RoutingPlan.single("a"),
+    RoutingPlan(adapters=("a", "b"), rocs=(3, 2)),  # HiLoRA-style: ROCs per adapter
+    RoutingPlan(),  # the base model
+    RoutingPlan(adapters=("b", "c"), ensemble=True, weights=(0.7, 0.3)),  # two rows, mixed distributions
+    RoutingPlan.single("c"),
+    RoutingPlan(adapters=("a", "c"), rocs=(2, 4)),
+]
+
+
+def chat_ids(lm: RoutedLM, text: str) -> list[int]:
+    ids, mask = lm.encode([text], chat=True)
+    return ids[0][mask[0].bool()].tolist()
+
+
+def alone(lm: RoutedLM, text: str, plan: RoutingPlan, **kw) -> str:
+    return lm.generate([text], [plan], chat=True, **kw)[0]
+
+
+def collect(handle) -> str:
+    return "".join(e.delta for e in handle.events(timeout=300))
+
+
+def run_staggered(batcher: ContinuousBatcher, reqs: list[SequenceRequest], gap_s: float = 0.05) -> list[str]:
+    """Submit with small gaps, so requests join a batch that is already decoding."""
+    handles = []
+    for r in reqs:
+        handles.append(batcher.submit(r))
+        time.sleep(gap_s)
+    return [collect(h) for h in handles]
+
+
+def test_a_changing_mixed_batch_gives_every_request_its_alone_output(lm):
+    lengths = [24, 6, 16, 12, 20, 9]
+    expected = [alone(lm, t, p, max_new_tokens=n) for t, p, n in zip(PROMPTS, PLANS, lengths, strict=True)]
+    batcher = ContinuousBatcher(lm, BatchingSettings(max_rows=8, prefill_tokens_per_step=40))
+    try:
+        reqs = [SequenceRequest(chat_ids(lm, t), p, max_new_tokens=n)
+                for t, p, n in zip(PROMPTS, PLANS, lengths, strict=True)]
+        got = run_staggered(batcher, reqs)
+        assert got == expected
+        stats = batcher.stats()
+        assert stats["finished"] == len(reqs) and stats["running"] == 0 and stats["rows"] == 0
+        assert stats["steps"] < sum(lengths)  # requests shared steps
+        assert lm.slots.stats()["in_use"] == 0
+    finally:
+        batcher.close()
+
+
+def test_seeded_sampling_and_stop_strings_match_the_request_alone(lm):
+    batcher = ContinuousBatcher(lm, BatchingSettings(max_rows=8))
+    try:
+        kw = dict(max_new_tokens=16, temperature=0.9, top_p=0.9, seed=7)
+        sampled = SequenceRequest(chat_ids(lm, PROMPTS[0]), PLANS[0], **kw)
+        stop_text = alone(lm, PROMPTS[5], PLANS[4], max_new_tokens=20)
+        stop = stop_text.split()[2] if len(stop_text.split()) > 2 else stop_text[:3]
+        stopped = SequenceRequest(chat_ids(lm, PROMPTS[5]), PLANS[4], max_new_tokens=20, stop=(stop,))
+        noise = [SequenceRequest(chat_ids(lm, t), p, max_new_tokens=10) for t, p in zip(PROMPTS[1:4], PLANS[1:4],
+                                                                                          strict=True)]
+        got = run_staggered(batcher, [noise[0], sampled, noise[1], stopped, noise[2]], gap_s=0.02)
+        assert got[1] == alone(lm, PROMPTS[0], PLANS[0], **kw)
+        assert got[3] == alone(lm, PROMPTS[5], PLANS[4], max_new_tokens=20, stop=[stop])
+        assert stop not in got[3]
+    finally:
+        batcher.close()
+
+
+def test_cancel_frees_the_row_and_the_adapter_slots_within_a_step(lm):
+    batcher = ContinuousBatcher(lm, BatchingSettings(max_rows=4))
+    try:
+        long = batcher.submit(SequenceRequest(chat_ids(lm, PROMPTS[0]), PLANS[1], max_new_tokens=400,
+                                              ignore_eos=True))
+        events = long.events(timeout=120)
+        next(events)  # it is decoding
+        assert lm.slots.stats()["in_use"] == 2
+        steps = batcher.metrics.steps
+        long.cancel()
+        with pytest.raises(RequestCancelledError):
+            list(events)
+        assert batcher.metrics.steps - steps <= 2
+        assert batcher.stats()["rows"] == 0 and lm.slots.stats()["in_use"] == 0
+        assert batcher.metrics.cancelled == 1
+        # the next request is served at once, and as if nothing happened
+        t0 = time.perf_counter()
+        nxt = collect(batcher.submit(SequenceRequest(chat_ids(lm, PROMPTS[2]), PLANS[0], max_new_tokens=8)))
+        assert time.perf_counter() - t0 < 30
+        assert nxt == alone(lm, PROMPTS[2], PLANS[0], max_new_tokens=8)
+    finally:
+        batcher.close()
+
+
+def test_a_full_queue_refuses_and_changes_nothing(lm):
+    batcher = ContinuousBatcher(lm, BatchingSettings(max_rows=1, max_waiting=1))
+    try:
+        first = batcher.submit(SequenceRequest(chat_ids(lm, PROMPTS[1]), PLANS[0], max_new_tokens=12))
+        deadline = time.monotonic() + 60
+        while batcher.stats()["running"] == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        second = batcher.submit(SequenceRequest(chat_ids(lm, PROMPTS[2]), PLANS[4], max_new_tokens=8))
+        with pytest.raises(QueueFullError, match="max_waiting=1"):
+            batcher.submit(SequenceRequest(chat_ids(lm, PROMPTS[3]), PLANS[0], max_new_tokens=8))
+        assert batcher.metrics.rejected == 1
+        assert collect(first) == alone(lm, PROMPTS[1], PLANS[0], max_new_tokens=12)
+        assert collect(second) == alone(lm, PROMPTS[2], PLANS[4], max_new_tokens=8)
+    finally:
+        batcher.close()
+
+
+def test_plans_that_overflow_the_device_slots_wait_for_a_slot(lm):
+    small = RoutedLM.from_pretrained(None, max_slots=2)
+    for name in lm.adapters:
+        small.add_adapter(name, lm.adapter_info(name)["location"])
+    batcher = ContinuousBatcher(small, BatchingSettings(max_rows=8))
+    try:
+        # three requests needing {a, b}, {c}, {a}: together 3 adapters for 2 slots
+        plans = [PLANS[1], PLANS[4], PLANS[0]]
+        reqs = [SequenceRequest(chat_ids(small, PROMPTS[i]), p, max_new_tokens=10) for i, p in enumerate(plans)]
+        got = [collect(h) for h in [batcher.submit(r) for r in reqs]]
+        assert got == [alone(lm, PROMPTS[i], p, max_new_tokens=10) for i, p in enumerate(plans)]
+        assert small.slots.stats()["in_use"] == 0 and small.slots.stats()["evictions"] >= 1
+        with pytest.raises(CapacityError, match="device slots"):
+            batcher.submit(SequenceRequest(chat_ids(small, "x"), RoutingPlan(adapters=("a", "b", "c"),
+                                                                           rocs=(1, 1, 1))))
+    finally:
+        batcher.close()
+
+
+def test_kv_column_shifts_do_not_change_tokens(lm):
+    # 96 columns: a long prompt joining short running ones shifts right; running out of columns shifts left
+    batcher = ContinuousBatcher(lm, BatchingSettings(max_rows=4, max_tokens_per_sequence=96))
+    try:
+        short = SequenceRequest(chat_ids(lm, "Hi"), PLANS[0], max_new_tokens=60, ignore_eos=True)
+        longp = SequenceRequest(chat_ids(lm, PROMPTS[3]), PLANS[4], max_new_tokens=40, ignore_eos=True)
+        late = SequenceRequest(chat_ids(lm, PROMPTS[1]), PLANS[3], max_new_tokens=30, ignore_eos=True)
+        h1 = batcher.submit(short)
+        time.sleep(0.3)
+        h2 = batcher.submit(longp)
+        time.sleep(0.6)
+        h3 = batcher.submit(late)
+        got = [collect(h) for h in (h1, h2, h3)]
+        kw = dict(ignore_eos=True)
+        assert got == [alone(lm, "Hi", PLANS[0], max_new_tokens=60, **kw),
+                       alone(lm, PROMPTS[3], PLANS[4], max_new_tokens=40, **kw),
+                       alone(lm, PROMPTS[1], PLANS[3], max_new_tokens=30, **kw)]
+        assert batcher.cache.column_capacity <= 96
+    finally:
+        batcher.close()
+
+
+def test_logprobs_and_prompt_logprobs_come_from_the_routed_logits(lm):
+    batcher = ContinuousBatcher(lm, BatchingSettings(max_rows=4))
+    try:
+        plan = PLANS[1]
+        ids = chat_ids(lm, PROMPTS[2])
+        events = list(batcher.submit(SequenceRequest(ids, plan, max_new_tokens=4, logprobs=3,
+                                                     prompt_logprobs=True)).events(timeout=120))
+        chosen = [t for e in events for t in (e.logprobs or [])]
+        generated = events[-1].token_ids
+        assert [t.token_id for t in chosen] == generated and len(chosen) == 4
+        full = torch.tensor([ids + generated[:-1]])
+        logp = torch.log_softmax(lm.logits(full, plans=[plan])[0].float(), dim=-1)  # (T, V)
+        for j, t in enumerate(chosen):
+            row = logp[len(ids) - 1 + j]
+            assert abs(t.logprob - float(row[t.token_id])) < 1e-4
+            assert [a for a, _ in t.top] == row.topk(3).indices.tolist()
+        prompt = events[0].prompt_logprobs
+        assert prompt[0] is None and len(prompt) == len(ids)
+        for j in range(1, len(ids)):
+            assert prompt[j].token_id == ids[j]
+            assert abs(prompt[j].logprob - float(logp[j - 1, ids[j]])) < 1e-4
+    finally:
+        batcher.close()
+
+
+def test_requests_that_cannot_run_are_refused_at_submit(lm):
+    batcher = ContinuousBatcher(lm, BatchingSettings(max_rows=2, max_tokens_per_sequence=64))
+    try:
+        with pytest.raises(InvalidInputError, match="limit is 64"):
+            batcher.submit(SequenceRequest(list(range(10, 60)), PLANS[0], max_new_tokens=30))
+        with pytest.raises(UnknownAdapterError):
+            batcher.submit(SequenceRequest([1, 2, 3], RoutingPlan.single("nope"), max_new_tokens=4))
+        with pytest.raises(InvalidInputError, match="rows"):
+            batcher.submit(SequenceRequest([1, 2], RoutingPlan(adapters=("a", "b", "c"), ensemble=True),
+                                           max_new_tokens=4))
+        with pytest.raises(InvalidInputError, match="temperature"):
+            batcher.submit(SequenceRequest([1, 2], PLANS[0], temperature=-1, max_new_tokens=4))
+        assert batcher.stats()["submitted"] == 0
+    finally:
+        batcher.close()
+
+
+def test_a_request_past_its_deadline_ends_with_a_timeout(lm):
+    batcher = ContinuousBatcher(lm, BatchingSettings(max_rows=2, request_timeout_s=0.5))
+    try:
+        h = batcher.submit(SequenceRequest(chat_ids(lm, PROMPTS[0]), PLANS[0], max_new_tokens=500,
+                                           ignore_eos=True))
+        with pytest.raises(RequestTimeoutError):
+            list(h.events(timeout=120))
+        assert batcher.metrics.timed_out == 1 and lm.slots.stats()["in_use"] == 0
+    finally:
+        batcher.close()
+
+
+def test_many_threads_submitting_at_once(lm):
+    batcher = ContinuousBatcher(lm, BatchingSettings(max_rows=6, max_waiting=32))
+    try:
+        jobs = [(PROMPTS[i % 6], PLANS[(i * 5) % 6]) for i in range(12)]
+        out: list[str | None] = [None] * len(jobs)
+
+        def worker(i: int) -> None:
+            out[i] = collect(batcher.submit(SequenceRequest(chat_ids(lm, jobs[i][0]), jobs[i][1],
+                                                            max_new_tokens=6)))
+
+        threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(jobs))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=300)
+        assert out == [alone(lm, t, p, max_new_tokens=6) for t, p in jobs]
+        assert batcher.stats()["rows"] == 0
+    finally:
+        batcher.close()

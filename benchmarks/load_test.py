@@ -97,8 +97,9 @@ async def run(url: str, jobs: list[tuple[str, str]], concurrency: int, max_token
     good = [r for r in results if r["ok"]]
     lat = sorted(r["latency"] for r in good) or [float("nan")]
     ttft = sorted(r["ttft"] for r in good) or [float("nan")]
-    return {"requests": len(jobs), "errors": len(results) - len(good), "wall_s": wall,
-            "req_per_s": len(good) / wall, "tok_per_s": sum(r["tokens"] for r in good) / wall,
+    kinds = sorted({str(r["status"]) for r in results if not r["ok"]})
+    return {"requests": len(jobs), "errors": len(results) - len(good), "error_kinds": kinds, "wall_s": wall,
+            "req_per_s": len(good) / wall if good else float("nan"), "tok_per_s": sum(r["tokens"] for r in good) / wall,
             "p50": statistics.median(lat), "p99": pct(lat, 0.99), "ttft_p50": statistics.median(ttft),
             "ttft_p99": pct(ttft, 0.99)}
 
@@ -139,13 +140,13 @@ def engine_tok_per_s(prompts: list[tuple[str, str]], batch: int, max_tokens: int
     return sum(r.completion_tokens for r in out) / (time.perf_counter() - t0)
 
 
-def measure(url: str, prompts: list[tuple[str, str]], args, stream: bool) -> list[dict]:
+def measure(url: str, prompts: list[tuple[str, str]], args, stream: bool, scheduler: str) -> list[dict]:
     rows = []
     for c in args.concurrency:
         explicit = asyncio.run(run(url, list(prompts), c, args.max_tokens, args.timeout, stream))
         routed = asyncio.run(run(url, [("hilora", x) for _, x in prompts], c, args.max_tokens, args.timeout, stream))
         for mode, r in (("explicit", explicit), ("hilora", routed)):
-            r.update(concurrency=c, mode=mode, stream=stream)
+            r.update(concurrency=c, mode=mode, stream=stream, scheduler=scheduler)
             if mode == "hilora":
                 r["routed_over_explicit"] = routed["req_per_s"] / explicit["req_per_s"]
             rows.append(r)
@@ -173,6 +174,8 @@ def launch(scheduler: str, threads: int, data_dir: str):
     from deployments.app import build_app
     from tests.redis_server import free_port
 
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # as scripts/serve.sh: local Ray without token auth
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     port = free_port()
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"RAY_AUTH_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false"}})
@@ -222,11 +225,11 @@ def main() -> None:
             if url is None:
                 url, stop = launch(scheduler, args.threads, os.path.join(data_dir, "redis"))
             try:
-                asyncio.run(run(url, [("hilora", prompts[0][1])], 1, 4, args.timeout))  # warm-up
+                # warm-up: every adapter of the workload loaded once, and the routed path
+                warm = [(t, x) for t, x in dict(prompts).items()] + [("hilora", prompts[0][1])]
+                asyncio.run(run(url, warm, 1, 4, args.timeout))
                 for stream in modes:
-                    for r in measure(url, prompts, args, stream):
-                        r["scheduler"] = scheduler
-                        report["rows"].append(r)
+                    report["rows"] += measure(url, prompts, args, stream, scheduler)
                 if args.launch:
                     report["abandoned"][scheduler] = asyncio.run(abandoned_stream(url))
             finally:

@@ -104,6 +104,7 @@ class LimitSettings(_Strict):
     max_tokens: int = Field(512, ge=1, description="max_tokens above this gets HTTP 422")
     max_messages: int = Field(64, ge=1)
     max_stop: int = Field(8, ge=0)
+    max_choices: int = Field(64, ge=1, description="prompts x n choices of one request")
 
 
 class AppConfig(_Strict):

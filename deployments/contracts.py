@@ -71,6 +71,7 @@ class GenerateCall(_Message):
     plan: dict
     sources: dict[str, AdapterLocation]
     prompt: str | None = None
+    prompt_ids: list[int] | None = Field(None, description="a prompt given as token ids (completions)")
     messages: list[dict] | None = None
     max_tokens: int
     temperature: float = 0.0

@@ -6,10 +6,12 @@ LoRAModel (generation) -> response. Client mistakes become 4xx JSON errors
 """
 
 
+import asyncio
 import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 
 from fastapi import FastAPI, Header, HTTPException, Response
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -21,6 +23,9 @@ from .config import AppConfig
 from .contracts import Decision, GenerateCall
 from .errors import message_of, to_http
 from .metrics import ServiceMetrics
+from .openai_format import choice as format_choice
+from .openai_format import chunk as format_chunk
+from .openai_format import usage as format_usage
 from .schemas import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -30,31 +35,70 @@ from .schemas import (
 )
 
 
-async def sse_events(items: AsyncIterator[dict], chunk: Callable[..., str], on_final: Callable[[dict], dict],
-                     after_final: Callable[[dict], str | None] | None = None) -> AsyncIterator[str]:
-    """Server-sent events from a replica's stream items, ``data: [DONE]`` last.
+async def sse_events(items: AsyncIterator[tuple[int, dict]], render: Callable[[int, dict, bool], str | None],
+                     closing: Callable[[], str | None] | None = None) -> AsyncIterator[str]:
+    """Server-sent events from (choice index, replica item) pairs, ``data: [DONE]`` last.
 
-    ``chunk(delta, finish_reason, extra, role)`` formats one event; the final item's event carries
-    ``on_final(item)`` (the routing), and ``after_final(item)`` may add one more event (the usage
-    chunk of ``stream_options.include_usage``). The response headers are already sent when the
-    replica fails, so a failure becomes one in-band ``{"error": {"message": ...}}`` event before ``[DONE]``.
+    ``render(index, item, first)`` formats one event (None: nothing to send); ``first`` is True until
+    that choice's first event is sent. ``closing()`` may add one event after every choice has ended
+    (the usage chunk of ``stream_options.include_usage``). The response headers are already sent when
+    a replica fails, so a failure becomes one in-band ``{"error": {"message": ...}}`` event before ``[DONE]``.
     """
-    first = True
+    started: set[int] = set()
     try:
-        async for item in items:
-            if item.get("finish_reason") is not None:
-                yield chunk(item["delta"], item["finish_reason"], on_final(item), role=first)
-                extra = after_final(item) if after_final is not None else None
-                if extra:
-                    yield extra
-            elif item["delta"]:
-                yield chunk(item["delta"], None, role=first)
-            else:
-                continue
-            first = False
+        async for index, item in items:
+            event = render(index, item, index not in started)
+            if event:
+                started.add(index)
+                yield event
+        tail = closing() if closing is not None else None
+        if tail:
+            yield tail
     except Exception as err:  # noqa: BLE001 - headers are sent: report in-band
         yield f"data: {json.dumps({'error': {'message': message_of(err)}})}\n\n"
     yield "data: [DONE]\n\n"
+
+
+async def merge_streams(sources: list[tuple[int, AsyncIterator[dict]]]) -> AsyncIterator[tuple[int, dict]]:
+    """Interleave several replica streams as (index, item) in arrival order; closing the merge (the client
+    went away) cancels every source, so each request leaves its replica's batch."""
+    queue: asyncio.Queue = asyncio.Queue()
+    end = object()
+
+    async def pump(index: int, gen: AsyncIterator[dict]) -> None:
+        try:
+            async for item in gen:
+                await queue.put((index, item))
+        except Exception as err:  # noqa: BLE001 - re-raised by the consumer
+            await queue.put((index, err))
+        finally:
+            await queue.put((index, end))
+
+    tasks = [asyncio.create_task(pump(i, g)) for i, g in sources]
+    remaining = len(tasks)
+    try:
+        while remaining:
+            index, item = await queue.get()
+            if item is end:
+                remaining -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield index, item
+    finally:
+        for t in tasks:
+            t.cancel()
+
+
+@dataclass
+class PromptInput:
+    """One prompt of a request: text, token ids or chat messages, and the text it is routed on."""
+
+    route_text: str
+    chars: int
+    text: str | None = None
+    ids: list[int] | None = None
+    messages: list[dict] | None = None
 
 
 app = FastAPI(title="HiLoRA Serve", version="0.1.0",
@@ -127,102 +171,130 @@ class Ingress:
         self.metrics.candidates.observe(len(decision.plan["adapters"]))
         return decision
 
-    def _model_call(self, decision: Decision, body, prompt: str | None, messages: list | None) -> GenerateCall:
+    def _model_call(self, decision: Decision, body, prompt: PromptInput, seed: int | None) -> GenerateCall:
         stop = [body.stop] if isinstance(body.stop, str) else (body.stop or [])
-        return GenerateCall(plan=decision.plan, sources=decision.sources, prompt=prompt, messages=messages,
-                            max_tokens=body.new_tokens, temperature=body.temperature, top_p=body.top_p,
-                            seed=body.seed, stop=stop)
+        logprobs = body.logprob_count if hasattr(body, "logprob_count") else body.logprobs
+        echo = bool(getattr(body, "echo", False))
+        return GenerateCall(plan=decision.plan, sources=decision.sources, prompt=prompt.text, prompt_ids=prompt.ids,
+                            messages=prompt.messages, max_tokens=body.new_tokens, temperature=body.temperature,
+                            top_p=body.top_p, seed=seed, stop=stop, logprobs=logprobs,
+                            echo_logprobs=echo and logprobs is not None)
 
     def _handle(self, decision: Decision):
         adapters = decision.plan["adapters"]
         return self.model.options(multiplexed_model_id=adapters[0]) if adapters else self.model
 
-    async def _generate(self, body, prompt: str | None, messages: list | None, route_text: str, kind: str,
-                        text_len: int):
+    async def _generate(self, body, prompts: list[PromptInput], kind: str):
+        """Route every prompt once, run ``n`` choices per prompt on the model replicas, answer in OpenAI form."""
         started = time.perf_counter()
-        self._check_limits(text_len, body.new_tokens, body.stop)
-        decision = await self._decide(body.model, route_text, body.routing)
-        call = self._model_call(decision, body, prompt, messages)
+        if len(prompts) * body.n > self.cfg.limits.max_choices:
+            raise HTTPException(422, f"{len(prompts)} prompts x n={body.n} choices; the limit is "
+                                     f"{self.cfg.limits.max_choices}")
+        for p in prompts:
+            self._check_limits(p.chars, body.new_tokens, body.stop)
+        decisions = list(await asyncio.gather(*(self._decide(body.model, p.route_text, body.routing)
+                                                for p in prompts)))
+        calls = []  # (choice index, prompt index, decision, call); choice i of a seeded request uses seed + i
+        for pi, (p, d) in enumerate(zip(prompts, decisions, strict=True)):
+            for j in range(body.n):
+                seed = None if body.seed is None else body.seed + j
+                calls.append((pi * body.n + j, pi, d, self._model_call(d, body, p, seed)))
         rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return await self._stream(call, decision, body.model, rid, kind, started, include_usage)
-        result = await self._remote(self._handle(decision).generate.remote(call))
-        self.metrics.observe_cache(result["replica"], result["cache"])
-        self.metrics.observe_batching(result["replica"], result.get("batching"))
-        self.metrics.tokens.labels("prompt").inc(result["prompt_tokens"])
-        self.metrics.tokens.labels("completion").inc(result["completion_tokens"])
+            return await self._stream(calls, prompts, decisions, body, rid, kind, started, include_usage)
+        results = await asyncio.gather(*(self._remote(self._handle(d).generate.remote(c)) for _, _, d, c in calls))
+        choices = []
+        for (index, pi, d, _), result in zip(calls, results, strict=True):
+            self.metrics.observe_cache(result["replica"], result["cache"])
+            self.metrics.observe_batching(result["replica"], result.get("batching"))
+            echo = (prompts[pi].text if prompts[pi].text is not None else result.get("prompt_text", "")) \
+                if getattr(body, "echo", False) else None
+            ch = format_choice(kind, index, result, echo)
+            if len(prompts) > 1:
+                ch["routing"] = d.summary()
+            choices.append(ch)
+        prompt_tokens = sum(results[i * body.n]["prompt_tokens"] for i in range(len(prompts)))
+        completion_tokens = sum(r["completion_tokens"] for r in results)
+        self.metrics.tokens.labels("prompt").inc(prompt_tokens)
+        self.metrics.tokens.labels("completion").inc(completion_tokens)
         self.metrics.request_latency.labels(kind).observe(time.perf_counter() - started)
-        usage = {"prompt_tokens": result["prompt_tokens"], "completion_tokens": result["completion_tokens"],
-                 "total_tokens": result["prompt_tokens"] + result["completion_tokens"]}
-        if kind == "chat":
-            choice = {"index": 0, "message": {"role": "assistant", "content": result["text"]},
-                      "finish_reason": result["finish_reason"]}
-            obj = "chat.completion"
-        else:
-            choice = {"index": 0, "text": result["text"], "finish_reason": result["finish_reason"], "logprobs": None}
-            obj = "text_completion"
-        return {"id": rid, "object": obj, "created": int(time.time()), "model": body.model, "choices": [choice],
-                "usage": usage, "routing": decision.summary()}
+        return {"id": rid, "object": "chat.completion" if kind == "chat" else "text_completion",
+                "created": int(time.time()), "model": body.model, "choices": choices,
+                "usage": format_usage(prompt_tokens, completion_tokens), "routing": decisions[0].summary()}
 
-    async def _stream(self, call: GenerateCall, decision: Decision, model: str, rid: str, kind: str, started: float,
-                      include_usage: bool = False):
-        gen = self._handle(decision).options(stream=True).stream.remote(call)
+    async def _stream(self, calls, prompts: list[PromptInput], decisions: list[Decision], body, rid: str, kind: str,
+                      started: float, include_usage: bool = False):
+        gens = [(index, self._handle(d).options(stream=True).stream.remote(c)) for index, _, d, c in calls]
         try:
-            first = await gen.__anext__()  # adapters loaded: errors so far are still a clean 4xx
+            for _, gen in gens:  # adapters loaded and queued: errors so far are still a clean 4xx
+                first = await gen.__anext__()
+                assert first.get("event") == "start", first
         except Exception as err:  # noqa: BLE001
+            for _, gen in gens:
+                gen.cancel()
             raise to_http(err) from None
-        assert first.get("event") == "start", first
-        obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
-        created = int(time.time())
+        base = {"id": rid, "object": "chat.completion.chunk" if kind == "chat" else "text_completion",
+                "created": int(time.time()), "model": body.model}
+        prompt_of = {index: pi for index, pi, _, _ in calls}
+        totals = {"prompt": {}, "completion": 0}
+        last_text: list[float | None] = [None]
+        echo = bool(getattr(body, "echo", False))
 
-        last_text = [None]
-
-        def chunk(delta: str, finish: str | None, extra: dict | None = None, role: bool = False) -> str:
+        def render(index: int, item: dict, first: bool) -> str | None:
+            delta, finish = item["delta"], item.get("finish_reason")
+            logprobs = item.get("logprobs")
+            pi = prompt_of[index]
+            if first and echo:
+                prefix = prompts[pi].text if prompts[pi].text is not None else item.get("prompt_text", "")
+                delta = prefix + delta
+                if logprobs is not None:
+                    logprobs = (item.get("prompt_logprobs") or []) + logprobs
             if delta:
                 now = time.perf_counter()
                 hist = self.metrics.ttft if last_text[0] is None else self.metrics.itl
                 hist.labels(kind).observe(now - (started if last_text[0] is None else last_text[0]))
                 last_text[0] = now
-            if kind == "chat":
-                d = {"role": "assistant", "content": delta} if role else {"content": delta}
-                choice = {"index": 0, "delta": d, "finish_reason": finish}
-            else:
-                choice = {"index": 0, "text": delta, "finish_reason": finish, "logprobs": None}
-            body = {"id": rid, "object": obj, "created": created, "model": model, "choices": [choice]}
-            body.update(extra or {})
-            return f"data: {json.dumps(body)}\n\n"
+            if finish is None and not delta and not logprobs:
+                return None
+            extra = None
+            if finish is not None:
+                self.metrics.observe_cache(item["replica"], item["cache"])
+                self.metrics.observe_batching(item["replica"], item.get("batching"))
+                totals["prompt"][pi] = item["prompt_tokens"]
+                totals["completion"] += item["completion_tokens"]
+                extra = {"routing": decisions[pi].summary()}
+            return format_chunk(kind, base, index, delta, finish, first, logprobs, extra)
 
-        def on_final(item: dict) -> dict:
-            self.metrics.observe_cache(item["replica"], item["cache"])
-            self.metrics.observe_batching(item["replica"], item.get("batching"))
-            self.metrics.tokens.labels("prompt").inc(item["prompt_tokens"])
-            self.metrics.tokens.labels("completion").inc(item["completion_tokens"])
-            return {"routing": decision.summary()}
-
-        def usage_chunk(item: dict) -> str | None:
+        def closing() -> str | None:
+            prompt_tokens = sum(totals["prompt"].values())
+            self.metrics.tokens.labels("prompt").inc(prompt_tokens)
+            self.metrics.tokens.labels("completion").inc(totals["completion"])
+            self.metrics.request_latency.labels(kind).observe(time.perf_counter() - started)
             if not include_usage:
                 return None
-            usage = {"prompt_tokens": item["prompt_tokens"], "completion_tokens": item["completion_tokens"],
-                     "total_tokens": item["prompt_tokens"] + item["completion_tokens"]}
-            body = {"id": rid, "object": obj, "created": created, "model": model, "choices": [], "usage": usage}
-            return f"data: {json.dumps(body)}\n\n"
+            body_ = {**base, "choices": [], "usage": format_usage(prompt_tokens, totals["completion"])}
+            return f"data: {json.dumps(body_)}\n\n"
 
-        async def events():
-            async for line in sse_events(gen, chunk, on_final, usage_chunk):
-                yield line
-            self.metrics.request_latency.labels(kind).observe(time.perf_counter() - started)
-
-        return StreamingResponse(events(), media_type="text/event-stream")
+        return StreamingResponse(sse_events(merge_streams(gens), render, closing), media_type="text/event-stream")
 
     # ---- OpenAI-compatible API ---------------------------------------------------------------
 
     @app.post("/v1/completions")
     async def completions(self, body: CompletionRequest):
-        prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
-        if len(prompts) != 1:
-            raise HTTPException(422, f"send one prompt per request, got {len(prompts)}")
-        return await self._generate(body, prompts[0], None, prompts[0], "completion", len(prompts[0]))
+        prompts = []
+        for p in body.prompts():
+            if isinstance(p, str):
+                prompts.append(PromptInput(route_text=p, chars=len(p), text=p))
+                continue
+            if not p:
+                raise HTTPException(422, "a token-id prompt is empty")
+            text = await self._remote(self.model.detokenize.remote(p)) \
+                if body.model == self.cfg.routing.model_alias else ""
+            prompts.append(PromptInput(route_text=text, chars=len(p), ids=list(p)))
+        if not prompts:
+            raise HTTPException(422, "prompt is empty")
+        return await self._generate(body, prompts, "completion")
 
     @app.post("/v1/chat/completions")
     async def chat_completions(self, body: ChatCompletionRequest):
@@ -233,7 +305,7 @@ class Ingress:
             raise HTTPException(422, "a chat request needs at least one user message")
         messages = [{"role": m.role, "content": m.text} for m in body.messages]
         total = sum(len(m.text) for m in body.messages)
-        return await self._generate(body, None, messages, users[-1], "chat", total)
+        return await self._generate(body, [PromptInput(route_text=users[-1], chars=total, messages=messages)], "chat")
 
     @app.get("/v1/models")
     async def models(self):

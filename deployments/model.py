@@ -114,8 +114,27 @@ class ModelReplica:
 
     def _prompt_ids(self, req: GenerateCall) -> list[int]:
         """Token ids as :meth:`RoutedLM.encode` makes them (chat: the template's text, no extra specials)."""
+        if req.prompt_ids is not None:
+            vocab = len(self.lm.tokenizer)
+            bad = [t for t in req.prompt_ids if not 0 <= t < vocab]
+            if bad or not req.prompt_ids:
+                raise InvalidInputError(f"prompt token ids must be in [0, {vocab}), got {bad[:5] or 'none'}")
+            return list(req.prompt_ids)
         text = self._prompt(req)
         return list(self.lm.tokenizer(text, add_special_tokens=req.messages is None)["input_ids"])
+
+    def detokenize(self, token_ids: list[int]) -> str:
+        """The text of a prompt sent as token ids (the ingress routes on text)."""
+        vocab = len(self.lm.tokenizer)
+        if any(not 0 <= t < vocab for t in token_ids):
+            raise InvalidInputError(f"prompt token ids must be in [0, {vocab})")
+        return self.lm.tokenizer.decode(token_ids, skip_special_tokens=True)
+
+    def _prompt_entries(self, req: GenerateCall, entries) -> list[dict]:
+        """The prompt tokens' logprob entries (``echo``); the first token has logprob None."""
+        ids = self._prompt_ids(req)
+        out = [self._token(ids[0]) | {"logprob": None, "top_logprobs": []}]
+        return out + [self._logprob(e) for e in entries[1:]]
 
     def _token(self, token_id: int) -> dict:
         text = self.lm.tokenizer.decode([token_id])
@@ -189,14 +208,14 @@ class ModelReplica:
             text.append(ev.delta)
             logprobs += [self._logprob(t) for t in ev.logprobs or ()]
             if ev.prompt_logprobs is not None:
-                prompt_lp = [self._logprob(t) for t in ev.prompt_logprobs]
+                prompt_lp = self._prompt_entries(req, ev.prompt_logprobs)
             last = ev
         out = {"text": "".join(text), **self._summary(last), "seconds": time.perf_counter() - started}
         if req.logprobs is not None:
             out["logprobs"] = logprobs
         if req.echo_logprobs:
             out["prompt_logprobs"] = prompt_lp
-            out["prompt_token_ids"] = self._prompt_ids(req)
+            out["prompt_text"] = self.lm.tokenizer.decode(self._prompt_ids(req), skip_special_tokens=False)
         return out
 
     async def stream(self, req: GenerateCall):
@@ -216,7 +235,8 @@ class ModelReplica:
             if ev.logprobs is not None:
                 item["logprobs"] = [self._logprob(t) for t in ev.logprobs]
             if ev.prompt_logprobs is not None:
-                item["prompt_logprobs"] = [self._logprob(t) for t in ev.prompt_logprobs]
+                item["prompt_logprobs"] = self._prompt_entries(req, ev.prompt_logprobs)
+                item["prompt_text"] = self.lm.tokenizer.decode(self._prompt_ids(req), skip_special_tokens=False)
             if ev.finished:
                 item.update(self._summary(ev), seconds=time.perf_counter() - started)
             yield item

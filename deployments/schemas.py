@@ -27,7 +27,7 @@ class StreamOptions(BaseModel):
 
 # OpenAI fields the service does not implement: accepted at their neutral value, refused otherwise
 # (a silently ignored field is a silent wrong answer). Checked in _Generation._refuse_unsupported.
-_NEUTRAL = {"logprobs": (None, False, 0), "top_logprobs": (None, 0), "echo": (None, False), "logit_bias": (None, {}),
+_NEUTRAL = {"logit_bias": (None, {}),
             "frequency_penalty": (None, 0, 0.0), "presence_penalty": (None, 0, 0.0), "best_of": (None, 1),
             "suffix": (None, ""), "tools": (None, []), "tool_choice": (None, "none"), "functions": (None, []),
             "parallel_tool_calls": (None, False), "logprobs_in_stream": (None, False)}
@@ -46,7 +46,8 @@ class _Generation(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     seed: int | None = None
-    n: int = Field(1, ge=1, le=1, description="one choice per request")
+    n: int = Field(1, ge=1, le=16, description="choices per prompt, sharing one routing decision (a seed gives "
+                                               "choice i the seed + i)")
     user: str | None = Field(None, description="accepted; not used")
     response_format: dict | None = Field(None, description="only {'type': 'text'}")
     routing: RoutingOverrides | None = None
@@ -70,7 +71,20 @@ class _Generation(BaseModel):
 
 
 class CompletionRequest(_Generation):
-    prompt: str | list[str]
+    prompt: str | list[str] | list[int] | list[list[int]] = Field(
+        description="a string, a list of strings, a list of token ids, or a list of token-id lists")
+    logprobs: int | None = Field(None, ge=0, le=20, description="logprobs of each token and this many alternatives")
+    echo: bool = Field(False, description="the prompt is returned before the completion (with its tokens' "
+                                          "logprobs when `logprobs` is set; the first token's is null)")
+
+    def prompts(self) -> list[str | list[int]]:
+        """The prompts as a list: strings or token-id lists."""
+        p = self.prompt
+        if isinstance(p, str):
+            return [p]
+        if p and all(isinstance(x, int) for x in p):
+            return [list(p)]
+        return list(p)
 
 
 class TextPart(BaseModel):
@@ -91,6 +105,18 @@ class ChatMessage(BaseModel):
 
 class ChatCompletionRequest(_Generation):
     messages: list[ChatMessage] = Field(..., min_length=1)
+    logprobs: bool = Field(False, description="report each generated token's logprob")
+    top_logprobs: int | None = Field(None, ge=0, le=20, description="alternatives per token (needs logprobs)")
+
+    @model_validator(mode="after")
+    def _top_needs_logprobs(self):
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs: true")
+        return self
+
+    @property
+    def logprob_count(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 class RouteRequest(BaseModel):

@@ -54,7 +54,8 @@ def service(tmp_path_factory):
     }
     serve.run(build_app(config), name="hilora", route_prefix="/")
     client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120)
-    yield {"client": client, "port": port, "beta": str(tmp / "beta"), "redis": redis_srv, "serve": serve,
+    yield {"client": client, "port": port, "beta": str(tmp / "beta"), "alpha": str(pool / "adapters" / "alpha"),
+           "redis": redis_srv, "serve": serve,
            "ray": ray}
     client.close()
     serve.shutdown()
@@ -122,10 +123,11 @@ def test_openai_request_fields_as_real_clients_send_them(service):
     assert r.status_code == 200, r.text
     assert r.json()["choices"][0]["message"]["content"] == plain
     # fields that would change the answer are refused with a message, never silently ignored
-    for extra, word in (({"logprobs": True, "top_logprobs": 2}, "logprobs"), ({"logit_bias": {"42": 5}}, "logit_bias"),
+    for extra, word in (({"logit_bias": {"42": 5}}, "logit_bias"),
                         ({"response_format": {"type": "json_object"}}, "response_format"),
                         ({"presence_penalty": 0.5}, "presence_penalty"),
-                        ({"max_tokens": 5, "max_completion_tokens": 6}, "max_completion_tokens")):
+                        ({"top_logprobs": 2}, "top_logprobs"), ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+                        ({"n": 17}, "n"), ({"max_tokens": 5, "max_completion_tokens": 6}, "max_completion_tokens")):
         r = c.post("/v1/chat/completions", json={"model": "alpha", "messages": [{"role": "user", "content": q}],
                                                  **extra})
         assert r.status_code == 422 and word in r.text, (extra, r.text)
@@ -133,8 +135,84 @@ def test_openai_request_fields_as_real_clients_send_them(service):
         {"type": "image_url", "image_url": {"url": "http://example.invalid/x.png"}}]}]}
     r = c.post("/v1/chat/completions", json=image)
     assert r.status_code == 422 and "text" in r.text
-    r = c.post("/v1/completions", json={"model": "alpha", "prompt": "One,", "echo": True, "logprobs": 1})
-    assert r.status_code == 422 and "not supported" in r.text
+    r = c.post("/v1/completions", json={"model": "alpha", "prompt": [10, 99999999], "max_tokens": 2})
+    assert r.status_code == 422 and "token ids" in r.text
+
+
+def test_logprobs_and_echo_equal_peft_with_the_adapter(service):
+    """Completions with echo + logprobs (as lm-evaluation-harness's local-completions asks) against PEFT."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from hilora_core.models.base_model import resolve_base
+
+    c = service["client"]
+    text = "Convert the number 31 into English words. thirty-one"
+    tok = AutoTokenizer.from_pretrained(resolve_base(None))
+    ids = tok(text)["input_ids"]
+    base = AutoModelForCausalLM.from_pretrained(resolve_base(None), dtype=torch.float32)
+    peft = PeftModel.from_pretrained(base, service["alpha"]).eval()
+    with torch.no_grad():
+        logp = torch.log_softmax(peft(torch.tensor([ids])).logits[0].float(), dim=-1)
+    for prompt in (text, ids):  # as a string, and as token ids (lm-eval's default)
+        r = c.post("/v1/completions", json={"model": "alpha", "prompt": prompt, "max_tokens": 1, "logprobs": 1,
+                                            "echo": True, "temperature": 0})
+        assert r.status_code == 200, r.text
+        ch = r.json()["choices"][0]
+        lp = ch["logprobs"]
+        assert len(lp["tokens"]) == len(ids) + 1 and lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+        assert ch["text"].startswith(tok.decode(ids))
+        for j in range(1, len(ids)):
+            assert abs(lp["token_logprobs"][j] - float(logp[j - 1, ids[j]])) < 1e-3
+            assert max(lp["top_logprobs"][j].values()) == pytest.approx(float(logp[j - 1].max()), abs=1e-3)
+        assert abs(lp["token_logprobs"][-1] - float(logp[-1].max())) < 1e-3  # greedy: the top token
+        assert lp["text_offset"][0] == 0 and lp["text_offset"] == sorted(lp["text_offset"])
+
+
+def test_chat_logprobs_streamed_and_not_with_the_openai_client(service):
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{service['port']}/v1", api_key="unused")
+    msgs = [{"role": "user", "content": "Name two fruits."}]
+    full = client.chat.completions.create(model="alpha", messages=msgs, max_tokens=6, logprobs=True,
+                                          top_logprobs=2)
+    content = full.choices[0].logprobs.content
+    assert "".join(t.token for t in content) == full.choices[0].message.content
+    assert len(content) == full.usage.completion_tokens
+    for t in content:
+        assert len(t.top_logprobs) == 2 and t.top_logprobs[0].logprob >= t.top_logprobs[1].logprob
+        assert t.logprob == pytest.approx(t.top_logprobs[0].logprob, abs=1e-5)  # greedy
+    streamed = [t for ch in client.chat.completions.create(model="alpha", messages=msgs, max_tokens=6, logprobs=True,
+                                                           top_logprobs=2, stream=True)
+                if ch.choices and ch.choices[0].logprobs for t in ch.choices[0].logprobs.content]
+    assert [(t.token, round(t.logprob, 4)) for t in streamed] == [(t.token, round(t.logprob, 4)) for t in content]
+
+
+def test_n_choices_and_prompt_lists(service):
+    c = service["client"]
+    body = {"model": "hilora", "messages": [{"role": "user", "content": "Convert the number 7 into English words."}],
+            "max_tokens": 6, "n": 3, "temperature": 1.0, "seed": 5}
+    one = c.post("/v1/chat/completions", json=body).json()
+    again = c.post("/v1/chat/completions", json=body).json()
+    assert [ch["index"] for ch in one["choices"]] == [0, 1, 2]
+    assert [ch["message"]["content"] for ch in one["choices"]] == [ch["message"]["content"] for ch in again["choices"]]
+    assert one["usage"]["completion_tokens"] >= 3
+    # each seed + i alone gives choice i
+    solo = c.post("/v1/chat/completions", json={**body, "n": 1, "seed": 6}).json()
+    assert solo["choices"][0]["message"]["content"] == one["choices"][1]["message"]["content"]
+    # a list of prompts: one choice each, each routed on its own
+    r = c.post("/v1/completions", json={"model": "hilora", "max_tokens": 4, "prompt": [
+        "Convert the number 8 into English words.", "Reverse the letters of the word 'lamp'."]}).json()
+    assert [ch["index"] for ch in r["choices"]] == [0, 1] and all("routing" in ch for ch in r["choices"])
+    # streamed with n = 2: both choices arrive, each with its own finish
+    finishes = {}
+    with c.stream("POST", "/v1/chat/completions", json={**body, "n": 2, "stream": True}) as s:
+        for ln in s.iter_lines():
+            if ln.startswith("data: {"):
+                ch = json.loads(ln[6:])["choices"][0]
+                if ch["finish_reason"]:
+                    finishes[ch["index"]] = ch["finish_reason"]
+    assert set(finishes) == {0, 1}
 
 
 def test_off_pool_request_is_answered_by_the_base_model(service):
@@ -326,20 +404,20 @@ def test_delete_adapter(service):
 def test_a_stream_that_fails_after_its_headers_ends_with_an_in_band_error_event():
     import asyncio
 
-    from deployments.ingress import sse_events
+    from deployments.ingress import merge_streams, sse_events
 
     async def items():
         yield {"delta": "Hel"}
         yield {"delta": ""}  # nothing new: no event
         raise RuntimeError("Traceback (most recent call last): ...\nCapacityError: no free adapter slot")
 
-    def chunk(delta, finish, extra=None, role=False):
-        return json.dumps({"delta": delta, "finish": finish, "role": role})
+    def render(index, item, first):
+        return json.dumps({"delta": item["delta"], "first": first}) if item["delta"] else None
 
     async def collect():
-        return [line async for line in sse_events(items(), chunk, lambda item: {})]
+        return [line async for line in sse_events(merge_streams([(0, items())]), render)]
 
     out = asyncio.run(collect())
-    assert len(out) == 3 and json.loads(out[0]) == {"delta": "Hel", "finish": None, "role": True}
+    assert len(out) == 3 and json.loads(out[0]) == {"delta": "Hel", "first": True}
     assert json.loads(out[1].removeprefix("data: "))["error"]["message"] == "CapacityError: no free adapter slot"
     assert out[2] == "data: [DONE]\n\n"

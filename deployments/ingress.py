@@ -173,8 +173,7 @@ class Ingress:
 
     def _model_call(self, decision: Decision, body, prompt: PromptInput, seed: int | None) -> GenerateCall:
         stop = [body.stop] if isinstance(body.stop, str) else (body.stop or [])
-        logprobs = body.logprob_count if hasattr(body, "logprob_count") else body.logprobs
-        echo = bool(getattr(body, "echo", False))
+        logprobs, echo = body.logprob_count, body.echo_prompt
         return GenerateCall(plan=decision.plan, sources=decision.sources, prompt=prompt.text, prompt_ids=prompt.ids,
                             messages=prompt.messages, max_tokens=body.new_tokens, temperature=body.temperature,
                             top_p=body.top_p, seed=seed, stop=stop, logprobs=logprobs,
@@ -206,10 +205,9 @@ class Ingress:
         results = await asyncio.gather(*(self._remote(self._handle(d).generate.remote(c)) for _, _, d, c in calls))
         choices = []
         for (index, pi, d, _), result in zip(calls, results, strict=True):
-            self.metrics.observe_cache(result["replica"], result["cache"])
-            self.metrics.observe_batching(result["replica"], result.get("batching"))
+            self.metrics.observe_replica(result)
             echo = (prompts[pi].text if prompts[pi].text is not None else result.get("prompt_text", "")) \
-                if getattr(body, "echo", False) else None
+                if body.echo_prompt else None
             ch = format_choice(kind, index, result, echo)
             if len(prompts) > 1:
                 ch["routing"] = d.summary()
@@ -239,7 +237,7 @@ class Ingress:
         prompt_of = {index: pi for index, pi, _, _ in calls}
         totals = {"prompt": {}, "completion": 0}
         last_text: list[float | None] = [None]
-        echo = bool(getattr(body, "echo", False))
+        echo = body.echo_prompt
 
         def render(index: int, item: dict, first: bool) -> str | None:
             delta, finish = item["delta"], item.get("finish_reason")
@@ -259,8 +257,7 @@ class Ingress:
                 return None
             extra = None
             if finish is not None:
-                self.metrics.observe_cache(item["replica"], item["cache"])
-                self.metrics.observe_batching(item["replica"], item.get("batching"))
+                self.metrics.observe_replica(item)
                 totals["prompt"][pi] = item["prompt_tokens"]
                 totals["completion"] += item["completion_tokens"]
                 extra = {"routing": decisions[pi].summary()}

@@ -36,6 +36,11 @@ class ServiceMetrics:
         self.loop = Gauge("hilora_generation_loop", "generation loop of each model replica: queue, batch, counters",
                           ["replica", "quantity"], registry=r)
 
+    def observe_replica(self, result: dict) -> None:
+        """The replica counters a generation result carries (``ModelReplica.stats``)."""
+        self.observe_cache(result["replica"], result["cache"])
+        self.observe_batching(result["replica"], result.get("batching"))
+
     def observe_batching(self, replica: str, stats: dict | None) -> None:
         """The latest generation-loop numbers of a replica (``ContinuousBatcher.stats``)."""
         for key, value in (stats or {}).items():

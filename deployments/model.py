@@ -25,13 +25,14 @@ import os
 import threading
 import time
 from collections import defaultdict
+from contextlib import aclosing
 
 import torch
 from ray import serve
 
 from hilora_core.engine import RoutedLM
 from hilora_core.engine.batching import ContinuousBatcher, SequenceRequest
-from hilora_core.engine.generation import StreamEvent, TokenLogprob
+from hilora_core.engine.generation import TokenLogprob
 from hilora_core.errors import CapacityError, InvalidInputError
 
 from .config import AppConfig
@@ -130,9 +131,8 @@ class ModelReplica:
             raise InvalidInputError(f"prompt token ids must be in [0, {vocab})")
         return self.lm.tokenizer.decode(token_ids, skip_special_tokens=True)
 
-    def _prompt_entries(self, req: GenerateCall, entries) -> list[dict]:
+    def _prompt_entries(self, ids: list[int], entries) -> list[dict]:
         """The prompt tokens' logprob entries (``echo``); the first token has logprob None."""
-        ids = self._prompt_ids(req)
         out = [self._token(ids[0]) | {"logprob": None, "top_logprobs": []}]
         return out + [self._logprob(e) for e in entries[1:]]
 
@@ -150,13 +150,6 @@ class ModelReplica:
 
     def stats(self) -> dict:
         out = {"replica": self.replica, "cache": self.lm.cache_stats()}
-        if self.batcher is not None:
-            out["batching"] = self.batcher.stats()
-        return out
-
-    def _summary(self, ev: StreamEvent) -> dict:
-        out = {"finish_reason": ev.finish_reason, "prompt_tokens": ev.prompt_tokens,
-               "completion_tokens": ev.completion_tokens, "replica": self.replica, "cache": self.lm.cache_stats()}
         if self.batcher is not None:
             out["batching"] = self.batcher.stats()
         return out
@@ -190,9 +183,32 @@ class ModelReplica:
 
     # ---- generation ------------------------------------------------------------------------
 
+    async def _items(self, req: GenerateCall):
+        """The loop's events as plain items: ``{"event": "start"}``, then ``{"delta", "logprobs"?}``; the first
+        item of an echo request adds ``prompt_logprobs`` and ``prompt_text``, the last one the summary
+        (finish_reason, token counts, :meth:`stats`, seconds)."""
+        started = time.perf_counter()
+        async with aclosing(self._events(req)) as events:  # closing this closes the request's events now
+            async for ev in events:
+                if ev == "start":
+                    yield {"event": "start"}
+                    continue
+                item = {"delta": ev.delta}
+                if ev.logprobs is not None:
+                    item["logprobs"] = [self._logprob(t) for t in ev.logprobs]
+                if ev.prompt_logprobs is not None:
+                    ids = self._prompt_ids(req)
+                    item["prompt_logprobs"] = self._prompt_entries(ids, ev.prompt_logprobs)
+                    item["prompt_text"] = self.lm.tokenizer.decode(ids, skip_special_tokens=False)
+                if ev.finished:
+                    item.update(finish_reason=ev.finish_reason, prompt_tokens=ev.prompt_tokens,
+                                completion_tokens=ev.completion_tokens, **self.stats(),
+                                seconds=time.perf_counter() - started)
+                yield item
+
     async def generate(self, req: GenerateCall) -> dict:
         """One request -> {text, finish_reason, prompt_tokens, completion_tokens, logprobs?, prompt_logprobs?,
-        replica, cache, seconds}."""
+        prompt_text?, replica, cache, batching, seconds}."""
         await self._note_affinity()
         if self.batcher is None:
             self._static_check(req)
@@ -200,22 +216,17 @@ class ModelReplica:
             if "error" in result:
                 raise result["error"]
             return result
-        started = time.perf_counter()
-        text, logprobs, prompt_lp, last = [], [], None, None
-        async for ev in self._events(req):
-            if ev == "start":
-                continue
-            text.append(ev.delta)
-            logprobs += [self._logprob(t) for t in ev.logprobs or ()]
-            if ev.prompt_logprobs is not None:
-                prompt_lp = self._prompt_entries(req, ev.prompt_logprobs)
-            last = ev
-        out = {"text": "".join(text), **self._summary(last), "seconds": time.perf_counter() - started}
+        text, logprobs, out = [], [], {}
+        async with aclosing(self._items(req)) as items:
+            async for item in items:
+                if item.get("event") == "start":
+                    continue
+                text.append(item.pop("delta"))
+                logprobs += item.pop("logprobs", None) or []
+                out.update(item)
+        out["text"] = "".join(text)
         if req.logprobs is not None:
             out["logprobs"] = logprobs
-        if req.echo_logprobs:
-            out["prompt_logprobs"] = prompt_lp
-            out["prompt_text"] = self.lm.tokenizer.decode(self._prompt_ids(req), skip_special_tokens=False)
         return out
 
     async def stream(self, req: GenerateCall):
@@ -226,20 +237,9 @@ class ModelReplica:
             async for item in self._static_stream(req):
                 yield item
             return
-        started = time.perf_counter()
-        async for ev in self._events(req):
-            if ev == "start":
-                yield {"event": "start"}
-                continue
-            item = {"delta": ev.delta}
-            if ev.logprobs is not None:
-                item["logprobs"] = [self._logprob(t) for t in ev.logprobs]
-            if ev.prompt_logprobs is not None:
-                item["prompt_logprobs"] = self._prompt_entries(req, ev.prompt_logprobs)
-                item["prompt_text"] = self.lm.tokenizer.decode(self._prompt_ids(req), skip_special_tokens=False)
-            if ev.finished:
-                item.update(self._summary(ev), seconds=time.perf_counter() - started)
-            yield item
+        async with aclosing(self._items(req)) as items:
+            async for item in items:
+                yield item
 
     # ---- the static scheduler (the earlier path, for comparison) ----------------------------------
 

@@ -65,6 +65,16 @@ class _Generation(BaseModel):
         return self
 
     @property
+    def logprob_count(self) -> int | None:
+        """None, or the alternatives to report with each token's logprob."""
+        return None
+
+    @property
+    def echo_prompt(self) -> bool:
+        """Whether the prompt is returned before the completion."""
+        return False
+
+    @property
     def new_tokens(self) -> int:
         """The answer budget: max_completion_tokens, else max_tokens, else 64."""
         return self.max_completion_tokens or self.max_tokens or 64
@@ -76,6 +86,14 @@ class CompletionRequest(_Generation):
     logprobs: int | None = Field(None, ge=0, le=20, description="logprobs of each token and this many alternatives")
     echo: bool = Field(False, description="the prompt is returned before the completion (with its tokens' "
                                           "logprobs when `logprobs` is set; the first token's is null)")
+
+    @property
+    def logprob_count(self) -> int | None:
+        return self.logprobs
+
+    @property
+    def echo_prompt(self) -> bool:
+        return self.echo
 
     def prompts(self) -> list[str | list[int]]:
         """The prompts as a list: strings or token-id lists."""

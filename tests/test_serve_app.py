@@ -191,12 +191,12 @@ def test_chat_logprobs_streamed_and_not_with_the_openai_client(service):
 def test_n_choices_and_prompt_lists(service):
     c = service["client"]
     body = {"model": "hilora", "messages": [{"role": "user", "content": "Convert the number 7 into English words."}],
-            "max_tokens": 6, "n": 3, "temperature": 1.0, "seed": 5}
+            "max_tokens": 6, "n": 2, "temperature": 1.0, "seed": 5}  # n <= the test service's max_waiting
     one = c.post("/v1/chat/completions", json=body).json()
     again = c.post("/v1/chat/completions", json=body).json()
-    assert [ch["index"] for ch in one["choices"]] == [0, 1, 2]
+    assert [ch["index"] for ch in one["choices"]] == [0, 1]
     assert [ch["message"]["content"] for ch in one["choices"]] == [ch["message"]["content"] for ch in again["choices"]]
-    assert one["usage"]["completion_tokens"] >= 3
+    assert one["usage"]["completion_tokens"] >= 2
     # each seed + i alone gives choice i
     solo = c.post("/v1/chat/completions", json={**body, "n": 1, "seed": 6}).json()
     assert solo["choices"][0]["message"]["content"] == one["choices"][1]["message"]["content"]

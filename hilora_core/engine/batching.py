@@ -45,7 +45,7 @@ from hilora_core.engine.generation import (
     check_sampling,
     choose_tokens,
 )
-from hilora_core.engine.kv_slots import SlotKVCache
+from hilora_core.engine.kv_slots import SlotKVCache, kv_geometry
 from hilora_core.errors import (
     CapacityError,
     InvalidInputError,
@@ -95,10 +95,8 @@ class BatchingSettings:
 
     def kv_bytes(self, config, dtype: torch.dtype) -> int:
         """Bytes of KV memory at full size for a model ``config`` (keys and values, every layer)."""
-        heads = int(config.num_attention_heads)
-        head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // heads)
-        kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
-        per_token = 2 * int(config.num_hidden_layers) * kv_heads * head_dim * torch.finfo(dtype).bits // 8
+        layers, kv_heads, head_dim = kv_geometry(config)
+        per_token = 2 * layers * kv_heads * head_dim * torch.finfo(dtype).bits // 8
         return self.max_rows * self.max_tokens_per_sequence * per_token
 
 

@@ -25,6 +25,14 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from hilora_core.errors import CapacityError
 
 
+def kv_geometry(config) -> tuple[int, int, int]:
+    """(decoder layers, key/value heads, head dim) of a transformers model config."""
+    heads = int(config.num_attention_heads)
+    head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // heads)
+    kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
+    return int(config.num_hidden_layers), kv_heads, head_dim
+
+
 class _SlotLayer(CacheLayerMixin):
     """One decoder layer's view of :class:`SlotKVCache` (the interface transformers calls)."""
 
@@ -81,10 +89,7 @@ class SlotKVCache(Cache):
 
     @classmethod
     def for_model(cls, config, max_rows: int, max_columns: int, device, dtype, **kwargs) -> SlotKVCache:
-        heads = int(config.num_attention_heads)
-        head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // heads)
-        kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
-        return cls(int(config.num_hidden_layers), kv_heads, head_dim, max_rows, max_columns, device, dtype, **kwargs)
+        return cls(*kv_geometry(config), max_rows, max_columns, device, dtype, **kwargs)
 
     # ---- memory --------------------------------------------------------------------------------------
     @property

@@ -45,9 +45,13 @@ def load_prompts(n_tasks: int, per_task: int) -> list[tuple[str, str]]:
     return [t[i] for i in range(per_task) for t in by_task if i < len(t)]
 
 
+IGNORE_EOS = False  # --ignore-eos: every answer runs to max_tokens (as guidellm asks), for comparing clients
+
+
 async def one(client: httpx.AsyncClient, model: str, text: str, max_tokens: int, stream: bool = True) -> dict:
     body = {"model": model, "messages": [{"role": "user", "content": text}], "max_tokens": max_tokens,
-            "stream": stream, **({"stream_options": {"include_usage": True}} if stream else {})}
+            "stream": stream, **({"stream_options": {"include_usage": True}} if stream else {}),
+            **({"ignore_eos": True} if IGNORE_EOS else {})}
     t0 = time.perf_counter()
     if not stream:  # one JSON response: TTFT is the whole latency
         try:
@@ -204,8 +208,11 @@ def main() -> None:
     ap.add_argument("--timeout", type=float, default=600)
     ap.add_argument("--no-stream", action="store_true", help="only non-streaming requests")
     ap.add_argument("--stream-only", action="store_true", help="only streaming requests")
+    ap.add_argument("--ignore-eos", action="store_true", help="answers run to --max-tokens (as guidellm's)")
     ap.add_argument("--out", type=Path, help="write every number as JSON here")
     args = ap.parse_args()
+    global IGNORE_EOS
+    IGNORE_EOS = args.ignore_eos
     if not args.url.startswith(("http://127.", "http://localhost", "http://[::1]")):
         raise SystemExit("the load test only targets loopback addresses")
     prompts = load_prompts(args.tasks, max(1, args.requests // args.tasks + 1))[: args.requests]

@@ -103,7 +103,6 @@ class LimitSettings(_Strict):
     max_prompt_chars: int = Field(16_000, ge=1, description="longer prompts get HTTP 413")
     max_tokens: int = Field(512, ge=1, description="max_tokens above this gets HTTP 422")
     max_messages: int = Field(64, ge=1)
-    max_stop: int = Field(8, ge=0)
     max_choices: int = Field(64, ge=1, description="prompts x n choices of one request")
 
 

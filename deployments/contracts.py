@@ -80,6 +80,7 @@ class GenerateCall(_Message):
     stop: list[str] = []
     logprobs: int | None = Field(None, description="None, or alternatives (0-20) reported per generated token")
     echo_logprobs: bool = Field(False, description="also report the prompt tokens' logprobs")
+    ignore_eos: bool = Field(False, description="generate past EOS until max_tokens")
 
     def routing_plan(self) -> RoutingPlan:
         return RoutingPlan.from_dict(self.plan)

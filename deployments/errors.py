@@ -1,8 +1,14 @@
-"""Mapping errors to HTTP responses at the boundary: a client mistake is never a 500."""
+"""Errors at the HTTP boundary: typed exceptions to statuses (a client mistake is never a 500), and the one
+error body every error response carries."""
 
 from __future__ import annotations
 
-from fastapi import HTTPException
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from hilora_core.errors import (
     AdapterLoadError,
@@ -62,3 +68,79 @@ def to_http(err: BaseException) -> HTTPException:
         raise err
     headers = {"Retry-After": str(RETRY_AFTER_S)} if status == 503 else None
     return HTTPException(status_code=status, detail=message_of(err), headers=headers)
+
+
+# ---- the error body: one shape for every error the API returns (OpenAI's) -------------------------
+
+class ErrorDetail(BaseModel):
+    message: str = Field(description="what was wrong, for a person")
+    type: str = Field(description="a category, e.g. invalid_request_error, service_unavailable")
+    param: str | None = Field(None, description="the request field at fault, when one is")
+    code: int = Field(description="the HTTP status")
+
+
+class ErrorBody(BaseModel):
+    """Every error response, as OpenAI's API shapes it: ``{"error": {"message", "type", "param", "code"}}``."""
+
+    error: ErrorDetail
+
+
+_KINDS = {400: ("invalid_request_error", "malformed request"),
+          401: ("authentication_error", "missing or wrong admin bearer token"),
+          403: ("permission_error", "the admin API is disabled (no admin token configured)"),
+          404: ("not_found_error", "unknown model or adapter"),
+          405: ("invalid_request_error", "method not allowed"),
+          409: ("conflict_error", "the adapter id is taken (send replace: true)"),
+          413: ("invalid_request_error", "prompt over the configured size limit"),
+          422: ("invalid_request_error", "a field is invalid, unsupported, or over a limit"),
+          503: ("service_unavailable", "busy (queue full, see Retry-After) or the registry is unreachable"),
+          504: ("timeout", "the request ran past its deadline")}
+
+
+def error_body(status: int, message: str, param: str | None = None) -> dict:
+    kind = _KINDS.get(status, ("server_error" if status >= 500 else "invalid_request_error", ""))[0]
+    return {"error": {"message": message, "type": kind, "param": param, "code": status}}
+
+
+def declared(*statuses: int) -> dict[int | str, dict]:
+    """OpenAPI ``responses`` for a route's error statuses, each with the one error body."""
+    return {s: {"model": ErrorBody, "description": _KINDS[s][1]} for s in statuses}
+
+
+def _validation_message(err: RequestValidationError) -> tuple[str, str | None]:
+    """'field.path: problem; ...' and the first field's path, from FastAPI's validation error."""
+    parts, first = [], None
+    for e in err.errors():
+        loc = [str(x) for x in e.get("loc", ()) if x not in ("body", "query", "path", "header")]
+        path = ".".join(loc) or None
+        first = first or path
+        msg = str(e.get("msg", "invalid")).removeprefix("Value error, ")
+        parts.append(f"{path}: {msg}" if path else msg)
+    return "; ".join(parts) or "invalid request", first
+
+
+def _allowed_methods(app: FastAPI, request: Request) -> list[str]:
+    """Every method some route serves at the request's path."""
+    methods: set[str] = set()
+    for route in app.routes:
+        match, _ = route.matches({**request.scope, "method": "GET"})
+        if match != Match.NONE:
+            methods |= set(getattr(route, "methods", None) or ())
+    return sorted(methods)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Every HTTP error, FastAPI's validation errors and Starlette's 404/405 included, gets :class:`ErrorBody`."""
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        headers = dict(getattr(exc, "headers", None) or {})
+        if exc.status_code == 405:  # Starlette names only the first matching route's methods
+            headers["Allow"] = ", ".join(_allowed_methods(app, request))
+        return JSONResponse(error_body(exc.status_code, str(exc.detail)), status_code=exc.status_code,
+                            headers=headers or None)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        message, param = _validation_message(exc)
+        return JSONResponse(error_body(422, message, param), status_code=422)

@@ -12,21 +12,26 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from typing import Annotated
 
-from fastapi import FastAPI, Header, HTTPException, Response
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi import FastAPI, HTTPException, Path, Query, Security
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.security import HTTPAuthorizationCredentials
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from .auth import check_admin
+from hilora_core.models.chat_turns import UserTurnMarkers, last_user_turn
+
+from .auth import ADMIN_BEARER, check_admin
 from .config import AppConfig
 from .contracts import Decision, GenerateCall
-from .errors import message_of, to_http
+from .errors import declared, error_body, install_error_handlers, message_of, status_for, to_http
 from .metrics import ServiceMetrics
 from .openai_format import choice as format_choice
 from .openai_format import chunk as format_chunk
 from .openai_format import usage as format_usage
 from .schemas import (
+    ADAPTER_ID,
     ChatCompletionRequest,
     CompletionRequest,
     RegisterAdapterRequest,
@@ -55,7 +60,7 @@ async def sse_events(items: AsyncIterator[tuple[int, dict]], render: Callable[[i
         if tail:
             yield tail
     except Exception as err:  # noqa: BLE001 - headers are sent: report in-band
-        yield f"data: {json.dumps({'error': {'message': message_of(err)}})}\n\n"
+        yield f"data: {json.dumps(error_body(status_for(err) or 500, message_of(err)))}\n\n"
     yield "data: [DONE]\n\n"
 
 
@@ -102,7 +107,21 @@ class PromptInput:
 
 
 app = FastAPI(title="HiLoRA Serve", version="0.1.0",
-              description="Serve a pool of LoRA adapters with training-free hierarchical routing.")
+              description="Serve a pool of LoRA adapters with training-free hierarchical routing. Every error "
+                          "response has one body: `{\"error\": {\"message\", \"type\", \"param\", \"code\"}}`.")
+install_error_handlers(app)
+
+# A generation route answers JSON, or server-sent events when the body has "stream": true.
+GENERATION_RESPONSES = {200: {"description": "the completion; with `stream: true`, server-sent events ending "
+                                             "with `data: [DONE]`",
+                              "content": {"application/json": {}, "text/event-stream": {"schema": {"type": "string"}}}},
+                        **declared(400, 404, 413, 422, 503, 504)}
+AdminToken = Annotated[HTTPAuthorizationCredentials | None, Security(ADMIN_BEARER)]
+AdapterId = Annotated[str, Path(pattern=ADAPTER_ID, description="an adapter id")]
+
+
+def _token(credentials: HTTPAuthorizationCredentials | None) -> str | None:
+    return credentials.credentials if credentials is not None else None
 
 
 @serve.deployment
@@ -113,6 +132,8 @@ class Ingress:
         self.cfg = AppConfig.model_validate(config)
         self.embedder, self.registry, self.model = embedder, registry, model
         self.metrics = ServiceMetrics()
+        self._markers: UserTurnMarkers | None = None
+        self._markers_known = False
 
     # ---- helpers ---------------------------------------------------------------------------
 
@@ -126,8 +147,15 @@ class Ingress:
         except Exception as err:  # noqa: BLE001 - to_http re-raises anything unexpected
             raise to_http(err) from None
 
-    def _check_admin(self, authorization: str | None) -> None:
-        check_admin(self.cfg.admin_token(), authorization, self.cfg.admin_token_env)
+    async def _chat_markers(self) -> UserTurnMarkers | None:
+        """The base model's user-turn markers, asked of a model replica once."""
+        if not self._markers_known:
+            self._markers = await self._remote(self.model.chat_markers.remote())
+            self._markers_known = True
+        return self._markers
+
+    def _check_admin(self, credentials: HTTPAuthorizationCredentials | None) -> None:
+        check_admin(self.cfg.admin_token(), _token(credentials), self.cfg.admin_token_env)
 
     def _policy(self, overrides: RoutingOverrides | None) -> dict:
         r = self.cfg.routing
@@ -138,19 +166,14 @@ class Ingress:
             if "policy" in o:
                 policy["name"] = o.pop("policy")
             policy.update(o)
-        if policy["name"] == "explicit":
-            raise HTTPException(422, "policy 'explicit' is chosen by naming an adapter in `model`")
         return policy
 
-    def _check_limits(self, text_len: int, max_tokens: int, stop) -> None:
+    def _check_limits(self, text_len: int, max_tokens: int) -> None:
         lim = self.cfg.limits
         if text_len > lim.max_prompt_chars:
             raise HTTPException(413, f"prompt has {text_len} characters; the limit is {lim.max_prompt_chars}")
         if max_tokens > lim.max_tokens:
             raise HTTPException(422, f"max_tokens={max_tokens} is above the limit {lim.max_tokens}")
-        stops = [stop] if isinstance(stop, str) else (stop or [])
-        if len(stops) > lim.max_stop:
-            raise HTTPException(422, f"{len(stops)} stop sequences; the limit is {lim.max_stop}")
 
     async def _decide(self, model: str, text: str, overrides: RoutingOverrides | None) -> Decision:
         """The routing decision for one request, by the `model` field."""
@@ -175,9 +198,10 @@ class Ingress:
         stop = [body.stop] if isinstance(body.stop, str) else (body.stop or [])
         logprobs, echo = body.logprob_count, body.echo_prompt
         return GenerateCall(plan=decision.plan, sources=decision.sources, prompt=prompt.text, prompt_ids=prompt.ids,
-                            messages=prompt.messages, max_tokens=body.new_tokens, temperature=body.temperature,
+                            messages=prompt.messages, max_tokens=body.budget(self.cfg.limits.max_tokens),
+                            temperature=body.temperature,
                             top_p=body.top_p, seed=seed, stop=stop, logprobs=logprobs,
-                            echo_logprobs=echo and logprobs is not None)
+                            echo_logprobs=echo and logprobs is not None, ignore_eos=body.ignore_eos)
 
     def _handle(self, decision: Decision):
         adapters = decision.plan["adapters"]
@@ -190,7 +214,7 @@ class Ingress:
             raise HTTPException(422, f"{len(prompts)} prompts x n={body.n} choices; the limit is "
                                      f"{self.cfg.limits.max_choices}")
         for p in prompts:
-            self._check_limits(p.chars, body.new_tokens, body.stop)
+            self._check_limits(p.chars, body.budget(self.cfg.limits.max_tokens))
         decisions = list(await asyncio.gather(*(self._decide(body.model, p.route_text, body.routing)
                                                 for p in prompts)))
         calls = []  # (choice index, prompt index, decision, call); choice i of a seeded request uses seed + i
@@ -200,8 +224,7 @@ class Ingress:
                 calls.append((pi * body.n + j, pi, d, self._model_call(d, body, p, seed)))
         rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         if body.stream:
-            include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return await self._stream(calls, prompts, decisions, body, rid, kind, started, include_usage)
+            return await self._stream(calls, prompts, decisions, body, rid, kind, started)
         results = await asyncio.gather(*(self._remote(self._handle(d).generate.remote(c)) for _, _, d, c in calls))
         choices = []
         for (index, pi, d, _), result in zip(calls, results, strict=True):
@@ -222,7 +245,10 @@ class Ingress:
                 "usage": format_usage(prompt_tokens, completion_tokens), "routing": decisions[0].summary()}
 
     async def _stream(self, calls, prompts: list[PromptInput], decisions: list[Decision], body, rid: str, kind: str,
-                      started: float, include_usage: bool = False):
+                      started: float):
+        opts = body.stream_options
+        include_usage = bool(opts and opts.include_usage)
+        running_usage = bool(opts and opts.continuous_usage_stats)  # vLLM: each chunk carries its choice's usage
         gens = [(index, self._handle(d).options(stream=True).stream.remote(c)) for index, _, d, c in calls]
         try:
             for _, gen in gens:  # adapters loaded and queued: errors so far are still a clean 4xx
@@ -255,12 +281,14 @@ class Ingress:
                 last_text[0] = now
             if finish is None and not delta and not logprobs:
                 return None
-            extra = None
+            extra = {}
             if finish is not None:
                 self.metrics.observe_replica(item)
                 totals["prompt"][pi] = item["prompt_tokens"]
                 totals["completion"] += item["completion_tokens"]
-                extra = {"routing": decisions[pi].summary()}
+                extra["routing"] = decisions[pi].summary()
+            if running_usage and "completion_tokens" in item:
+                extra["usage"] = format_usage(item["prompt_tokens"], item["completion_tokens"])
             return format_chunk(kind, base, index, delta, finish, first, logprobs, extra)
 
         def closing() -> str | None:
@@ -277,23 +305,21 @@ class Ingress:
 
     # ---- OpenAI-compatible API ---------------------------------------------------------------
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", responses=GENERATION_RESPONSES)
     async def completions(self, body: CompletionRequest):
         prompts = []
+        routed = body.model == self.cfg.routing.model_alias
         for p in body.prompts():
             if isinstance(p, str):
-                prompts.append(PromptInput(route_text=p, chars=len(p), text=p))
+                # a prompt rendered with the chat template is routed on its last user turn, as a chat request
+                turn = last_user_turn(p, await self._chat_markers()) if routed else None
+                prompts.append(PromptInput(route_text=turn or p, chars=len(p), text=p))
                 continue
-            if not p:
-                raise HTTPException(422, "a token-id prompt is empty")
-            text = await self._remote(self.model.detokenize.remote(p)) \
-                if body.model == self.cfg.routing.model_alias else ""
+            text = await self._remote(self.model.routing_text.remote(p)) if routed else ""
             prompts.append(PromptInput(route_text=text, chars=len(p), ids=list(p)))
-        if not prompts:
-            raise HTTPException(422, "prompt is empty")
         return await self._generate(body, prompts, "completion")
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", responses=GENERATION_RESPONSES)
     async def chat_completions(self, body: ChatCompletionRequest):
         if len(body.messages) > self.cfg.limits.max_messages:
             raise HTTPException(422, f"{len(body.messages)} messages; the limit is {self.cfg.limits.max_messages}")
@@ -304,7 +330,7 @@ class Ingress:
         total = sum(len(m.text) for m in body.messages)
         return await self._generate(body, [PromptInput(route_text=users[-1], chars=total, messages=messages)], "chat")
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", responses=declared(503))
     async def models(self):
         page = await self._remote(self.registry.list.remote(0, 1000))
         now = int(time.time())
@@ -316,13 +342,11 @@ class Ingress:
                    "description": "a single LoRA adapter"} for a in page["adapters"]]
         return {"object": "list", "data": items}
 
-    @app.post("/v1/route")
+    @app.post("/v1/route", responses=declared(400, 413, 422, 503))
     async def route(self, body: RouteRequest):
         texts = [body.input] if isinstance(body.input, str) else body.input
-        if not texts or len(texts) > 64:
-            raise HTTPException(422, f"send 1 to 64 inputs, got {len(texts)}")
         for t in texts:
-            self._check_limits(len(t), 1, None)
+            self._check_limits(len(t), 1)
         t0 = time.perf_counter()
         try:
             z = await self.embedder.embed.remote(texts)
@@ -336,28 +360,28 @@ class Ingress:
 
     # ---- admin -------------------------------------------------------------------------------
 
-    @app.post("/admin/adapters", status_code=201)
-    async def register_adapter(self, body: RegisterAdapterRequest, authorization: str | None = Header(None)):
+    @app.post("/admin/adapters", status_code=201, responses=declared(400, 401, 403, 409, 413, 422, 503))
+    async def register_adapter(self, body: RegisterAdapterRequest,
+                               authorization: AdminToken):
         self._check_admin(authorization)
         await self._remote(self.registry.check_free.remote(body.id, body.replace))
         identity = await self._remote(self.embedder.identity.remote())
         z = await self._remote(self.embedder.embed.remote(body.samples))
         return await self._remote(self.registry.register.remote(body.model_dump(), z, identity))
 
-    @app.get("/admin/adapters")
-    async def list_adapters(self, offset: int = 0, limit: int = 100, authorization: str | None = Header(None)):
+    @app.get("/admin/adapters", responses=declared(401, 403, 422, 503))
+    async def list_adapters(self, authorization: AdminToken, offset: Annotated[int, Query(ge=0, le=10**9)] = 0,
+                            limit: Annotated[int, Query(ge=1, le=1000)] = 100):
         self._check_admin(authorization)
-        if offset < 0 or not 1 <= limit <= 1000:
-            raise HTTPException(422, f"need offset >= 0 and 1 <= limit <= 1000, got offset={offset} limit={limit}")
         return await self._remote(self.registry.list.remote(offset, limit))
 
-    @app.get("/admin/adapters/{adapter_id}")
-    async def get_adapter(self, adapter_id: str, authorization: str | None = Header(None)):
+    @app.get("/admin/adapters/{adapter_id}", responses=declared(401, 403, 404, 422, 503))
+    async def get_adapter(self, adapter_id: AdapterId, authorization: AdminToken):
         self._check_admin(authorization)
         return await self._remote(self.registry.get.remote(adapter_id))
 
-    @app.delete("/admin/adapters/{adapter_id}")
-    async def delete_adapter(self, adapter_id: str, authorization: str | None = Header(None)):
+    @app.delete("/admin/adapters/{adapter_id}", responses=declared(401, 403, 404, 422, 503))
+    async def delete_adapter(self, adapter_id: AdapterId, authorization: AdminToken):
         self._check_admin(authorization)
         return await self._remote(self.registry.remove.remote(adapter_id))
 
@@ -372,14 +396,16 @@ class Ingress:
         """The common name of the liveness check (benchmark clients call it first)."""
         return {"status": "ok"}
 
-    @app.get("/readyz")
+    @app.get("/readyz", responses={503: {"description": "degraded: the registry is unreachable (same body as 200)",
+                                         "content": {"application/json": {"schema": {"type": "object"}}}}})
     async def readyz(self):
         status = await self.registry.status.remote()
         ready = not status["degraded"]
         body = {"status": "ready" if ready else "degraded", "registry": status}
         return JSONResponse(body, status_code=200 if ready else 503)
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse,
+             responses={200: {"description": "Prometheus text format 0.0.4"}})
     async def metrics(self):
-        return Response(self.metrics.render(), media_type="text/plain; version=0.0.4")
+        return PlainTextResponse(self.metrics.render(), media_type="text/plain; version=0.0.4")
 

@@ -34,6 +34,7 @@ from hilora_core.engine import RoutedLM
 from hilora_core.engine.batching import ContinuousBatcher, SequenceRequest
 from hilora_core.engine.generation import TokenLogprob
 from hilora_core.errors import CapacityError, InvalidInputError
+from hilora_core.models.chat_turns import UserTurnMarkers, last_user_turn, user_turn_markers
 
 from .config import AppConfig
 from .contracts import AdapterLocation, GenerateCall
@@ -74,6 +75,7 @@ class ModelReplica:
     def __init__(self, config: dict, engine: RoutedLM | None = None) -> None:
         cfg = AppConfig.model_validate(config)
         self.lm = engine if engine is not None else build_engine(cfg)
+        self.user_markers = user_turn_markers(self.lm.tokenizer)
         self.replica = f"{os.getpid()}"
         self._known: dict[str, tuple[str, str | None]] = {}
         self._adapters_lock = threading.Lock()
@@ -124,12 +126,19 @@ class ModelReplica:
         text = self._prompt(req)
         return list(self.lm.tokenizer(text, add_special_tokens=req.messages is None)["input_ids"])
 
-    def detokenize(self, token_ids: list[int]) -> str:
-        """The text of a prompt sent as token ids (the ingress routes on text)."""
+    def chat_markers(self) -> UserTurnMarkers | None:
+        """How the base model's chat template opens and closes a user turn (None: no template)."""
+        return self.user_markers
+
+    def routing_text(self, token_ids: list[int]) -> str:
+        """The text a prompt sent as token ids is routed on: its last user turn when the ids are a rendered
+        chat prompt (as evaluation harnesses send), else its whole text."""
         vocab = len(self.lm.tokenizer)
         if any(not 0 <= t < vocab for t in token_ids):
             raise InvalidInputError(f"prompt token ids must be in [0, {vocab})")
-        return self.lm.tokenizer.decode(token_ids, skip_special_tokens=True)
+        rendered = self.lm.tokenizer.decode(token_ids, skip_special_tokens=False)
+        return last_user_turn(rendered, self.user_markers) or self.lm.tokenizer.decode(token_ids,
+                                                                                     skip_special_tokens=True)
 
     def _prompt_entries(self, ids: list[int], entries) -> list[dict]:
         """The prompt tokens' logprob entries (``echo``); the first token has logprob None."""
@@ -160,7 +169,7 @@ class ModelReplica:
         return self.batcher.submit(SequenceRequest(
             self._prompt_ids(req), req.routing_plan(), max_new_tokens=req.max_tokens, temperature=req.temperature,
             top_p=req.top_p, seed=req.seed, stop=tuple(req.stop), logprobs=req.logprobs,
-            prompt_logprobs=req.echo_logprobs), sink)
+            prompt_logprobs=req.echo_logprobs, ignore_eos=req.ignore_eos), sink)
 
     async def _events(self, req: GenerateCall):
         """Submit to the loop; yield ``"start"``, then its events. Cancelling or closing this generator
@@ -193,7 +202,7 @@ class ModelReplica:
                 if ev == "start":
                     yield {"event": "start"}
                     continue
-                item = {"delta": ev.delta}
+                item = {"delta": ev.delta, "prompt_tokens": ev.prompt_tokens, "completion_tokens": ev.completion_tokens}
                 if ev.logprobs is not None:
                     item["logprobs"] = [self._logprob(t) for t in ev.logprobs]
                 if ev.prompt_logprobs is not None:
@@ -259,11 +268,12 @@ class ModelReplica:
         """
         out: list[dict] = [{} for _ in reqs]
         # requests with different seeds cannot share one sampling generator: one engine call per seed
-        groups: dict[object, list[int]] = defaultdict(list)
+        # (and per ignore_eos, a setting of the whole call)
+        groups: dict[tuple, list[int]] = defaultdict(list)
         for i, r in enumerate(reqs):
-            groups[r.seed].append(i)
+            groups[(r.seed, r.ignore_eos)].append(i)
         with self._engine_lock:
-            for seed, idx in groups.items():
+            for (seed, _), idx in groups.items():
                 try:
                     results = self._generate_group(reqs, idx, seed)
                 except CapacityError:
@@ -298,6 +308,7 @@ class ModelReplica:
             [self._prompt(reqs[i]) for i in idx], [reqs[i].routing_plan() for i in idx],
             max_new_tokens=[reqs[i].max_tokens for i in idx], temperature=[reqs[i].temperature for i in idx],
             top_p=[reqs[i].top_p for i in idx], seed=seed, stop=[tuple(reqs[i].stop) for i in idx],
+            ignore_eos=reqs[idx[0]].ignore_eos,
         )
 
     async def _static_stream(self, req: GenerateCall):
@@ -314,6 +325,7 @@ class ModelReplica:
                     events = self.lm.stream(
                         [self._prompt(req)], [req.routing_plan()], max_new_tokens=req.max_tokens,
                         temperature=req.temperature, top_p=req.top_p, seed=req.seed, stop=[tuple(req.stop)],
+                        ignore_eos=req.ignore_eos,
                     )
                     for ev in events:
                         item = {"delta": ev.delta}

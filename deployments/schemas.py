@@ -2,16 +2,29 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from hilora_core.policies import POLICIES
+from registry.validation import ADAPTER_ID_PATTERN
+
+# Request bodies are strict: a value of the wrong JSON type (0 for a boolean, "5" for a number) is refused,
+# as the OpenAPI schema says, instead of being coerced.
+ADAPTER_ID = ADAPTER_ID_PATTERN.pattern
+MAX_STOP = 4  # OpenAI's limit on stop sequences
+DEFAULT_MAX_TOKENS = 64
+ROUTED_POLICIES = tuple(p for p in POLICIES if p != "explicit")  # explicit: name the adapter in `model`
+TokenIds = Annotated[list[int], Field(min_length=1)]
+Texts = Annotated[list[str], Field(min_length=1)]
 
 
 class RoutingOverrides(BaseModel):
     """Per-request routing settings (a HiLoRA Serve extension of the OpenAI body)."""
 
-    model_config = ConfigDict(extra="forbid")
-    policy: str | None = Field(None, description="hilora, hilora_gs, hilora_roc, retriever, arrow, ensemble, merged")
+    model_config = ConfigDict(extra="forbid", strict=True)
+    policy: Literal[ROUTED_POLICIES] | None = Field(None, description="the routing policy (an adapter is named in "
+                                                                      "`model` instead)")
     gamma: float | None = Field(None, gt=0, le=1)
     max_candidates: int | None = Field(None, ge=1)
     seed: int | None = None
@@ -21,8 +34,10 @@ class RoutingOverrides(BaseModel):
 
 
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     include_usage: bool = Field(False, description="send usage in a final chunk with no choices")
+    continuous_usage_stats: bool = Field(False, description="vLLM extension: every chunk also carries its "
+                                                            "choice's usage so far")
 
 
 # OpenAI fields the service does not implement: accepted at their neutral value, refused otherwise
@@ -30,26 +45,36 @@ class StreamOptions(BaseModel):
 _NEUTRAL = {"logit_bias": (None, {}),
             "frequency_penalty": (None, 0, 0.0), "presence_penalty": (None, 0, 0.0), "best_of": (None, 1),
             "suffix": (None, ""), "tools": (None, []), "tool_choice": (None, "none"), "functions": (None, []),
-            "parallel_tool_calls": (None, False), "logprobs_in_stream": (None, False)}
+            "parallel_tool_calls": (None, False), "logprobs_in_stream": (None, False),
+            # vLLM's sampling extensions, sent by vLLM-oriented clients
+            "min_tokens": (None, 0), "repetition_penalty": (None, 1, 1.0), "top_k": (None, -1, 0),
+            "min_p": (None, 0, 0.0), "use_beam_search": (None, False)}
+
+
+class TextFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    type: Literal["text"] = Field(description="json_object and json_schema are not supported")
 
 
 class _Generation(BaseModel):
     # OpenAI clients send fields beyond the ones below: known ones that change the answer are refused
     # unless neutral (_NEUTRAL); others (metadata, store, ...) do not change the answer and are ignored.
-    model_config = ConfigDict(extra="allow")
-    model: str
-    max_tokens: int | None = Field(None, ge=1, description="default 64")
+    model_config = ConfigDict(extra="allow", strict=True)
+    model: str = Field(pattern=ADAPTER_ID, description="`hilora` (routed), `base`, or an adapter id")
+    max_tokens: int | None = Field(None, ge=1, description="default 64, or the service's limit when lower")
     max_completion_tokens: int | None = Field(None, ge=1, description="the newer name of max_tokens")
     temperature: float = Field(0.0, ge=0, le=5)
     top_p: float = Field(1.0, gt=0, le=1)
-    stop: str | list[str] | None = None
+    stop: str | list[str] | None = Field(None, max_length=MAX_STOP, description="up to 4 stop strings")
     stream: bool = False
     stream_options: StreamOptions | None = None
     seed: int | None = None
     n: int = Field(1, ge=1, le=16, description="choices per prompt, sharing one routing decision (a seed gives "
                                                "choice i the seed + i)")
     user: str | None = Field(None, description="accepted; not used")
-    response_format: dict | None = Field(None, description="only {'type': 'text'}")
+    ignore_eos: bool = Field(False, description="vLLM extension: keep generating past the end-of-sequence "
+                                                "token until the token budget (benchmark clients send it)")
+    response_format: TextFormat | None = Field(None, description="only {'type': 'text'} (plain text answers)")
     routing: RoutingOverrides | None = None
 
     @model_validator(mode="after")
@@ -57,8 +82,6 @@ class _Generation(BaseModel):
         for name, value in (self.model_extra or {}).items():
             if name in _NEUTRAL and value not in _NEUTRAL[name]:
                 raise ValueError(f"{name}={value!r} is not supported by this server")
-        if self.response_format not in (None, {"type": "text"}):
-            raise ValueError(f"response_format={self.response_format!r} is not supported; only {{'type': 'text'}}")
         if self.max_tokens is not None and self.max_completion_tokens is not None \
                 and self.max_tokens != self.max_completion_tokens:
             raise ValueError("max_tokens and max_completion_tokens differ; send one of them")
@@ -74,14 +97,13 @@ class _Generation(BaseModel):
         """Whether the prompt is returned before the completion."""
         return False
 
-    @property
-    def new_tokens(self) -> int:
-        """The answer budget: max_completion_tokens, else max_tokens, else 64."""
-        return self.max_completion_tokens or self.max_tokens or 64
+    def budget(self, limit: int) -> int:
+        """The answer budget: max_completion_tokens, else max_tokens, else 64 (or ``limit`` when lower)."""
+        return self.max_completion_tokens or self.max_tokens or min(DEFAULT_MAX_TOKENS, limit)
 
 
 class CompletionRequest(_Generation):
-    prompt: str | list[str] | list[int] | list[list[int]] = Field(
+    prompt: str | Texts | TokenIds | Annotated[list[TokenIds], Field(min_length=1)] = Field(
         description="a string, a list of strings, a list of token ids, or a list of token-id lists")
     logprobs: int | None = Field(None, ge=0, le=20, description="logprobs of each token and this many alternatives")
     echo: bool = Field(False, description="the prompt is returned before the completion (with its tokens' "
@@ -106,13 +128,13 @@ class CompletionRequest(_Generation):
 
 
 class TextPart(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     type: Literal["text"] = Field(description="only text parts are supported")
     text: str
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
     role: Literal["system", "user", "assistant"]
     content: str | list[TextPart] = Field(description="a string, or a list of text parts (joined by newlines)")
 
@@ -138,17 +160,19 @@ class ChatCompletionRequest(_Generation):
 
 
 class RouteRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    input: str | list[str] = Field(..., description="text(s) to route")
+    model_config = ConfigDict(extra="forbid", strict=True)
+    input: str | Annotated[list[str], Field(min_length=1, max_length=64)] = Field(..., description="1 to 64 texts")
     routing: RoutingOverrides | None = None
 
 
 class RegisterAdapterRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    id: str = Field(..., min_length=1, max_length=128)
+    model_config = ConfigDict(extra="forbid", strict=True)
+    id: str = Field(..., pattern=ADAPTER_ID, description="1-128 characters of [A-Za-z0-9._-], starting with a "
+                                                          "letter or digit")
     source: str = Field(..., min_length=1, description="a Hugging Face repo id or a local adapter folder")
     revision: str | None = None
-    samples: list[str] = Field(..., min_length=1)
+    samples: list[str] = Field(..., min_length=2, max_length=1000, description="example requests the adapter "
+                                                                               "serves (2 to 1000)")
     rank: int | None = Field(None, ge=1)
     alpha: float | None = Field(None, gt=0)
     targets: list[str] | None = None

@@ -11,56 +11,37 @@ import time
 
 import httpx
 import pytest
-from redis_server import RedisServer, free_port
+from serve_helpers import AUTH, TOKEN, running_service, seed_pool
 
-TOKEN = "test-admin-token"
-AUTH = {"Authorization": f"Bearer {TOKEN}"}
 ALPHA_SAMPLES = [f"Convert the number {n} into English words." for n in (3, 17, 42, 105, 260, 999)]
 BETA_SAMPLES = [f"Reverse the letters of the word '{w}'." for w in ("apple", "river", "stone", "garden", "cloud")]
 
 
 @pytest.fixture(scope="module")
 def service(tmp_path_factory):
-    ray = pytest.importorskip("ray")
+    pytest.importorskip("ray")
     from engine_helpers import make_adapter
-    from ray import serve
+    from transformers import AutoModelForCausalLM
 
     from hilora_core.models.base_model import resolve_base
 
     tmp = tmp_path_factory.mktemp("serve")
-    redis_srv = RedisServer(str(tmp / "redis")).start()
     # a seed pool of one adapter (registered at start) and a second adapter registered over REST
-    from transformers import AutoModelForCausalLM
-
+    manifest = seed_pool(tmp / "pool", {"alpha": {"seed": 1, "r": 4, "target_modules": ["q_proj", "v_proj"],
+                                                  "samples": ALPHA_SAMPLES}})
     base = AutoModelForCausalLM.from_pretrained(resolve_base(None))
-    pool = tmp / "pool"
-    make_adapter(base, pool / "adapters" / "alpha", seed=1, r=4, target_modules=["q_proj", "v_proj"])
     make_adapter(base, tmp / "beta", seed=2, r=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
     del base
-    (pool / "manifest.json").write_text(json.dumps(
-        [{"model_name": "alpha", "sample": [{"inputs": t, "targets": ""} for t in ALPHA_SAMPLES]}]))
-
-    port = free_port()
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"HILORA_ADMIN_TOKEN": TOKEN, "RAY_AUTH_MODE": "disabled",
-                                       "TOKENIZERS_PARALLELISM": "false"}})
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    from deployments.app import build_app
-
     config = {
         "model": {"torch_threads": 1, "max_slots": 4, "host_cache_size": 8, "max_rows": 2, "max_waiting": 2},
-        "registry": {"redis_url": redis_srv.url, "seed_manifest": str(pool / "manifest.json"), "eps": None},
+        "registry": {"seed_manifest": str(manifest), "eps": None},
         "limits": {"max_prompt_chars": 2000, "max_tokens": 64},
     }
-    serve.run(build_app(config), name="hilora", route_prefix="/")
-    client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120)
-    yield {"client": client, "port": port, "beta": str(tmp / "beta"), "alpha": str(pool / "adapters" / "alpha"),
-           "redis": redis_srv, "serve": serve,
-           "ray": ray}
-    client.close()
-    serve.shutdown()
-    ray.shutdown()
-    redis_srv.stop()
+    with running_service(tmp, config) as (url, redis_srv):
+        client = httpx.Client(base_url=url, timeout=120)
+        yield {"client": client, "port": int(url.rsplit(":", 1)[1]), "beta": str(tmp / "beta"),
+               "alpha": str(tmp / "pool" / "adapters" / "alpha"), "redis": redis_srv}
+        client.close()
 
 
 def chat(client, model, text, **extra):
@@ -215,6 +196,26 @@ def test_n_choices_and_prompt_lists(service):
     assert set(finishes) == {0, 1}
 
 
+def test_rendered_chat_prompt_is_routed_on_its_user_turn(service):
+    """lm-evaluation-harness sends the chat-templated context plus a candidate answer, as text or ids."""
+    from transformers import AutoTokenizer
+
+    from hilora_core.models.base_model import resolve_base
+
+    c = service["client"]
+    q = "Convert the number 12 into English words."
+    tok = AutoTokenizer.from_pretrained(resolve_base(None))
+    rendered = tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False,
+                                       add_generation_prompt=True) + "twelve"
+    as_chat = chat(c, "hilora", q, max_tokens=1).json()["routing"]
+    assert as_chat["adapters"]  # in-pool
+    for prompt in (rendered, tok(rendered)["input_ids"]):
+        r = c.post("/v1/completions", json={"model": "hilora", "prompt": prompt, "max_tokens": 1})
+        routing = r.json()["routing"]
+        assert routing["adapters"] == as_chat["adapters"], (type(prompt), routing)
+        assert routing["candidate_scores"] == pytest.approx(as_chat["candidate_scores"], abs=1e-5)
+
+
 def test_off_pool_request_is_answered_by_the_base_model(service):
     c = service["client"]
     q = "What is the capital of France?"
@@ -254,6 +255,37 @@ def test_streaming_equals_non_streaming(service):
     assert "".join(pieces) == full
     assert final is not None and final["routing"]["adapters"] == ["alpha"]
     assert usage is not None and usage["completion_tokens"] >= 1 and json.loads(lines[-2][6:])["choices"] == []
+
+
+def test_vllm_extensions_benchmark_clients_send(service):
+    """guidellm's body: ignore_eos, stop null, stream_options.continuous_usage_stats, text parts."""
+    c = service["client"]
+    q = "Name a colour."
+    natural = chat(c, "alpha", q, max_tokens=40).json()
+    assert natural["choices"][0]["finish_reason"] == "stop"  # the adapter ends early on its own
+    budget = natural["usage"]["completion_tokens"] + 5
+    body = {"model": "alpha", "messages": [{"role": "user", "content": [{"type": "text", "text": q}]}],
+            "max_completion_tokens": budget, "stop": None, "ignore_eos": True, "stream": True,
+            "stream_options": {"include_usage": True, "continuous_usage_stats": True}}
+    with c.stream("POST", "/v1/chat/completions", json=body) as r:
+        assert r.status_code == 200, r.read()
+        chunks = [json.loads(ln[6:]) for ln in r.iter_lines() if ln.startswith("data: {")]
+    content = [ch for ch in chunks if ch["choices"]]
+    counts = [ch["usage"]["completion_tokens"] for ch in content]
+    assert counts == sorted(counts) and counts[-1] == budget, counts
+    assert all(ch["usage"]["prompt_tokens"] == natural["usage"]["prompt_tokens"] for ch in content)
+    assert content[-1]["choices"][0]["finish_reason"] == "length"
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == budget
+    # the non-streamed path honours ignore_eos too; vLLM sampling fields are refused unless neutral
+    r = c.post("/v1/chat/completions", json={**body, "stream": False, "stream_options": None})
+    assert r.json()["usage"]["completion_tokens"] == budget
+    for extra in ({"top_k": 5}, {"repetition_penalty": 1.2}, {"min_tokens": 3}):
+        r = c.post("/v1/chat/completions", json={"model": "alpha", "messages": [{"role": "user", "content": q}],
+                                                 **extra})
+        assert r.status_code == 422 and next(iter(extra)) in r.text, (extra, r.text)
+    ok = c.post("/v1/chat/completions", json={"model": "alpha", "messages": [{"role": "user", "content": q}],
+                                              "max_tokens": 2, "top_k": -1, "repetition_penalty": 1.0})
+    assert ok.status_code == 200, ok.text
 
 
 def test_openai_client(service):
@@ -305,7 +337,8 @@ def test_client_errors_are_4xx_and_change_nothing(service, method, path, body, h
     before = c.get("/admin/adapters", headers=AUTH).json()["total"]
     r = c.request(method.upper(), path, json=body, headers=headers)
     assert r.status_code == status, r.text
-    assert isinstance(r.json()["detail"], (str, list))
+    err = r.json()["error"]  # one error body for every error: OpenAI's shape
+    assert err["code"] == status and isinstance(err["message"], str) and err["message"] and err["type"]
     assert c.get("/admin/adapters", headers=AUTH).json()["total"] == before
 
 
@@ -315,9 +348,12 @@ def test_admin_disabled_without_token():
     from deployments.auth import check_admin
 
     with pytest.raises(HTTPException) as e:
-        check_admin(None, f"Bearer {TOKEN}", "HILORA_ADMIN_TOKEN")
+        check_admin(None, TOKEN, "HILORA_ADMIN_TOKEN")
     assert e.value.status_code == 403 and "HILORA_ADMIN_TOKEN" in e.value.detail
-    check_admin(TOKEN, f"Bearer {TOKEN}", "HILORA_ADMIN_TOKEN")  # accepted
+    check_admin(TOKEN, TOKEN, "HILORA_ADMIN_TOKEN")  # accepted
+    with pytest.raises(HTTPException) as e:
+        check_admin(TOKEN, None, "HILORA_ADMIN_TOKEN")
+    assert e.value.status_code == 401
 
 
 STORY = "Write a long story about a dragon who learns to cook. Describe every dish in detail."
@@ -350,7 +386,7 @@ def test_abandoned_streams_are_cancelled_and_a_full_queue_answers_503(service):
             if i < 2:
                 next(ln for ln in streams[-1].iter_lines() if ln.startswith("data: "))
         full = chat(c, "base", "Say hi", max_tokens=4)
-        assert full.status_code == 503 and "max_waiting=2" in full.json()["detail"], full.text
+        assert full.status_code == 503 and "max_waiting=2" in full.json()["error"]["message"], full.text
         assert full.headers["retry-after"] == "1"
         # now every client goes away: two mid-stream, two while queued
     # the service is free again at once: the abandoned requests left the batch and the queue
@@ -376,7 +412,9 @@ def test_metrics_exported(service):
 
 
 def test_replica_restart_loses_nothing(service):
-    ray, c = service["ray"], service["client"]
+    import ray
+
+    c = service["client"]
     before = {a["id"] for a in c.get("/admin/adapters", headers=AUTH).json()["adapters"]}
     for actor in ray.util.list_named_actors(all_namespaces=True):
         name = actor["name"] if isinstance(actor, dict) else actor

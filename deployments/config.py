@@ -87,7 +87,7 @@ class RoutingSettings(_Strict):
     policy: str = Field(_POLICY.name.value, description="default policy of the alias")
     gamma: float = Field(_POLICY.gamma, gt=0, le=1)
     max_candidates: int | None = Field(_POLICY.max_candidates, ge=1)
-    seed: int | None = Field(_POLICY.seed, description="None: deterministic ROC allocation")
+    seed: int | None = Field(_POLICY.seed, ge=0, description="None: deterministic ROC allocation")
     fallback: bool = Field(_POLICY.fallback, description="serve requests that no adapter covers with the base model "
                                                          "alone (false: always route to adapters, as the paper does)")
 

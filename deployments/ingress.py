@@ -12,10 +12,11 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from pathlib import Path as FilePath
 from typing import Annotated
 
 from fastapi import FastAPI, HTTPException, Path, Query, Security
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, RedirectResponse, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials
 from ray import serve
 from ray.serve.handle import DeploymentHandle
@@ -95,6 +96,12 @@ async def merge_streams(sources: list[tuple[int, AsyncIterator[dict]]]) -> Async
             t.cancel()
 
 
+def timing(started: float, routed: float) -> dict:
+    """The ``timing`` field of a response (seconds): routing (embed + score) and generation so far."""
+    now = time.perf_counter()
+    return {"routing_s": round(routed - started, 6), "generation_s": round(now - routed, 6)}
+
+
 @dataclass
 class PromptInput:
     """One prompt of a request: text, token ids or chat messages, and the text it is routed on."""
@@ -116,6 +123,8 @@ GENERATION_RESPONSES = {200: {"description": "the completion; with `stream: true
                                              "with `data: [DONE]`",
                               "content": {"application/json": {}, "text/event-stream": {"schema": {"type": "string"}}}},
                         **declared(400, 404, 413, 422, 503, 504)}
+UI_DIR = FilePath(__file__).with_name("ui")  # the playground at /ui: plain HTML, CSS and JS, no build step
+UI_FILES = {"app.js": "text/javascript", "style.css": "text/css"}
 AdminToken = Annotated[HTTPAuthorizationCredentials | None, Security(ADMIN_BEARER)]
 AdapterId = Annotated[str, Path(pattern=ADAPTER_ID, description="an adapter id")]
 
@@ -217,6 +226,7 @@ class Ingress:
             self._check_limits(p.chars, body.budget(self.cfg.limits.max_tokens))
         decisions = list(await asyncio.gather(*(self._decide(body.model, p.route_text, body.routing)
                                                 for p in prompts)))
+        routed = time.perf_counter()
         calls = []  # (choice index, prompt index, decision, call); choice i of a seeded request uses seed + i
         for pi, (p, d) in enumerate(zip(prompts, decisions, strict=True)):
             for j in range(body.n):
@@ -224,7 +234,7 @@ class Ingress:
                 calls.append((pi * body.n + j, pi, d, self._model_call(d, body, p, seed)))
         rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         if body.stream:
-            return await self._stream(calls, prompts, decisions, body, rid, kind, started)
+            return await self._stream(calls, prompts, decisions, body, rid, kind, started, routed)
         results = await asyncio.gather(*(self._remote(self._handle(d).generate.remote(c)) for _, _, d, c in calls))
         choices = []
         for (index, pi, d, _), result in zip(calls, results, strict=True):
@@ -242,10 +252,11 @@ class Ingress:
         self.metrics.request_latency.labels(kind).observe(time.perf_counter() - started)
         return {"id": rid, "object": "chat.completion" if kind == "chat" else "text_completion",
                 "created": int(time.time()), "model": body.model, "choices": choices,
-                "usage": format_usage(prompt_tokens, completion_tokens), "routing": decisions[0].summary()}
+                "usage": format_usage(prompt_tokens, completion_tokens), "routing": decisions[0].summary(),
+                "timing": timing(started, routed)}
 
     async def _stream(self, calls, prompts: list[PromptInput], decisions: list[Decision], body, rid: str, kind: str,
-                      started: float):
+                      started: float, routed: float):
         opts = body.stream_options
         include_usage = bool(opts and opts.include_usage)
         running_usage = bool(opts and opts.continuous_usage_stats)  # vLLM: each chunk carries its choice's usage
@@ -287,6 +298,7 @@ class Ingress:
                 totals["prompt"][pi] = item["prompt_tokens"]
                 totals["completion"] += item["completion_tokens"]
                 extra["routing"] = decisions[pi].summary()
+                extra["timing"] = timing(started, routed)
             if running_usage and "completion_tokens" in item:
                 extra["usage"] = format_usage(item["prompt_tokens"], item["completion_tokens"])
             return format_chunk(kind, base, index, delta, finish, first, logprobs, extra)
@@ -351,12 +363,30 @@ class Ingress:
         try:
             z = await self.embedder.embed.remote(texts)
             decisions = await self.registry.route.remote(z, self._policy(body.routing))
+            positions = await self.registry.project.remote(z) if body.position else None
         except HTTPException:
             raise
         except Exception as err:  # noqa: BLE001
             raise to_http(err) from None
         self.metrics.routing_latency.observe(time.perf_counter() - t0)
-        return {"object": "list", "data": [d.summary() for d in decisions]}
+        data = [d.summary() for d in decisions]
+        for item, xy in zip(data, positions or [], strict=False):
+            item["position"] = xy
+        return {"object": "list", "data": data}
+
+    @app.get("/v1/pool", responses=declared(422, 503))
+    async def pool(self, limit: Annotated[int, Query(ge=1, le=5000)] = 500):
+        """The pool as the playground draws it: each adapter's tags, rank, targets, sample count, place on the
+        pool map (x, y) and residency on one model replica; the registry's epoch and whether it is degraded."""
+        view = await self._remote(self.registry.pool_view.remote(limit))
+        try:
+            where = await self.model.residency.remote()
+        except Exception:  # noqa: BLE001 - residency is informative; the pool is still shown
+            where = {"replica": None, "adapters": {}}
+        for a in view["adapters"]:
+            a["residency"] = where["adapters"].get(a["id"], "not loaded")
+        view["residency_of"] = where["replica"]
+        return view
 
     # ---- admin -------------------------------------------------------------------------------
 
@@ -384,6 +414,22 @@ class Ingress:
     async def delete_adapter(self, adapter_id: AdapterId, authorization: AdminToken):
         self._check_admin(authorization)
         return await self._remote(self.registry.remove.remote(adapter_id))
+
+    # ---- the playground: static files; the page calls the public API above ----------------------
+
+    @app.get("/", include_in_schema=False)
+    async def home(self):
+        return RedirectResponse("ui")
+
+    @app.get("/ui", include_in_schema=False)
+    async def ui(self):
+        return FileResponse(UI_DIR / "index.html", media_type="text/html")
+
+    @app.get("/ui/{name}", include_in_schema=False)
+    async def ui_file(self, name: str):
+        if name not in UI_FILES:
+            raise HTTPException(404, f"no playground file {name!r}")
+        return FileResponse(UI_DIR / name, media_type=UI_FILES[name])
 
     # ---- health ------------------------------------------------------------------------------
 

@@ -157,6 +157,10 @@ class ModelReplica:
         out["top_logprobs"] = [self._token(t) | {"logprob": lp} for t, lp in entry.top]
         return out
 
+    def residency(self) -> dict:
+        """``{"replica", "adapters": {name: "device" | "host"}}``; adapters not listed are not loaded here."""
+        return {"replica": self.replica, "adapters": self.lm.residency()}
+
     def stats(self) -> dict:
         out = {"replica": self.replica, "cache": self.lm.cache_stats()}
         if self.batcher is not None:

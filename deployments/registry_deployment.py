@@ -20,7 +20,9 @@ from hilora_core.plan import RoutingPlan
 from hilora_core.policies import PolicyConfig
 from registry.errors import ConflictError
 from registry.manifest import import_manifest
+from registry.pool_map import PoolMap, fit_pool_map
 from registry.registry import Registry
+from registry.routing import PoolSnapshot
 
 from .config import AppConfig
 from .contracts import AdapterLocation, Decision
@@ -39,6 +41,7 @@ class RegistryReplica:
     def __init__(self, config: dict, registry: Registry | None = None) -> None:
         self.cfg = AppConfig.model_validate(config)
         self.registry = registry if registry is not None else Registry(self.cfg.registry_config())
+        self._map: tuple[int, PoolMap | None] | None = None  # (epoch, map) for the playground
         self._seed_pool()
 
     def _seed_pool(self) -> None:
@@ -81,6 +84,7 @@ class RegistryReplica:
             body["id"], body["source"], embeddings, texts=body["samples"], revision=body.get("revision"),
             rank=body.get("rank"), alpha=body.get("alpha"), targets=body.get("targets"),
             replace=bool(body.get("replace")), identity=EmbedderIdentity.from_dict(identity),
+            tags=body.get("tags") or (),
         )
         self.registry.scorer.ensure_epoch(self.registry.epoch())
         return rec.to_dict()
@@ -104,6 +108,39 @@ class RegistryReplica:
 
     def status(self) -> dict:
         return self.registry.scorer.status()
+
+    # ---- the pool as a picture (the playground) ---------------------------------------------------
+
+    def _pool_map(self) -> tuple[PoolSnapshot, PoolMap | None]:
+        """The current snapshot and its map, refitted when the pool's epoch moves."""
+        snap = self.registry.scorer.snapshot
+        if self._map is None or self._map[0] != snap.epoch:
+            fitted = fit_pool_map(snap.model.means) if snap.model is not None and len(snap.ids) else None
+            self._map = (snap.epoch, fitted)
+        return snap, self._map[1]
+
+    def pool_view(self, limit: int = 500) -> dict:
+        """The first ``limit`` adapters (by id) with their map coordinates, plus the pool's state."""
+        snap, pmap = self._pool_map()
+        xy = pmap.project(snap.model.means) if pmap is not None else np.zeros((0, 2))
+        adapters = []
+        for i, name in enumerate(snap.ids[:limit]):
+            rec = snap.records[name]
+            adapters.append({"id": name, "tags": list(rec.tags), "rank": rec.rank, "targets": list(rec.targets),
+                             "sample_count": rec.sample_count, "x": float(xy[i, 0]), "y": float(xy[i, 1])})
+        status = self.status()
+        return {"epoch": snap.epoch, "degraded": status["degraded"], "error": status["error"],
+                "total": len(snap.ids), "adapters": adapters,
+                "map": {"method": "first two principal axes of the adapters' mean embeddings",
+                        "explained": [] if pmap is None else [float(v) for v in pmap.explained]}}
+
+    def project(self, embeddings: np.ndarray) -> list[list[float]]:
+        """(n, d) request embeddings -> their (x, y) on the pool map (zeros for an empty pool)."""
+        _, pmap = self._pool_map()
+        z = np.atleast_2d(np.asarray(embeddings))
+        if pmap is None:
+            return [[0.0, 0.0] for _ in range(z.shape[0])]
+        return pmap.project(z).tolist()
 
 
 RegistryService = serve.deployment(RegistryReplica, name="RegistryService")

@@ -14,6 +14,7 @@ from registry.validation import ADAPTER_ID_PATTERN
 ADAPTER_ID = ADAPTER_ID_PATTERN.pattern
 MAX_STOP = 4  # OpenAI's limit on stop sequences
 DEFAULT_MAX_TOKENS = 64
+SEED_MAX = 2**63 - 1 - 16  # seed + i for up to 16 choices stays a 64-bit integer
 ROUTED_POLICIES = tuple(p for p in POLICIES if p != "explicit")  # explicit: name the adapter in `model`
 TokenIds = Annotated[list[int], Field(min_length=1)]
 Texts = Annotated[list[str], Field(min_length=1)]
@@ -27,7 +28,7 @@ class RoutingOverrides(BaseModel):
                                                                       "`model` instead)")
     gamma: float | None = Field(None, gt=0, le=1)
     max_candidates: int | None = Field(None, ge=1)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=0, lt=2**63, description="seeds the ROC sampling (None: deterministic)")
     top_k: int | None = Field(None, ge=1)
     fallback: bool | None = Field(None, description="false: route to adapters even when no adapter covers the "
                                                     "request (the paper's behaviour); default from the service config")
@@ -68,7 +69,7 @@ class _Generation(BaseModel):
     stop: str | list[str] | None = Field(None, max_length=MAX_STOP, description="up to 4 stop strings")
     stream: bool = False
     stream_options: StreamOptions | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-(2**63), le=SEED_MAX, description="sampling seed (choice i of n uses seed + i)")
     n: int = Field(1, ge=1, le=16, description="choices per prompt, sharing one routing decision (a seed gives "
                                                "choice i the seed + i)")
     user: str | None = Field(None, description="accepted; not used")
@@ -163,6 +164,8 @@ class RouteRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
     input: str | Annotated[list[str], Field(min_length=1, max_length=64)] = Field(..., description="1 to 64 texts")
     routing: RoutingOverrides | None = None
+    position: bool = Field(False, description="also place each input on the pool map of GET /v1/pool "
+                                              "(`position`: [x, y])")
 
 
 class RegisterAdapterRequest(BaseModel):
@@ -177,3 +180,5 @@ class RegisterAdapterRequest(BaseModel):
     alpha: float | None = Field(None, gt=0)
     targets: list[str] | None = None
     replace: bool = False
+    tags: list[Annotated[str, Field(min_length=1, max_length=40)]] = Field(
+        [], max_length=8, description="labels shown with the pool (a cluster, a task family); not used to route")

@@ -88,6 +88,8 @@ class PolicyConfig:
             raise InvalidInputError(f"max_candidates must be >= 1, got {self.max_candidates!r}")
         if self.top_k is not None and self.top_k < 1:
             raise InvalidInputError(f"top_k must be >= 1, got {self.top_k!r}")
+        if self.seed is not None and not 0 <= self.seed < 2**63:
+            raise InvalidInputError(f"the routing seed must be in [0, 2**63), got {self.seed!r}")
 
     @property
     def spec(self) -> PolicySpec:

@@ -1,7 +1,7 @@
 """Importing a pool manifest: ``[{"model_name": str, "sample": [{"inputs": str, "targets": str}, ...]}, ...]``.
 
 Each entry becomes an adapter with id ``model_name``, source ``source_pattern`` formatted
-with ``model_name``, and the ``inputs`` of its samples as sample texts. The whole
+with ``model_name``, the ``inputs`` of its samples as sample texts, and its ``cluster`` (if any) as a tag. The whole
 manifest is validated before the first write.
 """
 
@@ -15,13 +15,14 @@ from hilora_core.manifest import read_manifest
 
 from .errors import ConflictError
 from .registry import Registry
-from .validation import validate_adapter_id, validate_samples
+from .validation import validate_adapter_id, validate_samples, validate_tags
 
 
 @dataclass(frozen=True)
 class ManifestEntry:
     name: str
     samples: list[str]
+    tags: tuple[str, ...] = ()
 
 
 @dataclass
@@ -40,7 +41,8 @@ def load_manifest(path: str, min_samples: int = 2, max_samples: int = 1_000,
     """Read a manifest (:func:`hilora_core.manifest.read_manifest`) and check every id and sample set
     against the registry's rules, before anything is written."""
     return [ManifestEntry(validate_adapter_id(e.name), validate_samples(e.samples, min_samples, max_samples,
-                                                                         max_chars))
+                                                                         max_chars),
+                          validate_tags([e.cluster] if e.cluster else []))
             for e in read_manifest(path)]
 
 
@@ -78,7 +80,7 @@ def import_manifest(
     for entry in entries:
         try:
             registry.register(entry.name, sources[entry.name], entry.samples, revision=revision, rank=rank,
-                              alpha=alpha, targets=targets, base_model=base_model, replace=replace)
+                              alpha=alpha, targets=targets, base_model=base_model, replace=replace, tags=entry.tags)
         except ConflictError:
             if not skip_existing:
                 raise

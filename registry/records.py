@@ -30,6 +30,7 @@ class AdapterRecord:
         texts_stored: the raw sample texts are kept in Redis too.
         created, updated: Unix times (seconds).
         status: lifecycle state ("ready").
+        tags: labels given at registration (a manifest's cluster, a task family); shown, not used to route.
         epoch: pool epoch of the adapter's last change (set by the store).
     """
 
@@ -48,6 +49,7 @@ class AdapterRecord:
     updated: float = field(default_factory=time.time)
     status: str = STATUS_READY
     epoch: int = 0
+    tags: tuple[str, ...] = ()
 
     def to_dict(self) -> dict:
         return {
@@ -56,6 +58,7 @@ class AdapterRecord:
             "sample_count": self.sample_count, "embedder": self.embedder.to_dict(), "fit": dict(self.fit),
             "config_source": self.config_source, "texts_stored": self.texts_stored,
             "created": self.created, "updated": self.updated, "status": self.status, "epoch": self.epoch,
+            "tags": list(self.tags),
         }
 
     @classmethod
@@ -67,6 +70,7 @@ class AdapterRecord:
             fit=dict(d.get("fit", {})), config_source=d.get("config_source", "explicit"),
             texts_stored=bool(d.get("texts_stored", False)), created=float(d["created"]),
             updated=float(d["updated"]), status=d.get("status", STATUS_READY), epoch=int(d.get("epoch", 0)),
+            tags=tuple(d.get("tags", ())),
         )
 
     def with_epoch(self, epoch: int) -> AdapterRecord:

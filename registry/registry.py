@@ -24,7 +24,13 @@ from .records import AdapterPage, AdapterRecord, StoredAdapter
 from .routing import RouteDecision
 from .scorer import PoolScorer
 from .store import AdapterStore
-from .validation import check_identity, validate_adapter_id, validate_embeddings, validate_samples
+from .validation import (
+    check_identity,
+    validate_adapter_id,
+    validate_embeddings,
+    validate_samples,
+    validate_tags,
+)
 
 MAX_PAGE = 1_000
 
@@ -85,21 +91,24 @@ class Registry:
         targets: Sequence[str] | None = None,
         base_model: str | None = None,
         replace: bool = False,
+        tags: Sequence[str] = (),
     ) -> AdapterRecord:
         """Register an adapter from 2..1000 sample texts of its task.
 
         ``source`` is a local adapter folder or a hub repo id (with ``revision``). Its
         ``adapter_config.json`` is read when reachable; otherwise ``rank``, ``alpha`` and
         ``targets`` are required. Raises ConflictError for a taken id unless ``replace``.
+        ``tags`` label it (shown with the pool, not used to route).
         """
         adapter_id = validate_adapter_id(adapter_id)
+        labels = validate_tags(tags)
         texts = validate_samples(samples, self.config.min_samples, self.config.max_samples,
                                  self.config.max_sample_chars)
         src, spec = self._resolve(adapter_id, source, revision, rank, alpha, targets, base_model)
         self._check_free(adapter_id, replace)
         z = validate_embeddings(self.embedder.encode(texts), self.identity, self.config.min_samples,
                                 self.config.max_samples)
-        return self._write(adapter_id, src, spec, z, texts, "replace" if replace else "create")
+        return self._write(adapter_id, src, spec, z, texts, "replace" if replace else "create", tags=labels)
 
     def register_embeddings(
         self,
@@ -115,10 +124,12 @@ class Registry:
         base_model: str | None = None,
         replace: bool = False,
         identity: EmbedderIdentity | None = None,
+        tags: Sequence[str] = (),
     ) -> AdapterRecord:
         """Register an adapter from precomputed (m, d) sample embeddings made by ``identity``
         (default: this registry's embedder identity, which must then match)."""
         adapter_id = validate_adapter_id(adapter_id)
+        labels = validate_tags(tags)
         if identity is not None:
             check_identity(self.identity, identity, f"embeddings for {adapter_id!r}")
         z = validate_embeddings(embeddings, self.identity, self.config.min_samples, self.config.max_samples)
@@ -129,7 +140,7 @@ class Registry:
                 raise InvalidInputError(f"{len(texts)} texts for {z.shape[0]} embeddings")
         src, spec = self._resolve(adapter_id, source, revision, rank, alpha, targets, base_model)
         self._check_free(adapter_id, replace)
-        return self._write(adapter_id, src, spec, z, texts, "replace" if replace else "create")
+        return self._write(adapter_id, src, spec, z, texts, "replace" if replace else "create", tags=labels)
 
     def refit(self, adapter_id: str, samples: Sequence[str]) -> AdapterRecord:
         """Replace an adapter's samples (re-embedded); everything else is kept."""
@@ -140,7 +151,7 @@ class Registry:
         z = validate_embeddings(self.embedder.encode(texts), self.identity, self.config.min_samples,
                                 self.config.max_samples)
         spec = AdapterSpec(old.rank, old.alpha, old.targets, old.base_model, old.config_source)
-        return self._write(adapter_id, old.source, spec, z, texts, "update", created=old.created)
+        return self._write(adapter_id, old.source, spec, z, texts, "update", created=old.created, tags=old.tags)
 
     def remove(self, adapter_id: str) -> int:
         """Delete an adapter; returns the new pool epoch. UnknownAdapterError if absent."""
@@ -164,7 +175,8 @@ class Registry:
             raise ConflictError(f"adapter {adapter_id!r} is already registered (pass replace=True)")
 
     def _write(self, adapter_id: str, src: AdapterSource, spec: AdapterSpec, z: np.ndarray,
-               texts: Sequence[str] | None, mode: str, created: float | None = None) -> AdapterRecord:
+               texts: Sequence[str] | None, mode: str, created: float | None = None,
+               tags: tuple[str, ...] = ()) -> AdapterRecord:
         now = time.time()
         if created is None and mode == "replace":
             old = self.store.get_record(adapter_id)
@@ -175,7 +187,7 @@ class Registry:
             id=adapter_id, source=src, base_model=spec.base_model, rank=spec.rank, alpha=spec.alpha,
             targets=spec.targets, sample_count=int(z.shape[0]), embedder=self.identity,
             fit=asdict(self.config.fit), config_source=spec.config_source, texts_stored=keep_texts,
-            created=created if created is not None else now, updated=now,
+            created=created if created is not None else now, updated=now, tags=tags,
         )
         epoch = self.store.put(record, z, list(texts) if keep_texts else None, mode)
         self._written_epoch = max(self._written_epoch, epoch)

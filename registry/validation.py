@@ -34,6 +34,26 @@ def validate_adapter_id(adapter_id: object) -> str:
     return adapter_id
 
 
+MAX_TAGS, MAX_TAG_CHARS = 8, 40
+
+
+def validate_tags(tags: object) -> tuple[str, ...]:
+    """Up to 8 labels (a cluster, a task family), each 1-40 printable characters; duplicates dropped."""
+    if tags is None:
+        return ()
+    if isinstance(tags, str) or not isinstance(tags, (list, tuple)):
+        raise InvalidInputError(f"tags must be a list of strings, got {type(tags).__name__}")
+    out: list[str] = []
+    for t in tags:
+        if not isinstance(t, str) or not 1 <= len(t.strip()) <= MAX_TAG_CHARS or not t.strip().isprintable():
+            raise InvalidInputError(f"a tag is 1-{MAX_TAG_CHARS} printable characters, got {str(t)[:60]!r}")
+        if t.strip() not in out:
+            out.append(t.strip())
+    if len(out) > MAX_TAGS:
+        raise InvalidInputError(f"{len(out)} tags; the limit is {MAX_TAGS}")
+    return tuple(out)
+
+
 def validate_samples(samples: object, min_samples: int, max_samples: int, max_chars: int) -> list[str]:
     """Sample texts: a list of ``min_samples..max_samples`` non-empty strings of at most
     ``max_chars`` characters, not all identical."""

@@ -35,8 +35,9 @@ def seed_pool(folder: Path, adapters: dict[str, dict]) -> Path:
 
 
 @contextmanager
-def running_service(tmp: Path, config: dict) -> Iterator[tuple[str, RedisServer]]:
-    """Redis, Ray (2 CPUs, admin token set) and the Serve app on free loopback ports; yields (url, redis)."""
+def running_service(tmp: Path, config: dict, num_cpus: int = 2) -> Iterator[tuple[str, RedisServer]]:
+    """Redis, Ray (``num_cpus`` logical CPUs, admin token set) and the Serve app on free loopback ports;
+    yields (url, redis)."""
     import ray
     from ray import serve
 
@@ -44,7 +45,7 @@ def running_service(tmp: Path, config: dict) -> Iterator[tuple[str, RedisServer]
 
     redis_srv = RedisServer(str(tmp / "redis")).start()
     port = free_port()
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"HILORA_ADMIN_TOKEN": TOKEN, "RAY_AUTH_MODE": "disabled",
                                        "TOKENIZERS_PARALLELISM": "false"}})
     try:

@@ -511,3 +511,30 @@ def test_seeded_routing_is_reproducible_with_and_without_the_prefilter(config):
         batched = reg.route_embeddings(z.astype(np.float32), seeded, use_prefilter=True)[q]
         assert alone[0].plan == alone[1].plan == batched.plan
     reg.close()
+
+
+def test_tags_are_stored_and_validated(reg):
+    rng = np.random.default_rng(7)
+    rec = reg.register_embeddings("tagged", "owner/repo", _samples(rng, np.ones(DIM)), tags=[" numbers ", "demo",
+                                                                                         "numbers"], **SPEC)
+    assert rec.tags == ("numbers", "demo")  # stripped, duplicates dropped, order kept
+    assert reg.get("tagged").tags == ("numbers", "demo")  # through Redis and back
+    assert reg.list().records[0].to_dict()["tags"] == ["numbers", "demo"]
+    for bad in (["x" * 41], [""], ["a\nb"], [f"t{i}" for i in range(9)], "numbers"):
+        with pytest.raises(InvalidInputError):
+            reg.register_embeddings("bad-tags", "owner/repo", _samples(rng, np.ones(DIM)), tags=bad, **SPEC)
+    with pytest.raises(UnknownAdapterError):
+        reg.get("bad-tags")  # nothing written
+
+
+def test_pool_map_projects_means_on_their_principal_axes():
+    from registry.pool_map import fit_pool_map
+
+    means = np.array([[0.0, 0, 0], [2, 0, 0], [4, 0, 0.1]])
+    pmap = fit_pool_map(means)
+    xy = pmap.project(means)
+    assert xy.shape == (3, 2) and pmap.explained[0] > 0.99
+    assert np.allclose(sorted(np.abs(xy[:, 0])), [0.0, 2.0, 2.0], atol=0.01)  # spread along x, centred
+    assert np.allclose(pmap.project(means.mean(axis=0)), 0.0)
+    one = fit_pool_map(np.ones((1, 3)))  # a pool of one adapter sits at the origin
+    assert np.allclose(one.project(np.ones((2, 3))), 0.0) and one.explained.tolist() == [0.0, 0.0]

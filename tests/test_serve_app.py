@@ -216,6 +216,26 @@ def test_rendered_chat_prompt_is_routed_on_its_user_turn(service):
         assert routing["candidate_scores"] == pytest.approx(as_chat["candidate_scores"], abs=1e-5)
 
 
+def test_pool_view_positions_and_timing(service):
+    """What the playground draws, through the public API."""
+    c = service["client"]
+    answer = chat(c, "alpha", "Say hi", max_tokens=2).json()
+    assert answer["timing"]["routing_s"] >= 0 and answer["timing"]["generation_s"] > 0
+    pool = c.get("/v1/pool").json()
+    ids = [a["id"] for a in pool["adapters"]]
+    assert "alpha" in ids and pool["total"] == len(ids) and pool["degraded"] is False
+    alpha = pool["adapters"][ids.index("alpha")]
+    assert alpha["rank"] == 4 and alpha["sample_count"] == len(ALPHA_SAMPLES) and alpha["residency"] == "device"
+    assert {"x", "y", "tags", "targets"} <= set(alpha)
+    routed = c.post("/v1/route", json={"input": [ALPHA_SAMPLES[0], "plain"], "position": True}).json()["data"]
+    assert all(len(d["position"]) == 2 for d in routed)
+    assert "position" not in c.post("/v1/route", json={"input": "plain"}).json()["data"][0]
+    assert c.get("/v1/pool", params={"limit": 0}).status_code == 422
+    page = c.get("/ui")
+    assert page.status_code == 200 and "text/html" in page.headers["content-type"] and "ui/app.js" in page.text
+    assert c.get("/ui/app.js").status_code == 200 and c.get("/ui/secret.py").status_code == 404
+
+
 def test_off_pool_request_is_answered_by_the_base_model(service):
     c = service["client"]
     q = "What is the capital of France?"
@@ -306,6 +326,26 @@ def test_openai_client(service):
     streamed = "".join((ch.choices[0].delta.content or "") for ch in stream if ch.choices)
     assert streamed == chat(c, "alpha", "Hi", max_tokens=4).json()["choices"][0]["message"]["content"]
     assert "alpha" in [m.id for m in client.models.list().data]
+    # the other request fields as the SDK sends them: text parts, max_completion_tokens, stop, seed, n, user
+    parts = client.chat.completions.create(
+        model="alpha", messages=[{"role": "user", "content": [{"type": "text", "text": msg[0]["content"]}]}],
+        max_completion_tokens=5, user="someone", stop=["zzz"], seed=3, n=2, temperature=0.8)
+    assert [ch.index for ch in parts.choices] == [0, 1] and parts.usage.completion_tokens >= 2
+    # vLLM's extensions go through extra_body / stream_options, as vLLM's users write them
+    long = client.chat.completions.create(model="alpha", messages=msg, max_tokens=12, extra_body={"ignore_eos": True})
+    assert long.usage.completion_tokens == 12 and long.choices[0].finish_reason == "length"
+    chunks = list(client.chat.completions.create(model="alpha", messages=msg, max_tokens=3, stream=True,
+                                                 stream_options={"include_usage": True,
+                                                                 "continuous_usage_stats": True}))
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens >= 1
+    assert all(ch.usage is not None for ch in chunks)
+    # errors arrive as the SDK's typed exceptions, with the server's message and type
+    with pytest.raises(openai.UnprocessableEntityError) as err:
+        client.chat.completions.create(model="alpha", messages=msg, logit_bias={"42": 5})
+    assert "logit_bias" in err.value.message and err.value.type == "invalid_request_error"
+    with pytest.raises(openai.NotFoundError) as err:
+        client.chat.completions.create(model="no-such-adapter", messages=msg)
+    assert "no-such-adapter" in err.value.message and str(err.value.code) == "404"
 
 
 @pytest.mark.parametrize(

@@ -199,6 +199,12 @@ class RoutedLM:
         """Counters of both tiers: ``{"device": {...}, "host": {...}, "adapters": n}``."""
         return {"device": self.slots.stats(), "host": self.host_cache.stats(), "adapters": len(self._sources)}
 
+    def residency(self) -> dict[str, str]:
+        """Where each loaded adapter is: ``"device"`` (in a slot) or ``"host"`` (host cache only)."""
+        out = {name: "host" for name in self.host_cache.names()}
+        out.update({name: "device" for name in self.slots.lru_order()})
+        return out
+
     def _source(self, name: str) -> InspectedAdapter:
         with self._registry_lock:
             src = self._sources.get(name)

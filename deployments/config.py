@@ -37,7 +37,10 @@ class ModelSettings(_Strict):
         "auto", description="'auto': float32 on CPU, bfloat16 on CUDA")
     max_slots: int = Field(_ENGINE.max_slots, ge=1, description="adapters resident on the device at once")
     host_cache_size: int = Field(_ENGINE.host_cache_size, ge=1, description="adapters kept in host memory (LRU)")
-    max_rank: int = Field(_ENGINE.max_rank, ge=1, description="largest LoRA rank a device slot holds")
+    max_rank: int = Field(_ENGINE.max_rank, ge=1, description="largest LoRA rank a device slot holds (higher-rank "
+                                                              "adapters are refused at registration)")
+    max_adapter_bytes: int = Field(_ENGINE.max_adapter_bytes, ge=1,
+                                   description="largest adapter weights file loaded or downloaded (bytes)")
     torch_threads: int | None = Field(None, ge=1, description="torch CPU threads per replica (None: torch default)")
     scheduler: Literal["continuous", "static"] = Field(
         "continuous", description="'continuous': one generation loop, requests join and leave between decode "
@@ -77,6 +80,11 @@ class RegistrySettings(_Strict):
     prefilter_min_pool: int = Field(_REGISTRY.prefilter_min_pool, ge=1,
                                     description="FAISS prefilter from this pool size on")
     hub_lookup: bool = Field(_REGISTRY.hub_lookup, description="read adapter_config.json of hub adapters from the Hub")
+    adapter_dirs: list[str] = Field(
+        [], description="local folders the admin API may register adapters from (relative paths: from the project "
+                        "root), besides the seed pool's own folder; any other local path gets HTTP 403")
+    max_target_modules: int = Field(_REGISTRY.max_target_modules, ge=1,
+                                    description="adapters adapting more module names are refused (HTTP 422)")
     seed_manifest: str | None = Field(
         "demo", description="pool manifest registered when the pool is empty at start ('demo' = the demo pool, "
                 "'transfer' = the transfer pool, or a manifest path)")
@@ -135,7 +143,13 @@ class AppConfig(_Strict):
         embedded = Path(self.registry.embedded_dir)
         if not embedded.is_absolute():  # Ray workers do not share the launcher's working directory
             embedded = PROJECT_ROOT / embedded
+        allowed = [str(d if Path(d).is_absolute() else PROJECT_ROOT / d) for d in self.registry.adapter_dirs]
+        seed = self.seed_manifest_path()
+        if seed is not None:
+            allowed.append(str(Path(seed).resolve().parent))
         return RegistryConfig(
+            allowed_local_dirs=tuple(allowed), max_rank=self.model.max_rank,
+            max_target_modules=self.registry.max_target_modules,
             redis_url=self.registry.redis_url, embedded_dir=str(embedded),
             key_prefix=self.registry.key_prefix, fit=fit, prefilter_min_pool=self.registry.prefilter_min_pool,
             hub_lookup=self.registry.hub_lookup, embedder_model=self.embedder.model,

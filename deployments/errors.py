@@ -37,7 +37,7 @@ def status_for(err: BaseException) -> int | None:
     """HTTP status for a known error type, or None for an unexpected one."""
     from ray.serve.exceptions import BackPressureError
 
-    from registry.errors import ConflictError, RegistryUnavailableError
+    from registry.errors import ConflictError, ForbiddenSourceError, RegistryUnavailableError
 
     for e in (err, _cause(err)):
         if isinstance(e, BackPressureError):
@@ -46,6 +46,8 @@ def status_for(err: BaseException) -> int | None:
             return 404
         if isinstance(e, ConflictError):
             return 409
+        if isinstance(e, ForbiddenSourceError):
+            return 403
         if isinstance(e, (RegistryUnavailableError, CapacityError, RequestCancelledError)):
             return 503
         if isinstance(e, RequestTimeoutError):
@@ -87,7 +89,7 @@ class ErrorBody(BaseModel):
 
 _KINDS = {400: ("invalid_request_error", "malformed request"),
           401: ("authentication_error", "missing or wrong admin bearer token"),
-          403: ("permission_error", "the admin API is disabled (no admin token configured)"),
+          403: ("permission_error", "the admin API is disabled, or a local adapter folder is not allowed"),
           404: ("not_found_error", "unknown model or adapter"),
           405: ("invalid_request_error", "method not allowed"),
           409: ("conflict_error", "the adapter id is taken (send replace: true)"),

@@ -61,6 +61,7 @@ def build_engine(cfg: AppConfig) -> RoutedLM:
     return RoutedLM.from_pretrained(
         cfg.model.base, device=device, dtype=dtype, max_slots=cfg.model.max_slots,
         host_cache_size=cfg.model.host_cache_size, max_rank=cfg.model.max_rank,
+        max_adapter_bytes=cfg.model.max_adapter_bytes,
     )
 
 

@@ -8,7 +8,13 @@ a FAISS prefilter for large pools, manifest import and the ``hilora registry`` C
 from .adapter_source import AdapterSource, AdapterSpec
 from .config import DEFAULT_FIT_SETTINGS, RegistryConfig
 from .connection import EmbeddedRedis, connect
-from .errors import ConflictError, EmbedderMismatchError, IncompatibleAdapterError, RegistryUnavailableError
+from .errors import (
+    ConflictError,
+    EmbedderMismatchError,
+    ForbiddenSourceError,
+    IncompatibleAdapterError,
+    RegistryUnavailableError,
+)
 from .manifest import ImportReport, import_manifest, load_manifest
 from .prefilter import MeanIndex, prefilter_scores
 from .records import AdapterPage, AdapterRecord, StoredAdapter
@@ -27,6 +33,7 @@ __all__ = [
     "ConflictError",
     "EmbeddedRedis",
     "EmbedderMismatchError",
+    "ForbiddenSourceError",
     "ImportReport",
     "IncompatibleAdapterError",
     "MeanIndex",

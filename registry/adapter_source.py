@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from hilora_core.adapter_config import MAX_CONFIG_BYTES, parse_adapter_config
 from hilora_core.errors import AdapterLoadError, InvalidInputError
 
-from .errors import IncompatibleAdapterError
+from .errors import ForbiddenSourceError, IncompatibleAdapterError
 
 HUB_REPO_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
 REVISION_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,127}$")
@@ -50,6 +50,29 @@ class AdapterSource:
         if HUB_REPO_PATTERN.fullmatch(source) and ".." not in source:
             return cls("hub", source, revision)
         raise InvalidInputError(f"source {source!r} is neither an existing folder nor a hub repo id 'owner/name'")
+
+
+def check_local_allowed(src: AdapterSource, allowed_dirs: tuple[str, ...] | None) -> None:
+    """Refuse a local folder outside ``allowed_dirs`` (None: any folder). Symlinks are resolved first, so a
+    link inside an allowed folder cannot point outside it."""
+    if src.kind != "local" or allowed_dirs is None:
+        return
+    real = os.path.realpath(src.location)
+    for root in allowed_dirs:
+        base = os.path.realpath(root)
+        if real == base or real.startswith(base.rstrip(os.sep) + os.sep):
+            return
+    raise ForbiddenSourceError(
+        f"local adapter folder {src.location!r} is outside the allowed folders {list(allowed_dirs)}; "
+        "add its parent to registry.adapter_dirs in the service config, or use a hub repo id")
+
+
+def check_spec_limits(spec: AdapterSpec, max_rank: int, max_targets: int, where: str) -> None:
+    """Refuse an adapter whose rank or number of target modules is above the registry's limits."""
+    if spec.rank > max_rank:
+        raise InvalidInputError(f"{where}: rank {spec.rank} is above the limit {max_rank}")
+    if len(spec.targets) > max_targets:
+        raise InvalidInputError(f"{where}: {len(spec.targets)} target modules; the limit is {max_targets}")
 
 
 @dataclass(frozen=True)

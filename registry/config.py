@@ -66,6 +66,10 @@ class RegistryConfig:
             None: the set shipped in ``hilora_core/routing/data/general_requests.txt``).
         poll_interval_s: scorers also compare the epoch counter this often (missed messages,
             reconnects) and retry a lost connection at this period.
+        allowed_local_dirs: local adapter folders must lie inside one of these (symlinks resolved);
+            None allows any folder (library and CLI use; the service always sets a list).
+        max_rank: adapters of a higher LoRA rank are refused.
+        max_target_modules: adapters adapting more distinct module names are refused.
     """
 
     redis_url: str | None = None
@@ -97,6 +101,9 @@ class RegistryConfig:
     prefilter_gpu: bool = True
     poll_interval_s: float = 1.0
     off_pool_reference_file: str | None = None
+    allowed_local_dirs: tuple[str, ...] | None = None
+    max_rank: int = 256
+    max_target_modules: int = 32
 
     def __post_init__(self) -> None:
         positive = {
@@ -105,7 +112,8 @@ class RegistryConfig:
             "max_sample_chars": self.max_sample_chars, "prefilter_min_pool": self.prefilter_min_pool,
             "prefilter_k": self.prefilter_k, "prefilter_nprobe": self.prefilter_nprobe,
             "prefilter_tail": self.prefilter_tail, "prefilter_factor": self.prefilter_factor,
-            "poll_interval_s": self.poll_interval_s,
+            "poll_interval_s": self.poll_interval_s, "max_rank": self.max_rank,
+            "max_target_modules": self.max_target_modules,
         }
         for name, value in positive.items():
             if not value > 0:

@@ -14,6 +14,10 @@ class ConflictError(HiLoRAError, ValueError):
     """An adapter id is already registered and ``replace`` was not asked for."""
 
 
+class ForbiddenSourceError(HiLoRAError, PermissionError):
+    """A local adapter folder outside the folders the registry may load from (``allowed_local_dirs``)."""
+
+
 class RegistryUnavailableError(HiLoRAError, RuntimeError):
     """Redis cannot be reached: writes are refused; scorers serve their last copy (degraded)."""
 

@@ -16,7 +16,14 @@ from hilora_core.errors import InvalidInputError, UnknownAdapterError
 from hilora_core.models.embedding import EmbedderIdentity, SentenceEmbedder
 from hilora_core.policies import PolicyConfig
 
-from .adapter_source import AdapterSource, AdapterSpec, check_base_model, resolve_spec
+from .adapter_source import (
+    AdapterSource,
+    AdapterSpec,
+    check_base_model,
+    check_local_allowed,
+    check_spec_limits,
+    resolve_spec,
+)
 from .config import RegistryConfig, build_embedder
 from .connection import connect
 from .errors import ConflictError
@@ -162,9 +169,11 @@ class Registry:
 
     def _resolve(self, adapter_id, source, revision, rank, alpha, targets, base_model):
         src = AdapterSource.parse(source, revision)
+        check_local_allowed(src, self.config.allowed_local_dirs)
         hub = self._hub_reachable and src.kind == "hub"
         spec = resolve_spec(src, rank=rank, alpha=alpha, targets=targets, base_model=base_model,
                             hub_lookup=hub)
+        check_spec_limits(spec, self.config.max_rank, self.config.max_target_modules, f"adapter {adapter_id!r}")
         if hub and spec.config_source != "hub":
             self._hub_reachable = False  # do not wait on the network again for every adapter of an import
         check_base_model(spec, self.config.base_model, adapter_id)

@@ -232,3 +232,15 @@ def test_cache_stats_counts(setup):
     ]
     assert after["host"]["loads"] <= len(ADAPTERS)
     assert math.isfinite(after["host"]["bytes"]) and after["host"]["bytes"] > 0
+
+
+def test_adapter_files_above_the_size_limit_are_refused(setup):
+    from hilora_core.errors import AdapterLoadError
+
+    _, _, _, paths = setup
+    weights = (paths["sst2"] / "adapter_model.safetensors").stat().st_size
+    small = RoutedLM.from_pretrained(None, max_adapter_bytes=weights - 1)
+    with pytest.raises(AdapterLoadError, match="above the limit"):
+        small.add_adapter("sst2", str(paths["sst2"]))
+    enough = RoutedLM.from_pretrained(None, max_adapter_bytes=weights)
+    enough.add_adapter("sst2", str(paths["sst2"]))  # exactly at the limit: accepted

@@ -538,3 +538,44 @@ def test_pool_map_projects_means_on_their_principal_axes():
     assert np.allclose(pmap.project(means.mean(axis=0)), 0.0)
     one = fit_pool_map(np.ones((1, 3)))  # a pool of one adapter sits at the origin
     assert np.allclose(one.project(np.ones((2, 3))), 0.0) and one.explained.tolist() == [0.0, 0.0]
+
+
+def _local_adapter(folder, rank: int = 8) -> str:
+    folder.mkdir(parents=True)
+    (folder / "adapter_config.json").write_text(json.dumps(
+        {"peft_type": "LORA", "r": rank, "lora_alpha": 16, "target_modules": ["q_proj", "v_proj"]}))
+    return str(folder)
+
+
+def test_local_sources_only_from_allowed_folders(config, tmp_path):
+    from dataclasses import replace
+
+    from registry import ForbiddenSourceError
+
+    allowed, outside = tmp_path / "allowed", tmp_path / "outside"
+    inside = _local_adapter(allowed / "a")
+    elsewhere = _local_adapter(outside / "b")
+    (allowed / "link").symlink_to(outside / "b")  # a link inside the allowed folder pointing out of it
+    rng = np.random.default_rng(3)
+    with Registry(replace(config, allowed_local_dirs=(str(allowed),)), identity=IDENT) as reg:
+        assert reg.register_embeddings("inside", inside, _samples(rng, np.ones(DIM))).source.location == inside
+        for source in (elsewhere, str(allowed / "link"), str(allowed / ".." / "outside" / "b")):
+            with pytest.raises(ForbiddenSourceError, match="outside the allowed folders"):
+                reg.register_embeddings("escape", source, _samples(rng, np.ones(DIM)))
+        reg.register_embeddings("hub", "owner/repo", _samples(rng, np.ones(DIM)), **SPEC)  # hub ids are not local
+        assert sorted(r.id for r in reg.list().records) == ["hub", "inside"]
+    with Registry(config, identity=IDENT) as anywhere:  # None: the library and CLI default
+        anywhere.register_embeddings("elsewhere", elsewhere, _samples(rng, np.ones(DIM)))
+
+
+def test_rank_and_target_limits(config, tmp_path):
+    from dataclasses import replace
+
+    rng = np.random.default_rng(4)
+    with Registry(replace(config, max_rank=16, max_target_modules=2), identity=IDENT) as reg:
+        with pytest.raises(InvalidInputError, match="rank 32 is above the limit 16"):
+            reg.register_embeddings("big", _local_adapter(tmp_path / "big", rank=32), _samples(rng, np.ones(DIM)))
+        with pytest.raises(InvalidInputError, match="3 target modules; the limit is 2"):
+            reg.register_embeddings("wide", "owner/repo", _samples(rng, np.ones(DIM)), rank=8, alpha=16,
+                                    targets=["q_proj", "k_proj", "v_proj"])
+        assert reg.register_embeddings("ok", "owner/repo", _samples(rng, np.ones(DIM)), **SPEC).rank == 8

@@ -34,7 +34,7 @@ def service(tmp_path_factory):
     del base
     config = {
         "model": {"torch_threads": 1, "max_slots": 4, "host_cache_size": 8, "max_rows": 2, "max_waiting": 2},
-        "registry": {"seed_manifest": str(manifest), "eps": None},
+        "registry": {"seed_manifest": str(manifest), "eps": None, "adapter_dirs": [str(tmp)]},
         "limits": {"max_prompt_chars": 2000, "max_tokens": 64},
     }
     with running_service(tmp, config) as (url, redis_srv):
@@ -370,6 +370,8 @@ def test_openai_client(service):
         ("post", "/admin/adapters", {"id": "gamma", "source": "/no/such/dir", "samples": ["a", "b"]}, AUTH, 422),
         ("post", "/admin/adapters", {"id": "gamma", "source": "/tmp", "samples": ["same", "same"]}, AUTH, 422),
         ("post", "/admin/adapters", {"id": "gamma", "source": "/tmp"}, AUTH, 422),
+        # a local folder outside the allowed ones (registry.adapter_dirs and the seed pool's folder)
+        ("post", "/admin/adapters", {"id": "gamma", "source": "/tmp", "samples": ["one", "two"]}, AUTH, 403),
     ],
 )
 def test_client_errors_are_4xx_and_change_nothing(service, method, path, body, headers, status):

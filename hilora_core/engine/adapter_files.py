@@ -87,8 +87,26 @@ class HostAdapter:
         return sum(t.numel() * t.element_size() for ly in self.layers.values() for t in (ly.a, ly.b))
 
 
-def resolve_adapter_dir(location: str, revision: str | None = None) -> Path:
-    """Local folder for ``location``: the folder itself, or a hub snapshot of just the two adapter files."""
+def _hub_weights_size(location: str, revision: str | None) -> int | None:
+    """The size in bytes of a hub adapter's weights file, from the hub's metadata (None: not known)."""
+    try:
+        from huggingface_hub import HfApi
+
+        infos = HfApi().get_paths_info(location, [WEIGHTS_FILE], revision=revision)
+    except Exception:  # noqa: BLE001 - no metadata: the download itself reports what is wrong
+        return None
+    return next((int(i.size) for i in infos if getattr(i, "size", None) is not None), None)
+
+
+def check_size(nbytes: int | None, max_bytes: int | None, where: str) -> None:
+    if nbytes is not None and max_bytes is not None and nbytes > max_bytes:
+        raise AdapterLoadError(f"{where} is {nbytes / 2**20:.1f} MiB, above the limit of {max_bytes / 2**20:.1f} MiB "
+                               "(EngineSettings.max_adapter_bytes)")
+
+
+def resolve_adapter_dir(location: str, revision: str | None = None, max_bytes: int | None = None) -> Path:
+    """Local folder for ``location``: the folder itself, or a hub snapshot of just the two adapter files
+    (refused before downloading when the hub says the weights are larger than ``max_bytes``)."""
     path = Path(location).expanduser()
     if path.is_dir():
         return path
@@ -96,6 +114,7 @@ def resolve_adapter_dir(location: str, revision: str | None = None) -> Path:
         raise AdapterLoadError(f"adapter location {location!r} is a file; give the adapter's folder")
     if not _HUB_ID.match(location):
         raise AdapterLoadError(f"adapter folder not found and not a hub id (owner/name): {location!r}")
+    check_size(_hub_weights_size(location, revision), max_bytes, f"the weights of hub adapter {location!r}")
     try:
         from huggingface_hub import snapshot_download
 
@@ -136,6 +155,7 @@ def inspect_adapter(
     base_linears: Mapping[str, tuple[int, int]],
     max_rank: int,
     revision: str | None = None,
+    max_bytes: int | None = None,
 ) -> InspectedAdapter:
     """Check an adapter against the base model without reading its tensors.
 
@@ -145,13 +165,15 @@ def inspect_adapter(
         base_linears: module path -> (d_in, d_out) of every linear layer adapters may target.
         max_rank: the largest rank a device slot holds.
         revision: hub revision (branch, tag or commit) to pin.
+        max_bytes: the largest weights file accepted (None: no limit).
 
     Returns:
         The :class:`InspectedAdapter`, with each adapted module's (rank, d_in, d_out).
     """
-    directory = resolve_adapter_dir(location, revision)
+    directory = resolve_adapter_dir(location, revision, max_bytes)
     config = read_adapter_config(directory)
     weights = _weights_file(directory)
+    check_size(weights.stat().st_size, max_bytes, str(weights))
     shapes = _header_shapes(weights)
     parts: dict[str, dict[str, tuple[int, ...]]] = {}
     for key, shape in shapes.items():

@@ -93,12 +93,13 @@ class RoutedLM:
         max_rank: int = 64,
         arrow_temperature: float = 1.0,
         revision: str | None = None,
+        max_adapter_bytes: int = EngineSettings.max_adapter_bytes,
     ) -> RoutedLM:
         """Load a base model: None or ``"smollm2-135m-instruct"`` (embedded default), a ``.gguf`` file
         (converted once to safetensors), a HuggingFace folder or a hub id."""
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-        settings = EngineSettings(max_slots, host_cache_size, max_rank, arrow_temperature)
+        settings = EngineSettings(max_slots, host_cache_size, max_rank, arrow_temperature, max_adapter_bytes)
         base_str = None if base is None else str(base)
         path = resolve_base(base_str) if base_str in (None, DEFAULT_BASE) or base_str.endswith(".gguf") else base_str
         try:
@@ -130,7 +131,8 @@ class RoutedLM:
         """
         if not isinstance(name, str) or not name:
             raise InvalidInputError(f"adapter name must be a non-empty string, got {name!r}")
-        src = inspect_adapter(name, str(source), self._linears, self.settings.max_rank, revision)
+        src = inspect_adapter(name, str(source), self._linears, self.settings.max_rank, revision,
+                              self.settings.max_adapter_bytes)
         with self._lock:  # model surgery must not overlap a forward pass
             for module_name, (_, d_in, d_out) in src.modules.items():
                 if module_name not in self._routed:

@@ -19,15 +19,17 @@ class EngineSettings:
         host_cache_size: adapters kept in host memory (LRU).
         max_rank: the largest LoRA rank a slot holds (R); larger adapters are refused.
         arrow_temperature: softmax temperature of the Arrow token rule.
+        max_adapter_bytes: an adapter weights file (local, or on the hub before download) above this is refused.
     """
 
     max_slots: int = 16
     host_cache_size: int = 64
     max_rank: int = 64
     arrow_temperature: float = 1.0
+    max_adapter_bytes: int = 2 << 30
 
     def __post_init__(self) -> None:
-        for name in ("max_slots", "host_cache_size", "max_rank"):
+        for name in ("max_slots", "host_cache_size", "max_rank", "max_adapter_bytes"):
             if int(getattr(self, name)) < 1:
                 raise InvalidInputError(f"{name} must be >= 1, got {getattr(self, name)!r}")
         if not self.arrow_temperature > 0:

@@ -29,13 +29,21 @@ DEPLOYMENT_DEFAULTS: dict[str, dict] = {
 }
 
 
-def build_app(args: dict | None = None) -> Application:
-    """The application graph for the validated ``args`` (:class:`AppConfig`)."""
+def build_app(args: dict | None = None, deployments: dict[str, dict] | None = None) -> Application:
+    """The application graph for the validated ``args`` (:class:`AppConfig`).
+
+    ``deployments`` overrides Serve options per deployment name from Python, as a YAML's ``deployments``
+    section does (e.g. ``{"LoRAModel": {"num_replicas": 2, "ray_actor_options": {...}}}``).
+    """
     cfg = AppConfig.model_validate(args or {})
     config = cfg.model_dump()
     d = {name: dict(opts) for name, opts in DEPLOYMENT_DEFAULTS.items()}
     if cfg.model.scheduler == "continuous":  # the replica's own bound: running rows plus its queue
         d["LoRAModel"]["max_ongoing_requests"] = cfg.model.max_rows + cfg.model.max_waiting
+    for name, options in (deployments or {}).items():
+        if name not in d:
+            raise ValueError(f"unknown deployment {name!r}; the deployments are {sorted(d)}")
+        d[name].update(options)
     return Ingress.options(**d["Ingress"]).bind(
         Embedder.options(**d["Embedder"]).bind(config),
         RegistryService.options(**d["RegistryService"]).bind(config),

@@ -35,13 +35,14 @@ def _cause(err: BaseException) -> BaseException:
 
 def status_for(err: BaseException) -> int | None:
     """HTTP status for a known error type, or None for an unexpected one."""
+    from ray.exceptions import ActorUnavailableError, RayActorError
     from ray.serve.exceptions import BackPressureError
 
     from registry.errors import ConflictError, ForbiddenSourceError, RegistryUnavailableError
 
     for e in (err, _cause(err)):
-        if isinstance(e, BackPressureError):
-            return 503
+        if isinstance(e, (BackPressureError, RayActorError, ActorUnavailableError)):
+            return 503  # busy, or the replica (or its node) died mid-request: retry elsewhere
         if isinstance(e, UnknownAdapterError):
             return 404
         if isinstance(e, ConflictError):
@@ -61,7 +62,7 @@ def message_of(err: BaseException) -> str:
     e = _cause(err)
     text = str(e)
     # Ray prefixes remote errors with a traceback; keep the last line, which is the message
-    return text.strip().splitlines()[-1] if text.strip() else type(e).__name__
+    return text.strip().splitlines()[-1].strip() if text.strip() else type(e).__name__
 
 
 def to_http(err: BaseException) -> HTTPException:

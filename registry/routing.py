@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from hilora_core.baselines.retriever import cosine_similarity
+from hilora_core.models.embedding import EmbedderIdentity
 from hilora_core.plan import Routed, RoutingPlan
 from hilora_core.policies import PolicyConfig, route_queries
 from hilora_core.routing.pool import PoolModel
@@ -49,6 +50,7 @@ class PoolSnapshot:
         model: the fitted Gaussians (None for an empty pool).
         index: prefilter index (None below ``prefilter_min_pool``).
         slot_to_pos: (S,) bank position of each index slot, -1 where none.
+        identities: the distinct embedder identities of ``records`` (checked against each query's).
     """
 
     epoch: int
@@ -59,6 +61,7 @@ class PoolSnapshot:
     index: MeanIndex | None = None
     slot_to_pos: np.ndarray | None = None
     built_at: float = field(default_factory=time.time)
+    identities: frozenset[EmbedderIdentity] = frozenset()
 
 
 @dataclass(frozen=True)

@@ -27,12 +27,14 @@ from hilora_core.errors import DimensionMismatchError, InvalidInputError
 from hilora_core.models.embedding import DEFAULT_INSTRUCTION, MINILM_NAME, EmbedderIdentity, SentenceEmbedder
 from hilora_core.policies import PolicyConfig
 from hilora_core.routing.fallback import load_reference_requests
+from hilora_core.routing.pool import PoolModel
 
 from .config import RegistryConfig, build_embedder
 from .connection import REDIS_ERRORS, connect
 from .errors import EmbedderMismatchError, RegistryUnavailableError
+from .fitted_pool import FittedHeader
 from .fitting import IncrementalPoolFit, StoredParameters
-from .prefilter import IndexKeeper
+from .prefilter import IndexKeeper, MeanIndex
 from .records import AdapterRecord, StoredAdapter
 from .routing import PoolSnapshot, RouteDecision, route_on_snapshot
 from .store import AdapterStore, Change
@@ -91,6 +93,10 @@ class PoolScorer:
         self._fit = IncrementalPoolFit(self.config.fit, self.config.fallback_eps,
                                        self.config.incremental_fit_min_pool, self.config.recalibrate_fraction,
                                        shared=_RedisParameters(store))
+        self._fit.sample_loader = self._load_samples
+        self.started_from_stored_fit = False
+        self.fits_stored = 0
+        self._stored_cells = 0  # self._index.trained when this scorer last stored the fit
         self._records: dict[str, AdapterRecord] = {}
         self._epoch = 0
         self._snapshot = PoolSnapshot(0, (), np.zeros(0, np.int64), {}, None)
@@ -168,6 +174,7 @@ class PoolScorer:
             "prefilter": snap.index is not None, "prefilter_gpu": bool(snap.index and snap.index.on_gpu),
             "full_reloads": self.full_reloads, "full_fits": self._fit.full_fits,
             "incremental_fits": self._fit.incremental_fits,
+            "started_from_stored_fit": self.started_from_stored_fit, "fits_stored": self.fits_stored,
         }
 
     def close(self) -> None:
@@ -225,13 +232,14 @@ class PoolScorer:
 
     def _check_pool_identity(self, snap: PoolSnapshot, identity: EmbedderIdentity) -> None:
         key = _identity_key(identity)
+        if all(_identity_key(other) == key for other in snap.identities):  # a set of one, usually
+            return
         bad = [i for i, r in snap.records.items() if _identity_key(r.embedder) != key]
-        if bad:
-            other = snap.records[bad[0]].embedder
-            raise EmbedderMismatchError(
-                f"{len(bad)} adapter(s) (e.g. {bad[:5]}) were embedded with {other.to_dict()}, "
-                f"but queries are embedded with {identity.to_dict()}; refusing to score"
-            )
+        other = snap.records[bad[0]].embedder
+        raise EmbedderMismatchError(
+            f"{len(bad)} adapter(s) (e.g. {bad[:5]}) were embedded with {other.to_dict()}, "
+            f"but queries are embedded with {identity.to_dict()}; refusing to score"
+        )
 
     # ---- following the store -----------------------------------------------------------------
 
@@ -245,15 +253,69 @@ class PoolScorer:
 
     def _full_reload(self) -> None:
         with self._lock:
-            epoch, ids = self.store.snapshot_ids()
-            fetched = self.store.fetch(ids)
-            self._records = {k: v.record for k, v in fetched.items()}
-            self._fit.reset({k: v.embeddings for k, v in fetched.items()})
             self._index.reset()
-            self._epoch = epoch
             self.full_reloads += 1
-            self._rebuild()
+            if not self._start_from_stored_fit():
+                epoch, ids = self.store.snapshot_ids()
+                fetched = self.store.fetch(ids)
+                self._records = {k: v.record for k, v in fetched.items()}
+                self._fit.reset({k: v.embeddings for k, v in fetched.items()})
+                self._epoch = epoch
+                self._rebuild()
             self._catch_up()  # changes made while we were reading
+
+    def _start_from_stored_fit(self) -> bool:
+        """Take the fitted pool stored in Redis, if it is usable; True if taken (caller holds the lock).
+
+        Usable: fitted with the stored pool parameters, under this scorer's fit key, and with the
+        changelog still complete since its epoch (the caller replays those changes).
+        """
+        if self.config.store_fit_every == 0:
+            return False
+        header = self.store.fitted_header()
+        stored = self.store.get_parameters()
+        if header is None or stored is None or stored.params.digest != header.digest or stored.key != header.key:
+            return False
+        if not self.store.changes_since(header.epoch)[1]:
+            return False
+        fitted = self.store.get_fitted()
+        if fitted is None or fitted.header != header or len(fitted.ids) < self.config.incremental_fit_min_pool:
+            return False
+        self._records = dict(zip(fitted.ids, fitted.records, strict=True))
+        self._fit.reference = self._reference_for_pool()
+        if header.key != self._fit.key():  # another fit policy or reference set than this scorer's
+            return False
+        self._fit.load_fitted(fitted, stored)
+        self._index.use_centroids(fitted.centroids)  # the writer's IVF cells: every replica shortlists alike
+        self._epoch = header.epoch
+        self.started_from_stored_fit = True
+        self._rebuild()
+        return True
+
+    def _maybe_store_fit(self, ids: list[str], model: PoolModel, index: MeanIndex | None) -> None:
+        """Store the fitted pool for new scorers when none is, or the stored one is outdated (older than
+        ``store_fit_every`` changes, other parameters, or this scorer rebuilt its prefilter's cells since)."""
+        every = self.config.store_fit_every
+        digest = self._fit.params_digest()
+        if every == 0 or len(ids) < self.config.incremental_fit_min_pool or digest is None:
+            return
+        key = self._fit.key()
+        with contextlib.suppress(RegistryUnavailableError):
+            h = self.store.fitted_header()
+            new_cells = self._index.trained != self._stored_cells
+            if (h is not None and h.key == key and h.digest == digest and self._epoch - h.epoch < every
+                    and not new_cells):
+                return
+            header = FittedHeader(self._epoch, key, digest)
+            centroids = None if index is None else index.centroids()
+            if self.store.put_fitted(header, ids, [self._records[i] for i in ids], model.bank, model.means,
+                                     centroids):
+                self.fits_stored += 1
+                self._stored_cells = self._index.trained
+
+    def _load_samples(self, ids: Sequence[str]) -> dict[str, np.ndarray]:
+        """(m, d) samples of ``ids`` from the store (for a refit after starting from a stored fit)."""
+        return {k: v.embeddings for k, v in self.store.fetch(list(ids)).items()}
 
     def _catch_up(self) -> None:
         # one catch-up at a time (follower thread vs. refresh() from a request thread);
@@ -323,7 +385,11 @@ class PoolScorer:
         records = {i: self._records[i] for i in ids}
         ranks = np.array([records[i].rank for i in ids], dtype=np.int64)
         index, slot_to_pos = self._index.update(ids, None if model is None else model.bank.means)
-        self._snapshot = PoolSnapshot(self._epoch, tuple(ids), ranks, records, model, index, slot_to_pos)
+        identities = frozenset(r.embedder for r in records.values())
+        self._snapshot = PoolSnapshot(self._epoch, tuple(ids), ranks, records, model, index, slot_to_pos,
+                                      identities=identities)
+        if model is not None:
+            self._maybe_store_fit(ids, model, index)
 
     def _follow(self) -> None:
         pubsub = None

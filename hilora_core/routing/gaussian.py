@@ -174,6 +174,34 @@ class GaussianBank:
         self.variances = variances
         self._precompute()
 
+    @classmethod
+    def from_arrays(cls, means: np.ndarray, bases: np.ndarray, variances: np.ndarray, eps: np.ndarray,
+                    n_samples: np.ndarray) -> GaussianBank:
+        """A bank from the arrays another bank holds (no copy where dtypes already match).
+
+        Args:
+            means: (I, d); bases: (I, K, d), same dtype as ``means``; variances: (I, K), 0 for
+                padding; eps: (I,); n_samples: (I,).
+        """
+        n, k, d = bases.shape
+        if n == 0:
+            raise EmptyPoolError("GaussianBank needs at least one Gaussian, got an empty pool")
+        if means.shape != (n, d) or variances.shape != (n, k) or eps.shape != (n,) or n_samples.shape != (n,):
+            raise DimensionMismatchError(
+                f"inconsistent bank arrays: means {means.shape}, bases {bases.shape}, variances {variances.shape}, "
+                f"eps {eps.shape}, n_samples {n_samples.shape}"
+            )
+        bank = object.__new__(cls)
+        bank.dtype = np.dtype(means.dtype)
+        bank.dim = int(d)
+        bank.means = means
+        bank.bases = bases.astype(bank.dtype, copy=False)
+        bank.variances = variances.astype(np.float64, copy=False)
+        bank.eps = eps.astype(np.float64, copy=False)
+        bank.n_samples = n_samples.astype(np.int64, copy=False)
+        bank._precompute()
+        return bank
+
     def _precompute(self) -> None:
         # weight of each basis direction in the Woodbury correction (0 for padding), constant term
         weights, self._const = woodbury_terms(self.variances, self.eps, self.dim)  # (I, K), (I,)

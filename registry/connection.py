@@ -56,21 +56,26 @@ class SentinelURL:
         parts = urlsplit(url)
         if parts.scheme != SENTINEL_SCHEME:
             raise ValueError(f"not a {SENTINEL_SCHEME}:// URL")
-        creds, _, hosts = parts.netloc.rpartition("@")
-        username, _, password = creds.partition(":") if creds else ("", "", "")
-        sentinels = []
-        for item in hosts.split(","):
-            host, _, port = item.strip().rpartition(":")
-            if not host or not port.isdigit():
-                raise ValueError(f"sentinel address {item!r} is not host:port")
-            sentinels.append((host.strip("[]"), int(port)))
+        username, password, sentinels = _hosts_and_credentials(parts.netloc, "sentinel")
         path = [p for p in parts.path.split("/") if p]
         if not path or len(path) > 2 or (len(path) == 2 and not path[1].isdigit()):
             raise ValueError("the path must be /<primary name>[/<db>]")
         query = parse_qs(parts.query)
-        return cls(tuple(sentinels), unquote(path[0]), int(path[1]) if len(path) == 2 else 0,
-                   unquote(username) or None, unquote(password) or None,
+        return cls(tuple(sentinels), unquote(path[0]), int(path[1]) if len(path) == 2 else 0, username, password,
                    query.get("sentinel_password", [None])[0])
+
+
+def _hosts_and_credentials(netloc: str, what: str) -> tuple[str | None, str | None, list[tuple[str, int]]]:
+    """``[[user]:password@]host:port[,host:port...]`` -> (user, password, [(host, port), ...])."""
+    creds, _, hosts = netloc.rpartition("@")
+    username, _, password = creds.partition(":") if creds else ("", "", "")
+    addresses = []
+    for item in hosts.split(","):
+        host, _, port = item.strip().rpartition(":")
+        if not host or not port.isdigit():
+            raise ValueError(f"{what} address {item!r} is not host:port")
+        addresses.append((host.strip("[]"), int(port)))
+    return unquote(username) or None, unquote(password) or None, addresses
 
 
 def is_cluster(client: redis.Redis) -> bool:
@@ -102,18 +107,10 @@ def client_from_url(url: str, timeout_s: float) -> redis.Redis:
     Cluster (the pool's keys then share one hash slot: :func:`pool_key_prefix`).
     """
     if url.startswith(CLUSTER_SCHEME + "://"):
-        parts = urlsplit(url)
-        creds, _, hosts = parts.netloc.rpartition("@")
-        username, _, password = creds.partition(":") if creds else ("", "", "")
-        nodes = []
-        for item in hosts.split(","):
-            host, _, port = item.strip().rpartition(":")
-            if not host or not port.isdigit():
-                raise ValueError(f"cluster node address {item!r} is not host:port")
-            nodes.append(ClusterNode(host.strip("[]"), int(port)))
-        return RedisCluster(startup_nodes=nodes, username=unquote(username) or None,
-                            password=unquote(password) or None, socket_timeout=timeout_s,
-                            socket_connect_timeout=timeout_s, retry=_retry())
+        username, password, nodes = _hosts_and_credentials(urlsplit(url).netloc, "cluster node")
+        return RedisCluster(startup_nodes=[ClusterNode(h, p) for h, p in nodes], username=username,
+                            password=password, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
+                            retry=_retry())
     if url.startswith(SENTINEL_SCHEME + "://"):
         u = SentinelURL.parse(url)
         sentinel_kwargs = {"socket_timeout": timeout_s, "socket_connect_timeout": timeout_s}

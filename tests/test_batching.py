@@ -161,6 +161,48 @@ def test_a_full_queue_refuses_and_changes_nothing(lm):
         batcher.close()
 
 
+def test_a_burst_into_free_rows_is_not_refused(lm):
+    """Requests that free rows will take at the next step are not counted against the queue's bound:
+    a burst of max_rows + max_waiting requests into an idle loop is accepted whole."""
+    batcher = ContinuousBatcher(lm, BatchingSettings(max_rows=3, max_waiting=1))
+    try:
+        reqs = [SequenceRequest(chat_ids(lm, PROMPTS[i]), PLANS[0], max_new_tokens=4) for i in range(4)]
+        with batcher._cond:  # hold the loop back so that the whole burst is queued before any admission
+            handles = [batcher.submit(r) for r in reqs]  # the lock is re-entrant
+            assert batcher.stats()["waiting"] == 4
+            with pytest.raises(QueueFullError, match="max_waiting=1"):  # one more than rows + queue
+                batcher.submit(SequenceRequest(chat_ids(lm, PROMPTS[4]), PLANS[0], max_new_tokens=4))
+        outs = [collect(h) for h in handles]
+        assert outs == [alone(lm, PROMPTS[i], PLANS[0], max_new_tokens=4) for i in range(4)]
+    finally:
+        batcher.close()
+
+
+def test_a_failed_prefill_ends_its_requests_and_frees_their_slots(lm, monkeypatch):
+    batcher = ContinuousBatcher(lm, BatchingSettings(max_rows=2, max_waiting=2))
+    real = lm.forward
+    calls = []
+
+    def failing_once(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("injected prefill failure")
+        return real(*args, **kwargs)
+
+    try:
+        monkeypatch.setattr(lm, "forward", failing_once)
+        handle = batcher.submit(SequenceRequest(chat_ids(lm, PROMPTS[0]), PLANS[1], max_new_tokens=4))
+        with pytest.raises(RuntimeError, match="injected"):  # delivered, not left hanging
+            list(handle.events(timeout=60))
+        assert batcher.stats()["running"] == 0 and not batcher._admitting
+        monkeypatch.setattr(lm, "forward", real)
+        after = collect(batcher.submit(SequenceRequest(chat_ids(lm, PROMPTS[1]), PLANS[1], max_new_tokens=4)))
+        assert after == alone(lm, PROMPTS[1], PLANS[1], max_new_tokens=4)
+        assert batcher.metrics.failed == 1
+    finally:
+        batcher.close()
+
+
 def test_plans_that_overflow_the_device_slots_wait_for_a_slot(lm):
     small = RoutedLM.from_pretrained(None, max_slots=2)
     for name in lm.adapters:

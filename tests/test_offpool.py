@@ -5,14 +5,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 from redis_server import RedisServer
+from scorer_process import route_in_new_process
 
 from hilora_core.errors import InvalidInputError
 from hilora_core.plan import RoutingPlan
@@ -149,21 +147,6 @@ def test_registry_falls_back_with_override_and_stores_the_threshold(redis_url, e
     reg.close()
 
 
-SCORER_SCRIPT = """
-import json, sys
-import numpy as np
-from registry.config import RegistryConfig
-from registry.scorer import PoolScorer
-from hilora_core.models.embedding import EmbedderIdentity
-cfg = RegistryConfig(**json.loads(sys.argv[1]))
-z = np.load(sys.argv[2])
-ident = EmbedderIdentity("synthetic-test", None, z.shape[1], "", True)
-scorer = PoolScorer(cfg, identity=ident, follow=False)
-out = [d.to_dict() for d in scorer.route_embeddings(z)]
-print(json.dumps({"decisions": out, "status": scorer.status()}))
-"""
-
-
 def test_two_scorer_processes_decide_alike_after_incremental_registrations(redis_url, tmp_path):
     from hilora_core.models.embedding import EmbedderIdentity
     from registry.registry import Registry
@@ -186,12 +169,7 @@ def test_two_scorer_processes_decide_alike_after_incremental_registrations(redis
     queries = np.concatenate([centers + 0.4 * rng.standard_normal(centers.shape),
                               rng.standard_normal((6, dim)) * 6]).astype("f4")
     np.save(tmp_path / "q.npy", queries)
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    keys = ("redis_url", "key_prefix", "channel", "hub_lookup", "incremental_fit_min_pool", "recalibrate_fraction")
-    args = json.dumps({k: getattr(cfg, k) for k in keys})
-    proc = subprocess.run([sys.executable, "-c", SCORER_SCRIPT, args, str(tmp_path / "q.npy")], env=env,
-                          capture_output=True, text=True, timeout=300, check=True)
-    other = json.loads(proc.stdout.strip().splitlines()[-1])
+    other = route_in_new_process(cfg, tmp_path / "q.npy")
     mine = [d.to_dict() for d in reg.scorer.route_embeddings(queries)]
     assert other["status"]["full_fits"] == 0  # the new process fitted nothing pool-wide itself
     assert [d["plan"] for d in other["decisions"]] == [d["plan"] for d in mine]

@@ -37,7 +37,9 @@ def service(tmp_path_factory):
         "registry": {"seed_manifest": str(manifest), "eps": None, "adapter_dirs": [str(tmp)]},
         "limits": {"max_prompt_chars": 2000, "max_tokens": 64},
     }
-    with running_service(tmp, config) as (url, redis_srv):
+    # Serve may hand the replica more requests than its rows and queue hold (by default it stops at
+    # max_rows + max_waiting and queues the rest itself), so that the replica's own bound is what refuses
+    with running_service(tmp, config, deployments={"LoRAModel": {"max_ongoing_requests": 8}}) as (url, redis_srv):
         client = httpx.Client(base_url=url, timeout=120)
         yield {"client": client, "port": int(url.rsplit(":", 1)[1]), "beta": str(tmp / "beta"),
                "alpha": str(tmp / "pool" / "adapters" / "alpha"), "redis": redis_srv}
@@ -410,7 +412,9 @@ def loop_metric(client, quantity: str) -> float:
 
 
 def open_stream(stack, client, text: str):
-    body = {"model": "base", "messages": [{"role": "user", "content": text}], "max_tokens": 64, "stream": True}
+    # ignore_eos: the stream holds its row for all 64 tokens, however short the model's own answer
+    body = {"model": "base", "messages": [{"role": "user", "content": text}], "max_tokens": 64, "stream": True,
+            "ignore_eos": True}
     r = stack.enter_context(client.stream("POST", "/v1/chat/completions", json=body))
     assert r.status_code == 200, r.read()
     return r
@@ -422,11 +426,12 @@ def test_abandoned_streams_are_cancelled_and_a_full_queue_answers_503(service):
     c = service["client"]
     cancelled_before = loop_metric(c, "cancelled")
     with httpx.Client(base_url=c.base_url, timeout=120) as other, ExitStack() as stack:
-        streams = []
+        streams, readers = [], []
         for i in range(4):  # 2 rows running (each has sent text), then 2 queued behind them
             streams.append(open_stream(stack, other, f"{STORY} ({i})"))
             if i < 2:
-                next(ln for ln in streams[-1].iter_lines() if ln.startswith("data: "))
+                readers.append(streams[-1].iter_lines())  # kept: a dropped reader closes its stream
+                next(ln for ln in readers[-1] if ln.startswith("data: "))
         full = chat(c, "base", "Say hi", max_tokens=4)
         assert full.status_code == 503 and "max_waiting=2" in full.json()["error"]["message"], full.text
         assert full.headers["retry-after"] == "1"

@@ -3,19 +3,13 @@
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 from redis_server import RedisServer
+from scorer_process import route_in_new_process
 
 from hilora_core.models.embedding import EmbedderIdentity
 
-ROOT = Path(__file__).resolve().parents[1]
 DIM = 16
 IDENT = EmbedderIdentity("synthetic-test", None, DIM, "", True)
 SPEC = {"rank": 8, "alpha": 16.0, "targets": ["q_proj"]}
@@ -77,34 +71,6 @@ def test_fitted_pool_round_trips_in_chunks_and_older_fits_are_refused(redis_url,
     reg.close()
 
 
-SCORER_SCRIPT = """
-import json, sys
-import numpy as np
-from registry.config import RegistryConfig
-from registry.scorer import PoolScorer
-from hilora_core.models.embedding import EmbedderIdentity
-cfg = RegistryConfig(**json.loads(sys.argv[1]))
-z = np.load(sys.argv[2])
-ident = EmbedderIdentity("synthetic-test", None, z.shape[1], "", True)
-scorer = PoolScorer(cfg, identity=ident, follow=False)
-out = [d.to_dict() for d in scorer.route_embeddings(z)]
-scores = scorer.snapshot.model.score(z)
-index = scorer.snapshot.index
-cells = None if index is None else index.centroids().tobytes().hex()
-print(json.dumps({"decisions": out, "scores": scores.tolist(), "status": scorer.status(), "cells": cells}))
-"""
-
-
-def _other_process(cfg, queries_path: Path) -> dict:
-    keys = ("redis_url", "key_prefix", "channel", "hub_lookup", "incremental_fit_min_pool", "recalibrate_fraction",
-            "store_fit_every", "prefilter_min_pool")
-    args = json.dumps({k: getattr(cfg, k) for k in keys})
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([sys.executable, "-c", SCORER_SCRIPT, args, str(queries_path)], env=env,
-                          capture_output=True, text=True, timeout=300, check=True)
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
 def test_replicas_decide_alike_after_100_incremental_registrations(redis_url, tmp_path):
     from dataclasses import replace
 
@@ -131,8 +97,8 @@ def test_replicas_decide_alike_after_100_incremental_registrations(redis_url, tm
     queries = np.concatenate([centers[::4] + 0.4 * rng.standard_normal(centers[::4].shape),
                               rng.standard_normal((8, DIM)) * 6]).astype("f4")
     np.save(tmp_path / "q.npy", queries)
-    started = _other_process(cfg, tmp_path / "q.npy")  # a new replica: starts from the stored fit
-    fitted_itself = _other_process(replace(cfg, store_fit_every=0), tmp_path / "q.npy")  # fits every Gaussian
+    started = route_in_new_process(cfg, tmp_path / "q.npy")  # a new replica: starts from the stored fit
+    fitted_itself = route_in_new_process(replace(cfg, store_fit_every=0), tmp_path / "q.npy")  # fits every Gaussian
     assert started["status"]["started_from_stored_fit"] and not fitted_itself["status"]["started_from_stored_fit"]
     assert started["status"]["full_fits"] == 0 and fitted_itself["status"]["full_fits"] == 0
     assert started["status"]["incremental_fits"] == reg.epoch() - header.epoch  # only the replayed changes

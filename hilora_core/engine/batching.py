@@ -20,7 +20,7 @@ set of rows changes, so a request's tokens are the ones it gets when run alone. 
 one row per adapter, and their next-token distributions are mixed (:mod:`hilora_core.engine.ensemble`).
 Each request samples with its own seeded generator, so a seeded request gives the same text whatever
 it is batched with. Memory is bounded: ``max_rows`` rows of ``max_tokens_per_sequence`` tokens, and at
-most ``max_waiting`` requests in the queue (more get :class:`QueueFullError`).
+most ``max_waiting`` requests queued beyond what the free rows take (more get :class:`QueueFullError`).
 """
 
 from __future__ import annotations
@@ -70,7 +70,8 @@ class BatchingSettings:
 
     Attributes:
         max_rows: rows decoding at once (a plain or HiLoRA plan takes one row, an ensemble one per adapter).
-        max_waiting: requests queued for a row; one more gets :class:`QueueFullError` (HTTP 503).
+        max_waiting: requests queued for a row while every row is taken (requests that free rows take
+            at the next step do not count); one more gets :class:`QueueFullError` (HTTP 503).
         max_tokens_per_sequence: prompt plus generated tokens of one request (the KV memory's columns).
         prefill_tokens_per_step: prompt tokens prefilled between two decode steps (always at least one
             request), so a burst of long prompts delays running streams by a bounded amount.
@@ -248,6 +249,7 @@ class ContinuousBatcher:
         self._cond = threading.Condition()
         self._waiting: deque[_Seq] = deque()
         self._running: list[_Seq] = []  # in admission order
+        self._admitting: list[_Seq] = []  # admitted this step, rows not yet prefilled
         self._row_seq: list[_Seq] = []  # the request of each KV row
         self._row_member: list[int] = []  # which of its request's rows (index into _Seq.rows)
         self._routing: tuple[BatchRouting, torch.Tensor | None] | None = None  # rebuilt when the rows change
@@ -299,14 +301,29 @@ class ContinuousBatcher:
         with self._cond:
             if self._stopping:
                 raise CapacityError("the generation loop is shut down")
-            if len(self._waiting) >= s.max_waiting:
+            blocked, free = self._waiting_for_rows()
+            if blocked >= s.max_waiting and not (blocked == 0 and len(seq.rows) <= free):
                 self.metrics.rejected += 1
-                raise QueueFullError(f"{len(self._waiting)} requests are waiting, the queue's limit "
+                raise QueueFullError(f"{blocked} requests are waiting for a row, the queue's limit "
                                      f"(max_waiting={s.max_waiting}); retry shortly")
             self._waiting.append(seq)
             self.metrics.submitted += 1
             self._cond.notify()
         return handle
+
+    def _waiting_for_rows(self) -> tuple[int, int]:
+        """(queued requests that the free rows will not take at the next step, rows left free after the
+        others are taken), first come first served; the caller holds the lock. Only the former count
+        against ``max_waiting``: a burst into free rows is not refused."""
+        taken = sum(len(x.rows) for x in self._running) + sum(len(x.rows) for x in self._admitting)
+        free = self.settings.max_rows - taken
+        blocked = 0
+        for x in self._waiting:
+            if blocked == 0 and len(x.rows) <= free:
+                free -= len(x.rows)
+            else:
+                blocked += 1
+        return blocked, max(free, 0)
 
     def stats(self) -> dict:
         """Queue and batch now, counters since start, KV memory in use, latency histograms."""
@@ -355,7 +372,11 @@ class ContinuousBatcher:
         self._reap()
         admitted = self._admit()
         if admitted:
-            self._prefill(admitted)
+            try:
+                self._prefill(admitted)
+            except Exception as err:
+                self._abandon(admitted, err)
+                raise
         if self._running:
             self._decode()
         self.metrics.steps += 1
@@ -403,10 +424,25 @@ class ContinuousBatcher:
                 continue
             with self._cond:
                 self._waiting.remove(seq)
+                self._admitting.append(seq)
             admitted.append(seq)
             rows_free -= len(seq.rows)
             budget -= seq.prompt_len
         return admitted
+
+    def _abandon(self, admitted: list[_Seq], err: BaseException) -> None:
+        """End requests whose prefill failed: they hold leases but no rows yet."""
+        with self._cond:
+            self._admitting = []
+        running = {id(r) for r in self._running}
+        for s in admitted:
+            if id(s) in running:
+                continue  # the caller's _fail_all ends these
+            self.metrics.failed += 1
+            s.handle._emit(err)
+            if s.lease is not None:
+                s.lease.release()
+                s.lease = None
 
     def _drop_waiting(self, seq: _Seq, err: BaseException) -> None:
         with self._cond:
@@ -475,7 +511,9 @@ class ContinuousBatcher:
         for s, k in rows:
             self._row_seq.append(s)
             self._row_member.append(k)
-        self._running.extend(new)
+        with self._cond:
+            self._running.extend(new)
+            self._admitting = []
         cache.low = min(s.start for s in self._running)
         self._routing = None
         self._advance(new, scores)

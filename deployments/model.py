@@ -53,10 +53,21 @@ def _device_and_dtype(cfg: AppConfig) -> tuple[str, torch.dtype]:
     return device, dtype
 
 
+def generation_threads(cfg: AppConfig) -> int:
+    """torch CPU threads of the thread that generates: ``model.torch_threads``, else torch's default."""
+    return cfg.model.torch_threads or torch.get_num_threads()
+
+
 def build_engine(cfg: AppConfig) -> RoutedLM:
-    """The replica's engine from the config (device, dtype, cache sizes, torch threads)."""
-    if cfg.model.torch_threads:
-        torch.set_num_threads(cfg.model.torch_threads)
+    """The replica's engine from the config (device, dtype, cache sizes).
+
+    Loads with one torch thread in the calling thread. torch's CPU thread count is per OS thread, and
+    every thread that has run a parallel op keeps its OpenMP team: a loading team of N threads beside
+    the generation thread's team of N oversubscribes the cores, and OpenMP then wakes its workers by
+    syscall on every op (1.65x slower generation on 2 cores: ``benchmarks/thread_teams.py``).
+    Generation threads set their own count (:func:`generation_threads`).
+    """
+    torch.set_num_threads(1)
     device, dtype = _device_and_dtype(cfg)
     return RoutedLM.from_pretrained(
         cfg.model.base, device=device, dtype=dtype, max_slots=cfg.model.max_slots,
@@ -75,13 +86,15 @@ class ModelReplica:
 
     def __init__(self, config: dict, engine: RoutedLM | None = None) -> None:
         cfg = AppConfig.model_validate(config)
+        self.threads = generation_threads(cfg)  # read before build_engine sets this thread to one
         self.lm = engine if engine is not None else build_engine(cfg)
         self.user_markers = user_turn_markers(self.lm.tokenizer)
         self.replica = f"{os.getpid()}"
         self._known: dict[str, tuple[str, str | None]] = {}
         self._adapters_lock = threading.Lock()
         self._engine_lock = threading.Lock()  # static scheduler only
-        self.batcher = ContinuousBatcher(self.lm, cfg.model.batching()) if cfg.model.scheduler == "continuous" else None
+        self.batcher = ContinuousBatcher(self.lm, cfg.model.batching(), threads=self.threads) \
+            if cfg.model.scheduler == "continuous" else None
         self._generate_batch.set_max_batch_size(cfg.model.max_batch_size)
         self._generate_batch.set_batch_wait_timeout_s(cfg.model.batch_wait_timeout_s)
 
@@ -170,6 +183,7 @@ class ModelReplica:
 
     def _submit(self, req: GenerateCall, sink):
         """Register the adapters and queue the request (adapter files are read here, off the event loop)."""
+        torch.set_num_threads(1)  # a helper thread: no OpenMP team beside the loop's (see build_engine)
         self._ensure_adapters(req.sources)
         return self.batcher.submit(SequenceRequest(
             self._prompt_ids(req), req.routing_plan(), max_new_tokens=req.max_tokens, temperature=req.temperature,
@@ -271,6 +285,7 @@ class ModelReplica:
         A failed engine call gives ``{"error": exception}`` to its requests; a batch whose plans
         together need more adapters than the device slots is split into single requests.
         """
+        torch.set_num_threads(self.threads)  # this worker thread generates (see build_engine)
         out: list[dict] = [{} for _ in reqs]
         # requests with different seeds cannot share one sampling generator: one engine call per seed
         # (and per ignore_eos, a setting of the whole call)
@@ -323,6 +338,7 @@ class ModelReplica:
         done = object()
 
         def run() -> None:
+            torch.set_num_threads(self.threads)  # this worker thread generates (see build_engine)
             try:
                 with self._engine_lock:
                     self._ensure_adapters(req.sources)

@@ -236,9 +236,12 @@ class ContinuousBatcher:
         start: run the loop in a background thread now (tests may drive :meth:`step` themselves).
     """
 
-    def __init__(self, lm: RoutedLM, settings: BatchingSettings | None = None, start: bool = True) -> None:
+    def __init__(self, lm: RoutedLM, settings: BatchingSettings | None = None, start: bool = True,
+                 threads: int | None = None) -> None:
         self.lm = lm
         self.settings = settings or BatchingSettings()
+        # torch's CPU thread count is per OS thread: the loop thread sets its own (None: the creator's)
+        self.threads = threads or torch.get_num_threads()
         impl = getattr(lm.model.config, "_attn_implementation", None) or "eager"
         if impl not in ("sdpa", "eager"):
             raise UnsupportedModelError(f"continuous batching needs 'sdpa' or 'eager' attention, got {impl!r}")
@@ -351,6 +354,7 @@ class ContinuousBatcher:
 
     # ---- the loop --------------------------------------------------------------------------------
     def _loop(self) -> None:
+        torch.set_num_threads(self.threads)
         while True:
             with self._cond:
                 while not self._stopping and not self._waiting and not self._running:

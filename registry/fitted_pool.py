@@ -125,11 +125,10 @@ class FittedPoolStore:
             return False
         try:
             n, k, d = bank.bases.shape
-            per_adapter = bank.bases[0].nbytes + 2 * bank.means[0].nbytes + 8 * (k + 2) + raw_means[0].nbytes
-            chunk = max(1, CHUNK_BYTES // per_adapter)
+            arrays = dict(zip(_ARRAYS, (bank.means, bank.bases, bank.variances, bank.eps, bank.n_samples, raw_means),
+                              strict=True))
+            chunk = max(1, CHUNK_BYTES // sum(a[0].nbytes for a in arrays.values()))  # adapters per chunk
             starts = range(0, n, chunk)
-            arrays = {"means": bank.means, "bases": bank.bases, "variances": bank.variances, "eps": bank.eps,
-                      "n_samples": bank.n_samples, "raw_means": raw_means}
             for c, start in enumerate(starts):
                 fields = {name: np.ascontiguousarray(a[start:start + chunk]).tobytes() for name, a in arrays.items()}
                 self.client.hset(self._chunk_key(token, c), mapping=fields)
@@ -180,11 +179,10 @@ class FittedPoolStore:
             raw = self.client.hmget(self._chunk_key(token, c), *_ARRAYS)
             if any(r is None for r in raw):
                 return None
-            start = c * chunk
             for name, data in zip(_ARRAYS, raw, strict=True):
                 a = out[name]
-                part = np.frombuffer(data, dtype=a.dtype)
-                a.reshape(-1)[start * (a.size // n):start * (a.size // n) + part.size] = part
+                part = np.frombuffer(data, dtype=a.dtype).reshape(-1, *a.shape[1:])
+                a[c * chunk:c * chunk + len(part)] = part
         ids = _unpack(h["ids"])
         records = [AdapterRecord.from_dict(r) for r in _unpack(h["records"])]
         if len(ids) != n or len(records) != n:

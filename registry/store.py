@@ -34,6 +34,7 @@ import redis
 
 from hilora_core.errors import InvalidInputError, UnknownAdapterError
 from hilora_core.models.embedding import EmbedderIdentity
+from hilora_core.routing.gaussian import GaussianBank
 from hilora_core.routing.pool import PoolParameters
 
 from .config import RegistryConfig
@@ -265,8 +266,8 @@ class AdapterStore:
         """The stored fitted pool, or None (none stored, or replaced while it was read)."""
         return self._call("read fitted pool", self._fitted.read)
 
-    def put_fitted(self, header: FittedHeader, ids: list[str], records: list[AdapterRecord], bank, raw_means,
-                   centroids=None) -> bool:
+    def put_fitted(self, header: FittedHeader, ids: list[str], records: list[AdapterRecord], bank: GaussianBank,
+                   raw_means: np.ndarray, centroids: np.ndarray | None = None) -> bool:
         """Store a fitted pool (see :meth:`FittedPoolStore.write`); True if stored."""
         return self._call("write fitted pool",
                           lambda: self._fitted.write(header, ids, records, bank, raw_means, centroids))

@@ -33,6 +33,7 @@ from ray import serve
 from hilora_core.engine import RoutedLM
 from hilora_core.engine.batching import ContinuousBatcher, SequenceRequest
 from hilora_core.engine.generation import TokenLogprob
+from hilora_core.engine.threads import use_torch_threads
 from hilora_core.errors import CapacityError, InvalidInputError
 from hilora_core.models.chat_turns import UserTurnMarkers, last_user_turn, user_turn_markers
 
@@ -61,13 +62,13 @@ def generation_threads(cfg: AppConfig) -> int:
 def build_engine(cfg: AppConfig) -> RoutedLM:
     """The replica's engine from the config (device, dtype, cache sizes).
 
-    Loads with one torch thread in the calling thread. torch's CPU thread count is per OS thread, and
-    every thread that has run a parallel op keeps its OpenMP team: a loading team of N threads beside
-    the generation thread's team of N oversubscribes the cores, and OpenMP then wakes its workers by
-    syscall on every op (1.65x slower generation on 2 cores: ``benchmarks/thread_teams.py``).
-    Generation threads set their own count (:func:`generation_threads`).
+    Loads with one torch thread in the calling thread. Every thread that has run a parallel op keeps
+    its OpenMP team: a loading team of N threads beside the generation thread's team of N
+    oversubscribes the cores, and OpenMP then wakes its workers by syscall on every op (1.65x slower
+    generation on 2 cores: ``benchmarks/thread_teams.py``). Generation threads set their own count
+    (:func:`generation_threads`) with :func:`use_torch_threads`, which no other thread can undo.
     """
-    torch.set_num_threads(1)
+    use_torch_threads(1)
     device, dtype = _device_and_dtype(cfg)
     return RoutedLM.from_pretrained(
         cfg.model.base, device=device, dtype=dtype, max_slots=cfg.model.max_slots,
@@ -183,7 +184,7 @@ class ModelReplica:
 
     def _submit(self, req: GenerateCall, sink):
         """Register the adapters and queue the request (adapter files are read here, off the event loop)."""
-        torch.set_num_threads(1)  # a helper thread: no OpenMP team beside the loop's (see build_engine)
+        use_torch_threads(1)  # a helper thread: no OpenMP team beside the loop's (see build_engine)
         self._ensure_adapters(req.sources)
         return self.batcher.submit(SequenceRequest(
             self._prompt_ids(req), req.routing_plan(), max_new_tokens=req.max_tokens, temperature=req.temperature,
@@ -285,7 +286,7 @@ class ModelReplica:
         A failed engine call gives ``{"error": exception}`` to its requests; a batch whose plans
         together need more adapters than the device slots is split into single requests.
         """
-        torch.set_num_threads(self.threads)  # this worker thread generates (see build_engine)
+        use_torch_threads(self.threads)  # this worker thread generates (see build_engine)
         out: list[dict] = [{} for _ in reqs]
         # requests with different seeds cannot share one sampling generator: one engine call per seed
         # (and per ignore_eos, a setting of the whole call)
@@ -338,7 +339,7 @@ class ModelReplica:
         done = object()
 
         def run() -> None:
-            torch.set_num_threads(self.threads)  # this worker thread generates (see build_engine)
+            use_torch_threads(self.threads)  # this worker thread generates (see build_engine)
             try:
                 with self._engine_lock:
                     self._ensure_adapters(req.sources)

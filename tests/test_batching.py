@@ -317,3 +317,22 @@ def test_many_threads_submitting_at_once(lm):
         assert batcher.stats()["rows"] == 0
     finally:
         batcher.close()
+
+
+def test_the_loop_keeps_its_torch_threads_when_another_thread_sets_them(lm):
+    """torch copies its process-wide thread count into a thread at that thread's first parallel op. A
+    request thread that sets one thread before the loop's first step must not take the loop's threads
+    (a replica's loop ran on one thread of two that way, 1.6x slower)."""
+    previous = torch.get_num_threads()
+    batcher = ContinuousBatcher(lm, BatchingSettings(max_rows=2), threads=2)
+    try:
+        assert batcher.started.wait(30)
+        torch.set_num_threads(1)  # what a request's helper thread does, after the loop set its count
+        collect(batcher.submit(SequenceRequest(chat_ids(lm, PROMPTS[1]), RoutingPlan(), max_new_tokens=2)))
+        deadline = time.monotonic() + 30
+        while batcher.stats()["torch_threads"] == 0 and time.monotonic() < deadline:  # set after the step
+            time.sleep(0.01)
+        assert batcher.stats()["torch_threads"] == 2
+    finally:
+        batcher.close()
+        torch.set_num_threads(previous)

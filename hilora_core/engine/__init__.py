@@ -9,6 +9,7 @@ Modules, in data-flow order:
     generation      token choice, stop strings, result types
     decode          the decode loop of a mixed batch
     settings        EngineSettings, supported architectures
+    threads         torch CPU threads of one OS thread, set so that other threads cannot undo them
     routed_lm       RoutedLM, the public entry point
     introspection   hidden states, logit lens, layer inputs (the LoGo / qa-FLoRA baselines only)
 """

@@ -46,6 +46,7 @@ from hilora_core.engine.generation import (
     choose_tokens,
 )
 from hilora_core.engine.kv_slots import SlotKVCache, kv_geometry
+from hilora_core.engine.threads import use_torch_threads
 from hilora_core.errors import (
     CapacityError,
     InvalidInputError,
@@ -199,6 +200,7 @@ class LoopMetrics:
     prompt_tokens: int = 0
     generated_tokens: int = 0
     steps: int = 0
+    torch_threads: int = 0  # the torch CPU threads the loop thread ran its last step with
     ttft: Histogram = field(default_factory=lambda: Histogram((0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30)))
     itl: Histogram = field(default_factory=lambda: Histogram((0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)))
 
@@ -257,6 +259,7 @@ class ContinuousBatcher:
         self._row_member: list[int] = []  # which of its request's rows (index into _Seq.rows)
         self._routing: tuple[BatchRouting, torch.Tensor | None] | None = None  # rebuilt when the rows change
         self._stopping = False
+        self.started = threading.Event()  # set once the loop thread has set its torch threads
         self._thread: threading.Thread | None = None
         if start:
             self._thread = threading.Thread(target=self._loop, name="hilora-batcher", daemon=True)
@@ -337,6 +340,7 @@ class ContinuousBatcher:
                 "submitted": m.submitted, "finished": m.finished, "cancelled": m.cancelled,
                 "rejected": m.rejected, "timed_out": m.timed_out, "failed": m.failed,
                 "prompt_tokens": m.prompt_tokens, "generated_tokens": m.generated_tokens, "steps": m.steps,
+                "torch_threads": m.torch_threads,
                 "kv_bytes": self.cache.nbytes(), "ttft_s": m.ttft.snapshot(), "itl_s": m.itl.snapshot()}
 
     def close(self) -> None:
@@ -354,7 +358,8 @@ class ContinuousBatcher:
 
     # ---- the loop --------------------------------------------------------------------------------
     def _loop(self) -> None:
-        torch.set_num_threads(self.threads)
+        use_torch_threads(self.threads)  # this thread's count, kept whatever other threads set later
+        self.started.set()
         while True:
             with self._cond:
                 while not self._stopping and not self._waiting and not self._running:
@@ -365,6 +370,7 @@ class ContinuousBatcher:
                 self.step()
             except Exception as err:  # noqa: BLE001 - an engine failure ends the running requests, not the loop
                 self._fail_all(err)
+            self.metrics.torch_threads = torch.get_num_threads()
 
     @property
     def busy(self) -> bool:

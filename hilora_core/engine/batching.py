@@ -242,7 +242,7 @@ class ContinuousBatcher:
                  threads: int | None = None) -> None:
         self.lm = lm
         self.settings = settings or BatchingSettings()
-        # torch's CPU thread count is per OS thread: the loop thread sets its own (None: the creator's)
+        # the loop thread pins its own torch thread count (None: the creator's), see engine/threads.py
         self.threads = threads or torch.get_num_threads()
         impl = getattr(lm.model.config, "_attn_implementation", None) or "eager"
         if impl not in ("sdpa", "eager"):

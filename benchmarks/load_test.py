@@ -5,7 +5,7 @@ Against a running service (`make serve` in another terminal):
     python benchmarks/load_test.py --url http://127.0.0.1:8000 --requests 32 --concurrency 1 8 32
 
 Or in one run that starts the service itself, once per scheduler, on the same prompts (the new
-continuous-batching loop against the earlier static path), after measuring the engine alone:
+continuous-batching loop against the earlier static path), between two measurements of the engine alone:
 
     python benchmarks/load_test.py --launch --schedulers continuous static --out docs/load-test.json
 

@@ -133,14 +133,12 @@ class EngineAlone:
     """
 
     def __init__(self, prompts: list[tuple[str, str]], batch: int, max_tokens: int, threads: int) -> None:
-        import torch
-
         from hilora_core.engine import RoutedLM
         from hilora_core.engine.threads import use_torch_threads
         from hilora_core.manifest import read_manifest
         from hilora_core.plan import RoutingPlan
 
-        torch.set_num_threads(1)
+        use_torch_threads(1)
         manifest = ROOT / "examples" / "demo_pool" / "manifest.json"
         self.lm = RoutedLM.from_pretrained(None)
         for e in read_manifest(manifest):

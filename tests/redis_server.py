@@ -13,6 +13,7 @@ write), "rdb" (snapshot written on stop).
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import signal
 import socket
@@ -47,7 +48,28 @@ def redis_server_binary() -> str:
                        "Debian's redis-server")
 
 
+def _ephemeral_low() -> int:
+    """The lowest port the kernel hands to outgoing connections (Linux; 32768 elsewhere)."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_port() -> int:
+    """A free loopback port below the kernel's ephemeral range: a server restarted on it cannot find it
+    taken by some client's outgoing connection (which a port from ``bind(0)`` can be)."""
+    low = _ephemeral_low()
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randrange(max(1024, low - 12000), low)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
@@ -65,6 +87,7 @@ class RedisServer:
         self.port = port or free_port()
         self.extra_args = tuple(extra_args)
         self.proc: subprocess.Popen | None = None
+        self._started_once = False
 
     @property
     def url(self) -> str:
@@ -87,6 +110,8 @@ class RedisServer:
         return redis.Redis.from_url(self.url, socket_timeout=2, socket_connect_timeout=2)
 
     def start(self, timeout_s: float = 10.0) -> RedisServer:
+        """Start (or restart) the server. A first start that finds its port taken moves to another one; a
+        restart keeps the port, since clients and sentinels know the server by it, and retries instead."""
         os.makedirs(self.data_dir, exist_ok=True)
         for _attempt in range(3):
             self.proc = subprocess.Popen(self._args(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -94,13 +119,27 @@ class RedisServer:
             while time.monotonic() < deadline and self.proc.poll() is None:
                 try:
                     if self.client().ping():
+                        self._started_once = True
                         return self
                 except (redis.ConnectionError, redis.BusyLoadingError, redis.TimeoutError):
                     time.sleep(0.05)
             self.kill()
             if self.proc is not None and self.proc.returncode is not None:
-                self.port = free_port()  # port taken meanwhile: try another
-        raise RuntimeError(f"redis-server did not start on port {self.port} in {self.data_dir}")
+                if self._started_once:
+                    time.sleep(1.0)  # a restart: wait for the port rather than move
+                else:
+                    self.port = free_port()  # port taken meanwhile: try another
+        raise RuntimeError(f"redis-server did not start on port {self.port} in {self.data_dir}: "
+                           f"{self.log_tail()}")
+
+    def log_tail(self, lines: int = 15) -> str:
+        """The last lines of this server's log file (for failure messages)."""
+        for name in ("redis.log", "sentinel.log"):
+            path = os.path.join(self.data_dir, name)
+            if os.path.exists(path):
+                with open(path, errors="replace") as f:
+                    return f"{name}:\n" + "".join(f.readlines()[-lines:])
+        return "(no log)"
 
     @property
     def running(self) -> bool:

@@ -23,7 +23,8 @@ IDENT = EmbedderIdentity("synthetic-test", None, DIM, "", True)
 SERVICE = "hilora-primary"
 
 
-def _wait(predicate, timeout_s: float, what: str) -> None:
+def _wait(predicate, timeout_s: float, what: str, servers: tuple[RedisServer, ...] = ()) -> None:
+    """Poll ``predicate`` until true; on timeout fail with the last lines of ``servers``' logs."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         try:
@@ -32,7 +33,8 @@ def _wait(predicate, timeout_s: float, what: str) -> None:
         except (redis.RedisError, OSError):
             pass
         time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+    logs = "\n".join(f"--- port {srv.port}: {srv.log_tail()}" for srv in servers)
+    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}\n{logs}")
 
 
 def _replication(server: RedisServer) -> dict:
@@ -95,14 +97,16 @@ def test_no_acknowledged_registration_is_lost_when_the_primary_is_killed(tmp_pat
         _wait(lambda: len(acked) >= 40, 60, "40 registrations before the failover")
         primary.kill()  # SIGKILL under load
         t_kill, killed_at = time.monotonic(), len(acked)
-        _wait(lambda: sentinel.primary() == ("127.0.0.1", replica.port), 30, "the sentinel to promote the replica")
+        _wait(lambda: sentinel.primary() == ("127.0.0.1", replica.port), 30, "the sentinel to promote the replica",
+              (sentinel, primary, replica))
         t_promoted = time.monotonic()
         # with no replica left, writes are refused (not acknowledged) rather than put at risk
         _wait(lambda: len(refused) >= 3, 30, "writes to be refused while no replica holds them")
         primary.start()  # the old primary comes back; the sentinel turns it into a replica of the new one
         t_restarted = time.monotonic()
         _wait(lambda: _replication(primary)["role"] == "slave"
-              and _replication(primary)["master_link_status"] == "up", 120, "the old primary to rejoin as replica")
+              and _replication(primary)["master_link_status"] == "up", 120, "the old primary to rejoin as replica",
+              (sentinel, primary, replica))
         _wait(lambda: len(acked) >= killed_at + 40, 120, "40 registrations after the failover")
         stop.set()
         thread.join(timeout=30)

@@ -7,7 +7,13 @@ import pytest
 import torch
 
 from hilora_core import InvalidInputError, TokenRule, arrow_prototype
-from hilora_core.routing.token_routing import prepare_token_routing, route_rocs_batched, stack_adapters
+from hilora_core.routing.token_routing import (
+    apply_row_routing,
+    prepare_row_routing,
+    prepare_token_routing,
+    route_rocs_batched,
+    stack_adapters,
+)
 
 
 def _random_batch(rule: TokenRule, seed: int):
@@ -72,3 +78,36 @@ def test_repeated_candidate_is_refused():
     with pytest.raises(InvalidInputError, match="twice"):
         route_rocs_batched(x[:1], a_stack, b_stack, scal, ranks, torch.tensor([[1, 1]]), torch.tensor([[2, 2]]),
                            torch.ones(1, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+@pytest.mark.parametrize("keep_all", [False, True])
+def test_row_form_equals_the_dense_form_for_rows_of_tokens(seed, keep_all):
+    """A prefill's rows (T tokens sharing one candidate list) routed on their own candidates only
+    (apply_row_routing) give what the dense form (every adapter of the stack, weighted 0) gives."""
+    _, a_stack, b_stack, scal, ranks, cand, rocs, scale, weights, _ = _random_batch(TokenRule.PER_ADAPTER, seed)
+    if keep_all:
+        rocs = torch.where(cand >= 0, 10, 0)  # at least every rank
+    n_rows, t_len = cand.shape[0], 5
+    x = torch.randn(n_rows, t_len, a_stack.shape[2], generator=torch.Generator().manual_seed(seed),
+                    dtype=torch.float64)
+    rows = prepare_row_routing(scal, ranks, a_stack.shape[1], cand, rocs, scale, weights)
+    assert rows.keep_all == keep_all
+    bt = b_stack.transpose(1, 2)  # (U, R, d_out)
+    a_rows = a_stack.index_select(0, rows.index).view(n_rows, -1, a_stack.shape[2])
+    b_rows = bt.index_select(0, rows.index).reshape(n_rows, -1, bt.shape[2])
+    got = apply_row_routing(x, a_rows, b_rows, rows)
+    rep = [m.repeat_interleave(t_len, dim=0) for m in (cand, rocs, scale, weights)]
+    want = route_rocs_batched(x.reshape(-1, x.shape[2]), a_stack, b_stack, scal, ranks, *rep)
+    torch.testing.assert_close(got.reshape(-1, got.shape[2]), want)
+    base = torch.randn_like(got)
+    torch.testing.assert_close(apply_row_routing(x, a_rows, b_rows, rows, out=base), base + got)
+    acc = base.clone()
+    assert apply_row_routing(x, a_rows, b_rows, rows, out=acc, accumulate=True) is acc
+    torch.testing.assert_close(acc, base + got)
+
+
+def test_row_form_refuses_a_repeated_candidate():
+    *_, scal, ranks, _c, _r, scale, _w, _p = _random_batch(TokenRule.PER_ADAPTER, 0)
+    with pytest.raises(InvalidInputError, match="twice"):
+        prepare_row_routing(scal, ranks, 8, torch.tensor([[1, 1]]), torch.tensor([[2, 2]]), scale[:1])

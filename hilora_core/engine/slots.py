@@ -3,7 +3,7 @@
 Every routed layer owns a :class:`LayerSlots`:
 
     a_stack     (S, R, d_in)   rows >= r of a slot are zero
-    b_stack     (S, d_out, R)  columns >= r are zero
+    bt_stack    (S, R, d_out)  B transposed (so a slot's ROCs are contiguous rows); rows >= r are zero
     scalings    (S,)
     ranks       (S,)           0 where the slot's adapter does not adapt this layer
     prototypes  (S, d_in)      Arrow prototypes, computed only when an Arrow plan first uses the slot
@@ -33,7 +33,7 @@ class LayerSlots:
     """The preallocated stacks of one routed linear layer (shapes in the module docstring)."""
 
     a_stack: torch.Tensor
-    b_stack: torch.Tensor
+    bt_stack: torch.Tensor
     scalings: torch.Tensor
     ranks: torch.Tensor
     prototypes: torch.Tensor
@@ -42,7 +42,7 @@ class LayerSlots:
     def allocate(cls, n_slots: int, max_rank: int, d_in: int, d_out: int, device, dtype) -> LayerSlots:
         return cls(
             a_stack=torch.zeros((n_slots, max_rank, d_in), device=device, dtype=dtype),
-            b_stack=torch.zeros((n_slots, d_out, max_rank), device=device, dtype=dtype),
+            bt_stack=torch.zeros((n_slots, max_rank, d_out), device=device, dtype=dtype),
             scalings=torch.zeros((n_slots,), device=device, dtype=dtype),
             ranks=torch.zeros((n_slots,), device=device, dtype=torch.long),
             prototypes=torch.zeros((n_slots, d_in), device=device, dtype=dtype),
@@ -50,7 +50,7 @@ class LayerSlots:
 
     def clear(self, slot: int) -> None:
         self.a_stack[slot].zero_()
-        self.b_stack[slot].zero_()
+        self.bt_stack[slot].zero_()
         self.scalings[slot] = 0
         self.ranks[slot] = 0
         self.prototypes[slot].zero_()
@@ -216,7 +216,7 @@ class AdapterSlots:
                 continue
             r = lora.rank
             stacks.a_stack[slot, :r].copy_(lora.a)
-            stacks.b_stack[slot, :, :r].copy_(lora.b)
+            stacks.bt_stack[slot, :r].copy_(lora.b.T)
             stacks.scalings[slot] = lora.scaling
             stacks.ranks[slot] = r
             top = max(top, r)
@@ -237,7 +237,7 @@ class AdapterSlots:
                 for stacks in self.layers.values():
                     r = int(stacks.ranks[slot])
                     if r > 0:
-                        proto = arrow_prototype(stacks.a_stack[slot, :r], stacks.b_stack[slot, :, :r])
+                        proto = arrow_prototype(stacks.a_stack[slot, :r], stacks.bt_stack[slot, :r].T)
                         stacks.prototypes[slot].copy_(proto)
                 self._prototyped.add(slot)
 

@@ -128,14 +128,19 @@ def apply_token_routing(
     signed: bool = False,
     prototypes: torch.Tensor | None = None,
     arrow_temperature: float = 1.0,
+    out: torch.Tensor | None = None,
+    accumulate: bool = False,
 ) -> torch.Tensor:
-    """The x-dependent part of :func:`route_rocs_batched`: (N, d_in) -> (N, d_out)."""
+    """The x-dependent part of :func:`route_rocs_batched`: (N, d_in) -> (N, d_out).
+
+    ``out`` (N, d_out), when given, is added to the result in the last matmul (``addmm``, one pass
+    instead of two); with ``accumulate`` the sum is written into ``out`` itself and returned."""
     n_tok, d_in = x.shape
     n_ad, r_max, _ = a_stack.shape
     d_out = b_stack.shape[1]
     b_flat = b_stack.permute(0, 2, 1).reshape(n_ad * r_max, d_out)  # a view when b_stack is (U, R, d_out).mT
     if n_tok == 0 or routing.kmax == 0:
-        return x.new_zeros((n_tok, d_out))
+        return x.new_zeros((n_tok, d_out)) if out is None else out
     coeff = routing.coeff.to(x.dtype)
     # projections of every token on every ROC of every adapter in the stack: one matmul
     proj = (x @ a_stack.reshape(n_ad * r_max, d_in).T).view(n_tok, n_ad, r_max)  # (N, U, R)
@@ -161,7 +166,116 @@ def apply_token_routing(
         chosen = torch.zeros_like(sim, dtype=torch.bool).scatter_(-1, idx, routing.take)
         soft = torch.softmax((sim / arrow_temperature).masked_fill(~chosen, -math.inf), dim=-1).nan_to_num(0.0)
         coef = proj * ((coeff * soft).unsqueeze(-1) * routing.exists)
-    return coef.reshape(n_tok, n_ad * r_max) @ b_flat
+    coef = coef.reshape(n_tok, n_ad * r_max)
+    if out is None:
+        return coef @ b_flat
+    return out.addmm_(coef, b_flat) if accumulate else torch.addmm(out, coef, b_flat)
+
+
+@dataclass(frozen=True)
+class RowRouting:
+    """Per-adapter token routing for a batch whose B rows each run T tokens under one candidate list
+    (a prefill): the x-independent part, made once per batch by :func:`prepare_row_routing`.
+
+    Where :class:`TokenRouting` is dense over the U adapters of the stack (every token is projected
+    on every adapter, non-candidates weighted 0), this form gathers each row's own C candidates, so
+    a token costs C adapters instead of U. The result is the same sum (up to float rounding order).
+
+        index     (B * C,) the stack index of each (row, candidate); empty candidates point at the
+                  first candidate's (weighted 0)
+        coeff     (B, 1, C, 1) s_u * weight * row scale, 0 for empty candidates
+        bias      (B, 1, C, R) -inf for ROCs j >= r_u (never chosen), else 0
+        take      (B, 1, C, kmax) True for the first ``counts`` top-k positions
+        keep_all  every candidate keeps all its ROCs: no top-k needed
+    """
+
+    index: torch.Tensor
+    coeff: torch.Tensor
+    bias: torch.Tensor
+    take: torch.Tensor
+    kmax: int
+    keep_all: bool
+
+
+def prepare_row_routing(
+    scalings: torch.Tensor,
+    ranks: torch.Tensor,
+    r_max: int,
+    row_adapters: torch.Tensor,
+    row_rocs: torch.Tensor,
+    row_scale: torch.Tensor,
+    row_weights: torch.Tensor | None = None,
+) -> RowRouting:
+    """The x-independent part of :func:`apply_row_routing` (the ``per_adapter`` token rule).
+
+    Args:
+        scalings, ranks: (U,) of the stack.
+        r_max: R, the rank the stack is cut to.
+        row_adapters: (B, C) indices into U, distinct per row; -1 marks an empty slot.
+        row_rocs: (B, C) ROCs to keep per candidate (clipped to its rank).
+        row_scale: (B,) multiplier per row.
+        row_weights: (B, C) multiplier per candidate (default 1).
+    """
+    device, dtype = scalings.device, scalings.dtype
+    n_rows, n_cand = row_adapters.shape
+    valid = row_adapters >= 0
+    cand = row_adapters.clamp(min=0)
+    if n_cand > 1:
+        srt = torch.where(valid, row_adapters, -1 - torch.arange(n_cand, device=device)).sort(dim=1).values
+        if bool((srt[:, 1:] == srt[:, :-1]).any()):
+            raise InvalidInputError("a token lists the same adapter twice among its candidates")
+    rank = ranks.clamp(max=r_max)[cand] * valid  # (B, C), 0 for empty slots
+    coeff = scalings[cand] * valid * row_scale.to(dtype).unsqueeze(-1)
+    if row_weights is not None:
+        coeff = coeff * row_weights.to(dtype)
+    counts = torch.minimum(row_rocs.long() * valid, rank)  # (B, C)
+    keep_all = bool((counts >= rank).all())
+    exists = torch.arange(r_max, device=device) < rank.unsqueeze(-1)  # (B, C, R)
+    bias = torch.where(exists, torch.tensor(0.0, device=device, dtype=dtype),
+                       torch.tensor(-math.inf, device=device, dtype=dtype))
+    kmax = int(counts.max()) if counts.numel() else 0
+    take = torch.arange(kmax, device=device) < counts.unsqueeze(-1)  # (B, C, kmax)
+    return RowRouting(cand.reshape(-1), coeff.view(n_rows, 1, n_cand, 1), bias.unsqueeze(1), take.unsqueeze(1),
+                      kmax, keep_all)
+
+
+def apply_row_routing(
+    x: torch.Tensor,
+    a_rows: torch.Tensor,
+    b_rows: torch.Tensor,
+    routing: RowRouting,
+    signed: bool = False,
+    out: torch.Tensor | None = None,
+    accumulate: bool = False,
+) -> torch.Tensor:
+    """The x-dependent part of the per-row form: (B, T, d_in) -> (B, T, d_out).
+
+    Args:
+        x: (B, T, d_in) the rows' tokens.
+        a_rows: (B, C * R, d_in) each row's candidates' A (the stack's rows at ``routing.index``).
+        b_rows: (B, C * R, d_out) each row's candidates' B, transposed likewise.
+        routing: from :func:`prepare_row_routing`.
+        signed: rank ROCs by signed p instead of |p|.
+        out: (B, T, d_out) added to the result in the last matmul (``baddbmm``); with ``accumulate``
+            the sum is written into ``out`` itself and returned, else ``out`` is not modified.
+    """
+    n_rows, t_len, _ = x.shape
+    n_cand, r_max = routing.bias.shape[-2:]
+    if routing.kmax == 0:
+        return x.new_zeros((n_rows, t_len, b_rows.shape[-1])) if out is None else out
+    proj = torch.bmm(x, a_rows.transpose(1, 2)).view(n_rows, t_len, n_cand, r_max)  # (B, T, C, R)
+    coeff = routing.coeff.to(x.dtype)
+    if routing.keep_all:
+        coef = proj * coeff
+    else:
+        key = (proj if signed else proj.abs()) + routing.bias.to(x.dtype)
+        idx = key.topk(routing.kmax, dim=-1).indices  # (B, T, C, kmax)
+        keep = torch.zeros_like(proj).scatter_(-1, idx, routing.take.expand_as(idx).to(x.dtype))
+        coef = proj * keep * coeff
+    coef = coef.view(n_rows, t_len, n_cand * r_max)
+    if out is None:
+        return torch.bmm(coef, b_rows)
+    return out.baddbmm_(coef, b_rows) if accumulate else torch.baddbmm(out, coef, b_rows)
 
 
 def route_rocs_batched(

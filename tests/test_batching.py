@@ -336,3 +336,37 @@ def test_the_loop_keeps_its_torch_threads_when_another_thread_sets_them(lm):
     finally:
         batcher.close()
         torch.set_num_threads(previous)
+
+
+def test_rebuilt_routing_reuses_the_gathered_stacks_only_while_the_slots_hold_the_same_adapters(lm):
+    """When rows leave and the adapters stay, the decode loop's new routing takes the old one's gathered
+    stacks; once a slot is refilled (an adapter dropped and loaded again), it must gather afresh."""
+    rows = [PLANS[0], PLANS[1]]  # adapters a and b
+    lease = lm.acquire(rows)
+    try:
+        first = lm.build_routing(rows, lease.slots)
+        first.layer_stacks(next(iter(lm.slots.layers.values())))  # gathered once
+        fewer = lm.build_routing([PLANS[1]], lease.slots)  # a row left; a and b still active
+        assert fewer.reuse_stacks(first) and fewer._layer_cache is first._layer_cache
+        assert not lm.build_routing([PLANS[0]], lease.slots).reuse_stacks(first)  # b left the batch
+    finally:
+        lease.release()
+    lm.slots.drop("b")  # b's slot is cleared; the next lease loads b again
+    with lm.acquire(rows) as again:
+        assert not lm.build_routing(rows, again.slots).reuse_stacks(first)
+
+
+def test_the_decode_loop_reuses_stacks_as_rows_finish(lm):
+    lengths = [3, 5, 7, 9]
+    batcher = ContinuousBatcher(lm, BatchingSettings(max_rows=4))
+    try:
+        with batcher._cond:  # all four join at one step, then leave one by one with the adapters held by the rest
+            handles = [batcher.submit(SequenceRequest(chat_ids(lm, PROMPTS[i]), PLANS[1], max_new_tokens=n,
+                                                      ignore_eos=True)) for i, n in enumerate(lengths)]
+        outs = [collect(h) for h in handles]
+        assert outs == [alone(lm, PROMPTS[i], PLANS[1], max_new_tokens=n, ignore_eos=True)
+                        for i, n in enumerate(lengths)]
+        stats = batcher.stats()
+        assert stats["routing_builds"] == 4 and stats["stack_reuses"] == 3
+    finally:
+        batcher.close()

@@ -201,6 +201,8 @@ class LoopMetrics:
     generated_tokens: int = 0
     steps: int = 0
     torch_threads: int = 0  # the torch CPU threads the loop thread ran its last step with
+    routing_builds: int = 0  # decode routings built (each time the running rows changed)
+    stack_reuses: int = 0  # of those, how many reused the previous one's gathered adapter stacks
     ttft: Histogram = field(default_factory=lambda: Histogram((0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30)))
     itl: Histogram = field(default_factory=lambda: Histogram((0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)))
 
@@ -258,6 +260,7 @@ class ContinuousBatcher:
         self._row_seq: list[_Seq] = []  # the request of each KV row
         self._row_member: list[int] = []  # which of its request's rows (index into _Seq.rows)
         self._routing: tuple[BatchRouting, torch.Tensor | None] | None = None  # rebuilt when the rows change
+        self._last_routing: BatchRouting | None = None  # its gathered adapter stacks serve the rebuilt one
         self._stopping = False
         self.started = threading.Event()  # set once the loop thread has set its torch threads
         self._thread: threading.Thread | None = None
@@ -340,7 +343,8 @@ class ContinuousBatcher:
                 "submitted": m.submitted, "finished": m.finished, "cancelled": m.cancelled,
                 "rejected": m.rejected, "timed_out": m.timed_out, "failed": m.failed,
                 "prompt_tokens": m.prompt_tokens, "generated_tokens": m.generated_tokens, "steps": m.steps,
-                "torch_threads": m.torch_threads,
+                "torch_threads": m.torch_threads, "routing_builds": m.routing_builds,
+                "stack_reuses": m.stack_reuses,
                 "kv_bytes": self.cache.nbytes(), "ttft_s": m.ttft.snapshot(), "itl_s": m.itl.snapshot()}
 
     def close(self) -> None:
@@ -544,8 +548,12 @@ class ContinuousBatcher:
         if self._routing is None:
             slots, ranks = self._slot_map(self._running)
             plans = [s.rows[k] for s, k in zip(self._row_seq, self._row_member, strict=True)]
-            self._routing = (lm.build_routing(plans, slots, ranks),
-                             self._mixing(self._running, self._row_seq, self._row_member, lm.device))
+            routing = lm.build_routing(plans, slots, ranks)
+            self.metrics.routing_builds += 1
+            if routing.reuse_stacks(self._last_routing):
+                self.metrics.stack_reuses += 1
+            self._last_routing = routing
+            self._routing = (routing, self._mixing(self._running, self._row_seq, self._row_member, lm.device))
         routing, matrix = self._routing
         logits = lm.forward(routing, input_ids=ids, attention_mask=mask, position_ids=positions,
                             past_key_values=cache, use_cache=True, logits_to_keep=1)[:, -1]
@@ -640,6 +648,7 @@ class ContinuousBatcher:
             self.cache.low = min(s.start for s in self._running)
         else:
             self.cache.head = self.cache.low = 0
+            self._last_routing = None
         self._routing = None
 
     def _fail_all(self, err: BaseException, include_waiting: bool = False) -> None:

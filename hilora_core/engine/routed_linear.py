@@ -74,6 +74,7 @@ class BatchRouting:
     groups: list[RuleGroup]
     arrow_temperature: float = 1.0
     layer_weights: torch.Tensor | None = None  # (L, B, C)
+    slot_writes: tuple[int, ...] | None = None  # AdapterSlots.writes() of the active slots when built
     _layer_cache: dict = field(default_factory=dict)
     _meta_cache: dict[int, tuple[torch.Tensor, torch.Tensor, tuple]] = field(default_factory=dict)
     _token_cache: dict[tuple[int, int | None], list[tuple[torch.Tensor | None, tuple[torch.Tensor, ...]]]] = field(
@@ -84,6 +85,16 @@ class BatchRouting:
     @property
     def batch_size(self) -> int:
         return int(self.seq_cand.shape[0])
+
+    def reuse_stacks(self, other: BatchRouting | None) -> bool:
+        """Take ``other``'s gathered per-layer stacks if both batches use the same slots, cut to the same
+        rank, with the same contents (rows left or joined, the adapters stayed): the decode loop then
+        does not regather every layer each time its rows change. True if taken."""
+        if (other is None or self.slot_writes is None or other.slot_writes != self.slot_writes
+                or other.r_eff != self.r_eff or not torch.equal(other.active, self.active)):
+            return False
+        self._layer_cache, self._meta_cache = other._layer_cache, other._meta_cache
+        return True
 
     def layer_meta(self, slots: LayerSlots) -> tuple[torch.Tensor, torch.Tensor, tuple]:
         """(scalings (U,), ranks (U,), signature) of the active slots at one layer, once per batch.
@@ -171,10 +182,14 @@ class BatchRouting:
 
 
 class RoutingState:
-    """Shared by every :class:`RoutedLinear` of a model: the batch being run, or None (base model)."""
+    """Shared by every :class:`RoutedLinear` of a model: the batch being run, or None (base model).
+
+    ``per_row``: route multi-token passes in the per-row form (the default); False runs every pass in
+    the dense form, for comparing the two (``benchmarks/routed_prefill.py``)."""
 
     def __init__(self) -> None:
         self.current: BatchRouting | None = None
+        self.per_row = True
 
 
 _LAYER_INDEX = re.compile(r"\.layers\.(\d+)\.")
@@ -219,7 +234,7 @@ class RoutedLinear(nn.Module):
         scalings, ranks, sig = batch.layer_meta(self.slots)
         layer = self.layer if batch.layer_weights is not None else None
         own = not out.requires_grad  # the base layer's fresh output: the LoRA part is added into it
-        if n_tok > n_rows and all(g.rule == TokenRule.PER_ADAPTER for g in batch.groups):
+        if n_tok > n_rows and self.state.per_row and all(g.rule == TokenRule.PER_ADAPTER for g in batch.groups):
             return self._per_row(x2.view(n_rows, -1, self.in_features), out, own, batch, scalings, ranks, sig,
                                  layer)
         a, b = batch.layer_stacks(self.slots)

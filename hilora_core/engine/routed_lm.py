@@ -257,10 +257,12 @@ class RoutedLM:
         names = list(dict.fromkeys(a for p in rows for a in p.adapters))
         if ranks is None:
             ranks = self.adapter_ranks(names)
-        return build_batch_routing(
+        routing = build_batch_routing(
             rows, slot_of, {slot_of[a]: self.slots.slot_rank(slot_of[a]) for a in names}, ranks,
             self.device, self.dtype, self.settings.arrow_temperature, n_layers=self.n_layers,
         )
+        routing.slot_writes = self.slots.writes(routing.active.tolist())
+        return routing
 
     def adapter_ranks(self, names: Sequence[str]) -> dict[str, int]:
         """Nominal LoRA rank of each named adapter."""
@@ -270,6 +272,11 @@ class RoutedLM:
         """Read the plan's adapters into host memory now (disk and hub I/O off the decode loop)."""
         for name in plan.adapters:
             self._fetch(name)
+
+    @property
+    def routing_state(self) -> RoutingState:
+        """The routing state every routed layer reads (its ``per_row`` switch selects the prefill form)."""
+        return self._state
 
     def forward(self, routing: BatchRouting | None, **inputs) -> torch.Tensor:
         """One forward pass of the base model with ``routing`` in force (None: the base model); logits."""

@@ -103,6 +103,7 @@ class AdapterSlots:
         self._pinned: set[str] = set()
         self._stale: set[int] = set()  # slots of removed adapters still held by a batch
         self._prototyped: set[int] = set()  # slots whose Arrow prototypes are computed
+        self._writes = [0] * n_slots  # bumped whenever a slot's tensors are written (see writes())
         self.hits = 0
         self.misses = 0
         self.evictions = 0
@@ -205,7 +206,14 @@ class AdapterSlots:
             f"held by in-flight batches ({busy}); this batch needs {batch_size} adapters"
         )
 
+    def writes(self, slots: Iterable[int]) -> tuple[int, ...]:
+        """How often each of these slots' tensors were written: equal counts mean equal contents, so
+        copies gathered from them are still valid."""
+        with self._lock:
+            return tuple(self._writes[s] for s in slots)
+
     def _fill(self, slot: int, host: HostAdapter) -> None:
+        self._writes[slot] += 1
         unknown = set(host.layers) - set(self.layers)
         assert not unknown, f"layers {sorted(unknown)[:3]} were not registered before filling a slot"
         top = 0
@@ -240,6 +248,7 @@ class AdapterSlots:
                         proto = arrow_prototype(stacks.a_stack[slot, :r], stacks.bt_stack[slot, :r].T)
                         stacks.prototypes[slot].copy_(proto)
                 self._prototyped.add(slot)
+                self._writes[slot] += 1
 
     def _release(self, slots: Iterable[int]) -> None:
         with self._lock:
@@ -253,6 +262,7 @@ class AdapterSlots:
                 self._free_slot(slot)
 
     def _free_slot(self, slot: int) -> None:
+        self._writes[slot] += 1
         for stacks in self.layers.values():
             stacks.clear(slot)
         self._slot_rank[slot] = 0

@@ -1,0 +1,154 @@
+"""The cost of routed LoRA on this machine, in one process: the per-row prefill form against the dense
+form, and both against the base model, on the demo pool's prompts.
+
+    .venv/bin/python benchmarks/routed_prefill.py [--rows 10] [--threads 2] [--repeats 7]
+
+Two measurements, each run with ``per_row`` on and off in the same process (the engine's switch
+``RoutedLM.routing_state.per_row``; off = every pass in the dense form, as before the per-row form):
+
+1. one prefill pass (``logits_to_keep=1``) of ``--rows`` chat prompts: base model, each prompt's own
+   adapter (``explicit``), and a HiLoRA-style plan (own adapter + one other, 2 ROCs each); median of
+   ``--repeats``, as seconds and as a ratio to the base model;
+2. a burst of 32 requests (16 tokens each, EOS ignored) into the continuous-batching loop: TTFT p50
+   and generated tok/s (median of 3 bursts).
+
+All of it runs on one generation thread with ``--threads`` torch threads, as a replica does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from load_test import load_prompts  # noqa: E402
+
+from hilora_core.engine import RoutedLM  # noqa: E402
+from hilora_core.engine.batching import BatchingSettings, ContinuousBatcher, SequenceRequest  # noqa: E402
+from hilora_core.engine.threads import use_torch_threads  # noqa: E402
+from hilora_core.manifest import read_manifest  # noqa: E402
+from hilora_core.plan import RoutingPlan  # noqa: E402
+
+
+def load_engine() -> tuple[RoutedLM, list[str]]:
+    use_torch_threads(1)
+    manifest = ROOT / "examples" / "demo_pool" / "manifest.json"
+    lm = RoutedLM.from_pretrained(None)
+    names = []
+    for e in read_manifest(manifest):
+        lm.add_adapter(e.name, manifest.parent / e.adapter)
+        names.append(e.name)
+    return lm, names
+
+
+def plan_sets(tasks: list[str], names: list[str]) -> dict[str, list[RoutingPlan | None]]:
+    def two(i: int, task: str) -> RoutingPlan:
+        other = next(n for k, n in enumerate(names * 2) if k >= (5 * i + 1) % len(names) and n != task)
+        return RoutingPlan(adapters=(task, other), rocs=(2, 2))
+
+    return {"base": [None] * len(tasks), "explicit": [RoutingPlan.single(t) for t in tasks],
+            "hilora": [two(i, t) for i, t in enumerate(tasks)]}
+
+
+def prefill_seconds(lm: RoutedLM, texts: list[str], plans: list[RoutingPlan | None]) -> float:
+    ids, mask = lm.encode(texts, chat=True)
+    t0 = time.perf_counter()
+    if plans[0] is None:
+        lm.forward(None, input_ids=ids, attention_mask=mask, position_ids=lm.positions(mask), logits_to_keep=1)
+    else:
+        lease, routing = lm.start_batch(plans)
+        with lease:
+            lm.forward(routing, input_ids=ids, attention_mask=mask, position_ids=lm.positions(mask),
+                       logits_to_keep=1)
+    return time.perf_counter() - t0
+
+
+def burst(batcher: ContinuousBatcher, ids: list[list[int]], plans: list[RoutingPlan | None]) -> tuple[float, float]:
+    """(TTFT p50 s, generated tok/s) of 32 requests submitted at once."""
+    t0 = time.monotonic()
+    first: dict[int, float] = {}
+    done = threading.Event()
+    finished = []
+
+    def sink_for(i: int):
+        def sink(item) -> None:
+            first.setdefault(i, time.monotonic() - t0)
+            if isinstance(item, BaseException) or item.finished:
+                finished.append(time.monotonic() - t0)
+                if len(finished) == len(ids):
+                    done.set()
+        return sink
+
+    for i, p in enumerate(plans):
+        batcher.submit(SequenceRequest(ids[i], p or RoutingPlan(), max_new_tokens=16, ignore_eos=True), sink_for(i))
+    done.wait(600)
+    return statistics.median(first.values()), 16 * len(ids) / max(finished)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--rows", type=int, default=10, help="prompts in the one-pass prefill")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=7)
+    args = ap.parse_args()
+    lm, names = load_engine()
+    prompts = load_prompts(12, 3)[:32]
+    tasks, texts = [t for t, _ in prompts], [x for _, x in prompts]
+    sets = plan_sets(tasks, names)
+    ids = []
+    for x in texts:
+        enc, mask = lm.encode([x], chat=True)
+        ids.append(enc[0][mask[0].bool()].tolist())
+    forms = {"per row": True, "dense": False}
+    pre: dict[tuple[str, str], list[float]] = {}
+    bursts: dict[tuple[str, str], list[tuple[float, float]]] = {}
+
+    def work() -> None:
+        use_torch_threads(args.threads)
+        with torch.inference_mode():
+            for _ in range(args.repeats + 1):  # the first round warms up
+                for form, on in forms.items():
+                    lm.routing_state.per_row = on
+                    for mode, plans in sets.items():
+                        pre.setdefault((form, mode), []).append(prefill_seconds(lm, texts[: args.rows],
+                                                                               plans[: args.rows]))
+        batcher = ContinuousBatcher(lm, BatchingSettings(), threads=args.threads)
+        batcher.started.wait()
+        try:
+            for _ in range(4):
+                for form, on in forms.items():
+                    lm.routing_state.per_row = on
+                    for mode, plans in sets.items():
+                        bursts.setdefault((form, mode), []).append(burst(batcher, ids, plans))
+        finally:
+            batcher.close()
+            lm.routing_state.per_row = True
+
+    worker = threading.Thread(target=work)
+    worker.start()
+    worker.join()
+    n_tok = sum(len(i) for i in ids[: args.rows])
+    print(f"one prefill pass, {args.rows} prompts ({n_tok} tokens), median of {args.repeats}; "
+          f"burst of 32 x 16 tokens, median of 3\n")
+    print("| form | plans | prefill s | vs base | burst TTFT p50 s | burst tok/s |")
+    print("|---|---|---|---|---|---|")
+    for form in forms:
+        base = statistics.median(pre[(form, "base")][1:])
+        for mode in sets:
+            s = statistics.median(pre[(form, mode)][1:])
+            b = bursts[(form, mode)][1:]
+            print(f"| {form} | {mode} | {s:.3f} | {s / base:.2f}x | {statistics.median(x[0] for x in b):.2f} | "
+                  f"{statistics.median(x[1] for x in b):.1f} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,4 +1,4 @@
-"""Shared test set-up: quiet tokenizers, Ray without auth, torch on one thread."""
+"""Shared test set-up: quiet tokenizers, Ray without auth, torch on one thread, a Redis per module."""
 
 import os
 
@@ -18,3 +18,13 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def redis_url(tmp_path_factory, request):
+    """A real redis-server (no persistence) on a free loopback port for one test module; its URL."""
+    from redis_server import RedisServer
+
+    srv = RedisServer(tmp_path_factory.mktemp(f"redis-{request.module.__name__}"), persistence="none").start()
+    yield srv.url
+    srv.stop()

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from redis_server import RedisServer
 from scorer_process import route_in_new_process
 
 from hilora_core.errors import InvalidInputError
@@ -105,13 +104,6 @@ def test_real_pool_separates_general_requests_from_rephrased_tasks(embedder, dem
     z = embedder.encode(GENERAL + list(IN_POOL.values()))
     np.testing.assert_allclose(again.score(z), model.score(z), rtol=1e-5, atol=1e-5)
     assert again.off_pool == model.off_pool
-
-
-@pytest.fixture(scope="module")
-def redis_url(tmp_path_factory):
-    srv = RedisServer(tmp_path_factory.mktemp("redis-offpool"), persistence="none").start()
-    yield srv.url
-    srv.stop()
 
 
 def _config(redis_url: str, name: str, **kw):

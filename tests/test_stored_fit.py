@@ -4,8 +4,6 @@
 from __future__ import annotations
 
 import numpy as np
-import pytest
-from redis_server import RedisServer
 from scorer_process import route_in_new_process
 
 from hilora_core.models.embedding import EmbedderIdentity
@@ -13,13 +11,6 @@ from hilora_core.models.embedding import EmbedderIdentity
 DIM = 16
 IDENT = EmbedderIdentity("synthetic-test", None, DIM, "", True)
 SPEC = {"rank": 8, "alpha": 16.0, "targets": ["q_proj"]}
-
-
-@pytest.fixture(scope="module")
-def redis_url(tmp_path_factory):
-    srv = RedisServer(tmp_path_factory.mktemp("redis-stored-fit"), persistence="none").start()
-    yield srv.url
-    srv.stop()
 
 
 def _config(redis_url: str, prefix: str, **kw):

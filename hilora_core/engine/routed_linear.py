@@ -256,8 +256,7 @@ class RoutedLinear(nn.Module):
             else:
                 dg = apply_token_routing(x2.index_select(0, tok_rows), a, b, routing, group.signed, protos,
                                          batch.arrow_temperature)
-                dg = dg.to(out2.dtype)
-                out2 = out2.index_add_(0, tok_rows, dg) if own else out2.index_add(0, tok_rows, dg)
+                out2 = _add_rows(out2, tok_rows, dg, own)
         return out2.view(out.shape).to(out.dtype)
 
     def _per_row(self, x3: torch.Tensor, out: torch.Tensor, own: bool, batch: BatchRouting,
@@ -279,10 +278,14 @@ class RoutedLinear(nn.Module):
                 out3 = apply_row_routing(xg, a_rows, b_rows, routing, group.signed, out=out3.to(xg.dtype),
                                          accumulate=own)
             else:
-                dg = apply_row_routing(xg, a_rows, b_rows, routing, group.signed)
-                dg = dg.to(out3.dtype)
-                out3 = out3.index_add_(0, rows, dg) if own else out3.index_add(0, rows, dg)
+                out3 = _add_rows(out3, rows, apply_row_routing(xg, a_rows, b_rows, routing, group.signed), own)
         return out3.view(out.shape).to(out.dtype)
+
+
+def _add_rows(out: torch.Tensor, rows: torch.Tensor, delta: torch.Tensor, own: bool) -> torch.Tensor:
+    """``out`` with ``delta`` added at ``rows`` (dim 0); in place when the caller owns ``out``."""
+    delta = delta.to(out.dtype)
+    return out.index_add_(0, rows, delta) if own else out.index_add(0, rows, delta)
 
 
 def build_batch_routing(

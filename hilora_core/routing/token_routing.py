@@ -65,6 +65,16 @@ class TokenRouting:
     keep_all: bool
 
 
+def _check_distinct(candidates: torch.Tensor) -> None:
+    """:class:`InvalidInputError` if a row of ``candidates`` (N, C) names an adapter twice (-1 = empty)."""
+    n_cand = candidates.shape[1]
+    if n_cand > 1:
+        empty = -1 - torch.arange(n_cand, device=candidates.device)  # distinct stand-ins for empty slots
+        srt = torch.where(candidates >= 0, candidates, empty).sort(dim=1).values
+        if bool((srt[:, 1:] == srt[:, :-1]).any()):
+            raise InvalidInputError("a token lists the same adapter twice among its candidates")
+
+
 def prepare_token_routing(
     scalings: torch.Tensor,
     ranks: torch.Tensor,
@@ -76,15 +86,12 @@ def prepare_token_routing(
     rule: TokenRule = TokenRule.PER_ADAPTER,
 ) -> TokenRouting:
     """The x-independent metadata of :func:`route_rocs_batched` (arguments as there; R = ``r_max``)."""
-    n_tok, n_cand = token_adapters.shape
+    n_tok = token_adapters.shape[0]
     n_ad = scalings.shape[0]
     device, dtype = scalings.device, scalings.dtype
     valid = token_adapters >= 0  # (N, C)
     cand = token_adapters.clamp(min=0)
-    if n_cand > 1:
-        srt = torch.where(valid, token_adapters, -1 - torch.arange(n_cand, device=device)).sort(dim=1).values
-        if bool((srt[:, 1:] == srt[:, :-1]).any()):
-            raise InvalidInputError("a token lists the same adapter twice among its candidates")
+    _check_distinct(token_adapters)
     w = scalings[cand] * valid  # (N, C)
     if token_weights is not None:
         w = w * token_weights.to(dtype)
@@ -220,10 +227,7 @@ def prepare_row_routing(
     n_rows, n_cand = row_adapters.shape
     valid = row_adapters >= 0
     cand = row_adapters.clamp(min=0)
-    if n_cand > 1:
-        srt = torch.where(valid, row_adapters, -1 - torch.arange(n_cand, device=device)).sort(dim=1).values
-        if bool((srt[:, 1:] == srt[:, :-1]).any()):
-            raise InvalidInputError("a token lists the same adapter twice among its candidates")
+    _check_distinct(row_adapters)
     rank = ranks.clamp(max=r_max)[cand] * valid  # (B, C), 0 for empty slots
     coeff = scalings[cand] * valid * row_scale.to(dtype).unsqueeze(-1)
     if row_weights is not None:

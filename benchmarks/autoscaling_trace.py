@@ -48,7 +48,7 @@ def run_trace(load_s: float, idle_s: float, clients: int) -> dict:
     from ray import serve
     from ray.cluster_utils import Cluster
 
-    from deployments.app import build_app
+    from deployments.app import compose_app
 
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 4})
     for _ in range(2):
@@ -63,7 +63,7 @@ def run_trace(load_s: float, idle_s: float, clients: int) -> dict:
     log: list[dict] = []
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(build_app({"model": {"torch_threads": 1, "max_rows": 4, "max_waiting": 32}}, deployments={
+        serve.run(compose_app({"model": {"torch_threads": 1, "max_rows": 4, "max_waiting": 32}}, deployments={
             "Ingress": {"autoscaling_config": {**scale, "target_ongoing_requests": 2},
                         "ray_actor_options": {"num_cpus": 0.5}},
             "Embedder": {"autoscaling_config": {**scale, "target_ongoing_requests": 0.25},  # embeds take ~10 ms

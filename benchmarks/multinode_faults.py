@@ -119,7 +119,7 @@ def run_faults(seconds: float = 40, remove_at: float = 12, clients: int = 4) -> 
     from ray import serve
     from ray.cluster_utils import Cluster
 
-    from deployments.app import build_app
+    from deployments.app import compose_app
 
     tmp = tempfile.mkdtemp(prefix="hilora-multinode-")
     redis_port = free_port()
@@ -136,7 +136,7 @@ def run_faults(seconds: float = 40, remove_at: float = 12, clients: int = 4) -> 
         on_head = {"ray_actor_options": {"num_cpus": 0.1, "resources": {"head": 1}}}
         config = {"model": {"torch_threads": 1, "max_rows": 8, "max_waiting": 32},
                   "registry": {"redis_url": f"redis://127.0.0.1:{redis_port}/0"}}
-        serve.run(build_app(config, deployments={
+        serve.run(compose_app(config, deployments={
             "Ingress": on_head, "Embedder": on_head, "RegistryService": on_head,
             "LoRAModel": {"num_replicas": 2, "ray_actor_options": {"num_cpus": 0.5, "resources": {"model_node": 1}}},
         }), name="hilora", route_prefix="/")

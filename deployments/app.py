@@ -29,12 +29,16 @@ DEPLOYMENT_DEFAULTS: dict[str, dict] = {
 }
 
 
-def build_app(args: dict | None = None, deployments: dict[str, dict] | None = None) -> Application:
-    """The application graph for the validated ``args`` (:class:`AppConfig`).
+def build_app(args: dict) -> Application:
+    """The application graph for the validated ``args`` (:class:`AppConfig`): the entry point of
+    ``serve_config.yaml`` (``import_path: deployments.app:build_app``). Ray Serve calls a builder with
+    exactly one parameter, the YAML's ``args``; the YAML's ``deployments`` section sets Serve options."""
+    return compose_app(args)
 
-    ``deployments`` overrides Serve options per deployment name from Python, as a YAML's ``deployments``
-    section does (e.g. ``{"LoRAModel": {"num_replicas": 2, "ray_actor_options": {...}}}``).
-    """
+
+def compose_app(args: dict | None = None, deployments: dict[str, dict] | None = None) -> Application:
+    """:func:`build_app` from Python, with ``deployments`` overriding Serve options per deployment name
+    as a YAML's ``deployments`` section does (e.g. ``{"LoRAModel": {"num_replicas": 2}}``)."""
     cfg = AppConfig.model_validate(args or {})
     config = cfg.model_dump()
     d = {name: dict(opts) for name, opts in DEPLOYMENT_DEFAULTS.items()}

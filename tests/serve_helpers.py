@@ -38,11 +38,11 @@ def seed_pool(folder: Path, adapters: dict[str, dict]) -> Path:
 def running_service(tmp: Path, config: dict, num_cpus: int = 2,
                     deployments: dict[str, dict] | None = None) -> Iterator[tuple[str, RedisServer]]:
     """Redis, Ray (``num_cpus`` logical CPUs, admin token set) and the Serve app on free loopback ports;
-    yields (url, redis). ``deployments``: Serve options per deployment (see ``build_app``)."""
+    yields (url, redis). ``deployments``: Serve options per deployment (see ``compose_app``)."""
     import ray
     from ray import serve
 
-    from deployments.app import build_app
+    from deployments.app import compose_app
 
     redis_srv = RedisServer(str(tmp / "redis")).start()
     port = free_port()
@@ -52,7 +52,7 @@ def running_service(tmp: Path, config: dict, num_cpus: int = 2,
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         registry = {**config.get("registry", {}), "redis_url": redis_srv.url}
-        serve.run(build_app({**config, "registry": registry}, deployments), name="hilora", route_prefix="/")
+        serve.run(compose_app({**config, "registry": registry}, deployments), name="hilora", route_prefix="/")
         yield f"http://127.0.0.1:{port}", redis_srv
     finally:
         serve.shutdown()

@@ -82,3 +82,18 @@ def test_image_pins_what_the_project_pins():
 def _pinned(package_regex: str) -> str:
     text = (ROOT / "pyproject.toml").read_text()
     return re.search(package_regex + r"==([\d.]+)", text).group(1)
+
+
+@pytest.mark.parametrize("name", ["serve_config.yaml", "serve_config.gpu.yaml"])
+def test_serve_run_can_build_the_app_from_the_config(name):
+    """What `serve run <file>` does before any deployment starts: import the builder and call it the way
+    Ray does (exactly one parameter, the file's args). A builder with a second parameter fails here."""
+    import importlib
+
+    from ray.serve import Application
+    from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
+
+    (app,) = yaml.safe_load((ROOT / name).read_text())["applications"]
+    module, attr = app["import_path"].split(":")
+    builder = getattr(importlib.import_module(module), attr)
+    assert isinstance(call_user_app_builder_with_args_if_necessary(builder, app.get("args") or {}), Application)

@@ -1,10 +1,17 @@
-"""The cost of routed LoRA on this machine, in one process: the per-row prefill form against the dense
-form, and both against the base model, on the demo pool's prompts.
+"""The cost of routed LoRA on this machine, in one process: the engine's routing forms side by side, and
+each against the base model, on the demo pool's prompts.
 
     .venv/bin/python benchmarks/routed_prefill.py [--rows 10] [--threads 2] [--repeats 7]
 
-Two measurements, each run with ``per_row`` on and off in the same process (the engine's switch
-``RoutedLM.routing_state.per_row``; off = every pass in the dense form, as before the per-row form):
+The forms are the engine's two switches (``RoutedLM.routing_state``):
+
+- ``per row, layer subsets`` (the default): prefill in the per-row form; each layer routed only on
+  the batch's adapters with weights at that layer;
+- ``per row, every adapter``: ``layer_subsets`` off, every layer routed on all the batch's adapters
+  at the batch's largest rank;
+- ``dense, every adapter``: both off, every pass in the dense form (the engine before either change).
+
+Two measurements per form:
 
 1. one prefill pass (``logits_to_keep=1``) of ``--rows`` chat prompts: base model, each prompt's own
    adapter (``explicit``), and a HiLoRA-style plan (own adapter + one other, 2 ROCs each); median of
@@ -108,7 +115,8 @@ def main() -> None:
     for x in texts:
         enc, mask = lm.encode([x], chat=True)
         ids.append(enc[0][mask[0].bool()].tolist())
-    forms = {"per row": True, "dense": False}
+    forms = {"per row, layer subsets": (True, True), "per row, every adapter": (True, False),
+             "dense, every adapter": (False, False)}
     pre: dict[tuple[str, str], list[float]] = {}
     bursts: dict[tuple[str, str], list[tuple[float, float]]] = {}
 
@@ -116,8 +124,8 @@ def main() -> None:
         use_torch_threads(args.threads)
         with torch.inference_mode():
             for _ in range(args.repeats + 1):  # the first round warms up
-                for form, on in forms.items():
-                    lm.routing_state.per_row = on
+                for form, switches in forms.items():
+                    lm.routing_state.per_row, lm.routing_state.layer_subsets = switches
                     for mode, plans in sets.items():
                         pre.setdefault((form, mode), []).append(prefill_seconds(lm, texts[: args.rows],
                                                                                plans[: args.rows]))
@@ -125,13 +133,13 @@ def main() -> None:
         batcher.started.wait()
         try:
             for _ in range(4):
-                for form, on in forms.items():
-                    lm.routing_state.per_row = on
+                for form, switches in forms.items():
+                    lm.routing_state.per_row, lm.routing_state.layer_subsets = switches
                     for mode, plans in sets.items():
                         bursts.setdefault((form, mode), []).append(burst(batcher, ids, plans))
         finally:
             batcher.close()
-            lm.routing_state.per_row = True
+            lm.routing_state.per_row = lm.routing_state.layer_subsets = True
 
     worker = threading.Thread(target=work)
     worker.start()

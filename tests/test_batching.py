@@ -345,7 +345,7 @@ def test_rebuilt_routing_reuses_the_gathered_stacks_only_while_the_slots_hold_th
     lease = lm.acquire(rows)
     try:
         first = lm.build_routing(rows, lease.slots)
-        first.layer_stacks(next(iter(lm.slots.layers.values())))  # gathered once
+        first.layer_view(next(iter(lm.slots.layers.values())), adapting_only=True)  # gathered once
         fewer = lm.build_routing([PLANS[1]], lease.slots)  # a row left; a and b still active
         assert fewer.reuse_stacks(first) and fewer._layer_cache is first._layer_cache
         assert not lm.build_routing([PLANS[0]], lease.slots).reuse_stacks(first)  # b left the batch

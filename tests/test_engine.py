@@ -244,3 +244,34 @@ def test_adapter_files_above_the_size_limit_are_refused(setup):
         small.add_adapter("sst2", str(paths["sst2"]))
     enough = RoutedLM.from_pretrained(None, max_adapter_bytes=weights)
     enough.add_adapter("sst2", str(paths["sst2"]))  # exactly at the limit: accepted
+
+
+@pytest.mark.parametrize("per_row", [True, False])
+def test_each_layer_routed_on_its_own_adapters_equals_routing_on_all(setup, per_row):
+    """Routing a layer only on the batch's adapters with weights there (the default) gives what routing
+    every layer on all of them gives: the q/v adapters have rank 0 at the MLP, the MLP adapter at q/v.
+    Prompts (the per-row form, or the dense one) and single tokens (decode's dense form)."""
+    lm, _, tok, _ = setup
+    plans = [
+        RoutingPlan(adapters=("sst2", "mlp"), rocs=(3, 5), scale=1.1),  # top-k ROCs at some layers
+        RoutingPlan.single("qnli"),
+        RoutingPlan(adapters=("qnli", "sst2"), rocs=(4, 8)),  # keeps all ROCs
+        RoutingPlan(),
+    ]
+    enc = tok([PROMPTS[0], PROMPTS[1], PROMPTS[2], PROMPTS[0]], return_tensors="pt", padding=True)
+    state = lm.routing_state
+    try:
+        state.per_row = per_row
+        out = {}
+        for subsets in (True, False):
+            state.layer_subsets = subsets
+            out[subsets] = (lm.logits(enc.input_ids, enc.attention_mask, plans=plans),
+                            lm.logits(enc.input_ids[:, -1:], plans=plans))
+    finally:
+        state.per_row = state.layer_subsets = True
+    for new, old in zip(out[True], out[False], strict=True):
+        keep = enc.attention_mask.bool() if new.shape[1] > 1 else torch.ones(new.shape[:2], dtype=torch.bool)
+        assert rel_err(new[keep], old[keep]) < 1e-5
+    # the qnli-only rows really are routed (not the base model's logits)
+    base = lm.logits(enc.input_ids[:, -1:], plans=[RoutingPlan()] * 4)
+    assert rel_err(out[True][1][1], base[1]) > 1e-3

@@ -75,7 +75,11 @@ class BatchingSettings:
             at the next step do not count); one more gets :class:`QueueFullError` (HTTP 503).
         max_tokens_per_sequence: prompt plus generated tokens of one request (the KV memory's columns).
         prefill_tokens_per_step: prompt tokens prefilled between two decode steps (always at least one
-            request), so a burst of long prompts delays running streams by a bounded amount.
+            request), so a burst of long prompts delays running streams by a bounded amount. On a burst
+            of 32 chat requests on a 2-core CPU, 256 was slower than 512 and 1024; 1024 needed fewer
+            forward passes (11 % less replica CPU) and was faster in 3 of 4 served comparisons
+            (``benchmarks/served_overhead.py``, ``docs/load-test.md``); the price is that a running
+            stream waits for up to that many prompt tokens (about 1 s there).
         request_timeout_s: a request still running this long after it was submitted ends with
             :class:`RequestTimeoutError`; None: no limit.
     """
@@ -83,7 +87,7 @@ class BatchingSettings:
     max_rows: int = 32
     max_waiting: int = 64
     max_tokens_per_sequence: int = 2048
-    prefill_tokens_per_step: int = 512
+    prefill_tokens_per_step: int = 1024
     request_timeout_s: float | None = 600.0
 
     def __post_init__(self) -> None:

@@ -24,9 +24,14 @@ Two forms of the same sum (``hilora_core.routing.token_routing``), chosen per fo
   adapters per token. On the demo pool this made a 10-prompt prefill 1.21x the base model's time
   instead of 1.74x (``docs/load-test.md``).
 
+Each layer routes only on the adapters that adapt it. Adapters target different modules (one adapts
+q and v, another the MLP), and an adapter without weights at a layer has rank 0 there and adds
+nothing. A layer that none of the batch's adapters adapts runs the base layer alone; under
+per-adapter rules the dense form keeps only the adapters with weights at the layer (its
+:class:`LayerView`), cut to their largest rank there, and the per-row form gathers at that rank.
+
 The x-independent half (:func:`prepare_token_routing`, :func:`prepare_row_routing`) is made once
-per batch and shared by every layer whose active slots have the same ranks and scalings (usually
-all of them).
+per batch and shared by every layer with the same adapters, ranks and scalings.
 """
 
 from __future__ import annotations
@@ -59,6 +64,27 @@ class RuleGroup:
     rule: TokenRule
     signed: bool
     rows: torch.Tensor | None  # (B_g,) sequence rows, None = every row of the batch
+
+
+@dataclass(frozen=True)
+class LayerView:
+    """The active slots one layer routes on, and their stacks gathered for the batch (P of the U).
+
+        remap      (U + 1,) position in the view of each active slot, -1 if left out; entry U is -1
+                   (so ``remap[cand]`` keeps an empty candidate, -1, empty)
+        scalings   (P,), ranks (P,) at this layer; ``rank`` the largest of them
+        a          (P, rank, d_in); b (P, d_out, rank), a transposed view of a contiguous tensor
+        signature  (kept positions, ranks, scalings): layers with equal signatures share their
+                   prepared routing
+    """
+
+    remap: torch.Tensor
+    scalings: torch.Tensor
+    ranks: torch.Tensor
+    rank: int
+    a: torch.Tensor
+    b: torch.Tensor
+    signature: tuple
 
 
 @dataclass
@@ -109,27 +135,36 @@ class BatchRouting:
             hit = self._meta_cache[key] = (scalings, ranks, (tuple(ranks.tolist()), tuple(scalings.tolist())))
         return hit
 
-    def layer_stacks(self, slots: LayerSlots) -> tuple[torch.Tensor, torch.Tensor]:
-        """(a (U, r, d_in), b (U, d_out, r)) of the active slots, gathered once per batch. ``b`` is a
-        transposed view of a contiguous (U, r, d_out) tensor so the routing function's reshape of it
-        needs no copy."""
-        key = id(slots)
+    def layer_view(self, slots: LayerSlots, adapting_only: bool) -> LayerView:
+        """The slots this layer routes on, gathered once per batch: with ``adapting_only`` the active
+        slots with weights at the layer (rank > 0; exact for per-adapter rules, where a rank-0 adapter
+        adds nothing), else every active slot (Arrow weighs candidates against each other, a zero
+        prototype included). Cut to the largest rank among them at this layer."""
+        key = ("view", id(slots), adapting_only)
         hit = self._layer_cache.get(key)
         if hit is None:
-            idx, r = self.active, self.r_eff
-            a = slots.a_stack[:, :r].index_select(0, idx)  # copies only the (U, r, d_in) in use
-            bt = slots.bt_stack[:, :r].index_select(0, idx)  # (U, r, d_out), contiguous
-            hit = self._layer_cache[key] = (a, bt.transpose(1, 2))
+            scalings, ranks, _ = self.layer_meta(slots)
+            n_active = ranks.shape[0]
+            keep = torch.nonzero(ranks > 0).flatten() if adapting_only else torch.arange(n_active)
+            remap = torch.full((n_active + 1,), -1, dtype=torch.long, device=ranks.device)
+            remap[keep] = torch.arange(keep.numel(), device=ranks.device)
+            scalings, ranks = scalings.index_select(0, keep), ranks.index_select(0, keep)
+            r = max(int(ranks.max()) if ranks.numel() else 0, 1)
+            idx = self.active.index_select(0, keep)
+            a = slots.a_stack[:, :r].index_select(0, idx)  # copies only the (P, r, d_in) in use
+            bt = slots.bt_stack[:, :r].index_select(0, idx)  # (P, r, d_out), contiguous
+            sig = (tuple(keep.tolist()), tuple(ranks.tolist()), tuple(scalings.tolist()))
+            hit = self._layer_cache[key] = LayerView(remap, scalings, ranks, r, a, bt.transpose(1, 2), sig)
         return hit
 
     def to_slots(self, routing: RowRouting) -> RowRouting:
         """``routing`` with its index mapped from the active slots (U) to the slot stacks (S)."""
         return replace(routing, index=self.active.index_select(0, routing.index))
 
-    def row_stacks(self, slots: LayerSlots, slot_ids: torch.Tensor, n_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def row_stacks(self, slots: LayerSlots, slot_ids: torch.Tensor, n_rows: int,
+                   r: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(a (B, C * r, d_in), b (B, C * r, d_out)) of each row's candidates (``slot_ids`` (B * C,) into
-        the slot stacks), gathered for one forward pass."""
-        r = self.r_eff
+        the slot stacks) cut to rank ``r``, gathered for one forward pass."""
         a = slots.a_stack[:, :r].index_select(0, slot_ids)
         bt = slots.bt_stack[:, :r].index_select(0, slot_ids)
         return a.view(n_rows, -1, a.shape[-1]), bt.view(n_rows, -1, bt.shape[-1])
@@ -184,12 +219,17 @@ class BatchRouting:
 class RoutingState:
     """Shared by every :class:`RoutedLinear` of a model: the batch being run, or None (base model).
 
-    ``per_row``: route multi-token passes in the per-row form (the default); False runs every pass in
-    the dense form, for comparing the two (``benchmarks/routed_prefill.py``)."""
+    Switches, for comparing forms in one process (``benchmarks/routed_prefill.py``); both on by default:
+
+    - ``per_row``: route multi-token passes in the per-row form; False runs every pass in the dense form;
+    - ``layer_subsets``: route each layer on the adapters with weights there (see the module docstring);
+      False routes every layer on all the batch's adapters at the batch's largest rank. Layers no
+      adapter of the batch adapts run the base layer alone either way."""
 
     def __init__(self) -> None:
         self.current: BatchRouting | None = None
         self.per_row = True
+        self.layer_subsets = True
 
 
 _LAYER_INDEX = re.compile(r"\.layers\.(\d+)\.")
@@ -229,32 +269,35 @@ class RoutedLinear(nn.Module):
         batch = self.state.current
         if batch is None or not batch.groups:
             return out
+        scalings, ranks, sig = batch.layer_meta(self.slots)
+        if not any(sig[0]):  # no adapter of the batch has weights at this layer
+            return out
         x2 = x.reshape(-1, self.in_features)  # (N, d_in), N = B * T
         n_tok, n_rows = x2.shape[0], batch.batch_size
-        scalings, ranks, sig = batch.layer_meta(self.slots)
         layer = self.layer if batch.layer_weights is not None else None
         own = not out.requires_grad  # the base layer's fresh output: the LoRA part is added into it
-        if n_tok > n_rows and self.state.per_row and all(g.rule == TokenRule.PER_ADAPTER for g in batch.groups):
+        per_adapter = all(g.rule == TokenRule.PER_ADAPTER for g in batch.groups)
+        if n_tok > n_rows and self.state.per_row and per_adapter:
             return self._per_row(x2.view(n_rows, -1, self.in_features), out, own, batch, scalings, ranks, sig,
                                  layer)
-        a, b = batch.layer_stacks(self.slots)
+        view = batch.layer_view(self.slots, adapting_only=per_adapter and self.state.layer_subsets)
         groups = batch.token_metadata(n_tok, self.layer)
         out2 = out.view(-1, self.out_features)
         for gi, (group, (tok_rows, (cand, rocs, weights, scale))) in enumerate(
             zip(batch.groups, groups, strict=True)
         ):
             routing = batch.prepared(
-                (sig, gi, n_tok, layer),
+                (view.signature, gi, n_tok, layer),
                 lambda c=cand, o=rocs, w=weights, sc=scale, g=group: prepare_token_routing(
-                    scalings, ranks, a.shape[1], c, o, sc, w, g.rule
+                    view.scalings, view.ranks, view.rank, view.remap[c], o, sc, w, g.rule
                 ),
             )
             protos = batch.layer_prototypes(self.slots) if group.rule == TokenRule.ARROW else None
             if tok_rows is None:
-                out2 = apply_token_routing(x2, a, b, routing, group.signed, protos, batch.arrow_temperature,
+                out2 = apply_token_routing(x2, view.a, view.b, routing, group.signed, protos, batch.arrow_temperature,
                                            out=out2.to(x2.dtype), accumulate=own)
             else:
-                dg = apply_token_routing(x2.index_select(0, tok_rows), a, b, routing, group.signed, protos,
+                dg = apply_token_routing(x2.index_select(0, tok_rows), view.a, view.b, routing, group.signed, protos,
                                          batch.arrow_temperature)
                 out2 = _add_rows(out2, tok_rows, dg, own)
         return out2.view(out.shape).to(out.dtype)
@@ -262,18 +305,20 @@ class RoutedLinear(nn.Module):
     def _per_row(self, x3: torch.Tensor, out: torch.Tensor, own: bool, batch: BatchRouting,
                  scalings: torch.Tensor, ranks: torch.Tensor, sig: tuple, layer: int | None) -> torch.Tensor:
         """Several tokens per row (a prefill) under per-adapter rules: each row is projected on its own
-        candidates only (:func:`apply_row_routing`), not on every adapter of the batch."""
+        candidates only (:func:`apply_row_routing`), not on every adapter of the batch, at the largest
+        rank among the adapters with weights at this layer."""
         out3 = out.view(x3.shape[0], x3.shape[1], self.out_features)
+        r = max(sig[0]) if self.state.layer_subsets else batch.r_eff
         groups = batch.token_metadata(batch.batch_size, self.layer)  # one "token" per row: row metadata
         for gi, (group, (rows, (cand, rocs, weights, scale))) in enumerate(zip(batch.groups, groups, strict=True)):
             routing = batch.prepared(
-                (sig, gi, "rows", layer),
+                (sig, r, gi, "rows", layer),
                 lambda c=cand, o=rocs, w=weights, sc=scale: batch.to_slots(
-                    prepare_row_routing(scalings, ranks, batch.r_eff, c, o, sc, w)
+                    prepare_row_routing(scalings, ranks, r, c, o, sc, w)
                 ),
             )
             xg = x3 if rows is None else x3.index_select(0, rows)
-            a_rows, b_rows = batch.row_stacks(self.slots, routing.index, xg.shape[0])
+            a_rows, b_rows = batch.row_stacks(self.slots, routing.index, xg.shape[0], r)
             if rows is None:
                 out3 = apply_row_routing(xg, a_rows, b_rows, routing, group.signed, out=out3.to(xg.dtype),
                                          accumulate=own)

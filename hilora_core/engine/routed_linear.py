@@ -143,18 +143,21 @@ class BatchRouting:
         key = ("view", id(slots), adapting_only)
         hit = self._layer_cache.get(key)
         if hit is None:
-            scalings, ranks, _ = self.layer_meta(slots)
-            n_active = ranks.shape[0]
-            keep = torch.nonzero(ranks > 0).flatten() if adapting_only else torch.arange(n_active)
-            remap = torch.full((n_active + 1,), -1, dtype=torch.long, device=ranks.device)
-            remap[keep] = torch.arange(keep.numel(), device=ranks.device)
-            scalings, ranks = scalings.index_select(0, keep), ranks.index_select(0, keep)
-            r = max(int(ranks.max()) if ranks.numel() else 0, 1)
+            scalings, ranks, (host_ranks, host_scalings) = self.layer_meta(slots)  # host copies: no device reads
+            kept = [i for i, r in enumerate(host_ranks) if r > 0 or not adapting_only]
+            positions = [-1] * (len(host_ranks) + 1)
+            for p, i in enumerate(kept):
+                positions[i] = p
+            device = ranks.device
+            keep = torch.tensor(kept, dtype=torch.long, device=device)
+            remap = torch.tensor(positions, dtype=torch.long, device=device)
+            r = max([host_ranks[i] for i in kept] + [1])
             idx = self.active.index_select(0, keep)
             a = slots.a_stack[:, :r].index_select(0, idx)  # copies only the (P, r, d_in) in use
             bt = slots.bt_stack[:, :r].index_select(0, idx)  # (P, r, d_out), contiguous
-            sig = (tuple(keep.tolist()), tuple(ranks.tolist()), tuple(scalings.tolist()))
-            hit = self._layer_cache[key] = LayerView(remap, scalings, ranks, r, a, bt.transpose(1, 2), sig)
+            sig = (tuple(kept), tuple(host_ranks[i] for i in kept), tuple(host_scalings[i] for i in kept))
+            hit = self._layer_cache[key] = LayerView(remap, scalings.index_select(0, keep), ranks.index_select(0, keep),
+                                                     r, a, bt.transpose(1, 2), sig)
         return hit
 
     def to_slots(self, routing: RowRouting) -> RowRouting:

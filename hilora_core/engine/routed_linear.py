@@ -92,6 +92,7 @@ class BatchRouting:
     """Routing metadata of one batch (shapes in the module docstring)."""
 
     active: torch.Tensor  # (U,) slot indices used by the batch
+    active_slots: tuple[int, ...]  # the same, on the host
     r_eff: int  # largest rank among the active slots
     seq_cand: torch.Tensor  # (B, C)
     seq_rocs: torch.Tensor  # (B, C)
@@ -132,7 +133,9 @@ class BatchRouting:
         if hit is None:
             scalings = slots.scalings.index_select(0, self.active)
             ranks = slots.ranks.index_select(0, self.active)
-            hit = self._meta_cache[key] = (scalings, ranks, (tuple(ranks.tolist()), tuple(scalings.tolist())))
+            sig = (tuple(slots.host_ranks[s] for s in self.active_slots),
+                   tuple(slots.host_scalings[s] for s in self.active_slots))  # host copies: no device read
+            hit = self._meta_cache[key] = (scalings, ranks, sig)
         return hit
 
     def layer_view(self, slots: LayerSlots, adapting_only: bool) -> LayerView:
@@ -143,7 +146,7 @@ class BatchRouting:
         key = ("view", id(slots), adapting_only)
         hit = self._layer_cache.get(key)
         if hit is None:
-            scalings, ranks, (host_ranks, host_scalings) = self.layer_meta(slots)  # host copies: no device reads
+            scalings, ranks, (host_ranks, host_scalings) = self.layer_meta(slots)
             kept = [i for i, r in enumerate(host_ranks) if r > 0 or not adapting_only]
             positions = [-1] * (len(host_ranks) + 1)
             for p, i in enumerate(kept):
@@ -403,6 +406,7 @@ def build_batch_routing(
     ]
     return BatchRouting(
         active=torch.tensor(active_slots, dtype=torch.long, device=device),
+        active_slots=tuple(active_slots),
         r_eff=big,
         seq_cand=cand.to(device),
         seq_rocs=rocs.to(device),

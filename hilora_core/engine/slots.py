@@ -7,6 +7,8 @@ Every routed layer owns a :class:`LayerSlots`:
     scalings    (S,)
     ranks       (S,)           0 where the slot's adapter does not adapt this layer
     prototypes  (S, d_in)      Arrow prototypes, computed only when an Arrow plan first uses the slot
+    host_ranks, host_scalings  the same ranks and scalings as Python lists, written with them, so
+                               building a batch's routing reads no device values (no host sync)
 
 S = ``n_slots`` and R = ``max_rank`` are settings. Filling a slot writes these tensors in
 place (nothing is reallocated per request). :class:`AdapterSlots` maps adapter names to
@@ -37,6 +39,8 @@ class LayerSlots:
     scalings: torch.Tensor
     ranks: torch.Tensor
     prototypes: torch.Tensor
+    host_ranks: list[int] = field(default_factory=list)
+    host_scalings: list[float] = field(default_factory=list)
 
     @classmethod
     def allocate(cls, n_slots: int, max_rank: int, d_in: int, d_out: int, device, dtype) -> LayerSlots:
@@ -46,7 +50,20 @@ class LayerSlots:
             scalings=torch.zeros((n_slots,), device=device, dtype=dtype),
             ranks=torch.zeros((n_slots,), device=device, dtype=torch.long),
             prototypes=torch.zeros((n_slots, d_in), device=device, dtype=dtype),
+            host_ranks=[0] * n_slots,
+            host_scalings=[0.0] * n_slots,
         )
+
+    def set_slot(self, slot: int, a: torch.Tensor, b: torch.Tensor, scaling: float) -> None:
+        """Write one adapter's (r, d_in) ``a``, (d_out, r) ``b`` and scaling into ``slot`` (cleared first)."""
+        self.clear(slot)
+        r = a.shape[0]
+        self.a_stack[slot, :r].copy_(a)
+        self.bt_stack[slot, :r].copy_(b.T)
+        self.scalings[slot] = scaling
+        self.ranks[slot] = r
+        self.host_ranks[slot] = r
+        self.host_scalings[slot] = float(scaling)
 
     def clear(self, slot: int) -> None:
         self.a_stack[slot].zero_()
@@ -54,6 +71,8 @@ class LayerSlots:
         self.scalings[slot] = 0
         self.ranks[slot] = 0
         self.prototypes[slot].zero_()
+        self.host_ranks[slot] = 0
+        self.host_scalings[slot] = 0.0
 
 
 @dataclass
@@ -218,16 +237,12 @@ class AdapterSlots:
         assert not unknown, f"layers {sorted(unknown)[:3]} were not registered before filling a slot"
         top = 0
         for layer_name, stacks in self.layers.items():
-            stacks.clear(slot)
             lora = host.layers.get(layer_name)
             if lora is None:
+                stacks.clear(slot)
                 continue
-            r = lora.rank
-            stacks.a_stack[slot, :r].copy_(lora.a)
-            stacks.bt_stack[slot, :r].copy_(lora.b.T)
-            stacks.scalings[slot] = lora.scaling
-            stacks.ranks[slot] = r
-            top = max(top, r)
+            stacks.set_slot(slot, lora.a, lora.b, lora.scaling)
+            top = max(top, lora.rank)
         self._slot_rank[slot] = top
         self._stale.discard(slot)
         self._prototyped.discard(slot)
@@ -243,7 +258,7 @@ class AdapterSlots:
             todo = [s for s in slots if s not in self._prototyped]
             for slot in todo:
                 for stacks in self.layers.values():
-                    r = int(stacks.ranks[slot])
+                    r = stacks.host_ranks[slot]
                     if r > 0:
                         proto = arrow_prototype(stacks.a_stack[slot, :r], stacks.bt_stack[slot, :r].T)
                         stacks.prototypes[slot].copy_(proto)

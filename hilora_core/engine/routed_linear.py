@@ -229,7 +229,7 @@ class RoutingState:
 
     - ``per_row``: route multi-token passes in the per-row form; False runs every pass in the dense form;
     - ``layer_subsets``: route each layer on the adapters with weights there (see the module docstring);
-      False routes every layer on all the batch's adapters at the batch's largest rank. Layers no
+      False routes every layer on all the batch's adapters (per-row prefill at the batch's largest rank). Layers no
       adapter of the batch adapts run the base layer alone either way."""
 
     def __init__(self) -> None:

@@ -75,6 +75,12 @@ def _check_distinct(candidates: torch.Tensor) -> None:
             raise InvalidInputError("a token lists the same adapter twice among its candidates")
 
 
+def _take(counts: torch.Tensor) -> tuple[int, torch.Tensor]:
+    """(kmax, take): the largest count, and ``take[..., k]`` True for the first ``counts[...]`` top-k positions."""
+    kmax = int(counts.max()) if counts.numel() else 0
+    return kmax, torch.arange(kmax, device=counts.device) < counts.unsqueeze(-1)
+
+
 def prepare_token_routing(
     scalings: torch.Tensor,
     ranks: torch.Tensor,
@@ -122,8 +128,7 @@ def prepare_token_routing(
         bias = torch.where(is_cand, zero, neg)  # (N, U)
     else:  # pragma: no cover - the enum guards this
         raise InvalidInputError(f"unknown token rule {rule!r}")
-    kmax = int(counts.max()) if counts.numel() else 0
-    take = torch.arange(kmax, device=device) < counts.unsqueeze(-1)
+    kmax, take = _take(counts)
     return TokenRouting(rule, counts, take, kmax, coeff, bias, exists, keep_all)
 
 
@@ -237,8 +242,7 @@ def prepare_row_routing(
     exists = torch.arange(r_max, device=device) < rank.unsqueeze(-1)  # (B, C, R)
     bias = torch.where(exists, torch.tensor(0.0, device=device, dtype=dtype),
                        torch.tensor(-math.inf, device=device, dtype=dtype))
-    kmax = int(counts.max()) if counts.numel() else 0
-    take = torch.arange(kmax, device=device) < counts.unsqueeze(-1)  # (B, C, kmax)
+    kmax, take = _take(counts)  # take: (B, C, kmax)
     return RowRouting(cand.reshape(-1), coeff.view(n_rows, 1, n_cand, 1), bias.unsqueeze(1), take.unsqueeze(1),
                       kmax, keep_all)
 

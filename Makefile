@@ -47,7 +47,7 @@ eval: setup
 FLAN48 ?= ../shared/data/flan48
 eval-offpool: setup
 	$(BIN)/python benchmarks/offpool_designs.py $(if $(wildcard $(FLAN48)/dev.jsonl),--flan48 $(FLAN48))
-	$(BIN)/python benchmarks/eval_transfer.py --pool transfer --limit 20 --threads 2
+	$(BIN)/python benchmarks/eval_transfer.py --pool transfer --limit 20 --cross --threads 2
 	$(BIN)/python benchmarks/eval_offpool.py --limit 10 --cross-seen-limit 5 --threads 2 \
 		$(if $(wildcard $(FLAN48)/dev.jsonl),--flan48 $(FLAN48))
 

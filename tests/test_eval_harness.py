@@ -67,6 +67,14 @@ def test_settings_follow_the_papers_protocol(demo):
     assert other.seen != within.seen  # the split is seeded
 
 
+def test_engine_slots_cover_a_whole_example_pool(tokenizer):
+    """Merged and Ensemble put every adapter of a pool in one batch: the engine must hold them all."""
+    for name in ("demo_pool", "transfer_pool"):
+        pool = harness.load_pool(ROOT / "examples" / name, 1, tokenizer)
+        assert harness.slots_for(ROOT / "examples" / name) >= max(16, len(pool.names))
+    assert harness.slots_for(ROOT / "examples" / "transfer_pool") == 21
+
+
 def test_tiny_run_writes_tables_plots_and_json(script, tmp_path):
     res = script.main(["--limit", "1", "--methods", "base", "oracle", "hilora", "retriever", "--settings", "within",
                         "--gammas", "0.4", "1.0", "--sequence-limit", "2", "--threads", "1", "--out", str(tmp_path)])

@@ -362,13 +362,22 @@ def write_manifest(pool: list[T.Task]) -> None:
     (P.here / "manifest.json").write_text(json.dumps(entries, indent=1) + "\n")
 
 
+def _threads(recs: list[dict]) -> str:
+    """'1 thread', or which tasks used more when the runs differ."""
+    counts = sorted({int(r["threads"]) for r in recs})
+    if counts == [1]:
+        return "1 thread"
+    more = [r["task"] for r in recs if int(r["threads"]) > 1]
+    return "1 thread" + (f"; {', '.join(more)} on {counts[-1]}" if counts[0] == 1 else f"s: {counts}")
+
+
 def write_report(pool: list[T.Task]) -> None:
     recs = [json.loads((P.here / "results" / f"{t.name}.json").read_text()) for t in pool]
     lines = [
         f"# {P.title}",
         "",
         f"{len(pool)} tasks in {len({t.cluster for t in pool})} clusters, one PEFT LoRA each on "
-        f"SmolLM2-135M-Instruct (base in float32; trained on CPU, {recs[0]['threads']} thread). Exact match on "
+        f"SmolLM2-135M-Instruct (base in float32; trained on CPU, {_threads(recs)}). Exact match on "
         f"{N_TEST} held-out test items per task, greedy, batch 32, prompt = `format_prompt(inputs)` "
         "(SmolLM2 chat template with its default system message). Base = the model without adapter; "
         "adapter = the task's own LoRA (PEFT). Regenerate with "
@@ -395,7 +404,7 @@ def write_report(pool: list[T.Task]) -> None:
         "",
         f"Adapter weights: {size:.1f} MiB in total (safetensors, float16). Adapter EM is measured on "
         "the saved float16 files loaded by `PeftModel.from_pretrained` onto a fresh base. Train time: "
-        "wall seconds of the optimisation loop on one CPU thread of a shared 2-core machine "
+        "wall seconds of the optimisation loop on a shared 2-core machine "
         "(other jobs were running; a quiet core is faster).",
         "",
         "Left out while choosing the tasks:",

@@ -87,9 +87,15 @@ def load_pool(pool_dir: Path, limit: int, tokenizer) -> PoolData:
     )
 
 
+def slots_for(*pool_dirs: Path) -> int:
+    """Device slots an engine needs to run any plan over these example pools (methods such as Merged or
+    Ensemble put every adapter of a pool in one batch): at least 16, else the largest pool's size."""
+    return max([16] + [len(read_manifest(d / "manifest.json")) for d in pool_dirs])
+
+
 def load_engine(pool_dir: Path, limit: int, base_model: str | None = None) -> tuple[RoutedLM, PoolData]:
     """The base model with every demo adapter registered, and the demo pool (``limit`` items per task)."""
-    lm = RoutedLM.from_pretrained(base_model, max_slots=16)
+    lm = RoutedLM.from_pretrained(base_model, max_slots=slots_for(pool_dir))
     demo = load_pool(pool_dir, limit, lm.tokenizer)
     for name in demo.names:
         lm.add_adapter(name, str(demo.folders[name]))

@@ -15,4 +15,13 @@ SPECS: dict[str, TrainingSpec] = {
     "words_to_digits": TrainingSpec(8, ATTN_QV, steps=60),
     "quantity_to_digits": TrainingSpec(4, MLP, steps=60),
     "price_to_digits": TrainingSpec(8, ATTN_QKVO, steps=60),
+    "us_slash_to_iso": TrainingSpec(4, MLP, steps=70),
+    "eu_dot_to_iso": TrainingSpec(8, ATTN_QV, steps=70),
+    "compact_to_iso": TrainingSpec(4, ATTN_QKVO, steps=70),
+    "post_sentiment": TrainingSpec(8, ATTN_QV, steps=40),
+    "chat_sentiment": TrainingSpec(4, MLP, steps=40),
+    "feedback_sentiment": TrainingSpec(4, ATTN_QKVO, steps=40),
+    "year_to_digits": TrainingSpec(4, ATTN_QKVO, steps=60),
+    "ordinal_to_digits": TrainingSpec(8, ATTN_QV, steps=60),
+    "mixed_to_digits": TrainingSpec(4, MLP, steps=60),
 }

@@ -6,6 +6,13 @@ inputs, phrased differently. An adapter trained on one task of a cluster should
 therefore help its siblings, which is what the paper's within-cluster protocol
 measures; the demo pool (``examples/demo_pool``) lacks that property.
 
+Three of the clusters have a **partner cluster** that computes the same function
+from another kind of input (dates with month names / dates in digits; reviews /
+personal messages; cardinal number words / other number forms). That is where
+the paper's cross-cluster protocol (a whole cluster left out) can find transfer:
+the left-out cluster's partner is still registered. The e-mail cluster has no
+partner, as a control.
+
 Each task has training templates and separate ``test_templates``: the test set
 is phrased in wording no adapter saw. The prompt format, scoring and split
 logic are the demo pool's (``examples.demo_pool.tasks``).
@@ -15,7 +22,15 @@ from __future__ import annotations
 
 import random
 
-from examples.demo_pool.tasks import MONTHS, Task, TaskSet, format_prompt, number_to_words, task_seed  # noqa: F401
+from examples.demo_pool.tasks import (  # noqa: F401
+    MONTHS,
+    Task,
+    TaskSet,
+    _split,
+    format_prompt,
+    number_to_words,
+    task_seed,
+)
 
 # --------------------------------------------------------------------------- dates -> ISO
 
@@ -169,6 +184,108 @@ _DIGITS_TEST = (
     "Rewrite the amount in the text below as a plain number.\n{x}",
 )
 
+# --------------------------------------------------------------------------- partner clusters
+
+
+def _render_us_slash(k):
+    return f"{k[1]:02d}/{k[2]:02d}/{k[0]}", _iso(k)
+
+
+def _render_eu_dot(k):
+    return f"{k[2]:02d}.{k[1]:02d}.{k[0]}", _iso(k)
+
+
+def _render_compact(k):
+    return f"{k[0]:04d}{k[1]:02d}{k[2]:02d}", _iso(k)
+
+
+_POST = (
+    ("finally finished my first marathon", "my sister just had a healthy baby girl", "I got the job offer today",
+     "the sunset at the beach was amazing", "my team won the final", "I passed my driving test",
+     "my garden is full of flowers", "my best friend surprised me with a visit", "I paid off my student loan",
+     "the new puppy settled in perfectly"),
+    ("my flight got cancelled again", "I lost my wallet on the bus", "the printer jammed before my deadline",
+     "it rained all weekend and the roof leaks", "my phone screen cracked", "I missed the last train home",
+     "my laptop died with all my notes", "the landlord raised the rent again", "I caught the flu on holiday",
+     "someone scratched my new car"),
+)
+_CHAT = (
+    ("the concert last night was incredible", "thanks so much for the lovely dinner",
+     "the trip was exactly what I needed", "your cake was the best I have ever had",
+     "I had so much fun at the party", "the kids loved the zoo",
+     "the new flat is perfect", "the hike was breathtaking", "we should do this again soon",
+     "I cannot stop smiling"),
+    ("the concert got cancelled at the last minute", "dinner was a total disaster", "the trip was exhausting",
+     "the cake fell on the floor", "nobody showed up to the party", "the kids were miserable at the zoo",
+     "the new flat has mould everywhere", "the hike was freezing and muddy", "I never want to do that again",
+     "I am so fed up"),
+)
+_FEEDBACK = (
+    ("your report was clear and well organised", "the presentation went really well", "the client loved the design",
+     "you handled the meeting brilliantly", "the code review was thorough", "the launch was a big success",
+     "your notes saved us hours", "the team appreciated your help", "the numbers look great this quarter",
+     "you met every deadline"),
+    ("your report was full of errors", "the presentation was confusing", "the client rejected the design",
+     "the meeting ran badly over time", "the code review missed obvious bugs", "the launch was a mess",
+     "your notes were impossible to follow", "the team felt ignored", "the numbers look worrying this quarter",
+     "you missed another deadline"),
+)
+
+
+def _message(parts, frame: str):
+    """Like ``_review``, but the clauses are framed as a personal message (``frame`` holds ``{t}``)."""
+    draw, render = _review(parts)
+
+    def render_message(k):
+        text, label = render(k)
+        return frame.format(t=text), label
+
+    return draw, render_message
+
+
+_ORD_ONES = _split("zeroth first second third fourth fifth sixth seventh eighth ninth tenth eleventh twelfth "
+                   "thirteenth fourteenth fifteenth sixteenth seventeenth eighteenth nineteenth")
+_ORD_TENS = _split("_ _ twentieth thirtieth fortieth fiftieth sixtieth seventieth eightieth ninetieth")
+_PLACES = ("She finished the race in {w} place.", "Our team came {w} out of one thousand.",
+           "He was {w} in line at the bakery.", "The song reached {w} place in the charts.")
+
+
+def ordinal_words(n: int) -> str:
+    """English ordinal words for 1 <= n <= 999, e.g. 83 -> 'eighty-third', 300 -> 'three hundredth'."""
+    if n >= 100:
+        hundreds, rest = divmod(n, 100)
+        head = number_to_words(hundreds) + " hundred"
+        return head + "th" if rest == 0 else head + " " + ordinal_words(rest)
+    if n < 20:
+        return _ORD_ONES[n]
+    tens, ones = divmod(n, 10)
+    return _ORD_TENS[tens] if ones == 0 else number_to_words(tens * 10) + "-" + _ORD_ONES[ones]
+
+
+def year_words(y: int) -> str:
+    """A year (1000-2099) as it is spoken: 1951 -> 'nineteen fifty-one', 1905 -> 'nineteen oh five',
+    2003 -> 'two thousand three', 2012 -> 'twenty twelve'."""
+    if 2000 <= y < 2010:
+        return number_to_words(y)
+    if 2010 <= y < 2100 and y % 100 >= 10:
+        return "twenty " + number_to_words(y % 100)
+    head, tail = divmod(y, 100)
+    if tail == 0:
+        return number_to_words(head) + " hundred"
+    return number_to_words(head) + " " + (number_to_words(tail) if tail >= 10 else "oh " + number_to_words(tail))
+
+
+_EVENTS = ("The bridge was built in {w}.", "My grandfather was born in {w}.", "The company was founded in {w}.",
+           "The treaty was signed in {w}.")
+_CROWDS = ("The stadium holds {w} people.", "About {w} visitors came to the fair.",
+           "The library owns {w} books.", "The town has {w} residents.")
+
+
+def _mixed(k: int) -> str:
+    thousands, rest = divmod(k, 1000)
+    return f"{thousands} thousand" + (f" {rest}" if rest else "")
+
+
 # --------------------------------------------------------------------------- the pool
 
 TASKS: tuple[Task, ...] = (
@@ -228,6 +345,46 @@ TASKS: tuple[Task, ...] = (
           "How many dollars, in digits? {x}", "{x}\nGive the price using digits only.",
           "Read this and answer with a number: {x} How much?"),
          lambda r: r.randint(2, 999), _render_price, _DIGITS_TEST),
+    Task("us_slash_to_iso", "numeric_dates", "'MM/DD/YYYY' -> YYYY-MM-DD", _ISO_TRAIN, _date, _render_us_slash,
+         _ISO_TEST),
+    Task("eu_dot_to_iso", "numeric_dates", "'DD.MM.YYYY' -> YYYY-MM-DD", _ISO_TRAIN, _date, _render_eu_dot,
+         _ISO_TEST),
+    Task("compact_to_iso", "numeric_dates", "'YYYYMMDD' -> YYYY-MM-DD", _ISO_TRAIN, _date, _render_compact,
+         _ISO_TEST),
+    Task("post_sentiment", "moods", "a social media post -> positive / negative",
+         ("Social media post: {x}\nIs the mood positive or negative?", "What is the sentiment of this post? {x}",
+          "Classify the feeling of this status update as positive or negative: {x}",
+          "{x}\nIs the person having a good time? Answer positive or negative.",
+          "Post: \"{x}\" Mood (positive/negative):"),
+         *_message(_POST, "Update: {t}"), _SENT_TEST),
+    Task("chat_sentiment", "moods", "a message to a friend -> positive / negative",
+         ("Message from a friend: {x}\nIs it positive or negative?", "My friend texted: \"{x}\" Positive or negative?",
+          "Classify the tone of this chat message as positive or negative: {x}",
+          "{x}\nDid my friend enjoy it? Answer positive or negative.",
+          "Chat: \"{x}\" Tone (positive/negative):"),
+         *_message(_CHAT, "Hey! {t}"), _SENT_TEST),
+    Task("feedback_sentiment", "moods", "a manager's comment -> positive / negative",
+         ("Manager's comment: {x}\nIs this feedback positive or negative?",
+          "My boss wrote: \"{x}\" Is the feedback positive or negative?",
+          "Classify this workplace feedback as positive or negative: {x}",
+          "{x}\nIs the manager pleased? Answer positive or negative.",
+          "Feedback: \"{x}\" Tone (positive/negative):"),
+         *_message(_FEEDBACK, "Quick note on last week: {t}"), _SENT_TEST),
+    Task("year_to_digits", "number_forms", "a year in spoken words -> digits",
+         ("{x} Which year is that, in digits?", "Sentence: {x}\nWrite the year as a number.",
+          "What year is mentioned, in digits? {x}", "{x}\nGive the year using digits only.",
+          "Read this and answer with a number: {x} Which year?"),
+         lambda r: r.randint(1801, 2099), lambda k: (_EVENTS[k % 4].format(w=year_words(k)), str(k)), _DIGITS_TEST),
+    Task("ordinal_to_digits", "number_forms", "an ordinal in words -> digits",
+         ("{x} Which position is that, in digits?", "Sentence: {x}\nWrite the position as a number.",
+          "What rank is mentioned, in digits? {x}", "{x}\nGive the place using digits only.",
+          "Read this and answer with a number: {x} Which place?"),
+         lambda r: r.randint(1, 999), lambda k: (_PLACES[k % 4].format(w=ordinal_words(k)), str(k)), _DIGITS_TEST),
+    Task("mixed_to_digits", "number_forms", "'4 thousand 250' -> 4250",
+         ("{x} How many is that, in digits?", "Sentence: {x}\nWrite the amount as a plain number.",
+          "What is the count, in digits only? {x}", "{x}\nGive the number without words.",
+          "Read this and answer with a number: {x} How many?"),
+         lambda r: r.randint(1001, 99999), lambda k: (_CROWDS[k % 4].format(w=_mixed(k)), str(k)), _DIGITS_TEST),
 )
 
 TASK_NAMES: tuple[str, ...] = tuple(t.name for t in TASKS)

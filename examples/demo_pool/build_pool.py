@@ -26,6 +26,7 @@ import math
 import random
 import sys
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -363,12 +364,10 @@ def write_manifest(pool: list[T.Task]) -> None:
 
 
 def _threads(recs: list[dict]) -> str:
-    """'1 thread', or which tasks used more when the runs differ."""
-    counts = sorted({int(r["threads"]) for r in recs})
-    if counts == [1]:
-        return "1 thread"
-    more = [r["task"] for r in recs if int(r["threads"]) > 1]
-    return "1 thread" + (f"; {', '.join(more)} on {counts[-1]}" if counts[0] == 1 else f"s: {counts}")
+    """The CPU threads the tasks trained on: '1 thread', plus the tasks that used another count."""
+    common = Counter(int(r["threads"]) for r in recs).most_common(1)[0][0]
+    others = [f"{r['task']} on {r['threads']}" for r in recs if int(r["threads"]) != common]
+    return f"{common} thread{'s' if common > 1 else ''}" + (f"; {', '.join(others)}" if others else "")
 
 
 def write_report(pool: list[T.Task]) -> None:

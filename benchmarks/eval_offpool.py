@@ -261,6 +261,10 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--pools", nargs="+", default=list(POOLS), choices=list(POOLS))
     ap.add_argument("--limit", type=int, default=10, help="test items per task")
+    ap.add_argument("--offset", type=int, default=0,
+                    help="first test item of each task (0 for reports; e.g. 50 for a development split)")
+    ap.add_argument("--target-rate", type=float, default=None,
+                    help="eps calibration's leave-one-out target (default: GaussianFitSettings' own)")
     ap.add_argument("--cross-seen-limit", type=int, default=5, help="items per seen task in cross folds")
     ap.add_argument("--settings", nargs="*", default=["within", "cross"], choices=["within", "cross"],
                     help="harness settings to run (none: off-pool requests only)")
@@ -286,13 +290,14 @@ def main(argv: list[str] | None = None) -> dict:
     embedder = SentenceEmbedder(args.embedder)
     reference = embedder.encode(load_reference_requests(args.reference_file))
     offpool = load_reference_requests(args.offpool_file)[: args.offpool_limit]
+    fit_settings = GaussianFitSettings(**({} if args.target_rate is None else {"target_rate": args.target_rate}))
     lm = RoutedLM.from_pretrained(None, max_slots=slots_for(*(POOLS[p] for p in args.pools)))
     gen = Generator(lm, args.batch_size)
     res = {"command": "python benchmarks/eval_offpool.py " + " ".join(argv if argv is not None else sys.argv[1:]),
            "pools": {}, "n_offpool": len(offpool), "offpool_tokens": args.offpool_tokens,
            "offpool_file": _shown_path(args.offpool_file), "embedder": args.embedder or DEFAULT_EMBEDDER}
     for pool in args.pools:
-        demo = load_pool(POOLS[pool], args.limit, lm.tokenizer)
+        demo = load_pool(POOLS[pool], args.limit, lm.tokenizer, args.offset)
         for name in demo.names:
             lm.add_adapter(name, str(demo.folders[name]))
         items = [it for t in demo.names for it in demo.items[t]]
@@ -303,7 +308,7 @@ def main(argv: list[str] | None = None) -> dict:
         gen.cache.clear()  # adapter names may repeat across pools
 
         def ctx_for(unit: Unit, demo=demo, samples=samples, query_emb=query_emb) -> Context:
-            model: PoolModel = fit_pool([samples[a] for a in unit.pool], GaussianFitSettings(), reference)
+            model: PoolModel = fit_pool([samples[a] for a in unit.pool], fit_settings, reference)
             return Context(lm, demo, unit, model, query_emb)
 
         units, within_seen = {}, []

@@ -50,6 +50,17 @@ def test_demo_loads_limited_items_and_samples(demo):
     assert all(4 < n < 40 for n in demo.max_new.values())
 
 
+def test_an_offset_reads_a_development_split_disjoint_from_the_report_items(tokenizer, demo):
+    """``--offset`` tunes on later test items; the items a report reads (offset 0) stay untouched."""
+    dev = harness.load_pool(ROOT / "examples" / "demo_pool", 3, tokenizer, offset=50)
+    for task in demo.names:
+        rows = [json.loads(line) for line in (ROOT / "examples" / "demo_pool" / "data" / task / "test.jsonl").open()]
+        assert [it.index for it in dev.items[task]] == [50, 51, 52]
+        assert [it.inputs for it in dev.items[task]] == [r["inputs"] for r in rows[50:53]]
+        assert {it.index for it in dev.items[task]}.isdisjoint(it.index for it in demo.items[task])
+    assert dev.max_new == demo.max_new  # answer budgets come from the whole test set either way
+
+
 def test_settings_follow_the_papers_protocol(demo):
     units = harness.make_units(demo, ["within", "cross"], seed=0, folds=None, cross_seen_limit=1)
     within, cross = units[0], units[1:]

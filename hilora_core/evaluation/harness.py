@@ -70,16 +70,18 @@ class PoolData:
     max_new: dict[str, int]
 
 
-def load_pool(pool_dir: Path, limit: int, tokenizer) -> PoolData:
+def load_pool(pool_dir: Path, limit: int, tokenizer, offset: int = 0) -> PoolData:
     """An example pool (``manifest.json`` with cluster, adapter and rank; ``data/<task>/test.jsonl``),
-    the first ``limit`` test items of each task."""
+    ``limit`` test items of each task from item ``offset`` on (reports use offset 0; a later offset is a
+    development split that tuning may read without touching the reported items)."""
     manifest = read_manifest(pool_dir / "manifest.json")
     items, max_new = {}, {}
     for e in manifest:
         rows = [json.loads(line) for line in (pool_dir / "data" / e.name / "test.jsonl").open()]
         # answer budget from the whole test set, as build_pool.py measured the adapters
         max_new[e.name] = max(len(tokenizer(r["targets"], add_special_tokens=False)["input_ids"]) for r in rows) + 4
-        items[e.name] = [Item(e.name, e.cluster, i, r["inputs"], r["targets"]) for i, r in enumerate(rows[:limit])]
+        items[e.name] = [Item(e.name, e.cluster, i, r["inputs"], r["targets"]) for i, r in enumerate(rows)
+                         if offset <= i < offset + limit]
     return PoolData(
         names=[e.name for e in manifest], folders={e.name: pool_dir / e.adapter for e in manifest},
         ranks={e.name: int(e.rank) for e in manifest}, cluster={e.name: e.cluster for e in manifest},

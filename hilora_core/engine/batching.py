@@ -211,6 +211,13 @@ class LoopMetrics:
     itl: Histogram = field(default_factory=lambda: Histogram((0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)))
 
 
+def _to_device(values: list[float], device: torch.device) -> torch.Tensor:
+    """(n,) float32 on ``device``. On CUDA the copy goes through pinned memory without blocking, so it
+    does not wait for the forward pass already queued (a plain host-to-device copy would)."""
+    t = torch.tensor(values, dtype=torch.float32)
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t
+
+
 @dataclass(eq=False)
 class _Seq:
     req: SequenceRequest
@@ -572,11 +579,7 @@ class ContinuousBatcher:
     # ---- tokens -------------------------------------------------------------------------------------
     def _advance(self, seqs: list[_Seq], scores: torch.Tensor) -> None:
         """Choose each request's next token from its (V,) scores row, emit text, retire finished ones."""
-        tokens = scores.argmax(dim=-1).tolist()
-        for i, s in enumerate(seqs):
-            if s.req.temperature > 0:
-                tokens[i] = int(choose_tokens(scores[i: i + 1], torch.tensor([s.req.temperature], device=scores.device),
-                                              torch.tensor([s.req.top_p], device=scores.device), s.generator)[0])
+        tokens = self._choose(seqs, scores).tolist()  # the step's one read-back
         want = [i for i, s in enumerate(seqs) if s.req.logprobs is not None]
         if want:
             logp = torch.log_softmax(scores[want].float(), dim=-1)
@@ -607,6 +610,21 @@ class ContinuousBatcher:
             elif delta or prompt_lp is not None:
                 s.handle._emit(StreamEvent(0, delta, False, None, len(ids), s.prompt_len, None, logprobs, prompt_lp))
         self._retire(done)
+
+    @staticmethod
+    def _choose(seqs: list[_Seq], scores: torch.Tensor) -> torch.Tensor:
+        """(B,) next tokens of ``seqs`` from their (B, V) scores, in one batched pass. A sampling row draws
+        its uniform from its own request's generator, so its text does not depend on its batch."""
+        if not any(s.req.temperature > 0 for s in seqs):
+            return choose_tokens(scores, None, None, None)
+        dev = scores.device
+        zero = torch.zeros((1,), device=dev)
+        uniforms = torch.cat([torch.rand((1,), generator=s.generator, device=dev) if s.generator is not None
+                              else zero for s in seqs])
+        temperature = _to_device([s.req.temperature for s in seqs], dev)
+        nucleus = any(s.req.top_p < 1.0 and s.req.temperature > 0 for s in seqs)
+        top_p = _to_device([s.req.top_p for s in seqs], dev) if nucleus else None
+        return choose_tokens(scores, temperature, top_p, uniforms)
 
     @staticmethod
     def _entry(logp: torch.Tensor, token: int, top: int) -> TokenLogprob:

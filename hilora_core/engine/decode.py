@@ -44,8 +44,9 @@ def decode(lm: RoutedLM, req: DecodeRequest) -> Iterator[StreamEvent]:
     if any(t > 0 for t in req.temperatures):
         generator = torch.Generator(device=lm.device)
         generator.manual_seed(int(req.seed) if req.seed is not None else int(torch.randint(0, 2**62, (1,)).item()))
-    temp_t = torch.tensor(req.temperatures, device=lm.device)
-    top_p_t = torch.tensor(req.top_ps, device=lm.device)
+    # None tells choose_tokens, without a look at the device, that no row samples / no row cuts the nucleus
+    temp_t = torch.tensor(req.temperatures, device=lm.device) if generator is not None else None
+    top_p_t = torch.tensor(req.top_ps, device=lm.device) if any(p < 1.0 for p in req.top_ps) else None
     prompt_tokens = mask.sum(dim=1).tolist()
     eos = set() if req.ignore_eos else lm.eos_ids
     seqs = [SequenceProgress(TextTracker(lm.tokenizer, stops[i]), req.max_new_tokens[i], eos) for i in range(n)]
@@ -63,7 +64,8 @@ def decode(lm: RoutedLM, req: DecodeRequest) -> Iterator[StreamEvent]:
                 past_key_values=cache, use_cache=True, logits_to_keep=1,
             )[:, -1]
             scores = mix_logits(logits, req.batch.matrix)  # (n, V)
-            next_tok = choose_tokens(scores, temp_t, top_p_t, generator)
+            uniforms = None if generator is None else torch.rand((n,), generator=generator, device=lm.device)
+            next_tok = choose_tokens(scores, temp_t, top_p_t, uniforms)
             for i, tok in enumerate(next_tok.tolist()):
                 if seqs[i].done:
                     continue

@@ -3,7 +3,10 @@
 Token choice works on a (B, V) matrix of next-token log-probabilities (or logits):
 greedy rows (temperature 0) take the argmax; the others sample from
 ``softmax(logp / temperature)`` restricted to the smallest set of tokens whose
-probability reaches ``top_p`` (nucleus sampling), with one seeded generator per call.
+probability reaches ``top_p`` (nucleus sampling). Sampling is by inverse CDF, one
+uniform draw per row: the caller draws them from whatever seeded generators it keeps
+(one per call, or one per request), and every row is then sampled in one batched pass
+with no read-back to the host.
 
 Text is produced incrementally: :class:`TextTracker` decodes a sequence's tokens, cuts
 the text at the first stop string, and releases only text that can no longer change
@@ -114,32 +117,41 @@ def check_sampling(temperatures: Sequence[float], top_ps: Sequence[float], max_n
 
 def choose_tokens(
     scores: torch.Tensor,
-    temperature: torch.Tensor,
-    top_p: torch.Tensor,
-    generator: torch.Generator | None,
+    temperature: torch.Tensor | None,
+    top_p: torch.Tensor | None,
+    uniforms: torch.Tensor | None,
 ) -> torch.Tensor:
-    """Next token per row.
+    """Next token per row, greedy or sampled, in one batched pass (no host read-back).
 
     Args:
         scores: (B, V) logits or log-probabilities.
-        temperature: (B,) 0 means greedy.
-        top_p: (B,) nucleus mass in (0, 1].
-        generator: the call's seeded generator (sampling rows only).
+        temperature: (B,) 0 means greedy; None: every row is greedy (the caller knows it on the host).
+        top_p: (B,) nucleus mass in (0, 1]; None: no nucleus cut on any row (skips the sort over V).
+        uniforms: (B,) draws in [0, 1), one per row (greedy rows ignore theirs); needed with temperature.
 
     Returns:
-        (B,) token ids.
+        (B,) token ids on ``scores``' device.
     """
     greedy = scores.argmax(dim=-1)
-    sample_rows = temperature > 0
-    if not bool(sample_rows.any()):
+    if temperature is None:
         return greedy
-    temp = torch.where(sample_rows, temperature, torch.ones_like(temperature))
-    probs = torch.softmax(scores.float() / temp.unsqueeze(-1).float(), dim=-1)  # (B, V)
-    sorted_p, order = probs.sort(dim=-1, descending=True)
-    before = sorted_p.cumsum(dim=-1) - sorted_p  # mass strictly above each token
-    sorted_p = sorted_p.masked_fill(before >= top_p.unsqueeze(-1).float(), 0.0)  # keeps at least the top token
-    pick = torch.multinomial(sorted_p, 1, generator=generator).squeeze(-1)  # (B,)
-    sampled = order.gather(1, pick.unsqueeze(-1)).squeeze(-1)
+    if uniforms is None:
+        raise InvalidInputError("sampling needs one uniform draw per row")
+    sample_rows = temperature > 0
+    temp = torch.where(sample_rows, temperature, torch.ones_like(temperature)).float()
+    probs = torch.softmax(scores.float() / temp.unsqueeze(-1), dim=-1)  # (B, V)
+    order = None
+    if top_p is not None:
+        probs, order = probs.sort(dim=-1, descending=True)
+        before = probs.cumsum(dim=-1) - probs  # mass strictly above each token
+        probs = probs.masked_fill(before >= top_p.unsqueeze(-1).float(), 0.0)  # keeps at least the top token
+    cdf = probs.cumsum(dim=-1)  # (B, V), unnormalised after a nucleus cut
+    total = cdf[:, -1]
+    # strictly below the total mass, so some index exceeds it even where rounding would reach the total
+    target = torch.minimum(uniforms.float().clamp(0.0, 1.0) * total, torch.nextafter(total, torch.zeros_like(total)))
+    # the first index whose cumulative mass exceeds the target: a token of probability 0 is never chosen
+    pick = torch.searchsorted(cdf, target.unsqueeze(-1), right=True)  # (B, 1)
+    sampled = (pick if order is None else order.gather(1, pick)).squeeze(-1)
     return torch.where(sample_rows, sampled, greedy)
 
 

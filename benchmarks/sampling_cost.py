@@ -1,0 +1,146 @@
+"""What sampling costs the generation loop: greedy against sampled requests, batched token choice against
+the per-row form it replaced, in one process.
+
+    .venv/bin/python benchmarks/sampling_cost.py [--threads 2] [--tokens 32] [--repeats 3]
+
+Two measurements:
+
+1. token choice alone on a (32, V) matrix of logits (V = SmolLM2's vocabulary): milliseconds per step,
+   median of 50;
+2. a burst of 32 demo-pool requests (each prompt's own adapter, ``--tokens`` tokens, EOS ignored) through
+   the continuous-batching loop: generated tok/s, median of ``--repeats`` bursts after a warm-up.
+
+``per row`` is the loop's token choice before the change, kept here as the reference: the batch's argmax,
+then for each sampling row its own softmax, sort and ``torch.multinomial`` with its request's generator,
+read back to the host one row at a time. ``batched`` is the loop's now (``ContinuousBatcher._choose``):
+one inverse-CDF pass over all rows, one uniform per row from its request's generator, one read-back.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from load_test import load_prompts  # noqa: E402
+from routed_prefill import load_engine  # noqa: E402
+
+from hilora_core.engine.batching import BatchingSettings, ContinuousBatcher, SequenceRequest  # noqa: E402
+from hilora_core.engine.threads import use_torch_threads  # noqa: E402
+from hilora_core.plan import RoutingPlan  # noqa: E402
+
+SETTINGS = {"greedy": {}, "temperature 0.8": {"temperature": 0.8, "seed": 1},
+            "temperature 0.8, top_p 0.95": {"temperature": 0.8, "top_p": 0.95, "seed": 1}}
+
+
+def per_row_choose(seqs, scores: torch.Tensor) -> torch.Tensor:
+    """The per-row token choice the loop used before (the reference of this benchmark)."""
+    tokens = scores.argmax(dim=-1)
+    for i, s in enumerate(seqs):
+        if s.req.temperature > 0:
+            probs = torch.softmax(scores[i].float() / s.req.temperature, dim=-1)
+            sorted_p, order = probs.sort(descending=True)
+            before = sorted_p.cumsum(dim=-1) - sorted_p
+            sorted_p = sorted_p.masked_fill(before >= s.req.top_p, 0.0)
+            pick = torch.multinomial(sorted_p, 1, generator=s.generator)
+            tokens[i] = int(order[pick].item())  # one read-back per sampling row
+    return tokens
+
+
+class _Req:  # what the choosers read of a request
+    def __init__(self, temperature: float, top_p: float) -> None:
+        self.temperature, self.top_p = temperature, top_p
+
+
+class _Seq:
+    def __init__(self, temperature: float, top_p: float, seed: int) -> None:
+        self.req = _Req(temperature, top_p)
+        self.generator = torch.Generator().manual_seed(seed) if temperature > 0 else None
+
+
+CHOOSERS = {"per row": per_row_choose, "batched": ContinuousBatcher._choose}
+
+
+def choice_ms(vocab: int, rows: int = 32, repeats: int = 50) -> dict[tuple[str, str], float]:
+    scores = torch.randn(rows, vocab)
+    out = {}
+    for name, kw in SETTINGS.items():
+        seqs = [_Seq(kw.get("temperature", 0.0), kw.get("top_p", 1.0), i) for i in range(rows)]
+        for form, choose in CHOOSERS.items():
+            times = []
+            for _ in range(repeats + 1):
+                t0 = time.perf_counter()
+                choose(seqs, scores).tolist()
+                times.append(time.perf_counter() - t0)
+            out[(name, form)] = 1000 * statistics.median(times[1:])
+    return out
+
+
+def burst_tok_s(batcher: ContinuousBatcher, ids: list[list[int]], plans: list[RoutingPlan], tokens: int,
+                kw: dict) -> float:
+    t0 = time.perf_counter()
+    handles = [batcher.submit(SequenceRequest(i, p, max_new_tokens=tokens, ignore_eos=True, **kw))
+               for i, p in zip(ids, plans, strict=True)]
+    for h in handles:
+        for _ in h.events(timeout=600):
+            pass
+    return tokens * len(ids) / (time.perf_counter() - t0)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--tokens", type=int, default=32)
+    ap.add_argument("--repeats", type=int, default=3)
+    args = ap.parse_args()
+    lm, _ = load_engine()
+    prompts = load_prompts(12, 3)[:32]
+    plans = [RoutingPlan.single(t) for t, _ in prompts]
+    ids = []
+    for _, x in prompts:
+        enc, mask = lm.encode([x], chat=True)
+        ids.append(enc[0][mask[0].bool()].tolist())
+    ms: dict = {}
+    tok_s: dict[tuple[str, str], list[float]] = {}
+
+    def work() -> None:
+        use_torch_threads(args.threads)
+        with torch.inference_mode():
+            ms.update(choice_ms(len(lm.tokenizer)))
+        batcher = ContinuousBatcher(lm, BatchingSettings(max_rows=32), threads=args.threads)
+        batcher.started.wait()
+        try:
+            burst_tok_s(batcher, ids, plans, args.tokens, {})  # warm-up: KV memory grows to 32 rows
+            for _ in range(args.repeats):
+                for form, choose in CHOOSERS.items():
+                    batcher._choose = choose  # the loop's token choice, swapped between bursts
+                    for name, kw in SETTINGS.items():
+                        tok_s.setdefault((name, form), []).append(burst_tok_s(batcher, ids, plans, args.tokens, kw))
+        finally:
+            batcher.close()
+
+    worker = threading.Thread(target=work)
+    worker.start()
+    worker.join()
+    print(f"{args.threads} torch threads; token choice on (32, {len(lm.tokenizer)}) logits, median of 50; "
+          f"burst of 32 x {args.tokens} tokens, median of {args.repeats}\n")
+    print("| requests | token choice | choice ms / step | burst tok/s | vs greedy, same form |")
+    print("|---|---|---|---|---|")
+    for form in CHOOSERS:
+        greedy = statistics.median(tok_s[("greedy", form)])
+        for name in SETTINGS:
+            t = statistics.median(tok_s[(name, form)])
+            print(f"| {name} | {form} | {ms[(name, form)]:.2f} | {t:.1f} | {t / greedy:.2f} |")
+
+
+if __name__ == "__main__":
+    main()

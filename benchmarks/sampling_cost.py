@@ -1,9 +1,9 @@
-"""What sampling costs the generation loop: greedy against sampled requests, batched token choice against
-the per-row form it replaced, in one process.
+"""What sampling and logprobs cost the generation loop: greedy against sampled requests, batched token choice
+against the per-row form it replaced, in one process.
 
     .venv/bin/python benchmarks/sampling_cost.py [--threads 2] [--tokens 32] [--repeats 3]
 
-Two measurements:
+Three measurements:
 
 1. token choice alone on a (32, V) matrix of logits (V = SmolLM2's vocabulary): milliseconds per step,
    median of 50;
@@ -14,6 +14,11 @@ Two measurements:
 then for each sampling row its own softmax, sort and ``torch.multinomial`` with its request's generator,
 read back to the host one row at a time. ``batched`` is the loop's now (``ContinuousBatcher._choose``):
 one inverse-CDF pass over all rows, one uniform per row from its request's generator, one read-back.
+
+3. the prompt logprobs of an ``echo`` request (what lm-evaluation-harness asks for every loglikelihood
+   question), 5 alternatives per token, for prompts of 128 to 2048 tokens: ``per row`` reads each position
+   back on its own (the loop's code before), ``batched`` is ``logprob_entries`` (one gather, one top-k, one
+   read-back); milliseconds, median of 5.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from load_test import load_prompts  # noqa: E402
 from routed_prefill import load_engine  # noqa: E402
 
 from hilora_core.engine.batching import BatchingSettings, ContinuousBatcher, SequenceRequest  # noqa: E402
+from hilora_core.engine.generation import TokenLogprob, logprob_entries  # noqa: E402
 from hilora_core.engine.threads import use_torch_threads  # noqa: E402
 from hilora_core.plan import RoutingPlan  # noqa: E402
 
@@ -85,6 +91,30 @@ def choice_ms(vocab: int, rows: int = 32, repeats: int = 50) -> dict[tuple[str, 
     return out
 
 
+def per_row_entries(logp: torch.Tensor, tokens: list[int], tops: list[int]) -> list[TokenLogprob]:
+    """The loop's logprob entries before ``logprob_entries`` (the reference): a top-k and reads per row."""
+    out = []
+    for j, tok in enumerate(tokens):
+        values, ids = logp[j].topk(tops[j])
+        out.append(TokenLogprob(tok, float(logp[j][tok]), tuple(zip(ids.tolist(), values.tolist(), strict=True))))
+    return out
+
+
+def echo_ms(vocab: int, lengths=(128, 512, 2048), top: int = 5, repeats: int = 5) -> dict[tuple[int, str], float]:
+    out = {}
+    for n in lengths:
+        logp = torch.log_softmax(torch.randn(n, vocab), dim=-1)
+        tokens = torch.randint(0, vocab, (n,)).tolist()
+        for form, fn in (("per row", per_row_entries), ("batched", logprob_entries)):
+            times = []
+            for _ in range(repeats + 1):
+                t0 = time.perf_counter()
+                fn(logp, tokens, [top] * n)
+                times.append(time.perf_counter() - t0)
+            out[(n, form)] = 1000 * statistics.median(times[1:])
+    return out
+
+
 def burst_tok_s(batcher: ContinuousBatcher, ids: list[list[int]], plans: list[RoutingPlan], tokens: int,
                 kw: dict) -> float:
     t0 = time.perf_counter()
@@ -116,6 +146,7 @@ def main() -> None:
         use_torch_threads(args.threads)
         with torch.inference_mode():
             ms.update(choice_ms(len(lm.tokenizer)))
+            ms.update(echo_ms(len(lm.tokenizer)))
         batcher = ContinuousBatcher(lm, BatchingSettings(max_rows=32), threads=args.threads)
         batcher.started.wait()
         try:
@@ -140,6 +171,12 @@ def main() -> None:
         for name in SETTINGS:
             t = statistics.median(tok_s[(name, form)])
             print(f"| {name} | {form} | {ms[(name, form)]:.2f} | {t:.1f} | {t / greedy:.2f} |")
+    print("\nPrompt logprobs of one echo request, 5 alternatives per token:\n")
+    print("| prompt tokens | per row ms | batched ms | speed-up |")
+    print("|---|---|---|---|")
+    for n in sorted({k[0] for k in ms if isinstance(k[0], int)}):
+        row, batched = ms[(n, "per row")], ms[(n, "batched")]
+        print(f"| {n} | {row:.1f} | {batched:.1f} | {row / batched:.1f}x |")
 
 
 if __name__ == "__main__":

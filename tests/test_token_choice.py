@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hilora_core.engine.generation import choose_tokens
+from hilora_core.engine.generation import choose_tokens, logprob_entries
 from hilora_core.errors import InvalidInputError
 
 N = 4000
@@ -71,3 +71,18 @@ def test_greedy_rows_ignore_their_draw_and_rows_do_not_interact():
 def test_sampling_without_draws_is_a_clear_error():
     with pytest.raises(InvalidInputError, match="uniform"):
         choose_tokens(torch.zeros(2, 5), torch.ones(2), None, None)
+
+
+def test_logprob_entries_equal_each_row_read_on_its_own():
+    torch.manual_seed(1)
+    logp = torch.log_softmax(torch.randn(5, 30), dim=-1)
+    tokens, tops = [3, 0, 29, 7, 11], [0, 1, 3, 0, 5]
+    entries = logprob_entries(logp, tokens, tops)
+    assert [e.token_id for e in entries] == tokens
+    for i, e in enumerate(entries):
+        assert e.logprob == pytest.approx(float(logp[i, tokens[i]]))
+        values, ids = logp[i].topk(tops[i]) if tops[i] else (torch.zeros(0), torch.zeros(0, dtype=torch.long))
+        assert [t for t, _ in e.top] == ids.tolist()
+        assert [v for _, v in e.top] == pytest.approx(values.tolist())
+    assert logprob_entries(logp[:0], [], []) == []
+    assert all(e.top == () for e in logprob_entries(logp, tokens, [0] * 5))

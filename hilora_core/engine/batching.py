@@ -44,6 +44,7 @@ from hilora_core.engine.generation import (
     TokenLogprob,
     check_sampling,
     choose_tokens,
+    logprob_entries,
 )
 from hilora_core.engine.kv_slots import SlotKVCache, kv_geometry
 from hilora_core.engine.threads import use_torch_threads
@@ -583,8 +584,9 @@ class ContinuousBatcher:
         want = [i for i, s in enumerate(seqs) if s.req.logprobs is not None]
         if want:
             logp = torch.log_softmax(scores[want].float(), dim=-1)
-            for j, i in enumerate(want):
-                seqs[i].pending.append(self._entry(logp[j], tokens[i], seqs[i].req.logprobs))
+            entries = logprob_entries(logp, [tokens[i] for i in want], [seqs[i].req.logprobs for i in want])
+            for i, entry in zip(want, entries, strict=True):
+                seqs[i].pending.append(entry)
         now = time.monotonic()
         done = []
         for s, tok in zip(seqs, tokens, strict=True):
@@ -626,14 +628,6 @@ class ContinuousBatcher:
         top_p = _to_device([s.req.top_p for s in seqs], dev) if nucleus else None
         return choose_tokens(scores, temperature, top_p, uniforms)
 
-    @staticmethod
-    def _entry(logp: torch.Tensor, token: int, top: int) -> TokenLogprob:
-        alternatives: tuple[tuple[int, float], ...] = ()
-        if top:
-            values, ids = logp.topk(top)
-            alternatives = tuple(zip(ids.tolist(), values.tolist(), strict=True))
-        return TokenLogprob(token, float(logp[token]), alternatives)
-
     def _prompt_logprobs(self, new: list[_Seq], logits: torch.Tensor, matrix: torch.Tensor | None,
                          width: int) -> None:
         """Each prompt token's logprob given the tokens before it (``echo``); the first has none."""
@@ -644,7 +638,7 @@ class ContinuousBatcher:
             p = s.prompt_len
             logp = torch.log_softmax(scores[i, width - p: width - 1].float(), dim=-1)  # predicts tokens 1..p-1
             ids = list(s.req.prompt_ids)
-            s.prompt_lp = [None] + [self._entry(logp[j], ids[j + 1], s.req.logprobs or 0) for j in range(p - 1)]
+            s.prompt_lp = [None] + logprob_entries(logp, ids[1:p], [s.req.logprobs or 0] * (p - 1))
 
     # ---- leaving the batch ----------------------------------------------------------------------------
     def _retire(self, gone: list[_Seq]) -> None:

@@ -52,6 +52,26 @@ class TokenLogprob:
     top: tuple[tuple[int, float], ...] = ()
 
 
+def logprob_entries(logp: torch.Tensor, tokens: Sequence[int], tops: Sequence[int]) -> list[TokenLogprob]:
+    """One :class:`TokenLogprob` per row, with one read-back for all of them (not one per row).
+
+    Args:
+        logp: (M, V) log-probabilities.
+        tokens: (M,) the token whose log-probability each row reports.
+        tops: (M,) how many alternatives each row lists (0: none).
+    """
+    m = logp.shape[0]
+    if m == 0:
+        return []
+    index = torch.tensor(list(tokens), device=logp.device).unsqueeze(-1)
+    chosen = logp.gather(1, index).squeeze(-1).tolist()
+    k = max(tops)
+    values, ids = (logp.topk(k, dim=-1) if k else (logp[:, :0], logp[:, :0].long()))
+    values, ids = values.tolist(), ids.tolist()
+    return [TokenLogprob(int(tokens[i]), chosen[i], tuple(zip(ids[i][: tops[i]], values[i][: tops[i]], strict=True)))
+            for i in range(m)]
+
+
 @dataclass
 class StreamEvent:
     """A text delta of sequence ``index``; the last event of a sequence has ``finished=True``.

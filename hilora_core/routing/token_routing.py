@@ -47,7 +47,8 @@ class TokenRouting:
 
         counts      (N, U) ROCs to keep per adapter, clipped to its rank (per_adapter);
                     (N,) ROCs (global_topk) or adapters (arrow) to keep per token
-        take        (N, U, kmax) or (N, kmax): True for the first ``counts`` top-k positions
+        take        (N, U, kmax) or (N, kmax): 1 for the first ``counts`` top-k positions, else 0
+                    (in the coefficients' dtype; bool for arrow)
         coeff       (N, U) s_u * weight * token scale, 0 for non-candidates
         bias        -inf where a ROC (or, for arrow, an adapter) may not be chosen, else 0:
                     (U, R) per_adapter, (N, U, R) global_topk, (N, U) arrow
@@ -129,6 +130,8 @@ def prepare_token_routing(
     else:  # pragma: no cover - the enum guards this
         raise InvalidInputError(f"unknown token rule {rule!r}")
     kmax, take = _take(counts)
+    if rule != TokenRule.ARROW:  # multiplied in at every call: stored in the compute dtype once, here
+        take = take.to(dtype)
     return TokenRouting(rule, counts, take, kmax, coeff, bias, exists, keep_all)
 
 
@@ -160,10 +163,10 @@ def apply_token_routing(
         if routing.keep_all:
             coef = proj * coeff.unsqueeze(-1)
         else:
-            key = (proj if signed else proj.abs()) + routing.bias
+            key = proj + routing.bias if signed else proj.abs().add_(routing.bias)
             idx = key.topk(routing.kmax, dim=-1).indices  # (N, U, kmax)
-            keep = torch.zeros_like(proj).scatter_(-1, idx, routing.take.to(x.dtype))
-            coef = proj * keep * coeff.unsqueeze(-1)
+            # key is spent: its buffer becomes the keep mask, then the coefficients (no new allocations)
+            coef = key.zero_().scatter_(-1, idx, routing.take.to(x.dtype)).mul_(proj).mul_(coeff.unsqueeze(-1))
     elif routing.rule == TokenRule.GLOBAL_TOPK:
         key = ((proj if signed else proj.abs()) + routing.bias).view(n_tok, n_ad * r_max)
         idx = key.topk(routing.kmax, dim=-1).indices  # (N, kmax)
@@ -197,7 +200,7 @@ class RowRouting:
                   first candidate's (weighted 0)
         coeff     (B, 1, C, 1) s_u * weight * row scale, 0 for empty candidates
         bias      (B, 1, C, R) -inf for ROCs j >= r_u (never chosen), else 0
-        take      (B, 1, C, kmax) True for the first ``counts`` top-k positions
+        take      (B, 1, C, kmax) 1 for the first ``counts`` top-k positions, else 0 (coefficients' dtype)
         keep_all  every candidate keeps all its ROCs: no top-k needed
     """
 
@@ -243,8 +246,8 @@ def prepare_row_routing(
     bias = torch.where(exists, torch.tensor(0.0, device=device, dtype=dtype),
                        torch.tensor(-math.inf, device=device, dtype=dtype))
     kmax, take = _take(counts)  # take: (B, C, kmax)
-    return RowRouting(cand.reshape(-1), coeff.view(n_rows, 1, n_cand, 1), bias.unsqueeze(1), take.unsqueeze(1),
-                      kmax, keep_all)
+    return RowRouting(cand.reshape(-1), coeff.view(n_rows, 1, n_cand, 1), bias.unsqueeze(1),
+                      take.to(dtype).unsqueeze(1), kmax, keep_all)
 
 
 def apply_row_routing(
@@ -276,10 +279,11 @@ def apply_row_routing(
     if routing.keep_all:
         coef = proj * coeff
     else:
-        key = (proj if signed else proj.abs()) + routing.bias.to(x.dtype)
+        bias = routing.bias.to(x.dtype)
+        key = proj + bias if signed else proj.abs().add_(bias)
         idx = key.topk(routing.kmax, dim=-1).indices  # (B, T, C, kmax)
-        keep = torch.zeros_like(proj).scatter_(-1, idx, routing.take.expand_as(idx).to(x.dtype))
-        coef = proj * keep * coeff
+        # key's buffer becomes the keep mask, then the coefficients; take stays a view over T
+        coef = key.zero_().scatter_(-1, idx, routing.take.to(x.dtype).expand_as(idx)).mul_(proj).mul_(coeff)
     coef = coef.view(n_rows, t_len, n_cand * r_max)
     if out is None:
         return torch.bmm(coef, b_rows)

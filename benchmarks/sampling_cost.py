@@ -17,8 +17,8 @@ one inverse-CDF pass over all rows, one uniform per row from its request's gener
 
 3. the prompt logprobs of an ``echo`` request (what lm-evaluation-harness asks for every loglikelihood
    question), 5 alternatives per token, for prompts of 128 to 2048 tokens: ``per row`` reads each position
-   back on its own (the loop's code before), ``batched`` is ``logprob_entries`` (one gather, one top-k, one
-   read-back); milliseconds, median of 5.
+   back on its own (the loop's code before), ``batched`` is ``logprob_entries`` (one gather and one top-k
+   over all rows); milliseconds, median of 5.
 """
 
 from __future__ import annotations

@@ -580,7 +580,7 @@ class ContinuousBatcher:
     # ---- tokens -------------------------------------------------------------------------------------
     def _advance(self, seqs: list[_Seq], scores: torch.Tensor) -> None:
         """Choose each request's next token from its (V,) scores row, emit text, retire finished ones."""
-        tokens = self._choose(seqs, scores).tolist()  # the step's one read-back
+        tokens = self._choose(seqs, scores).tolist()  # one read-back of all the step's tokens
         want = [i for i, s in enumerate(seqs) if s.req.logprobs is not None]
         if want:
             logp = torch.log_softmax(scores[want].float(), dim=-1)

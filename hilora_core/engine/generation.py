@@ -53,7 +53,8 @@ class TokenLogprob:
 
 
 def logprob_entries(logp: torch.Tensor, tokens: Sequence[int], tops: Sequence[int]) -> list[TokenLogprob]:
-    """One :class:`TokenLogprob` per row, with one read-back for all of them (not one per row).
+    """One :class:`TokenLogprob` per row: one gather and one top-k over all rows, read back once each
+    (not once per row).
 
     Args:
         logp: (M, V) log-probabilities.
@@ -66,7 +67,9 @@ def logprob_entries(logp: torch.Tensor, tokens: Sequence[int], tops: Sequence[in
     index = torch.tensor(list(tokens), device=logp.device).unsqueeze(-1)
     chosen = logp.gather(1, index).squeeze(-1).tolist()
     k = max(tops)
-    values, ids = (logp.topk(k, dim=-1) if k else (logp[:, :0], logp[:, :0].long()))
+    if k == 0:
+        return [TokenLogprob(int(t), c) for t, c in zip(tokens, chosen, strict=True)]
+    values, ids = logp.topk(k, dim=-1)
     values, ids = values.tolist(), ids.tolist()
     return [TokenLogprob(int(tokens[i]), chosen[i], tuple(zip(ids[i][: tops[i]], values[i][: tops[i]], strict=True)))
             for i in range(m)]

@@ -46,7 +46,8 @@ from hilora_core.engine.generation import (
     choose_tokens,
     logprob_entries,
 )
-from hilora_core.engine.kv_slots import SlotKVCache, kv_geometry
+from hilora_core.engine.kv_slots import SlotKVCache
+from hilora_core.engine.settings import LoopSettings as BatchingSettings
 from hilora_core.engine.threads import use_torch_threads
 from hilora_core.errors import (
     CapacityError,
@@ -64,47 +65,6 @@ if TYPE_CHECKING:
     from hilora_core.engine.slots import SlotLease
 
 MAX_TOP_LOGPROBS = 20
-
-
-@dataclass(frozen=True)
-class BatchingSettings:
-    """Bounds of the generation loop.
-
-    Attributes:
-        max_rows: rows decoding at once (a plain or HiLoRA plan takes one row, an ensemble one per adapter).
-        max_waiting: requests queued for a row while every row is taken (requests that free rows take
-            at the next step do not count); one more gets :class:`QueueFullError` (HTTP 503).
-        max_tokens_per_sequence: prompt plus generated tokens of one request (the KV memory's columns).
-        prefill_tokens_per_step: prompt tokens prefilled between two decode steps (always at least one
-            request), so a burst of long prompts delays running streams by a bounded amount. On a burst
-            of 32 chat requests on a 2-core CPU, 256 was slower than 512 and 1024; 1024 needed fewer
-            forward passes (11 % less replica CPU) and was faster in 3 of 4 served comparisons
-            (``benchmarks/served_overhead.py``, ``docs/load-test.md``); the price is that a running
-            stream waits for up to that many prompt tokens (about 1 s there).
-        request_timeout_s: a request still running this long after it was submitted ends with
-            :class:`RequestTimeoutError`; None: no limit.
-    """
-
-    max_rows: int = 32
-    max_waiting: int = 64
-    max_tokens_per_sequence: int = 2048
-    prefill_tokens_per_step: int = 1024
-    request_timeout_s: float | None = 600.0
-
-    def __post_init__(self) -> None:
-        for name in ("max_rows", "max_tokens_per_sequence", "prefill_tokens_per_step"):
-            if int(getattr(self, name)) < 1:
-                raise InvalidInputError(f"{name} must be >= 1, got {getattr(self, name)!r}")
-        if self.max_waiting < 0:
-            raise InvalidInputError(f"max_waiting must be >= 0, got {self.max_waiting!r}")
-        if self.request_timeout_s is not None and not self.request_timeout_s > 0:
-            raise InvalidInputError(f"request_timeout_s must be > 0 or None, got {self.request_timeout_s!r}")
-
-    def kv_bytes(self, config, dtype: torch.dtype) -> int:
-        """Bytes of KV memory at full size for a model ``config`` (keys and values, every layer)."""
-        layers, kv_heads, head_dim = kv_geometry(config)
-        per_token = 2 * layers * kv_heads * head_dim * torch.finfo(dtype).bits // 8
-        return self.max_rows * self.max_tokens_per_sequence * per_token
 
 
 @dataclass

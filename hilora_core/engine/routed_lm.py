@@ -88,18 +88,20 @@ class RoutedLM:
         base: str | Path | None = None,
         device: str | torch.device = "cpu",
         dtype: torch.dtype = torch.float32,
-        max_slots: int = 16,
-        host_cache_size: int = 64,
-        max_rank: int = 64,
-        arrow_temperature: float = 1.0,
+        settings: EngineSettings | None = None,
         revision: str | None = None,
-        max_adapter_bytes: int = EngineSettings.max_adapter_bytes,
+        **overrides,
     ) -> RoutedLM:
         """Load a base model: None or ``"smollm2-135m-instruct"`` (embedded default), a ``.gguf`` file
-        (converted once to safetensors), a HuggingFace folder or a hub id."""
+        (converted once to safetensors), a HuggingFace folder or a hub id.
+
+        ``settings``, or keyword ``overrides`` of :class:`EngineSettings` fields (``max_slots=4``)."""
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-        settings = EngineSettings(max_slots, host_cache_size, max_rank, arrow_temperature, max_adapter_bytes)
+        if settings is None:
+            settings = EngineSettings(**overrides)
+        elif overrides:
+            raise InvalidInputError(f"pass settings or keyword overrides, not both: {sorted(overrides)}")
         base_str = None if base is None else str(base)
         path = resolve_base(base_str) if base_str in (None, DEFAULT_BASE) or base_str.endswith(".gguf") else base_str
         try:

@@ -1,39 +1,51 @@
-"""Settings of the engine, and the base-model architectures it supports."""
+"""Settings of the engine and of its generation loop, each field declared once with its help text.
+
+Both are pydantic dataclasses: built by keyword, validated on construction (a bad value raises
+``pydantic.ValidationError``, a ``ValueError`` naming the field), and embedded as they are in the
+service's ``AppConfig`` (``deployments/config.py``).
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from pydantic import ConfigDict, Field
+from pydantic.dataclasses import dataclass
 
-from hilora_core.errors import InvalidInputError, UnsupportedModelError
+from hilora_core.errors import UnsupportedModelError
 
 SUPPORTED_ARCHITECTURES: tuple[str, ...] = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 _SUPPORTED_MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 
+_STRICT = ConfigDict(extra="forbid")
 
-@dataclass(frozen=True)
+
+@dataclass(frozen=True, config=_STRICT)
 class EngineSettings:
-    """Settings of a :class:`RoutedLM`.
+    """Adapter memory and token-rule settings of a :class:`RoutedLM`."""
 
-    Attributes:
-        max_slots: adapters resident on the device at once (S of the slot stacks).
-        host_cache_size: adapters kept in host memory (LRU).
-        max_rank: the largest LoRA rank a slot holds (R); larger adapters are refused.
-        arrow_temperature: softmax temperature of the Arrow token rule.
-        max_adapter_bytes: an adapter weights file (local, or on the hub before download) above this is refused.
-    """
+    max_slots: int = Field(16, ge=1, description="adapters resident on the device at once (device slots)")
+    host_cache_size: int = Field(64, ge=1, description="adapters kept in host memory (LRU)")
+    max_rank: int = Field(64, ge=1, description="largest LoRA rank a device slot holds; larger adapters are "
+                                                "refused at registration")
+    arrow_temperature: float = Field(1.0, gt=0, description="softmax temperature of the Arrow token rule")
+    max_adapter_bytes: int = Field(2 << 30, ge=1, description="largest adapter weights file read or downloaded "
+                                                              "(bytes)")
 
-    max_slots: int = 16
-    host_cache_size: int = 64
-    max_rank: int = 64
-    arrow_temperature: float = 1.0
-    max_adapter_bytes: int = 2 << 30
 
-    def __post_init__(self) -> None:
-        for name in ("max_slots", "host_cache_size", "max_rank", "max_adapter_bytes"):
-            if int(getattr(self, name)) < 1:
-                raise InvalidInputError(f"{name} must be >= 1, got {getattr(self, name)!r}")
-        if not self.arrow_temperature > 0:
-            raise InvalidInputError(f"arrow_temperature must be > 0, got {self.arrow_temperature!r}")
+@dataclass(frozen=True, config=_STRICT)
+class LoopSettings:
+    """Bounds of the generation loop (``hilora_core.engine.loop``). The trade-off of
+    ``prefill_tokens_per_step`` is measured in ``docs/load-test.md``."""
+
+    max_rows: int = Field(32, ge=1, description="rows decoding at once (a plain or HiLoRA plan takes one row, "
+                                                "an ensemble one per adapter)")
+    max_waiting: int = Field(64, ge=0, description="requests queued for a row while every row is taken; one more "
+                                                   "gets QueueFullError (HTTP 503)")
+    max_tokens_per_sequence: int = Field(2048, ge=1, description="prompt plus generated tokens of one request "
+                                                                 "(the KV memory's columns)")
+    prefill_tokens_per_step: int = Field(1024, ge=1, description="prompt tokens prefilled between two decode "
+                                                                 "steps (always at least one request)")
+    request_timeout_s: float | None = Field(600.0, gt=0, description="a request running longer ends with "
+                                                                     "RequestTimeoutError (HTTP 504); None: no limit")
 
 
 def check_architecture(config) -> str:

@@ -23,7 +23,7 @@ def one_torch_thread():
 @pytest.fixture(scope="module")
 def redis_url(tmp_path_factory, request):
     """A real redis-server (no persistence) on a free loopback port for one test module; its URL."""
-    from redis_server import RedisServer
+    from registry.redis_server import RedisServer
 
     srv = RedisServer(tmp_path_factory.mktemp(f"redis-{request.module.__name__}"), persistence="none").start()
     yield srv.url

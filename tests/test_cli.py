@@ -51,7 +51,7 @@ def test_route_eval_bad_file_is_a_clear_error(files, tmp_path):
 
 
 def test_route_eval_through_the_registry_matches_in_process(files, tmp_path):
-    from redis_server import RedisServer
+    from registry.redis_server import RedisServer
 
     srv = RedisServer(str(tmp_path / "redis")).start()
     try:

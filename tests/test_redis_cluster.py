@@ -8,9 +8,9 @@ import time
 import numpy as np
 import pytest
 import redis
-from redis_server import RedisServer
 
 from hilora_core.models.embedding import EmbedderIdentity
+from registry.redis_server import RedisServer
 
 DIM = 16
 IDENT = EmbedderIdentity("synthetic-test", None, DIM, "", True)

@@ -11,7 +11,6 @@ import time
 
 import numpy as np
 import pytest
-from redis_server import RedisServer
 
 from hilora_core.errors import (
     AdapterLoadError,
@@ -32,6 +31,7 @@ from registry import (
     RegistryConfig,
     RegistryUnavailableError,
 )
+from registry.redis_server import RedisServer
 
 DIM = 16
 IDENT = EmbedderIdentity("synthetic-test", None, DIM, "", True)

@@ -9,7 +9,6 @@ import subprocess
 import sys
 
 import pytest
-from redis_server import RedisServer
 
 from hilora_core.errors import InvalidInputError
 from hilora_core.models.embedding import SentenceEmbedder
@@ -17,6 +16,7 @@ from hilora_core.policies import PolicyConfig
 from hilora_core.routing.pool import GaussianFitSettings
 from registry import EmbeddedRedis, Registry, RegistryConfig
 from registry.cli import main
+from registry.redis_server import RedisServer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIT = GaussianFitSettings(eps=2e-3)

@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import redis
-from redis_server import RedisServer, SentinelServer
 
 from hilora_core.models.embedding import EmbedderIdentity
+from registry.redis_server import RedisServer, SentinelServer
 
 DIM = 16
 IDENT = EmbedderIdentity("synthetic-test", None, DIM, "", True)

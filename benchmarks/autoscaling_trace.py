@@ -17,16 +17,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import statistics
-import sys
 import threading
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from load_test import load_prompts  # noqa: E402
-from multinode_faults import free_port, load  # noqa: E402  (the same closed-loop clients)
+from benchmarks.common import closed_loop, load_prompts, print_table, service_env
+from registry.redis_server import free_port
 
 WATCHED = ("Ingress", "Embedder", "LoRAModel")
 
@@ -43,7 +40,7 @@ def running(serve) -> dict[str, int]:
 
 
 def run_trace(load_s: float, idle_s: float, clients: int) -> dict:
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    env = service_env()
     import ray
     from ray import serve
     from ray.cluster_utils import Cluster
@@ -53,8 +50,7 @@ def run_trace(load_s: float, idle_s: float, clients: int) -> dict:
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 4})
     for _ in range(2):
         cluster.add_node(num_cpus=4)
-    ray.init(address=cluster.address, log_to_driver=False,
-             runtime_env={"env_vars": {"RAY_AUTH_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false"}})
+    ray.init(address=cluster.address, log_to_driver=False, runtime_env={"env_vars": env})
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     scale = {"min_replicas": 1, "max_replicas": 3, "upscale_delay_s": 3, "downscale_delay_s": 15,
@@ -63,7 +59,7 @@ def run_trace(load_s: float, idle_s: float, clients: int) -> dict:
     log: list[dict] = []
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(compose_app({"model": {"torch_threads": 1, "max_rows": 4, "max_waiting": 32}}, deployments={
+        serve.run(compose_app({"model": {"torch_threads": 1, "loop": {"max_rows": 4, "max_waiting": 32}}}, deployments={
             "Ingress": {"autoscaling_config": {**scale, "target_ongoing_requests": 2},
                         "ray_actor_options": {"num_cpus": 0.5}},
             "Embedder": {"autoscaling_config": {**scale, "target_ongoing_requests": 0.25},  # embeds take ~10 ms
@@ -89,7 +85,7 @@ def run_trace(load_s: float, idle_s: float, clients: int) -> dict:
 
         sampler = threading.Thread(target=sample, daemon=True)
         sampler.start()
-        asyncio.run(load(url, prompts, load_s, clients, log, t0))
+        asyncio.run(closed_loop(url, prompts, load_s, clients, log, t0))
         sampler.join(timeout=idle_s + 30)
     finally:
         serve.shutdown()
@@ -109,11 +105,9 @@ def main() -> None:
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     report = run_trace(args.load_s, args.idle_s, args.clients)
-    print("| t (s) | " + " | ".join(WATCHED) + " | req/s | p50 latency (s) | errors |")
-    print("|---|" + "---|" * (len(WATCHED) + 3))
-    for row in report["trace"][::3]:
-        print(f"| {row['t_s']} | " + " | ".join(str(row[n]) for n in WATCHED)
-              + f" | {row['req_per_s']} | {row['latency_p50_s']} | {row['errors']} |")
+    print_table(["t (s)", *WATCHED, "req/s", "p50 latency (s)", "errors"],
+                [[row["t_s"], *(row[n] for n in WATCHED), row["req_per_s"], row["latency_p50_s"], row["errors"]]
+                 for row in report["trace"][::3]])
     print({k: v for k, v in report.items() if k != "trace"})
     if args.out:
         args.out.write_text(json.dumps(report, indent=1) + "\n")

@@ -30,6 +30,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchmarks.common import print_table
+
 CONFIGS = ("base", "peft_single", "peft_mixed", "routed_single", "hilora_1", "hilora_3", "hilora_8")
 PROMPT_TEXTS = [
     "Write a short review of a film you enjoyed and explain why.",
@@ -280,9 +282,7 @@ def main() -> None:
           f"mode={'interleaved' if args.interleave else 'one process per config'} "
           f"load_avg(1m) before={load_before[0]:.2f} "
           f"after={load_after[0]:.2f}\n")
-    print("| config | batch | prefill tok/s | decode tok/s | peak MiB | prefill / peft_single | "
-          "decode / peft_single | decode / peft_mixed |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    rows = []
     for batch in args.batch_sizes:
         ref = results.get(("peft_single", batch))
         mixed = results.get(("peft_mixed", batch))
@@ -294,8 +294,10 @@ def main() -> None:
             ratio_d = f"{r['decode_tok_s'] / ref['decode_tok_s']:.2f}" if ref else "-"
             ratio_m = f"{r['decode_tok_s'] / mixed['decode_tok_s']:.2f}" if mixed else "-"
             peak = "-" if r["peak_mib"] != r["peak_mib"] else f"{r['peak_mib']:.0f}"
-            print(f"| {config} | {batch} | {r['prefill_tok_s']:.0f} | {r['decode_tok_s']:.1f} | "
-                  f"{peak} | {ratio_p} | {ratio_d} | {ratio_m} |")
+            rows.append([config, batch, f"{r['prefill_tok_s']:.0f}", f"{r['decode_tok_s']:.1f}", peak, ratio_p, ratio_d,
+                         ratio_m])
+    print_table(["config", "batch", "prefill tok/s", "decode tok/s", "peak MiB", "prefill / peft_single",
+                 "decode / peft_single", "decode / peft_mixed"], rows, align="lrrrrrrr")
     if tmp is not None:
         tmp.cleanup()
 

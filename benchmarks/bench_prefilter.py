@@ -33,53 +33,14 @@ from dataclasses import replace  # noqa: E402
 import faiss  # noqa: E402
 import numpy as np  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
+from benchmarks.common import D, M, SyntheticPool  # noqa: E402
 from hilora_core.policies import PolicyConfig  # noqa: E402
 from hilora_core.routing.gaussian import FactoredGaussian, GaussianBank, fit_gaussian  # noqa: E402
 from hilora_core.routing.pool import GaussianFitSettings, PoolModel, fit_pool  # noqa: E402
 from hilora_core.routing.sequence_routing import select_candidates  # noqa: E402
-from registry.config import RegistryConfig  # noqa: E402
+from registry.config import AdmissionSettings, RegistryConfig, StoreSettings  # noqa: E402
 from registry.prefilter import MeanIndex, prefilter_scores  # noqa: E402
 from registry.routing import PoolSnapshot, route_on_snapshot, single_blas_thread  # noqa: E402
-
-D, M, CLUSTER = 384, 20, 20
-
-
-class SyntheticPool:
-    """Adapter i's samples are generated from a seed of its own, so a pool is never held whole."""
-
-    def __init__(self, n: int, seed: int = 0) -> None:
-        self.n, self.seed = n, seed
-        rng = np.random.default_rng(seed)
-        self.n_clusters = max(1, n // CLUSTER)
-        self.centers = rng.standard_normal((self.n_clusters, D))
-        self.centers /= np.linalg.norm(self.centers, axis=1, keepdims=True)
-        self.assign = rng.integers(0, self.n_clusters, n)
-        self.spectrum = np.sqrt(0.2 / 16 * np.linspace(2, 0.1, 16) / np.linspace(2, 0.1, 16).mean())
-
-    def mean_direction(self, i: int, rng: np.random.Generator) -> np.ndarray:
-        mu = self.centers[self.assign[i]] + 0.6 * rng.standard_normal(D) / np.sqrt(D)
-        return mu / np.linalg.norm(mu)
-
-    def samples(self, i: int, m: int = M, extra_seed: int = 0) -> np.ndarray:
-        rng = np.random.default_rng((self.seed, i))
-        mu = self.mean_direction(i, rng)
-        dirs = rng.standard_normal((16, D)) / np.sqrt(D)
-        if extra_seed:
-            rng = np.random.default_rng((self.seed, i, extra_seed))
-        x = mu + (rng.standard_normal((m, 16)) * self.spectrum) @ dirs + np.sqrt(0.1 / D) * rng.standard_normal((m, D))
-        return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
-
-    def queries(self, n_seen: int = 24, n_unseen: int = 8, seed: int = 1) -> np.ndarray:
-        rng = np.random.default_rng(seed)
-        picks = rng.integers(0, self.n, n_seen)
-        seen = [self.samples(int(i), m=1, extra_seed=1000 + k)[0] for k, i in enumerate(picks)]
-        unseen = []
-        for c in rng.integers(0, self.n_clusters, n_unseen):
-            x = self.centers[c] + 0.6 * rng.standard_normal(D) / np.sqrt(D)
-            unseen.append(x / np.linalg.norm(x))
-        return np.asarray(seen + unseen, dtype=np.float32)
 
 
 def fit_synthetic(pool: SyntheticPool, settings: GaussianFitSettings) -> PoolModel:
@@ -118,8 +79,8 @@ def measure(name: str, model: PoolModel, z: np.ndarray, config: RegistryConfig, 
     ranks = np.full(n, 8, dtype=np.int64)
     t = time.perf_counter()
     slots = np.arange(n, dtype=np.int64)
-    index = MeanIndex.build(model.bank.means, slots, config.prefilter_index, config.prefilter_nprobe,
-                            config.prefilter_gpu)
+    pf = config.prefilter
+    index = MeanIndex.build(model.bank.means, slots, pf.index, pf.nprobe, pf.gpu)
     build_s = time.perf_counter() - t
     snap = PoolSnapshot(0, ids, ranks, {}, model, index, slots)
     policy = PolicyConfig()
@@ -131,8 +92,7 @@ def measure(name: str, model: PoolModel, z: np.ndarray, config: RegistryConfig, 
         return [select_candidates(row) for row in scores]
 
     def score_prefiltered():
-        lists = prefilter_scores(model, index, slots, z, config.prefilter_k, config.prefilter_max_k,
-                                 config.prefilter_tail, config.prefilter_factor)
+        lists = prefilter_scores(model, index, slots, z, pf.k, pf.max_k, pf.tail, pf.factor)
         return [sl.indices[select_candidates(sl.scores)] for sl in lists]
 
     with single_blas_thread():
@@ -182,7 +142,8 @@ def redis_round_trip(n: int, config: RegistryConfig) -> dict:
     ident = EmbedderIdentity("synthetic", None, D, "", True)
     with tempfile.TemporaryDirectory(prefix="hilora-bench-") as tmp:
         server = EmbeddedRedis(os.path.join(tmp, "redis"))
-        cfg = replace(config, redis_url=server.ensure_running(), hub_lookup=False)
+        cfg = replace(config, store=StoreSettings(redis_url=server.ensure_running()),
+                      admission=AdmissionSettings(hub_lookup=False))
         try:
             reg = Registry(cfg, identity=ident)
             sets = [pool.samples(i) for i in range(n)]
@@ -218,18 +179,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--redis-size", type=int, default=0, help="also time registration through Redis for this many")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--k", type=int, help="initial shortlist size (default: RegistryConfig.prefilter_k)")
+    ap.add_argument("--k", type=int, help="initial shortlist size (default: PrefilterSettings.k)")
     args = ap.parse_args(argv)
     faiss.omp_set_num_threads(1)
     config = RegistryConfig()
     if args.k:
-        config = replace(config, prefilter_k=args.k)
+        config = replace(config, prefilter=replace(config.prefilter, k=args.k))
     settings = config.fit
     rows = []
     if args.flan:
         model, z = flan_model(args.flan, args.flan_dev, settings, args.batch)
-        small = replace(config, prefilter_k=8)  # the pool is below the threshold: force the shortlist
-        rows.append(measure("FLAN-48 (MiniLM)", model, z, replace(small, prefilter_index="flat"), args.repeats))
+        small = replace(config, prefilter=replace(config.prefilter, k=8, index="flat"))  # force the shortlist
+        rows.append(measure("FLAN-48 (MiniLM)", model, z, small, args.repeats))
         print(json.dumps(rows[-1]), file=sys.stderr)
     for n in args.sizes:
         pool = SyntheticPool(n)
@@ -243,8 +204,8 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(row), file=sys.stderr)
         del model
     print(f"\nBatch of {args.batch} queries, HiLoRA policy; times are medians of {args.repeats} runs, "
-          f"single-threaded; prefilter: {config.prefilter_index} (nprobe {config.prefilter_nprobe}), "
-          f"k={config.prefilter_k} growing to <= {config.prefilter_max_k}.\n")
+          f"single-threaded; prefilter: {config.prefilter.index} (nprobe {config.prefilter.nprobe}), "
+          f"k={config.prefilter.k} growing to <= {config.prefilter.max_k}.\n")
     print("| pool | adapters | score+C exact ms | score+C prefiltered ms | route exact ms | route prefiltered ms "
           "| speed-up (route) | recall of exact C (min) | same plan | mean abs C | mean shortlist | bank B/adapter "
           "| index B/adapter | 4d(m+1) B | index |")

@@ -26,17 +26,14 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from hilora_core.evaluation.harness import (  # noqa: E402
+from benchmarks.common import DEMO_POOL, DOCS, command_line, fmt
+from hilora_core.evaluation.harness import (
     Context,
     PoolData,
     Unit,
@@ -50,18 +47,14 @@ from hilora_core.evaluation.harness import (  # noqa: E402
     setting_average,
     summarise,
 )
-from hilora_core.models.embedding import SentenceEmbedder  # noqa: E402
-from hilora_core.routing.pool import GaussianFitSettings, fit_pool  # noqa: E402
+from hilora_core.models.embedding import SentenceEmbedder
+from hilora_core.routing.pool import GaussianFitSettings, fit_pool
 
 METHODS = ("base", "oracle", "hilora", "hilora_gs", "hilora_roc", "retriever", "arrow", "ensemble", "merged",
            "logo", "qa_flora")
 LABELS = {"base": "Base", "oracle": "Oracle (own LoRA)", "hilora": "HiLoRA", "hilora_gs": "HiLoRA-GS",
           "hilora_roc": "HiLoRA-ROC (k=24)", "retriever": "Retriever (k=3)", "arrow": "Arrow (k=3)",
           "ensemble": "Ensemble", "merged": "Merged", "logo": "LoGo (k=3)", "qa_flora": "qa-FLoRA"}
-
-
-def fmt(x, digits=3):
-    return "" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
 
 
 def write_report(out: Path, res: dict, args, units: list[Unit], demo: PoolData) -> None:
@@ -171,7 +164,7 @@ def plot(out: Path, res: dict, methods: list[str]) -> None:
 # --------------------------------------------------------------------------------------------- main
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--pool-dir", type=Path, default=ROOT / "examples" / "demo_pool")
+    ap.add_argument("--pool-dir", type=Path, default=DEMO_POOL)
     ap.add_argument("--limit", type=int, default=100, help="test items per task (the first N)")
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     ap.add_argument("--settings", nargs="+", default=["within", "cross"], choices=["within", "cross"])
@@ -188,7 +181,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--seed", type=int, default=0, help="seed of the within-cluster seen/unseen split")
     ap.add_argument("--base-model", default=None, help="base model (default: the embedded SmolLM2)")
-    ap.add_argument("--out", type=Path, default=ROOT / "docs")
+    ap.add_argument("--out", type=Path, default=DOCS)
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -290,7 +283,7 @@ def main(argv: list[str] | None = None) -> dict:
                     row[k] = None
 
     res = {
-        "command": "python benchmarks/eval_routing.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": command_line("eval_routing", argv),
         "finished": time.strftime("%Y-%m-%d %H:%M"), "wall_s": time.perf_counter() - t_start,
         "threads": torch.get_num_threads(), "embed_ms_per_query": embed_ms,
         "units": [u.__dict__ for u in units], "results": results, "gamma": gamma_summary,

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import time
 
+from benchmarks.common import table_head, table_row
 from hilora_core.evaluation.route_eval import (
     embed_pool_and_inputs,
     evaluate_routing,
@@ -49,9 +50,9 @@ def main() -> None:
     inputs = load_labelled_inputs(args.inputs)
     instructions = [DEFAULT_INSTRUCTION] + ([""] if args.no_instruction_too else [])
     print(f"pool: {len(pool)} adapters, {len(inputs)} labelled inputs\n")
-    print("| instruction | setting | eps | own in C | mean C | task top-1 | cluster top-1 | unseen cluster top-1 "
-          "| retriever own in top-3 | retriever task top-1 | retriever cluster top-1 | retriever unseen | s |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print(*table_head(["instruction", "setting", "eps", "own in C", "mean C", "task top-1", "cluster top-1",
+                       "unseen cluster top-1", "retriever own in top-3", "retriever task top-1",
+                       "retriever cluster top-1", "retriever unseen", "s"]), sep="\n")
     for instruction in instructions:
         embedder = SentenceEmbedder(args.embedder, instruction=instruction)
         pool_z, input_z = embed_pool_and_inputs(embedder.encode, pool, inputs)
@@ -59,11 +60,11 @@ def main() -> None:
             t0 = time.perf_counter()
             r = evaluate_routing(pool_z, inputs, input_z, SETTINGS[name])
             h, c = r["hilora"], r["retriever"]
-            print(f"| {'default' if instruction else 'none'} | {name} | {r['settings']['eps']:.3g} "
-                  f"| {h['own_in_candidates']:.3f} | {h['mean_candidates']:.2f} | {h['task_top1']:.3f} "
-                  f"| {h['cluster_top1']:.3f} | {h['unseen_cluster_top1']:.3f} | {c['own_in_candidates']:.3f} "
-                  f"| {c['task_top1']:.3f} | {c['cluster_top1']:.3f} | {c['unseen_cluster_top1']:.3f} "
-                  f"| {time.perf_counter() - t0:.1f} |", flush=True)
+            print(table_row(["default" if instruction else "none", name, f"{r['settings']['eps']:.3g}",
+                             f"{h['own_in_candidates']:.3f}", f"{h['mean_candidates']:.2f}", f"{h['task_top1']:.3f}",
+                             f"{h['cluster_top1']:.3f}", f"{h['unseen_cluster_top1']:.3f}",
+                             f"{c['own_in_candidates']:.3f}", f"{c['task_top1']:.3f}", f"{c['cluster_top1']:.3f}",
+                             f"{c['unseen_cluster_top1']:.3f}", f"{time.perf_counter() - t0:.1f}"]), flush=True)
 
 
 if __name__ == "__main__":

@@ -25,11 +25,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from load_test import load_prompts  # noqa: E402
+from benchmarks.common import load_prompts, print_table
 
 
 def make_data(out: Path, requests: int, tasks: int, max_tokens: int) -> None:
@@ -92,13 +90,11 @@ def compare(reports: list[Path], own: Path | None, out: Path | None) -> None:
     def fmt(x, spec):
         return "-" if x is None else format(x, spec)
 
-    print("| concurrency | client | ok | errors | req/s | TTFT p50 (s) | ITL p50 (ms) | latency p50 (s) | output tok/s "
-          "| fewest output tokens |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['concurrency']} | {r['client']} | {r['ok']} | {r['errors']} | {fmt(r['req_s'], '.2f')} | "
-              f"{fmt(r['ttft_p50_s'], '.3f')} | {fmt(r['itl_p50_ms'], '.1f')} | {fmt(r['latency_p50_s'], '.2f')} | "
-              f"{fmt(r['out_tok_s'], '.1f')} | {fmt(r['out_tokens_min'], '.0f')} |")
+    print_table(["concurrency", "client", "ok", "errors", "req/s", "TTFT p50 (s)", "ITL p50 (ms)", "latency p50 (s)",
+                 "output tok/s", "fewest output tokens"],
+                [[r["concurrency"], r["client"], r["ok"], r["errors"], fmt(r["req_s"], ".2f"),
+                  fmt(r["ttft_p50_s"], ".3f"), fmt(r["itl_p50_ms"], ".1f"), fmt(r["latency_p50_s"], ".2f"),
+                  fmt(r["out_tok_s"], ".1f"), fmt(r["out_tokens_min"], ".0f")] for r in rows])
     if out:
         out.write_text(json.dumps(rows, indent=1) + "\n")
 

@@ -24,8 +24,7 @@ import json
 import re
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-DATA = ROOT / "examples" / "demo_pool" / "data"
+from benchmarks.common import POOL_DATA, print_table
 
 TASK_YAML = """task: {name}
 dataset_path: json
@@ -51,7 +50,7 @@ def make_task(out: Path, task: str, limit: int) -> None:
     from hilora_core.models.base_model import resolve_base
 
     tok = AutoTokenizer.from_pretrained(resolve_base(None))
-    rows = [json.loads(x) for x in (DATA / task / "test.jsonl").read_text().splitlines()][:limit]
+    rows = [json.loads(x) for x in (POOL_DATA / task / "test.jsonl").read_text().splitlines()][:limit]
     out.mkdir(parents=True, exist_ok=True)
     docs = []
     for r in rows:
@@ -86,10 +85,9 @@ def compare(served: Path, local: Path) -> None:
     diffs = [abs(x - y) for d in common for x, y in zip(a[d], b[d], strict=True)]
     same_pick = sum(max(range(len(a[d])), key=a[d].__getitem__) == max(range(len(b[d])), key=b[d].__getitem__)
                     for d in common)
-    print("| items | choices compared | max abs diff of loglikelihood | mean abs diff | same argmax |")
-    print("|---|---|---|---|---|")
-    print(f"| {len(common)} | {len(diffs)} | {max(diffs):.2e} | {sum(diffs) / len(diffs):.2e} | "
-          f"{same_pick}/{len(common)} |")
+    print_table(["items", "choices compared", "max abs diff of loglikelihood", "mean abs diff", "same argmax"],
+                [[len(common), len(diffs), f"{max(diffs):.2e}", f"{sum(diffs) / len(diffs):.2e}",
+                  f"{same_pick}/{len(common)}"]])
 
 
 def main() -> None:

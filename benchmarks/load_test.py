@@ -23,92 +23,25 @@ import asyncio
 import json
 import os
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import httpx
 
-ROOT = Path(__file__).resolve().parent.parent
-POOL_DATA = ROOT / "examples" / "demo_pool" / "data"
+from benchmarks.common import (
+    chat_request,
+    launch_service,
+    load_demo_engine,
+    load_prompts,
+    require_loopback,
+    run_requests,
+    table_head,
+    table_row,
+)
 
 
-def load_prompts(n_tasks: int, per_task: int) -> list[tuple[str, str]]:
-    """(task, input) pairs, round-robin over tasks."""
-    by_task = []
-    for f in sorted(POOL_DATA.glob("*/test.jsonl"))[:n_tasks]:
-        rows = [json.loads(x) for x in f.read_text().splitlines()[:per_task]]
-        by_task.append([(r["task"], r["inputs"]) for r in rows])
-    if not by_task:
-        raise SystemExit(f"no test sets under {POOL_DATA}")
-    return [t[i] for i in range(per_task) for t in by_task if i < len(t)]
-
-
-IGNORE_EOS = False  # --ignore-eos: every answer runs to max_tokens (as guidellm asks), for comparing clients
-
-
-async def one(client: httpx.AsyncClient, model: str, text: str, max_tokens: int, stream: bool = True) -> dict:
-    body = {"model": model, "messages": [{"role": "user", "content": text}], "max_tokens": max_tokens,
-            "stream": stream, **({"stream_options": {"include_usage": True}} if stream else {}),
-            **({"ignore_eos": True} if IGNORE_EOS else {})}
-    t0 = time.perf_counter()
-    if not stream:  # one JSON response: TTFT is the whole latency
-        try:
-            r = await client.post("/v1/chat/completions", json=body)
-        except httpx.HTTPError as err:
-            return {"ok": False, "status": type(err).__name__}
-        total = time.perf_counter() - t0
-        if r.status_code != 200:
-            return {"ok": False, "status": r.status_code}
-        return {"ok": True, "latency": total, "ttft": total, "tokens": r.json()["usage"]["completion_tokens"]}
-    ttft, tokens, ok = None, 0, False
-    try:
-        async with client.stream("POST", "/v1/chat/completions", json=body) as r:
-            if r.status_code != 200:
-                return {"ok": False, "status": r.status_code}
-            async for line in r.aiter_lines():
-                if not line.startswith("data: ") or line == "data: [DONE]":
-                    continue
-                chunk = json.loads(line[6:])
-                if "error" in chunk:
-                    return {"ok": False, "status": "stream-error"}
-                if ttft is None and chunk["choices"] and chunk["choices"][0].get("delta", {}).get("content"):
-                    ttft = time.perf_counter() - t0
-                if chunk.get("usage"):
-                    tokens = chunk["usage"]["completion_tokens"]
-                    ok = True
-    except (httpx.HTTPError, json.JSONDecodeError) as err:
-        return {"ok": False, "status": type(err).__name__}
-    total = time.perf_counter() - t0
-    return {"ok": ok, "latency": total, "ttft": ttft if ttft is not None else total, "tokens": tokens}
-
-
-def pct(xs: list[float], p: float) -> float:
-    return xs[min(len(xs) - 1, int(round(p * (len(xs) - 1))))]
-
-
-async def run(url: str, jobs: list[tuple[str, str]], concurrency: int, max_tokens: int, timeout: float,
-              stream: bool = True) -> dict:
-    sem = asyncio.Semaphore(concurrency)
-    async with httpx.AsyncClient(base_url=url, timeout=timeout) as client:
-        async def guarded(model, text):
-            async with sem:
-                return await one(client, model, text, max_tokens, stream)
-        t0 = time.perf_counter()
-        results = await asyncio.gather(*(guarded(m, t) for m, t in jobs))
-        wall = time.perf_counter() - t0
-    good = [r for r in results if r["ok"]]
-    lat = sorted(r["latency"] for r in good) or [float("nan")]
-    ttft = sorted(r["ttft"] for r in good) or [float("nan")]
-    kinds = sorted({str(r["status"]) for r in results if not r["ok"]})
-    return {"requests": len(jobs), "errors": len(results) - len(good), "error_kinds": kinds, "wall_s": wall,
-            "req_per_s": len(good) / wall if good else float("nan"), "tok_per_s": sum(r["tokens"] for r in good) / wall,
-            "p50": statistics.median(lat), "p99": pct(lat, 0.99), "ttft_p50": statistics.median(ttft),
-            "ttft_p99": pct(ttft, 0.99)}
-
-
-async def abandoned_stream(url: str, hold_s: float = 1.0, max_tokens: int = 500) -> dict:
+async def abandoned_stream(url: str, hold_s: float = 1.0, max_tokens: int = 500, ignore_eos: bool = False) -> dict:
     """Open a long stream, read it for ``hold_s``, drop the connection; time the next request."""
     body = {"model": "base", "max_tokens": max_tokens, "stream": True, "messages": [
         {"role": "user", "content": "Write a very long story about a lighthouse keeper, chapter by chapter."}]}
@@ -119,7 +52,7 @@ async def abandoned_stream(url: str, hold_s: float = 1.0, max_tokens: int = 500)
                 if time.perf_counter() - t0 > hold_s:
                     break
         t1 = time.perf_counter()
-        nxt = await one(client, "base", "Say hello.", 8, stream=False)
+        nxt = await chat_request(client, "base", "Say hello.", 8, stream=False, ignore_eos=ignore_eos)
         return {"next_request_s": time.perf_counter() - t1, "ok": nxt["ok"]}
 
 
@@ -133,16 +66,10 @@ class EngineAlone:
     """
 
     def __init__(self, prompts: list[tuple[str, str]], batch: int, max_tokens: int, threads: int) -> None:
-        from hilora_core.engine import RoutedLM
         from hilora_core.engine.threads import use_torch_threads
-        from hilora_core.manifest import read_manifest
         from hilora_core.plan import RoutingPlan
 
-        use_torch_threads(1)
-        manifest = ROOT / "examples" / "demo_pool" / "manifest.json"
-        self.lm = RoutedLM.from_pretrained(None)
-        for e in read_manifest(manifest):
-            self.lm.add_adapter(e.name, manifest.parent / e.adapter)
+        self.lm, _ = load_demo_engine()
         use_torch_threads(threads)
         jobs = (prompts * (batch // len(prompts) + 1))[:batch]
         self.texts, self.plans = [x for _, x in jobs], [RoutingPlan.single(t) for t, _ in jobs]
@@ -161,8 +88,10 @@ class EngineAlone:
 def measure(url: str, prompts: list[tuple[str, str]], args, stream: bool, scheduler: str) -> list[dict]:
     rows = []
     for c in args.concurrency:
-        explicit = asyncio.run(run(url, list(prompts), c, args.max_tokens, args.timeout, stream))
-        routed = asyncio.run(run(url, [("hilora", x) for _, x in prompts], c, args.max_tokens, args.timeout, stream))
+        explicit = asyncio.run(run_requests(url, list(prompts), c, args.max_tokens, args.timeout, stream,
+                                            args.ignore_eos))
+        routed = asyncio.run(run_requests(url, [("hilora", x) for _, x in prompts], c, args.max_tokens, args.timeout,
+                                          stream, args.ignore_eos))
         for mode, r in (("explicit", explicit), ("hilora", routed)):
             r.update(concurrency=c, mode=mode, stream=stream, scheduler=scheduler)
             if mode == "hilora":
@@ -172,42 +101,15 @@ def measure(url: str, prompts: list[tuple[str, str]], args, stream: bool, schedu
     return rows
 
 
-HEADER = ("| scheduler | stream | concurrency | mode | req/s | tok/s | p50 s | p99 s | TTFT p50 s | TTFT p99 s "
-          "| errors | routed/explicit |\n|---|---|---|---|---|---|---|---|---|---|---|---|")
+COLUMNS = ("scheduler", "stream", "concurrency", "mode", "req/s", "tok/s", "p50 s", "p99 s", "TTFT p50 s",
+           "TTFT p99 s", "errors", "routed/explicit")
 
 
 def print_row(r: dict, flush: bool = False) -> None:
     ratio = f"{r['routed_over_explicit']:.2f}" if "routed_over_explicit" in r else ""
-    print(f"| {r.get('scheduler', '')} | {'yes' if r['stream'] else 'no'} | {r['concurrency']} | {r['mode']} "
-          f"| {r['req_per_s']:.2f} | {r['tok_per_s']:.1f} | {r['p50']:.2f} | {r['p99']:.2f} | {r['ttft_p50']:.2f} "
-          f"| {r['ttft_p99']:.2f} | {r['errors']} | {ratio} |", flush=flush)
-
-
-def launch(scheduler: str, threads: int, data_dir: str, model: dict | None = None):
-    """Start Ray and the application on loopback with ``model.scheduler = scheduler`` (and the other ``model``
-    settings given); returns (url, stop)."""
-    import ray
-    from ray import serve
-
-    sys.path.insert(0, str(ROOT))
-    from deployments.app import build_app
-    from tests.redis_server import free_port
-
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # as scripts/serve.sh: local Ray without token auth
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    port = free_port()
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"RAY_AUTH_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false"}})
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    config = {"model": {"scheduler": scheduler, "torch_threads": threads, **(model or {})},
-              "registry": {"embedded_dir": data_dir, "seed_manifest": "demo"}}
-    serve.run(build_app(config), name="hilora", route_prefix="/")
-
-    def stop() -> None:
-        serve.shutdown()
-        ray.shutdown()
-
-    return f"http://127.0.0.1:{port}", stop
+    print(table_row([r.get("scheduler", ""), "yes" if r["stream"] else "no", r["concurrency"], r["mode"],
+                     f"{r['req_per_s']:.2f}", f"{r['tok_per_s']:.1f}", f"{r['p50']:.2f}", f"{r['p99']:.2f}",
+                     f"{r['ttft_p50']:.2f}", f"{r['ttft_p99']:.2f}", r["errors"], ratio]), flush=flush)
 
 
 def main() -> None:
@@ -226,10 +128,7 @@ def main() -> None:
     ap.add_argument("--ignore-eos", action="store_true", help="answers run to --max-tokens (as guidellm's)")
     ap.add_argument("--out", type=Path, help="write every number as JSON here")
     args = ap.parse_args()
-    global IGNORE_EOS
-    IGNORE_EOS = args.ignore_eos
-    if not args.url.startswith(("http://127.", "http://localhost", "http://[::1]")):
-        raise SystemExit("the load test only targets loopback addresses")
+    require_loopback(args.url)
     prompts = load_prompts(args.tasks, max(1, args.requests // args.tasks + 1))[: args.requests]
     modes = [m for m in (True, False) if not (m and args.no_stream) and not (not m and args.stream_only)]
     report: dict = {"requests": len(prompts), "max_tokens": args.max_tokens, "concurrency": args.concurrency,
@@ -242,23 +141,24 @@ def main() -> None:
         engine = EngineAlone(prompts, batch, args.max_tokens, args.threads)
         report["engine_before_tok_per_s"] = engine.tok_per_s()
         print(f"engine alone, one static batch of {batch}: {report['engine_before_tok_per_s']:.1f} generated tok/s\n")
-    print(HEADER)
+    print(*table_head(COLUMNS), sep="\n")
     for scheduler, url in targets:
         stop = None
         with tempfile.TemporaryDirectory() as data_dir:
             if url is None:
-                url, stop = launch(scheduler, args.threads, os.path.join(data_dir, "redis"))
+                url, stop = launch_service(os.path.join(data_dir, "redis"), {"scheduler": scheduler}, args.threads)
             try:
                 # warm-up: every adapter of the workload loaded once, and the routed path; then one burst at
                 # the highest concurrency, so the loop's KV memory has grown to that many rows, as in a
                 # service that has run (the first such burst took ~1.3x as long, whichever run came first)
                 warm = [(t, x) for t, x in dict(prompts).items()] + [("hilora", prompts[0][1])]
-                asyncio.run(run(url, warm, 1, 4, args.timeout))
-                asyncio.run(run(url, list(prompts), max(args.concurrency), args.max_tokens, args.timeout))
+                asyncio.run(run_requests(url, warm, 1, 4, args.timeout, ignore_eos=args.ignore_eos))
+                asyncio.run(run_requests(url, list(prompts), max(args.concurrency), args.max_tokens, args.timeout,
+                                         ignore_eos=args.ignore_eos))
                 for stream in modes:
                     report["rows"] += measure(url, prompts, args, stream, scheduler)
                 if args.launch:
-                    report["abandoned"][scheduler] = asyncio.run(abandoned_stream(url))
+                    report["abandoned"][scheduler] = asyncio.run(abandoned_stream(url, ignore_eos=args.ignore_eos))
             finally:
                 if stop is not None:
                     stop()

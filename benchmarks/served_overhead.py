@@ -31,11 +31,7 @@ from pathlib import Path
 
 import psutil
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
-
-import load_test  # noqa: E402
+from benchmarks.common import demo_adapters, launch_service, load_prompts, print_table, run_requests
 
 # keeps a share of one core busy in 10 ms periods: argv = share, seconds
 COMPETITOR = """
@@ -90,13 +86,10 @@ def replica_alone(budget: int, threads: int, prompts: list[tuple[str, str]], bur
     """Bursts through ``ModelReplica.stream`` in this process, without and with the competing process."""
     from deployments.contracts import AdapterLocation, GenerateCall
     from deployments.model import ModelReplica
-    from hilora_core.manifest import read_manifest
     from hilora_core.plan import RoutingPlan
 
-    manifest = ROOT / "examples" / "demo_pool" / "manifest.json"
-    where = {e.name: str(manifest.parent / e.adapter) for e in read_manifest(manifest)}
-    replica = ModelReplica({"model": {"scheduler": "continuous", "torch_threads": threads,
-                                      "prefill_tokens_per_step": budget}})
+    where = demo_adapters()
+    replica = ModelReplica({"model": {"torch_threads": threads, "loop": {"prefill_tokens_per_step": budget}}})
 
     def call(task: str, text: str) -> GenerateCall:
         return GenerateCall(plan=RoutingPlan.single(task).to_dict(),
@@ -140,18 +133,18 @@ def served(budget: int, threads: int, prompts: list[tuple[str, str]], bursts: in
     """Bursts over HTTP against the launched service: ({set-up: summary}, {group: CPU s per burst, hilora})."""
     rows, cpu = {}, {}
     with tempfile.TemporaryDirectory() as data_dir:
-        url, stop = load_test.launch("continuous", threads, os.path.join(data_dir, "redis"),
-                                     model={"prefill_tokens_per_step": budget})
+        url, stop = launch_service(os.path.join(data_dir, "redis"),
+                                   {"loop": {"prefill_tokens_per_step": budget}}, threads)
         try:
             warm = [(t, x) for t, x in dict(prompts).items()] + [("hilora", prompts[0][1])]
-            asyncio.run(load_test.run(url, warm, 1, 4, 600))
+            asyncio.run(run_requests(url, warm, 1, 4, 600))
             for mode in ("explicit", "hilora"):
                 jobs = list(prompts) if mode == "explicit" else [("hilora", x) for _, x in prompts]
-                asyncio.run(load_test.run(url, jobs, len(jobs), 16, 600))  # warm-up burst
+                asyncio.run(run_requests(url, jobs, len(jobs), 16, 600))  # warm-up burst
                 runs, groups = [], []
                 for _ in range(bursts):
                     before = cpu_seconds()
-                    r = asyncio.run(load_test.run(url, jobs, len(jobs), 16, 600))
+                    r = asyncio.run(run_requests(url, jobs, len(jobs), 16, 600))
                     groups.append(cpu_by_group(before, cpu_seconds()))
                     if r["errors"]:
                         raise SystemExit(f"{r['errors']} requests failed: {r['error_kinds']}")
@@ -173,7 +166,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, help="write every number as JSON here")
     args = ap.parse_args()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    prompts = load_test.load_prompts(6, 6)[:32]
+    prompts = load_prompts(6, 6)[:32]
     report: dict = {"requests": len(prompts), "bursts": args.bursts, "budgets": {}}
     for budget in args.budgets:
         rows = replica_alone(budget, args.threads, prompts, args.bursts, args.competitor)
@@ -182,22 +175,21 @@ def main() -> None:
         report["budgets"][budget] = {"rows": rows, "served_hilora_cpu_s": cpu}
 
     print(f"\n{len(prompts)} chat requests per burst, 16 new tokens, median of {args.bursts} bursts\n")
-    print("| prefill budget | set-up | wall s | tok/s | TTFT p50 s | tok/s vs replica alone |")
-    print("|---|---|---|---|---|---|")
+    rows = []
     for budget, rep in report["budgets"].items():
         base = rep["rows"]["replica alone"]["tok_per_s"]
-        for name, r in rep["rows"].items():
-            print(f"| {budget} | {name} | {r['wall_s']:.2f} | {r['tok_per_s']:.1f} | {r['ttft_p50']:.2f} "
-                  f"| {r['tok_per_s'] / base:.2f} |")
+        rows += [[budget, name, f"{r['wall_s']:.2f}", f"{r['tok_per_s']:.1f}", f"{r['ttft_p50']:.2f}",
+                  f"{r['tok_per_s'] / base:.2f}"] for name, r in rep["rows"].items()]
+    print_table(["prefill budget", "set-up", "wall s", "tok/s", "TTFT p50 s", "tok/s vs replica alone"], rows)
     for budget, rep in report["budgets"].items():
         cpu = rep["served_hilora_cpu_s"]
         wall = rep["rows"]["served, hilora"]["wall_s"]
         print(f"\nCPU seconds per served `hilora` burst, prefill budget {budget} (wall {wall:.2f} s, "
-              f"{psutil.cpu_count()} cores)\n\n| process | CPU s | share |\n|---|---|---|")
+              f"{psutil.cpu_count()} cores)\n")
         total = sum(cpu.values())
-        for group, s in sorted(cpu.items(), key=lambda kv: -kv[1]):
-            print(f"| {group} | {s:.2f} | {s / total:.0%} |")
-        print(f"| **total** | {total:.2f} | {total / wall:.2f} cores busy |")
+        print_table(["process", "CPU s", "share"],
+                    [[group, f"{s:.2f}", f"{s / total:.0%}"] for group, s in sorted(cpu.items(), key=lambda kv: -kv[1])]
+                    + [["**total**", f"{total:.2f}", f"{total / wall:.2f} cores busy"]])
     if args.out:
         args.out.write_text(json.dumps(report, indent=1))
 

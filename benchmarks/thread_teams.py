@@ -25,13 +25,11 @@ import json
 import statistics
 import subprocess
 import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from benchmarks.common import DEMO_POOL, print_table
 
 CHILD = """
 import json, statistics, sys, threading, time
-sys.path.insert(0, sys.argv[1])
 import torch
 mode, n = sys.argv[2], int(sys.argv[3])
 from hilora_core.engine import RoutedLM
@@ -40,7 +38,7 @@ from pathlib import Path
 from hilora_core.engine.threads import use_torch_threads
 torch.set_num_threads(n if mode in ("load N", "same thread") else 1)
 lm = RoutedLM.from_pretrained(None, max_slots=4)
-adapters = Path(sys.argv[1]) / "examples" / "demo_pool" / "adapters"
+adapters = Path(sys.argv[1]) / "adapters"
 name = sorted(p.name for p in adapters.iterdir())[0]
 lm.add_adapter(name, str(adapters / name))
 plan = RoutingPlan.single(name)
@@ -83,20 +81,20 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     rows = []
     for mode in ("load N", "load 1", "helper, plain set", "helper, pinned", "same thread"):
-        out = subprocess.run([sys.executable, "-c", CHILD, str(ROOT), mode, str(args.threads)], capture_output=True,
-                             text=True, timeout=600, check=True)
+        out = subprocess.run([sys.executable, "-c", CHILD, str(DEMO_POOL), mode, str(args.threads)],
+                             capture_output=True, text=True, timeout=600, check=True)
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
         print(json.dumps(rows[-1]), file=sys.stderr)
     ref = next(r["median_s"] for r in rows if r["mode"] == "same thread")
     print(f"\n16 greedy tokens, {args.threads} torch threads on the generating thread, median of 6:\n")
-    print("| set-up | seconds | vs same thread |")
-    print("|---|---|---|")
+    cells = []
     for r in rows:
         label = r["mode"].replace("load N", f"loading thread kept {args.threads} threads").replace(
             "load 1", "loading thread used 1 thread").replace("same thread", "load and generate in one thread").replace(
             "helper, plain set", "load 1, a helper set 1 after `set_num_threads`").replace(
             "helper, pinned", "load 1, a helper set 1 after `use_torch_threads`")
-        print(f"| {label} | {r['median_s']:.3f} | {r['median_s'] / ref:.2f}x |")
+        cells.append([label, f"{r['median_s']:.3f}", f"{r['median_s'] / ref:.2f}x"])
+    print_table(["set-up", "seconds", "vs same thread"], cells)
     print(f"\n(spread: {statistics.pstdev(x for r in rows for x in r['times']):.3f} s over all runs)")
     return 0
 

@@ -4,12 +4,10 @@ embeddings and reports its decisions, scores, status and prefilter cells as JSON
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
 CONFIG_KEYS = ("redis_url", "key_prefix", "channel", "hub_lookup", "incremental_fit_min_pool",
                "recalibrate_fraction", "store_fit_every", "prefilter_min_pool")
 
@@ -35,7 +33,6 @@ def route_in_new_process(cfg, queries_path: Path) -> dict:
     """Route the (n, d) embeddings saved at ``queries_path`` (``np.save``) with a new scorer of ``cfg``
     (a :class:`registry.config.RegistryConfig`; embedder identity "synthetic-test")."""
     args = json.dumps({k: getattr(cfg, k) for k in CONFIG_KEYS})
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([sys.executable, "-c", SCORER_SCRIPT, args, str(queries_path)], env=env,
+    proc = subprocess.run([sys.executable, "-c", SCORER_SCRIPT, args, str(queries_path)],
                           capture_output=True, text=True, timeout=300, check=True)
     return json.loads(proc.stdout.strip().splitlines()[-1])

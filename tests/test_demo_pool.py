@@ -4,19 +4,15 @@ from __future__ import annotations
 
 import json
 import re
-import sys
 from collections import Counter
 from pathlib import Path
 
 import pytest
 
+from examples.demo_pool import build_pool
+from examples.demo_pool import tasks as T
+
 ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from examples.demo_pool import build_pool  # noqa: E402
-from examples.demo_pool import tasks as T  # noqa: E402
-
 POOL_DIR = ROOT / "examples" / "demo_pool"
 
 

@@ -3,9 +3,7 @@ run of the benchmark script over it (benchmarks/eval_routing.py)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -19,12 +17,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def script():
-    """The benchmark script, loaded as a module (benchmarks/ is not a package)."""
-    spec = importlib.util.spec_from_file_location("eval_routing", ROOT / "benchmarks" / "eval_routing.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["eval_routing"] = module
-    spec.loader.exec_module(module)
-    return module
+    """The benchmark script, as a module."""
+    from benchmarks import eval_routing
+
+    return eval_routing
 
 
 @pytest.fixture(scope="module")

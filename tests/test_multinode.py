@@ -7,18 +7,13 @@ is checked.
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 
 
 @pytest.fixture(scope="module")
 def report():
     pytest.importorskip("ray")
-    from multinode_faults import run_faults
+    from benchmarks.multinode_faults import run_faults
 
     return run_faults(seconds=24, remove_at=8, clients=4)
 

@@ -3,21 +3,17 @@
 from __future__ import annotations
 
 import json
-import sys
 from collections import Counter, defaultdict
 from pathlib import Path
 
 import pytest
 
+from examples.demo_pool import build_pool
+from examples.demo_pool.tasks import make_splits, split_keys_and_items
+from examples.transfer_pool import tasks as T
+from examples.transfer_pool.specs import SPECS
+
 ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from examples.demo_pool import build_pool  # noqa: E402
-from examples.demo_pool.tasks import make_splits, split_keys_and_items  # noqa: E402
-from examples.transfer_pool import tasks as T  # noqa: E402
-from examples.transfer_pool.specs import SPECS  # noqa: E402
-
 POOL_DIR = ROOT / "examples" / "transfer_pool"
 
 

@@ -24,20 +24,17 @@ import argparse
 import json
 import math
 import random
-import sys
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
+import torch
+
+from examples.demo_pool import tasks as T
+
 ROOT = Path(__file__).resolve().parent.parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from examples.demo_pool import tasks as T  # noqa: E402
 
 BASE_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"  # written into adapter_config.json
 SEED = 0
@@ -459,8 +456,8 @@ gives the same string; a test checks it.) Adapters were trained to answer with t
 `<|im_end|>`; a few new tokens suffice (longest target + 4). Scoring: `exact_match(prediction,
 target)`: surrounding whitespace and one trailing period removed, then a case-sensitive comparison.
 
-Import from the repository root: `from examples.demo_pool.tasks import format_prompt, exact_match`
-(put the root on `sys.path`).
+Import it as `from examples.demo_pool.tasks import format_prompt, exact_match` (`pip install -e .` installs
+`examples` with the project's packages).
 
 ## Regenerate
 

@@ -19,10 +19,10 @@ AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 def seed_pool(folder: Path, adapters: dict[str, dict]) -> Path:
     """Write PEFT adapters and a manifest: ``{name: {"seed", "r", "target_modules", "samples"}}``."""
-    from engine_helpers import make_adapter
     from transformers import AutoModelForCausalLM
 
     from hilora_core.models.base_model import resolve_base
+    from tests.engine_helpers import make_adapter
 
     base = AutoModelForCausalLM.from_pretrained(resolve_base(None))
     entries = []

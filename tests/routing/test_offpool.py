@@ -9,15 +9,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from scorer_process import route_in_new_process
 
 from hilora_core.errors import InvalidInputError
 from hilora_core.plan import RoutingPlan
 from hilora_core.policies import POLICIES, PolicyConfig, make_plans
 from hilora_core.routing.fallback import OffPoolThreshold, calibrate_off_pool, load_reference_requests
 from hilora_core.routing.pool import GaussianFitSettings, PoolParameters, fit_pool, fit_with_parameters
+from tests.scorer_process import route_in_new_process
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DEMO = ROOT / "examples" / "demo_pool"
 POOL = ("uppercase", "iso_to_us_date", "list_max", "number_to_words", "reverse_words")
 GENERAL = ["What is the capital of France?", "Who wrote Romeo and Juliet?", "Any tips for a job interview?",

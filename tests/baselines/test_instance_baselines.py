@@ -7,7 +7,6 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from engine_helpers import make_adapter
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
@@ -15,6 +14,7 @@ from hilora_core import InvalidInputError, RoutedLM
 from hilora_core.baselines.logo import LogoSettings, logo_plans, logo_signals, measured_module
 from hilora_core.baselines.qa_flora import QaFloraSettings, fusion_weights, layer_divergences, qa_flora_plans
 from hilora_core.models.base_model import resolve_base
+from tests.engine_helpers import make_adapter
 
 PROMPTS = ["Write 42 in words.", "What is the largest number in 3, 9, 4?", "Uppercase: hello"]
 

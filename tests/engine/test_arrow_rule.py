@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from engine_helpers import make_adapter, rel_err, scale_first_roc
 from peft import ArrowConfig, create_arrow_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hilora_core import RoutedLM, RoutingPlan
 from hilora_core.models.base_model import resolve_base
+from tests.engine_helpers import make_adapter, rel_err, scale_first_roc
 
 NAMES = ("t0", "t1", "t2")
 

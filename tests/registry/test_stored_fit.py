@@ -4,9 +4,9 @@
 from __future__ import annotations
 
 import numpy as np
-from scorer_process import route_in_new_process
 
 from hilora_core.models.embedding import EmbedderIdentity
+from tests.scorer_process import route_in_new_process
 
 DIM = 16
 IDENT = EmbedderIdentity("synthetic-test", None, DIM, "", True)

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from engine_helpers import make_adapter, rel_err
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hilora_core import InvalidInputError, RoutedLM, RoutingPlan
 from hilora_core.engine import introspection
 from hilora_core.models.base_model import resolve_base
+from tests.engine_helpers import make_adapter, rel_err
 
 PROMPTS = ["Write the number 42 in words.", "Reverse the words: red green blue"]
 

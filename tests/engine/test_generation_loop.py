@@ -12,11 +12,10 @@ import time
 
 import pytest
 import torch
-from engine_helpers import make_adapter
+from hilora_core.engine.batching import BatchingSettings, ContinuousBatcher, SequenceRequest
 from transformers import AutoModelForCausalLM
 
 from hilora_core import RoutedLM, RoutingPlan
-from hilora_core.engine.batching import BatchingSettings, ContinuousBatcher, SequenceRequest
 from hilora_core.errors import (
     CapacityError,
     InvalidInputError,
@@ -26,6 +25,7 @@ from hilora_core.errors import (
     UnknownAdapterError,
 )
 from hilora_core.models.base_model import resolve_base
+from tests.engine_helpers import make_adapter
 
 PROMPTS = [
     "Write a short poem about the sea.",

@@ -6,7 +6,6 @@ import math
 
 import pytest
 import torch
-from engine_helpers import make_adapter, rel_err
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -14,6 +13,7 @@ from hilora_core import RoutedLM, RoutingPlan, UnknownAdapterError
 from hilora_core.engine import load_adapter
 from hilora_core.models.base_model import resolve_base
 from hilora_core.routing.token_routing import route_rocs
+from tests.engine_helpers import make_adapter, rel_err
 
 PROMPTS = ["The movie was wonderful and the actors", "Question: is the sky green?", "Hi"]
 ADAPTERS = {

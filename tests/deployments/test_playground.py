@@ -20,9 +20,10 @@ from pathlib import Path
 
 import httpx
 import pytest
-from serve_helpers import TOKEN, running_service
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.serve_helpers import TOKEN, running_service
+
+ROOT = Path(__file__).resolve().parents[2]
 DEMO = ROOT / "examples" / "demo_pool"
 PROMPT = "Spell out the number 42 using English words, please."  # phrased unlike the adapters' samples
 WAIT_S = 120

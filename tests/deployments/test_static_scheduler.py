@@ -10,11 +10,11 @@ from hilora_core.plan import RoutingPlan
 
 @pytest.fixture(scope="module")
 def replica(tmp_path_factory):
-    from engine_helpers import make_adapter
     from transformers import AutoModelForCausalLM
 
     from deployments.model import ModelReplica, build_engine
     from hilora_core.models.base_model import resolve_base
+    from tests.engine_helpers import make_adapter
 
     tmp = tmp_path_factory.mktemp("batching")
     base = AutoModelForCausalLM.from_pretrained(resolve_base(None))

@@ -26,7 +26,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-from serve_helpers import AUTH, TOKEN, running_service, seed_pool
+
+from tests.serve_helpers import AUTH, TOKEN, running_service, seed_pool
 
 SAMPLES = [f"Convert the number {n} into English words." for n in (3, 17, 42, 105, 260, 999)]
 EXAMPLES_PER_OPERATION = 60
@@ -101,7 +102,7 @@ def test_schema_is_kept_in_docs():
     """docs/openapi.json is the schema the service serves (regenerate: python scripts/export_openapi.py)."""
     from deployments.ingress import app
 
-    saved = Path(__file__).resolve().parent.parent / "docs" / "openapi.json"
+    saved = Path(__file__).resolve().parents[2] / "docs" / "openapi.json"
     import json
 
     assert json.loads(saved.read_text()) == json.loads(json.dumps(app.openapi())), \

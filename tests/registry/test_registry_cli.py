@@ -18,7 +18,7 @@ from registry import EmbeddedRedis, Registry, RegistryConfig
 from registry.cli import main
 from registry.redis_server import RedisServer
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 FIT = GaussianFitSettings(eps=2e-3)
 TASKS = {
     "sentiment": ["I loved this movie, it was wonderful.", "Terrible food and rude staff.",

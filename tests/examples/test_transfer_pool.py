@@ -13,7 +13,7 @@ from examples.demo_pool.tasks import make_splits, split_keys_and_items
 from examples.transfer_pool import tasks as T
 from examples.transfer_pool.specs import SPECS
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 POOL_DIR = ROOT / "examples" / "transfer_pool"
 
 

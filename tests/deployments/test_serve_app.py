@@ -11,7 +11,8 @@ import time
 
 import httpx
 import pytest
-from serve_helpers import AUTH, TOKEN, running_service, seed_pool
+
+from tests.serve_helpers import AUTH, TOKEN, running_service, seed_pool
 
 ALPHA_SAMPLES = [f"Convert the number {n} into English words." for n in (3, 17, 42, 105, 260, 999)]
 BETA_SAMPLES = [f"Reverse the letters of the word '{w}'." for w in ("apple", "river", "stone", "garden", "cloud")]
@@ -20,10 +21,10 @@ BETA_SAMPLES = [f"Reverse the letters of the word '{w}'." for w in ("apple", "ri
 @pytest.fixture(scope="module")
 def service(tmp_path_factory):
     pytest.importorskip("ray")
-    from engine_helpers import make_adapter
     from transformers import AutoModelForCausalLM
 
     from hilora_core.models.base_model import resolve_base
+    from tests.engine_helpers import make_adapter
 
     tmp = tmp_path_factory.mktemp("serve")
     # a seed pool of one adapter (registered at start) and a second adapter registered over REST

@@ -10,13 +10,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from engine_helpers import make_adapter, make_tiny_llama, rel_err
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
 from hilora_core import AdapterLoadError, CapacityError, RoutedLM, RoutingPlan, UnsupportedModelError
 from hilora_core.engine import HostAdapterCache, inspect_adapter, load_adapter
 from hilora_core.models.base_model import resolve_base
+from tests.engine_helpers import make_adapter, make_tiny_llama, rel_err
 
 N_ADAPTERS = 5
 IDS = torch.tensor([[5, 17, 42, 99, 7]])

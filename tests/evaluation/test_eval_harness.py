@@ -12,7 +12,7 @@ from transformers import AutoTokenizer
 import hilora_core.evaluation.harness as harness
 from hilora_core.models.base_model import resolve_base
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ import pytest
 from examples.demo_pool import build_pool
 from examples.demo_pool import tasks as T
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 POOL_DIR = ROOT / "examples" / "demo_pool"
 
 

@@ -1,0 +1,1 @@
+"""``hilora_core.baselines``: the compared routing methods."""

@@ -1,0 +1,1 @@
+"""``hilora_core.evaluation``: the evaluation harness."""

@@ -1,0 +1,1 @@
+"""``examples``: the demo and transfer adapter pools."""

@@ -1,0 +1,1 @@
+"""``hilora_core.models``: base model and embedder helpers."""

@@ -1,0 +1,1 @@
+"""``registry``: the Redis-backed store, scorers, Sentinel and Cluster, the registry CLI."""

@@ -42,8 +42,8 @@ def compose_app(args: dict | None = None, deployments: dict[str, dict] | None = 
     cfg = AppConfig.model_validate(args or {})
     config = cfg.model_dump()
     d = {name: dict(opts) for name, opts in DEPLOYMENT_DEFAULTS.items()}
-    if cfg.model.scheduler == "continuous":  # the replica's own bound: running rows plus its queue
-        d["LoRAModel"]["max_ongoing_requests"] = cfg.model.max_rows + cfg.model.max_waiting
+    # the replica's own bound: running rows plus its queue
+    d["LoRAModel"]["max_ongoing_requests"] = cfg.model.loop.max_rows + cfg.model.loop.max_waiting
     for name, options in (deployments or {}).items():
         if name not in d:
             raise ValueError(f"unknown deployment {name!r}; the deployments are {sorted(d)}")

@@ -37,11 +37,12 @@ def _pool_through_registry(args, embedder, pool_z, settings):
 
     import numpy as np
 
-    from registry.config import RegistryConfig
+    from registry.config import AdmissionSettings, RegistryConfig, ScorerSettings, StoreSettings
     from registry.registry import Registry
 
-    cfg = RegistryConfig(redis_url=args.redis_url, key_prefix=args.key_prefix, fit=settings, hub_lookup=False,
-                         incremental_fit_min_pool=10**9)
+    cfg = RegistryConfig(store=StoreSettings(redis_url=args.redis_url, key_prefix=args.key_prefix), fit=settings,
+                         admission=AdmissionSettings(hub_lookup=False),
+                         scorer=ScorerSettings(incremental_fit_min_pool=10**9))
     reg = Registry(cfg, embedder=embedder)
     for name, z in pool_z.items():
         # weights are never loaded here: rank/alpha/targets are placeholders the scorer does not use
@@ -103,12 +104,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from pydantic import ValidationError
+
     from hilora_core.errors import HiLoRAError
 
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (HiLoRAError, FileNotFoundError) as err:
+    except (HiLoRAError, FileNotFoundError, ValidationError) as err:  # ValidationError: a setting out of range
         print(f"hilora: error: {err}", file=sys.stderr)
         return 2
 

@@ -6,7 +6,16 @@ a FAISS prefilter for large pools, manifest import and the ``hilora registry`` C
 """
 
 from .adapter_source import AdapterSource, AdapterSpec
-from .config import DEFAULT_FIT_SETTINGS, RegistryConfig
+from .config import (
+    DEFAULT_FIT_SETTINGS,
+    AdmissionSettings,
+    EmbedderSettings,
+    PrefilterSettings,
+    RegistryConfig,
+    RegistrySettings,
+    ScorerSettings,
+    StoreSettings,
+)
 from .connection import EmbeddedRedis, connect
 from .errors import (
     ConflictError,
@@ -26,12 +35,14 @@ from .store import AdapterStore
 __all__ = [
     "DEFAULT_FIT_SETTINGS",
     "AdapterPage",
+    "AdmissionSettings",
     "AdapterRecord",
     "AdapterSource",
     "AdapterSpec",
     "AdapterStore",
     "ConflictError",
     "EmbeddedRedis",
+    "EmbedderSettings",
     "EmbedderMismatchError",
     "ForbiddenSourceError",
     "ImportReport",
@@ -39,10 +50,14 @@ __all__ = [
     "MeanIndex",
     "PoolScorer",
     "PoolSnapshot",
+    "PrefilterSettings",
     "Registry",
     "RegistryConfig",
+    "RegistrySettings",
     "RegistryUnavailableError",
     "RouteDecision",
+    "ScorerSettings",
+    "StoreSettings",
     "StoredAdapter",
     "connect",
     "import_manifest",

@@ -14,22 +14,17 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import replace
 
 from hilora_core.errors import HiLoRAError
 
-from .config import RegistryConfig
+from .config import AdmissionSettings, RegistryConfig, StoreSettings
 from .manifest import import_manifest
 from .registry import Registry
 
 
 def _config(args: argparse.Namespace) -> RegistryConfig:
-    cfg = RegistryConfig()
-    if args.redis_url:
-        cfg = replace(cfg, redis_url=args.redis_url)
-    if getattr(args, "offline", False):
-        cfg = replace(cfg, hub_lookup=False)
-    return cfg
+    return RegistryConfig(store=StoreSettings(redis_url=args.redis_url or None),
+                          admission=AdmissionSettings(hub_lookup=not getattr(args, "offline", False)))
 
 
 def _cmd_import(args: argparse.Namespace) -> int:

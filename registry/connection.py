@@ -219,11 +219,11 @@ class EmbeddedRedis:
 
 def connect(config: RegistryConfig) -> tuple[redis.Redis, str]:
     """The client for ``config`` and the URL it points at (starting the embedded server if needed)."""
-    url = config.resolved_url()
+    url = config.store.resolved_url()
     if url is None:
-        url = EmbeddedRedis(config.embedded_dir).ensure_running()
+        url = EmbeddedRedis(config.store.embedded_dir).ensure_running()
     try:
-        client = client_from_url(url, config.socket_timeout_s)
+        client = client_from_url(url, config.store.socket_timeout_s)
     except ValueError as exc:
         raise RegistryUnavailableError(f"invalid Redis URL {url!r}: {exc}") from None
     return client, url

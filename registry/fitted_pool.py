@@ -5,7 +5,7 @@ embeddings and the adapter records, at the epoch they reflect. A new replica rea
 back with a few large reads, then replays the changelog since that epoch: start-up costs
 a copy of the arrays instead of one SVD per adapter.
 
-Keys (``P`` = ``RegistryConfig.key_prefix``):
+Keys (``P`` = ``RegistryConfig.store.key_prefix``):
 
     P:fitted                     hash  epoch, key (fit settings + reference set), digest (pool
                                        parameters), token, n, k, d, dtype, chunk, chunks,

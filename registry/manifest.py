@@ -73,7 +73,7 @@ def import_manifest(
     ``replace`` overwrites existing ids; ``skip_existing`` leaves them as they are;
     otherwise an existing id stops the import with ConflictError (earlier entries stay).
     """
-    cfg = registry.config
+    cfg = registry.config.admission
     entries = load_manifest(path, cfg.min_samples, cfg.max_samples, cfg.max_sample_chars)
     sources = {e.name: format_source(source_pattern, e.name) for e in entries}
     report = ImportReport()

@@ -66,7 +66,7 @@ class Registry:
         self._identity = identity or (embedder.identity if embedder is not None else None)
         self._scorer: PoolScorer | None = None
         self._written_epoch = 0
-        self._hub_reachable = self.config.hub_lookup
+        self._hub_reachable = self.config.admission.hub_lookup
 
     # ---- embedder ----------------------------------------------------------------------------
 
@@ -109,12 +109,10 @@ class Registry:
         """
         adapter_id = validate_adapter_id(adapter_id)
         labels = validate_tags(tags)
-        texts = validate_samples(samples, self.config.min_samples, self.config.max_samples,
-                                 self.config.max_sample_chars)
+        texts = self._texts(samples)
         src, spec = self._resolve(adapter_id, source, revision, rank, alpha, targets, base_model)
         self._check_free(adapter_id, replace)
-        z = validate_embeddings(self.embedder.encode(texts), self.identity, self.config.min_samples,
-                                self.config.max_samples)
+        z = self._embeddings(self.embedder.encode(texts))
         return self._write(adapter_id, src, spec, z, texts, "replace" if replace else "create", tags=labels)
 
     def register_embeddings(
@@ -139,10 +137,9 @@ class Registry:
         labels = validate_tags(tags)
         if identity is not None:
             check_identity(self.identity, identity, f"embeddings for {adapter_id!r}")
-        z = validate_embeddings(embeddings, self.identity, self.config.min_samples, self.config.max_samples)
+        z = self._embeddings(embeddings)
         if texts is not None:
-            texts = validate_samples(texts, self.config.min_samples, self.config.max_samples,
-                                     self.config.max_sample_chars)
+            texts = self._texts(texts)
             if len(texts) != z.shape[0]:
                 raise InvalidInputError(f"{len(texts)} texts for {z.shape[0]} embeddings")
         src, spec = self._resolve(adapter_id, source, revision, rank, alpha, targets, base_model)
@@ -152,11 +149,9 @@ class Registry:
     def refit(self, adapter_id: str, samples: Sequence[str]) -> AdapterRecord:
         """Replace an adapter's samples (re-embedded); everything else is kept."""
         adapter_id = validate_adapter_id(adapter_id)
-        texts = validate_samples(samples, self.config.min_samples, self.config.max_samples,
-                                 self.config.max_sample_chars)
+        texts = self._texts(samples)
         old = self.get(adapter_id)
-        z = validate_embeddings(self.embedder.encode(texts), self.identity, self.config.min_samples,
-                                self.config.max_samples)
+        z = self._embeddings(self.embedder.encode(texts))
         spec = AdapterSpec(old.rank, old.alpha, old.targets, old.base_model, old.config_source)
         return self._write(adapter_id, old.source, spec, z, texts, "update", created=old.created, tags=old.tags)
 
@@ -167,16 +162,25 @@ class Registry:
         self._written_epoch = max(self._written_epoch, epoch)
         return epoch
 
+    def _texts(self, samples: object) -> list[str]:
+        adm = self.config.admission
+        return validate_samples(samples, adm.min_samples, adm.max_samples, adm.max_sample_chars)
+
+    def _embeddings(self, z: object) -> np.ndarray:
+        adm = self.config.admission
+        return validate_embeddings(z, self.identity, adm.min_samples, adm.max_samples)
+
     def _resolve(self, adapter_id, source, revision, rank, alpha, targets, base_model):
         src = AdapterSource.parse(source, revision)
         check_local_allowed(src, self.config.allowed_local_dirs)
         hub = self._hub_reachable and src.kind == "hub"
         spec = resolve_spec(src, rank=rank, alpha=alpha, targets=targets, base_model=base_model,
                             hub_lookup=hub)
-        check_spec_limits(spec, self.config.max_rank, self.config.max_target_modules, f"adapter {adapter_id!r}")
+        check_spec_limits(spec, self.config.max_rank, self.config.admission.max_target_modules,
+                          f"adapter {adapter_id!r}")
         if hub and spec.config_source != "hub":
             self._hub_reachable = False  # do not wait on the network again for every adapter of an import
-        check_base_model(spec, self.config.base_model, adapter_id)
+        check_base_model(spec, self.config.admission.base_model, adapter_id)
         return src, spec
 
     def _check_free(self, adapter_id: str, replace: bool) -> None:
@@ -190,8 +194,8 @@ class Registry:
         if created is None and mode == "replace":
             old = self.store.get_record(adapter_id)
             created = old.created if old is not None else None
-        keep_texts = (texts is not None and self.config.store_texts
-                      and sum(len(t) for t in texts) <= self.config.max_stored_text_chars)
+        keep_texts = (texts is not None and self.config.admission.store_texts
+                      and sum(len(t) for t in texts) <= self.config.admission.max_stored_text_chars)
         record = AdapterRecord(
             id=adapter_id, source=src, base_model=spec.base_model, rank=spec.rank, alpha=spec.alpha,
             targets=spec.targets, sample_count=int(z.shape[0]), embedder=self.identity,

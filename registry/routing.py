@@ -48,7 +48,7 @@ class PoolSnapshot:
         ranks: (I,) LoRA ranks.
         records: id -> record.
         model: the fitted Gaussians (None for an empty pool).
-        index: prefilter index (None below ``prefilter_min_pool``).
+        index: prefilter index (None below ``prefilter.min_pool``).
         slot_to_pos: (S,) bank position of each index slot, -1 where none.
         identities: the distinct embedder identities of ``records`` (checked against each query's).
     """
@@ -125,9 +125,9 @@ def _route_prefiltered(snap: PoolSnapshot, z: np.ndarray, cfg: PolicyConfig, con
     index, slot_to_pos = snap.index, snap.slot_to_pos
     if index is None or slot_to_pos is None:  # forced on a small pool: index everything exactly
         slot_to_pos = np.arange(len(snap.ids), dtype=np.int64)
-        index = MeanIndex.build(model.bank.means, slot_to_pos, "flat", use_gpu=config.prefilter_gpu)
-    shortlists = prefilter_scores(model, index, slot_to_pos, z, config.prefilter_k, config.prefilter_max_k,
-                                  config.prefilter_tail, config.prefilter_factor)
+        index = MeanIndex.build(model.bank.means, slot_to_pos, "flat", use_gpu=config.prefilter.gpu)
+    shortlists = prefilter_scores(model, index, slot_to_pos, z, config.prefilter.k, config.prefilter.max_k,
+                                  config.prefilter.tail, config.prefilter.factor)
     out = []
     for q, sl in enumerate(shortlists):
         names = [snap.ids[i] for i in sl.indices]

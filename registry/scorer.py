@@ -90,9 +90,9 @@ class PoolScorer:
             client, self.url = connect(self.config)
             store = AdapterStore(client, self.config)
         self.store = store
-        self._fit = IncrementalPoolFit(self.config.fit, self.config.fallback_eps,
-                                       self.config.incremental_fit_min_pool, self.config.recalibrate_fraction,
-                                       shared=_RedisParameters(store))
+        sc = self.config.scorer
+        self._fit = IncrementalPoolFit(self.config.fit, sc.fallback_eps, sc.incremental_fit_min_pool,
+                                       sc.recalibrate_fraction, shared=_RedisParameters(store))
         self._fit.sample_loader = self._load_samples
         self.started_from_stored_fit = False
         self.fits_stored = 0
@@ -100,8 +100,8 @@ class PoolScorer:
         self._records: dict[str, AdapterRecord] = {}
         self._epoch = 0
         self._snapshot = PoolSnapshot(0, (), np.zeros(0, np.int64), {}, None)
-        c = self.config
-        self._index = IndexKeeper(c.prefilter_min_pool, c.prefilter_index, c.prefilter_nprobe, c.prefilter_gpu)
+        pf = self.config.prefilter
+        self._index = IndexKeeper(pf.min_pool, pf.index, pf.nprobe, pf.gpu)
         self._references: dict[str, np.ndarray | None] = {}  # pool identity key -> reference embeddings
         self._lock = threading.RLock()  # guards the mutable state above (not the snapshot)
         self.degraded = False
@@ -212,7 +212,7 @@ class PoolScorer:
             policy: any policy of :func:`hilora_core.policies.make_plans`.
             explicit: adapter names for the explicit policy.
             use_prefilter: force the FAISS shortlist on/off (default: on from
-                ``prefilter_min_pool`` adapters).
+                ``prefilter.min_pool`` adapters).
 
         Returns:
             one :class:`RouteDecision` per row of ``z``.
@@ -270,7 +270,7 @@ class PoolScorer:
         Usable: fitted with the stored pool parameters, under this scorer's fit key, and with the
         changelog still complete since its epoch (the caller replays those changes).
         """
-        if self.config.store_fit_every == 0:
+        if self.config.scorer.store_fit_every == 0:
             return False
         header = self.store.fitted_header()
         stored = self.store.get_parameters()
@@ -279,7 +279,7 @@ class PoolScorer:
         if not self.store.changes_since(header.epoch)[1]:
             return False
         fitted = self.store.get_fitted()
-        if fitted is None or fitted.header != header or len(fitted.ids) < self.config.incremental_fit_min_pool:
+        if fitted is None or fitted.header != header or len(fitted.ids) < self.config.scorer.incremental_fit_min_pool:
             return False
         self._records = dict(zip(fitted.ids, fitted.records, strict=True))
         self._fit.reference = self._reference_for_pool()
@@ -295,9 +295,9 @@ class PoolScorer:
     def _maybe_store_fit(self, ids: list[str], model: PoolModel, index: MeanIndex | None) -> None:
         """Store the fitted pool for new scorers when none is, or the stored one is outdated (older than
         ``store_fit_every`` changes, other parameters, or this scorer rebuilt its prefilter's cells since)."""
-        every = self.config.store_fit_every
+        every = self.config.scorer.store_fit_every
         digest = self._fit.params_digest()
-        if every == 0 or len(ids) < self.config.incremental_fit_min_pool or digest is None:
+        if every == 0 or len(ids) < self.config.scorer.incremental_fit_min_pool or digest is None:
             return
         key = self._fit.key()
         with contextlib.suppress(RegistryUnavailableError):
@@ -346,9 +346,9 @@ class PoolScorer:
         """Whether this process's embedder makes ``identity``'s embeddings (without loading a wrong one)."""
         if self._embedder is not None:
             return _identity_key(self._embedder.identity) == _identity_key(identity)
-        name = self.config.embedder_model or MINILM_NAME
-        instruction = DEFAULT_INSTRUCTION if self.config.embedder_instruction is None else \
-            self.config.embedder_instruction
+        name = self.config.embedder.model or MINILM_NAME
+        instruction = DEFAULT_INSTRUCTION if self.config.embedder.instruction is None else \
+            self.config.embedder.instruction
         return identity.name == name and identity.instruction == instruction
 
     def _reference_for_pool(self) -> np.ndarray | None:
@@ -367,7 +367,7 @@ class PoolScorer:
         z = self.store.get_reference(identity)
         if z is None and self._can_embed(identity):
             try:
-                texts = load_reference_requests(self.config.off_pool_reference_file)
+                texts = load_reference_requests(self.config.scorer.off_pool_reference_file)
                 z = self.store.put_reference(identity, self.embedder.encode(texts))
             except EmbedderMismatchError:
                 z = None
@@ -400,7 +400,7 @@ class PoolScorer:
                     pubsub = self.store.pubsub()
                     self._catch_up()
                     self._mark_healthy()
-                msg = pubsub.get_message(timeout=self.config.poll_interval_s)
+                msg = pubsub.get_message(timeout=self.config.scorer.poll_interval_s)
                 if msg is not None:
                     # let a burst of changes arrive, then catch up once
                     deadline = time.monotonic() + 0.02
@@ -408,7 +408,7 @@ class PoolScorer:
                         pass
                     self._catch_up()
                     last_poll = time.monotonic()
-                elif time.monotonic() - last_poll >= self.config.poll_interval_s:
+                elif time.monotonic() - last_poll >= self.config.scorer.poll_interval_s:
                     if self.store.epoch() != self.epoch:
                         self._catch_up()
                     last_poll = time.monotonic()
@@ -419,7 +419,7 @@ class PoolScorer:
                     with contextlib.suppress(Exception):
                         pubsub.close()
                 pubsub = None
-                self._stop.wait(self.config.poll_interval_s)
+                self._stop.wait(self.config.scorer.poll_interval_s)
         if pubsub is not None:
             with contextlib.suppress(Exception):
                 pubsub.close()

@@ -1,6 +1,6 @@
 """The Redis layout of an adapter pool, and its atomic writes.
 
-Keys (``P`` = ``RegistryConfig.key_prefix``, wrapped in ``{}`` on a Redis Cluster so that every
+Keys (``P`` = ``RegistryConfig.store.key_prefix``, wrapped in ``{}`` on a Redis Cluster so that every
 key of a pool hashes to one slot):
 
     P:adapter:<id>   hash  meta (JSON record), emb (float32 (m, d) row-major bytes),
@@ -17,7 +17,7 @@ key of a pool hashes to one slot):
 Every write is one Lua script, so it is atomic: the adapter hash, the id set, the
 epoch, the changelog entry and the pub/sub message change together or not at all,
 and a reader never sees half an adapter. The message published on
-``RegistryConfig.channel`` is the changelog entry.
+``RegistryConfig.store.channel`` is the changelog entry.
 """
 
 from __future__ import annotations
@@ -144,8 +144,8 @@ class AdapterStore:
     def __init__(self, client: redis.Redis, config: RegistryConfig) -> None:
         self.client = client
         self.config = config
-        self.prefix = p = pool_key_prefix(config.key_prefix, is_cluster(client))
-        if config.min_replica_acks and is_cluster(client):
+        self.prefix = p = pool_key_prefix(config.store.key_prefix, is_cluster(client))
+        if config.store.min_replica_acks and is_cluster(client):
             raise InvalidInputError("min_replica_acks (WAIT after each write) is supported with one primary or "
                                     "Sentinel, not on a Redis Cluster")
         self._ids_key, self._epoch_key = f"{p}:ids", f"{p}:epoch"
@@ -178,21 +178,21 @@ class AdapterStore:
         Raises RegistryUnavailableError when they do not within ``replica_ack_timeout_ms``: the
         primary applied the write, but a failover could lose it, so it is not acknowledged.
         """
-        need = self.config.min_replica_acks
+        need = self.config.store.min_replica_acks
         if need == 0:
             return int(self._call(what, lambda: script(keys=keys, args=args)))
 
         def run() -> list:
             pipe = self.client.pipeline(transaction=False)
             script(keys=keys, args=args, client=pipe)
-            pipe.wait(need, self.config.replica_ack_timeout_ms)
+            pipe.wait(need, self.config.store.replica_ack_timeout_ms)
             return pipe.execute()
 
         epoch, acked = self._call(what, run)
         if int(acked) < need:
             raise RegistryUnavailableError(
                 f"Redis is not safe to write ({what}): {acked} of the {need} replica(s) required acknowledged "
-                f"the change within {self.config.replica_ack_timeout_ms} ms; it may be lost on a failover, retry"
+                f"the change within {self.config.store.replica_ack_timeout_ms} ms; it may be lost on a failover, retry"
             )
         return int(epoch)
 
@@ -206,7 +206,7 @@ class AdapterStore:
         z = np.asarray(embeddings, dtype=np.float32)
         assert z.shape == (record.sample_count, record.embedder.dim), (z.shape, record.sample_count)
         meta = json.dumps(record.to_dict(), sort_keys=True)
-        args = [record.id, mode, self.config.channel, self.config.changelog_max,
+        args = [record.id, mode, self.config.store.channel, self.config.store.changelog_max,
                 _canonical_identity(record.embedder), meta, encode_embeddings(z),
                 encode_texts(texts) if texts is not None else b""]
         try:
@@ -226,7 +226,7 @@ class AdapterStore:
 
     def remove(self, adapter_id: str) -> int:
         """Delete an adapter atomically; returns the new pool epoch."""
-        args = [adapter_id, self.config.channel, self.config.changelog_max]
+        args = [adapter_id, self.config.store.channel, self.config.store.changelog_max]
         try:
             return self._acknowledged_write("remove", self._remove, self._keys(adapter_id), args)
         except redis.ResponseError as exc:
@@ -389,5 +389,5 @@ class AdapterStore:
 
     def pubsub(self) -> redis.client.PubSub:
         ps = self.client.pubsub(ignore_subscribe_messages=True)
-        self._call("subscribe", lambda: ps.subscribe(self.config.channel))
+        self._call("subscribe", lambda: ps.subscribe(self.config.store.channel))
         return ps

@@ -6,10 +6,8 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from dataclasses import asdict
 from pathlib import Path
-
-CONFIG_KEYS = ("redis_url", "key_prefix", "channel", "hub_lookup", "incremental_fit_min_pool",
-               "recalibrate_fraction", "store_fit_every", "prefilter_min_pool")
 
 SCORER_SCRIPT = """
 import json, sys
@@ -32,7 +30,7 @@ print(json.dumps({"decisions": out, "scores": scores.tolist(), "status": scorer.
 def route_in_new_process(cfg, queries_path: Path) -> dict:
     """Route the (n, d) embeddings saved at ``queries_path`` (``np.save``) with a new scorer of ``cfg``
     (a :class:`registry.config.RegistryConfig`; embedder identity "synthetic-test")."""
-    args = json.dumps({k: getattr(cfg, k) for k in CONFIG_KEYS})
+    args = json.dumps(asdict(cfg))
     proc = subprocess.run([sys.executable, "-c", SCORER_SCRIPT, args, str(queries_path)],
                           capture_output=True, text=True, timeout=300, check=True)
     return json.loads(proc.stdout.strip().splitlines()[-1])

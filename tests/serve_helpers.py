@@ -51,7 +51,8 @@ def running_service(tmp: Path, config: dict, num_cpus: int = 2,
                                        "TOKENIZERS_PARALLELISM": "false"}})
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        registry = {**config.get("registry", {}), "redis_url": redis_srv.url}
+        registry = config.get("registry", {})
+        registry = {**registry, "store": {**registry.get("store", {}), "redis_url": redis_srv.url}}
         serve.run(compose_app({**config, "registry": registry}, deployments), name="hilora", route_prefix="/")
         yield f"http://127.0.0.1:{port}", redis_srv
     finally:

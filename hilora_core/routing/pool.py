@@ -15,58 +15,43 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
+from typing import Literal
 
 import numpy as np
+from pydantic import ConfigDict, Field
+from pydantic.dataclasses import dataclass as pydantic_dataclass
 
-from hilora_core.errors import DimensionMismatchError, EmptyPoolError, InvalidInputError
+from hilora_core.errors import DimensionMismatchError, EmptyPoolError
 from hilora_core.routing.calibration import EpsCalibration, LeaveOneOutScores, calibrate_eps, subset_for_calibration
 from hilora_core.routing.fallback import OffPoolThreshold, calibrate_off_pool
 from hilora_core.routing.gaussian import GaussianBank, fit_gaussian
 from hilora_core.routing.whitening import Whitener
 
 
-@dataclass(frozen=True)
+@pydantic_dataclass(frozen=True, config=ConfigDict(extra="forbid"))
 class GaussianFitSettings:
-    """How a pool's Gaussians are fitted.
+    """How a pool's Gaussians are fitted: a pydantic dataclass, built by keyword and validated on
+    construction (a bad value raises ``pydantic.ValidationError``, a ``ValueError`` naming the field).
+    The scale set by ``standardize`` decides where the 0 threshold of the candidate rule falls; see
+    docs/routing-flan48.md. The off-pool quantiles are read by :mod:`hilora_core.routing.fallback`."""
 
-    Attributes:
-        eps: fixed eps (in the standardised space when ``standardize``), or None to calibrate it by
-            leave-one-out on the pool's own samples (:func:`calibrate_eps`).
-        target_rate: with eps=None, the wanted leave-one-out rate of the criterion.
-        criterion: calibration criterion, "candidates" (own adapter in the candidate set) or
-            "own_score" (held-out sample scores > 0 under its own adapter).
-        standardize: scale the space so that the pooled samples have unit RMS per coordinate
-            (``sqrt(d)`` for unit-norm embeddings). A global scale shifts every score by a constant,
-            so it decides where the 0 threshold of the candidate rule falls; see docs/routing-flan48.md.
-        whiten: fit and score in the space whitened by all registered samples.
-        shrinkage: whitening's shrinkage of the pooled covariance towards a multiple of I.
-        dtype: precision of the stored bank ("float32" or "float64").
-        fallback_sample_quantile, fallback_reference_quantile: the quantiles that set the off-pool
-            threshold (:mod:`hilora_core.routing.fallback`).
-    """
-
-    eps: float | None = None
-    target_rate: float = 0.9
-    criterion: str = "candidates"
-    standardize: bool = True
-    whiten: bool = False
-    shrinkage: float = 0.1
-    dtype: str = "float32"
-    fallback_sample_quantile: float = 0.01
-    fallback_reference_quantile: float = 0.99
-
-    def __post_init__(self) -> None:
-        if self.eps is not None and not self.eps > 0:
-            raise InvalidInputError(f"eps must be > 0 or None (calibrate), got {self.eps!r}")
-        if not 0 < self.target_rate <= 1:
-            raise InvalidInputError(f"target_rate must be in (0, 1], got {self.target_rate!r}")
-        if self.criterion not in ("candidates", "own_score"):
-            raise InvalidInputError(f"criterion must be 'candidates' or 'own_score', got {self.criterion!r}")
-        for name in ("fallback_sample_quantile", "fallback_reference_quantile"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise InvalidInputError(f"{name} must be in [0, 1], got {getattr(self, name)!r}")
-        if self.dtype not in ("float32", "float64"):
-            raise InvalidInputError(f"dtype must be float32 or float64, got {self.dtype!r}")
+    eps: float | None = Field(default=None, gt=0, description="fixed eps (in the standardised space when "
+                              "standardize), or None to calibrate it by leave-one-out on the pool's own samples")
+    target_rate: float = Field(default=0.9, gt=0, le=1, description="with eps=None, the wanted leave-one-out rate "
+                               "of the criterion")
+    criterion: Literal["candidates", "own_score"] = Field(
+        default="candidates", description="calibration criterion: 'candidates' (own adapter in the candidate set) "
+        "or 'own_score' (held-out sample scores > 0 under its own adapter)")
+    standardize: bool = Field(default=True, description="scale the space so that the pooled samples have unit RMS "
+                              "per coordinate (sqrt(d) for unit-norm embeddings)")
+    whiten: bool = Field(default=False, description="fit and score in the space whitened by all registered samples")
+    shrinkage: float = Field(default=0.1, ge=0, lt=1, description="whitening's shrinkage of the pooled covariance "
+                             "towards a multiple of I")
+    dtype: Literal["float32", "float64"] = Field(default="float32", description="precision of the stored bank")
+    fallback_sample_quantile: float = Field(default=0.01, ge=0, le=1, description="quantile of the adapters' "
+                                            "held-out sample scores that sets the off-pool threshold")
+    fallback_reference_quantile: float = Field(default=0.99, ge=0, le=1, description="quantile of the general "
+                                               "reference requests' scores that sets the off-pool threshold")
 
 
 @dataclass

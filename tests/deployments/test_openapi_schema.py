@@ -40,8 +40,9 @@ def url(tmp_path_factory):
     manifest = seed_pool(tmp / "pool", {"alpha": {"seed": 1, "r": 4, "target_modules": ["q_proj", "v_proj"],
                                                   "samples": SAMPLES}})
     config = {
-        "model": {"torch_threads": 1, "max_slots": 4, "host_cache_size": 8, "max_rows": 4, "max_waiting": 32},
-        "registry": {"seed_manifest": str(manifest), "eps": None},
+        "model": {"torch_threads": 1, "engine": {"max_slots": 4, "host_cache_size": 8},
+                  "loop": {"max_rows": 4, "max_waiting": 32}},
+        "registry": {"seed_manifest": str(manifest), "fit": {"eps": None}},
         "limits": {"max_prompt_chars": 400, "max_tokens": 4, "max_choices": 4, "max_messages": 8},
     }
     with running_service(tmp, config) as (base_url, _):

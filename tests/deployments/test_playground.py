@@ -55,14 +55,15 @@ def service(tmp_path_factory, paths):
 
     tmp = tmp_path_factory.mktemp("playground")
     config = {
-        "model": {"torch_threads": 1, "max_slots": 8, "host_cache_size": 16, "max_rows": 4, "max_waiting": 16},
+        "model": {"torch_threads": 1, "engine": {"max_slots": 8, "host_cache_size": 16},
+                  "loop": {"max_rows": 4, "max_waiting": 16}},
         "registry": {"seed_manifest": str(DEMO / "manifest.json")},
         "limits": {"max_tokens": 64},
     }
     # 4 logical CPUs: room for a second app, the same service with admin disabled, at /noadmin
     with running_service(tmp, config, num_cpus=4) as (url, redis_srv):
         no_admin = {**config, "admin_token_env": "HILORA_TEST_UNSET_TOKEN",
-                    "registry": {**config["registry"], "redis_url": redis_srv.url}}
+                    "registry": {**config["registry"], "store": {"redis_url": redis_srv.url}}}
         serve.run(build_app(no_admin), name="noadmin", route_prefix="/noadmin")
         yield {"url": url, "redis": redis_srv}
 

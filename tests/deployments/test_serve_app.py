@@ -34,8 +34,9 @@ def service(tmp_path_factory):
     make_adapter(base, tmp / "beta", seed=2, r=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
     del base
     config = {
-        "model": {"torch_threads": 1, "max_slots": 4, "host_cache_size": 8, "max_rows": 2, "max_waiting": 2},
-        "registry": {"seed_manifest": str(manifest), "eps": None, "adapter_dirs": [str(tmp)]},
+        "model": {"torch_threads": 1, "engine": {"max_slots": 4, "host_cache_size": 8},
+                  "loop": {"max_rows": 2, "max_waiting": 2}},
+        "registry": {"seed_manifest": str(manifest), "fit": {"eps": None}, "adapter_dirs": [str(tmp)]},
         "limits": {"max_prompt_chars": 2000, "max_tokens": 64},
     }
     # Serve may hand the replica more requests than its rows and queue hold (by default it stops at
@@ -490,7 +491,7 @@ def test_delete_adapter(service):
 def test_a_stream_that_fails_after_its_headers_ends_with_an_in_band_error_event():
     import asyncio
 
-    from deployments.ingress import merge_streams, sse_events
+    from deployments.streaming import merge_streams, sse_events
 
     async def items():
         yield {"delta": "Hel"}

@@ -38,16 +38,18 @@ def test_the_cluster_enforces_slots(cluster):
 
 
 def test_registry_and_scorers_work_on_a_cluster(cluster):
-    from registry.config import RegistryConfig
+    from registry.config import AdmissionSettings, RegistryConfig, ScorerSettings, StoreSettings
     from registry.connection import pool_key_prefix
     from registry.registry import Registry
     from registry.scorer import PoolScorer
 
     assert pool_key_prefix("pool", True) == "{pool}" and pool_key_prefix("a{b}c", True) == "a{b}c"
     assert pool_key_prefix("pool", False) == "pool" and pool_key_prefix("{}x", True) == "{{}x}"
-    cfg = RegistryConfig(redis_url=f"redis+cluster://127.0.0.1:{cluster.port}", key_prefix="pool",
-                         channel="pool:events", hub_lookup=False, incremental_fit_min_pool=4, store_fit_every=2,
-                         poll_interval_s=0.2)
+    cfg = RegistryConfig(
+        store=StoreSettings(redis_url=f"redis+cluster://127.0.0.1:{cluster.port}", key_prefix="pool",
+                            channel="pool:events"),
+        admission=AdmissionSettings(hub_lookup=False),
+        scorer=ScorerSettings(incremental_fit_min_pool=4, store_fit_every=2, poll_interval_s=0.2))
     reg = Registry(cfg, identity=IDENT)
     follower = PoolScorer(cfg, identity=IDENT)
     rng = np.random.default_rng(2)
@@ -66,7 +68,8 @@ def test_registry_and_scorers_work_on_a_cluster(cluster):
     z = rng.standard_normal((3, DIM)).astype("f4")
     assert [d.to_dict() for d in fresh.route_embeddings(z)] == [d.to_dict() for d in follower.route_embeddings(z)]
     with pytest.raises(Exception, match="not on a Redis Cluster"):
-        Registry(RegistryConfig(redis_url=cfg.redis_url, min_replica_acks=1), identity=IDENT).store  # noqa: B018
+        acked = RegistryConfig(store=StoreSettings(redis_url=cfg.store.redis_url, min_replica_acks=1))
+        Registry(acked, identity=IDENT).store  # noqa: B018
     for s in (fresh, follower):
         s.close()
     reg.close()

@@ -8,6 +8,7 @@ import hashlib
 import json
 import threading
 import time
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -23,13 +24,17 @@ from hilora_core.policies import POLICIES, PolicyConfig
 from hilora_core.routing.pool import GaussianFitSettings
 from hilora_core.routing.sequence_routing import select_candidates
 from registry import (
+    AdmissionSettings,
     ConflictError,
     EmbedderMismatchError,
     IncompatibleAdapterError,
     PoolScorer,
+    PrefilterSettings,
     Registry,
     RegistryConfig,
     RegistryUnavailableError,
+    ScorerSettings,
+    StoreSettings,
 )
 from registry.redis_server import RedisServer
 
@@ -55,7 +60,7 @@ def _wait(cond, timeout: float = 5.0) -> bool:
 def _store_state(reg: Registry) -> dict:
     """Every key of the pool with its serialized value: equal states mean nothing changed."""
     client = reg.store.client
-    return {k: client.dump(k) for k in sorted(client.keys(f"{reg.config.key_prefix}:*"))}
+    return {k: client.dump(k) for k in sorted(client.keys(f"{reg.config.store.key_prefix}:*"))}
 
 
 @pytest.fixture(scope="module")
@@ -69,8 +74,9 @@ def server(tmp_path_factory):
 def config(server, request):
     # a key prefix per test: tests share one server but not one pool
     prefix = "t-" + hashlib.sha1(request.node.nodeid.encode()).hexdigest()[:12]
-    return RegistryConfig(redis_url=server.url, key_prefix=prefix, channel=f"{prefix}:events", fit=FIT,
-                          hub_lookup=False, poll_interval_s=0.2, socket_timeout_s=1.0)
+    return RegistryConfig(
+        store=StoreSettings(redis_url=server.url, key_prefix=prefix, channel=f"{prefix}:events", socket_timeout_s=1.0),
+        fit=FIT, admission=AdmissionSettings(hub_lookup=False), scorer=ScorerSettings(poll_interval_s=0.2))
 
 
 @pytest.fixture
@@ -175,7 +181,7 @@ def test_registration_is_atomic_for_readers(reg):
             if float(np.frombuffer(emb, "<f4")[0]) != m["sample_count"]:  # first value encodes m
                 problems.append("embeddings from another write")
             pipe = client.pipeline(transaction=True)  # index and hashes seen at one instant
-            pipe.zrange(f"{reg.config.key_prefix}:ids", 0, -1)
+            pipe.zrange(f"{reg.config.store.key_prefix}:ids", 0, -1)
             pipe.keys(reg.store.adapter_key("*"))
             indexed, hashes = pipe.execute()
             if {reg.store.adapter_key(i.decode()) for i in indexed} != {h.decode() for h in hashes}:
@@ -274,7 +280,7 @@ def test_local_adapter_config_is_read_and_checked(reg, config, tmp_path):
     z = _samples(rng, np.ones(DIM))
     with pytest.raises(IncompatibleAdapterError, match="rank"):
         reg.register_embeddings("local2", str(folder), z, rank=8)
-    strict = Registry(RegistryConfig(**{**config.__dict__, "base_model": "org/other"}), identity=IDENT)
+    strict = Registry(replace(config, admission=replace(config.admission, base_model="org/other")), identity=IDENT)
     with pytest.raises(IncompatibleAdapterError, match="org/other"):
         strict.register_embeddings("local3", str(folder), z)
     (tmp_path / "broken").mkdir()
@@ -305,7 +311,7 @@ def test_second_scorer_follows_changes(reg, config):
 
 
 def test_scorer_that_missed_trimmed_changes_reloads(reg, config):
-    small_log = RegistryConfig(**{**config.__dict__, "changelog_max": 3})
+    small_log = replace(config, store=replace(config.store, changelog_max=3))
     writer = Registry(small_log, identity=IDENT)
     _fill(writer, 2, seed=7)
     stale = PoolScorer(small_log, identity=IDENT, follow=False)
@@ -321,8 +327,8 @@ def test_scorer_that_missed_trimmed_changes_reloads(reg, config):
 def test_degraded_mode_and_recovery(tmp_path):
     srv = RedisServer(tmp_path / "r", persistence="aof").start()
     try:
-        cfg = RegistryConfig(redis_url=srv.url, fit=FIT, hub_lookup=False, poll_interval_s=0.2,
-                             socket_timeout_s=1.0)
+        cfg = RegistryConfig(store=StoreSettings(redis_url=srv.url, socket_timeout_s=1.0), fit=FIT,
+                             admission=AdmissionSettings(hub_lookup=False), scorer=ScorerSettings(poll_interval_s=0.2))
         reg = Registry(cfg, identity=IDENT)
         _fill(reg, 4, seed=9)
         scorer = PoolScorer(cfg, identity=IDENT)
@@ -352,7 +358,8 @@ def test_degraded_mode_and_recovery(tmp_path):
 def test_restart_keeps_pool_and_scores(tmp_path, persistence):
     srv = RedisServer(tmp_path / persistence, persistence=persistence).start()
     try:
-        cfg = RegistryConfig(redis_url=srv.url, fit=GaussianFitSettings(), hub_lookup=False)  # calibrated eps
+        cfg = RegistryConfig(store=StoreSettings(redis_url=srv.url), fit=GaussianFitSettings(),  # calibrated eps
+                             admission=AdmissionSettings(hub_lookup=False))
         reg = Registry(cfg, identity=IDENT)
         _fill(reg, 6, seed=10)
         reg.remove("ad003")
@@ -379,8 +386,9 @@ def _clustered(n: int, seed: int) -> dict[str, np.ndarray]:
 
 @pytest.mark.parametrize("whiten", [False, True])
 def test_prefilter_matches_exact_candidates_above_threshold(config, whiten):
-    cfg = RegistryConfig(**{**config.__dict__, "prefilter_min_pool": 100, "prefilter_k": 8,
-                            "incremental_fit_min_pool": 50, "fit": GaussianFitSettings(eps=0.02, whiten=whiten)})
+    cfg = replace(config, prefilter=PrefilterSettings(min_pool=100, k=8),
+                  scorer=replace(config.scorer, incremental_fit_min_pool=50),
+                  fit=GaussianFitSettings(eps=0.02, whiten=whiten))
     reg = Registry(cfg, identity=IDENT)
     data = _clustered(300, seed=11)
     for name, z in data.items():
@@ -411,8 +419,8 @@ def test_incremental_fit_equals_full_fit_with_fixed_eps(config):
     from hilora_core.routing.pool import fit_pool
 
     fixed = GaussianFitSettings(eps=0.02, standardize=False)  # the space does not move with the pool
-    cfg = RegistryConfig(**{**config.__dict__, "incremental_fit_min_pool": 5, "recalibrate_fraction": 1.0,
-                            "fit": fixed})
+    cfg = replace(config, scorer=replace(config.scorer, incremental_fit_min_pool=5, recalibrate_fraction=1.0),
+                  fit=fixed)
     reg = Registry(cfg, identity=IDENT)
     data = _fill(reg, 8, seed=13)
     reg.route_embeddings(np.zeros((1, DIM), np.float32))
@@ -449,7 +457,7 @@ def test_calibrated_eps_copes_with_two_sample_adapters():
 
 
 def test_recalibrate_refits_the_pool_and_shares_the_new_parameters(config):
-    cfg = RegistryConfig(**{**config.__dict__, "incremental_fit_min_pool": 4, "fit": GaussianFitSettings()})
+    cfg = replace(config, scorer=replace(config.scorer, incremental_fit_min_pool=4), fit=GaussianFitSettings())
     reg = Registry(cfg, identity=IDENT)
     data = {}
     for i in range(10):  # the scorer follows each registration: pool-wide fits only while the pool is small
@@ -469,8 +477,8 @@ def test_recalibrate_refits_the_pool_and_shares_the_new_parameters(config):
 
 
 def test_prefilter_index_drops_removed_adapters(config):
-    cfg = RegistryConfig(**{**config.__dict__, "prefilter_min_pool": 20, "prefilter_index": "flat",
-                            "prefilter_k": 4, "incremental_fit_min_pool": 10})
+    cfg = replace(config, prefilter=PrefilterSettings(min_pool=20, index="flat", k=4),
+                  scorer=replace(config.scorer, incremental_fit_min_pool=10))
     reg = Registry(cfg, identity=IDENT)
     data = _clustered(40, seed=22)
     for name, z in data.items():
@@ -489,8 +497,8 @@ def test_prefilter_index_drops_removed_adapters(config):
 
 
 def test_seeded_routing_is_reproducible_with_and_without_the_prefilter(config):
-    cfg = RegistryConfig(**{**config.__dict__, "prefilter_min_pool": 20, "prefilter_index": "flat",
-                            "incremental_fit_min_pool": 10})
+    cfg = replace(config, prefilter=PrefilterSettings(min_pool=20, index="flat"),
+                  scorer=replace(config.scorer, incremental_fit_min_pool=10))
     reg = Registry(cfg, identity=IDENT)
     data = _clustered(30, seed=23)
     for name, z in data.items():
@@ -572,7 +580,8 @@ def test_rank_and_target_limits(config, tmp_path):
     from dataclasses import replace
 
     rng = np.random.default_rng(4)
-    with Registry(replace(config, max_rank=16, max_target_modules=2), identity=IDENT) as reg:
+    limited = replace(config, max_rank=16, admission=replace(config.admission, max_target_modules=2))
+    with Registry(limited, identity=IDENT) as reg:
         with pytest.raises(InvalidInputError, match="rank 32 is above the limit 16"):
             reg.register_embeddings("big", _local_adapter(tmp_path / "big", rank=32), _samples(rng, np.ones(DIM)))
         with pytest.raises(InvalidInputError, match="3 target modules; the limit is 2"):

@@ -14,7 +14,7 @@ from hilora_core.errors import InvalidInputError
 from hilora_core.models.embedding import SentenceEmbedder
 from hilora_core.policies import PolicyConfig
 from hilora_core.routing.pool import GaussianFitSettings
-from registry import EmbeddedRedis, Registry, RegistryConfig
+from registry import AdmissionSettings, EmbeddedRedis, Registry, RegistryConfig, StoreSettings
 from registry.cli import main
 from registry.redis_server import RedisServer
 
@@ -49,7 +49,8 @@ def _manifest(path, tasks=TASKS) -> str:
 
 
 def test_register_texts_route_and_refit(server, embedder):
-    cfg = RegistryConfig(redis_url=server.url, key_prefix="texts", channel="texts:events", fit=FIT, hub_lookup=False)
+    cfg = RegistryConfig(store=StoreSettings(redis_url=server.url, key_prefix="texts", channel="texts:events"), fit=FIT,
+                         admission=AdmissionSettings(hub_lookup=False))
     with Registry(cfg, embedder=embedder) as reg:
         for name, texts in TASKS.items():
             reg.register(name, "owner/" + name, texts, rank=8, alpha=16, targets=["q_proj", "v_proj"])
@@ -131,7 +132,8 @@ def test_cli_import_reads_local_adapter_configs(server, tmp_path, capsys):
 def test_embedded_default_starts_and_persists(tmp_path, embedder, monkeypatch):
     monkeypatch.delenv("REDIS_URL", raising=False)
     folder = str(tmp_path / "var" / "redis")
-    cfg = RegistryConfig(embedded_dir=folder, fit=FIT, hub_lookup=False)
+    cfg = RegistryConfig(store=StoreSettings(embedded_dir=folder), fit=FIT,
+                         admission=AdmissionSettings(hub_lookup=False))
     server = EmbeddedRedis(folder)
     try:
         with Registry(cfg, embedder=embedder) as reg:

@@ -53,7 +53,7 @@ def test_sentinel_url_is_parsed():
 
 
 def test_no_acknowledged_registration_is_lost_when_the_primary_is_killed(tmp_path):
-    from registry.config import RegistryConfig
+    from registry.config import AdmissionSettings, RegistryConfig, ScorerSettings, StoreSettings
     from registry.errors import RegistryUnavailableError
     from registry.registry import Registry
     from registry.scorer import PoolScorer
@@ -67,9 +67,11 @@ def test_no_acknowledged_registration_is_lost_when_the_primary_is_killed(tmp_pat
         _wait(lambda: _replication(replica)["master_link_status"] == "up", 20, "the replica to sync")
         _wait(lambda: len(sentinel.client().execute_command("SENTINEL", "replicas", SERVICE)) == 1, 20,
               "the sentinel to discover the replica")
-        cfg = RegistryConfig(redis_url=f"redis+sentinel://127.0.0.1:{sentinel.port}/{SERVICE}", key_prefix="sen",
-                             channel="sen:events", hub_lookup=False, socket_timeout_s=1.0, poll_interval_s=0.2,
-                             min_replica_acks=1, replica_ack_timeout_ms=500)
+        cfg = RegistryConfig(
+            store=StoreSettings(redis_url=f"redis+sentinel://127.0.0.1:{sentinel.port}/{SERVICE}", key_prefix="sen",
+                                channel="sen:events", socket_timeout_s=1.0, min_replica_acks=1,
+                                replica_ack_timeout_ms=500),
+            admission=AdmissionSettings(hub_lookup=False), scorer=ScorerSettings(poll_interval_s=0.2))
         reg = Registry(cfg, identity=IDENT)
         scorer = PoolScorer(cfg, identity=IDENT)  # a replica of the router, following the pool
         rng = np.random.default_rng(5)
@@ -124,7 +126,7 @@ def test_no_acknowledged_registration_is_lost_when_the_primary_is_killed(tmp_pat
             "acknowledged_missing": len(set(acked) - present), "failover_s": round(t_promoted - t_kill, 2),
             "write_outage_s": round(first_after - t_kill, 2),
             "old_primary_restarted_after_s": round(t_restarted - t_kill, 2),
-            "min_replica_acks": cfg.min_replica_acks, "appendfsync": "always",
+            "min_replica_acks": cfg.store.min_replica_acks, "appendfsync": "always",
         }
         if os.environ.get("HILORA_FAILOVER_REPORT"):
             Path(os.environ["HILORA_FAILOVER_REPORT"]).write_text(json.dumps(report, indent=1) + "\n")

@@ -13,11 +13,13 @@ IDENT = EmbedderIdentity("synthetic-test", None, DIM, "", True)
 SPEC = {"rank": 8, "alpha": 16.0, "targets": ["q_proj"]}
 
 
-def _config(redis_url: str, prefix: str, **kw):
-    from registry.config import RegistryConfig
+def _config(redis_url: str, prefix: str, prefilter_min_pool: int = 2_000, **scorer):
+    from registry.config import AdmissionSettings, PrefilterSettings, RegistryConfig, ScorerSettings, StoreSettings
 
-    return RegistryConfig(redis_url=redis_url, key_prefix=prefix, channel=f"{prefix}:events", hub_lookup=False,
-                          poll_interval_s=0.2, **kw)
+    return RegistryConfig(store=StoreSettings(redis_url=redis_url, key_prefix=prefix, channel=f"{prefix}:events"),
+                          admission=AdmissionSettings(hub_lookup=False),
+                          prefilter=PrefilterSettings(min_pool=prefilter_min_pool),
+                          scorer=ScorerSettings(poll_interval_s=0.2, **scorer))
 
 
 def _samples(rng: np.random.Generator, center: np.ndarray) -> np.ndarray:
@@ -89,7 +91,8 @@ def test_replicas_decide_alike_after_100_incremental_registrations(redis_url, tm
                               rng.standard_normal((8, DIM)) * 6]).astype("f4")
     np.save(tmp_path / "q.npy", queries)
     started = route_in_new_process(cfg, tmp_path / "q.npy")  # a new replica: starts from the stored fit
-    fitted_itself = route_in_new_process(replace(cfg, store_fit_every=0), tmp_path / "q.npy")  # fits every Gaussian
+    no_stored_fit = replace(cfg, scorer=replace(cfg.scorer, store_fit_every=0))
+    fitted_itself = route_in_new_process(no_stored_fit, tmp_path / "q.npy")  # fits every Gaussian
     assert started["status"]["started_from_stored_fit"] and not fitted_itself["status"]["started_from_stored_fit"]
     assert started["status"]["full_fits"] == 0 and fitted_itself["status"]["full_fits"] == 0
     assert started["status"]["incremental_fits"] == reg.epoch() - header.epoch  # only the replayed changes

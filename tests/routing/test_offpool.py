@@ -106,12 +106,13 @@ def test_real_pool_separates_general_requests_from_rephrased_tasks(embedder, dem
     assert again.off_pool == model.off_pool
 
 
-def _config(redis_url: str, name: str, **kw):
-    from registry.config import RegistryConfig
+def _config(redis_url: str, name: str, **scorer):
+    from registry.config import AdmissionSettings, RegistryConfig, ScorerSettings, StoreSettings
 
     prefix = "off-" + hashlib.sha1(name.encode()).hexdigest()[:10]
-    return RegistryConfig(redis_url=redis_url, key_prefix=prefix, channel=f"{prefix}:events", hub_lookup=False,
-                          poll_interval_s=0.2, **kw)
+    return RegistryConfig(store=StoreSettings(redis_url=redis_url, key_prefix=prefix, channel=f"{prefix}:events"),
+                          admission=AdmissionSettings(hub_lookup=False),
+                          scorer=ScorerSettings(poll_interval_s=0.2, **scorer))
 
 
 def test_registry_falls_back_with_override_and_stores_the_threshold(redis_url, embedder, demo_samples):

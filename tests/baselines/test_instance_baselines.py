@@ -16,6 +16,8 @@ from hilora_core.baselines.qa_flora import QaFloraSettings, fusion_weights, laye
 from hilora_core.models.base_model import resolve_base
 from tests.engine_helpers import make_adapter
 
+pytestmark = pytest.mark.slow  # the real base model (SmolLM2)
+
 PROMPTS = ["Write 42 in words.", "What is the largest number in 3, 9, 4?", "Uppercase: hello"]
 
 

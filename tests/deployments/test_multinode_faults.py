@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import pytest
 
+pytestmark = pytest.mark.slow  # Ray Serve
+
 
 @pytest.fixture(scope="module")
 def report():

@@ -29,6 +29,8 @@ import pytest
 
 from tests.serve_helpers import AUTH, TOKEN, running_service, seed_pool
 
+pytestmark = pytest.mark.slow  # Ray Serve
+
 SAMPLES = [f"Convert the number {n} into English words." for n in (3, 17, 42, 105, 260, 999)]
 EXAMPLES_PER_OPERATION = 60
 

@@ -23,6 +23,8 @@ import pytest
 
 from tests.serve_helpers import TOKEN, running_service
 
+pytestmark = pytest.mark.slow  # Ray Serve
+
 ROOT = Path(__file__).resolve().parents[2]
 DEMO = ROOT / "examples" / "demo_pool"
 PROMPT = "Spell out the number 42 using English words, please."  # phrased unlike the adapters' samples

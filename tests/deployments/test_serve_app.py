@@ -14,6 +14,8 @@ import pytest
 
 from tests.serve_helpers import AUTH, TOKEN, running_service, seed_pool
 
+pytestmark = pytest.mark.slow  # Ray Serve
+
 ALPHA_SAMPLES = [f"Convert the number {n} into English words." for n in (3, 17, 42, 105, 260, 999)]
 BETA_SAMPLES = [f"Reverse the letters of the word '{w}'." for w in ("apple", "river", "stone", "garden", "cloud")]
 

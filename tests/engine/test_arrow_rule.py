@@ -16,6 +16,8 @@ from hilora_core import RoutedLM, RoutingPlan
 from hilora_core.models.base_model import resolve_base
 from tests.engine_helpers import make_adapter, rel_err, scale_first_roc
 
+pytestmark = pytest.mark.slow  # the real base model (SmolLM2)
+
 NAMES = ("t0", "t1", "t2")
 
 

@@ -27,6 +27,8 @@ from hilora_core.errors import (
 from hilora_core.models.base_model import resolve_base
 from tests.engine_helpers import make_adapter
 
+pytestmark = pytest.mark.slow  # the real base model (SmolLM2)
+
 PROMPTS = [
     "Write a short poem about the sea.",
     "What is 17 plus 25?",

@@ -12,6 +12,8 @@ from hilora_core.engine import introspection
 from hilora_core.models.base_model import resolve_base
 from tests.engine_helpers import make_adapter, rel_err
 
+pytestmark = pytest.mark.slow  # the real base model (SmolLM2)
+
 PROMPTS = ["Write the number 42 in words.", "Reverse the words: red green blue"]
 
 

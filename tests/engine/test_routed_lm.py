@@ -15,6 +15,8 @@ from hilora_core.models.base_model import resolve_base
 from hilora_core.routing.token_routing import route_rocs
 from tests.engine_helpers import make_adapter, rel_err
 
+pytestmark = pytest.mark.slow  # the real base model (SmolLM2)
+
 PROMPTS = ["The movie was wonderful and the actors", "Question: is the sky green?", "Hi"]
 ADAPTERS = {
     # name: LoraConfig kwargs (heterogeneous ranks, targets, rsLoRA, rank/alpha patterns)

@@ -82,6 +82,7 @@ def test_engine_slots_cover_a_whole_example_pool(tokenizer):
     assert harness.slots_for(ROOT / "examples" / "transfer_pool") == 21
 
 
+@pytest.mark.slow  # the real base model (SmolLM2)
 def test_tiny_run_writes_tables_plots_and_json(script, tmp_path):
     res = script.main(["--limit", "1", "--methods", "base", "oracle", "hilora", "retriever", "--settings", "within",
                         "--gammas", "0.4", "1.0", "--sequence-limit", "2", "--threads", "1", "--out", str(tmp_path)])

@@ -4,10 +4,10 @@ Against a running service (`make serve` in another terminal):
 
     python benchmarks/load_test.py --url http://127.0.0.1:8000 --requests 32 --concurrency 1 8 32
 
-Or in one run that starts the service itself, once per scheduler, on the same prompts (the new
-continuous-batching loop against the earlier static path), between two measurements of the engine alone:
+Or in one run that starts the service itself, between two measurements of the engine alone (``--label``
+names the run's rows, e.g. the commit, when runs of two checkouts are compared):
 
-    python benchmarks/load_test.py --launch --schedulers continuous static --out docs/load-test.json
+    python benchmarks/load_test.py --launch --label after --out docs/load-test.json
 
 Prompts are drawn round-robin from several tasks of the demo pool's test sets (examples/demo_pool/data),
 so a batch mixes tasks. The explicit baseline sends the same prompts with `model` set to each prompt's own
@@ -85,7 +85,7 @@ class EngineAlone:
         return statistics.median(rates)
 
 
-def measure(url: str, prompts: list[tuple[str, str]], args, stream: bool, scheduler: str) -> list[dict]:
+def measure(url: str, prompts: list[tuple[str, str]], args, stream: bool, label: str) -> list[dict]:
     rows = []
     for c in args.concurrency:
         explicit = asyncio.run(run_requests(url, list(prompts), c, args.max_tokens, args.timeout, stream,
@@ -93,7 +93,7 @@ def measure(url: str, prompts: list[tuple[str, str]], args, stream: bool, schedu
         routed = asyncio.run(run_requests(url, [("hilora", x) for _, x in prompts], c, args.max_tokens, args.timeout,
                                           stream, args.ignore_eos))
         for mode, r in (("explicit", explicit), ("hilora", routed)):
-            r.update(concurrency=c, mode=mode, stream=stream, scheduler=scheduler)
+            r.update(concurrency=c, mode=mode, stream=stream, run=label)
             if mode == "hilora":
                 r["routed_over_explicit"] = routed["req_per_s"] / explicit["req_per_s"]
             rows.append(r)
@@ -101,13 +101,13 @@ def measure(url: str, prompts: list[tuple[str, str]], args, stream: bool, schedu
     return rows
 
 
-COLUMNS = ("scheduler", "stream", "concurrency", "mode", "req/s", "tok/s", "p50 s", "p99 s", "TTFT p50 s",
+COLUMNS = ("run", "stream", "concurrency", "mode", "req/s", "tok/s", "p50 s", "p99 s", "TTFT p50 s",
            "TTFT p99 s", "errors", "routed/explicit")
 
 
 def print_row(r: dict, flush: bool = False) -> None:
     ratio = f"{r['routed_over_explicit']:.2f}" if "routed_over_explicit" in r else ""
-    print(table_row([r.get("scheduler", ""), "yes" if r["stream"] else "no", r["concurrency"], r["mode"],
+    print(table_row([r.get("run", ""), "yes" if r["stream"] else "no", r["concurrency"], r["mode"],
                      f"{r['req_per_s']:.2f}", f"{r['tok_per_s']:.1f}", f"{r['p50']:.2f}", f"{r['p99']:.2f}",
                      f"{r['ttft_p50']:.2f}", f"{r['ttft_p99']:.2f}", r["errors"], ratio]), flush=flush)
 
@@ -115,8 +115,8 @@ def print_row(r: dict, flush: bool = False) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--url", default="http://127.0.0.1:8000")
-    ap.add_argument("--launch", action="store_true", help="start the service here, once per --schedulers")
-    ap.add_argument("--schedulers", nargs="+", default=["continuous", "static"], choices=["continuous", "static"])
+    ap.add_argument("--launch", action="store_true", help="start the service here")
+    ap.add_argument("--label", default="", help="the first column of every row (which checkout or setting ran)")
     ap.add_argument("--requests", type=int, default=32, help="requests per (mode, concurrency) run")
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     ap.add_argument("--tasks", type=int, default=6)
@@ -134,7 +134,7 @@ def main() -> None:
     report: dict = {"requests": len(prompts), "max_tokens": args.max_tokens, "concurrency": args.concurrency,
                     "rows": [], "abandoned": {}}
     print(f"{len(prompts)} requests per run, {args.max_tokens} new tokens each, tasks round-robin\n")
-    targets: list[tuple[str, str | None]] = [(s, None) for s in args.schedulers] if args.launch else [("", args.url)]
+    targets: list[tuple[str, str | None]] = [(args.label, None if args.launch else args.url)]
     engine = None
     if args.launch:
         batch = max(args.concurrency)
@@ -142,11 +142,11 @@ def main() -> None:
         report["engine_before_tok_per_s"] = engine.tok_per_s()
         print(f"engine alone, one static batch of {batch}: {report['engine_before_tok_per_s']:.1f} generated tok/s\n")
     print(*table_head(COLUMNS), sep="\n")
-    for scheduler, url in targets:
+    for label, url in targets:
         stop = None
         with tempfile.TemporaryDirectory() as data_dir:
             if url is None:
-                url, stop = launch_service(os.path.join(data_dir, "redis"), {"scheduler": scheduler}, args.threads)
+                url, stop = launch_service(os.path.join(data_dir, "redis"), {}, args.threads)
             try:
                 # warm-up: every adapter of the workload loaded once, and the routed path; then one burst at
                 # the highest concurrency, so the loop's KV memory has grown to that many rows, as in a
@@ -156,9 +156,9 @@ def main() -> None:
                 asyncio.run(run_requests(url, list(prompts), max(args.concurrency), args.max_tokens, args.timeout,
                                          ignore_eos=args.ignore_eos))
                 for stream in modes:
-                    report["rows"] += measure(url, prompts, args, stream, scheduler)
+                    report["rows"] += measure(url, prompts, args, stream, label)
                 if args.launch:
-                    report["abandoned"][scheduler] = asyncio.run(abandoned_stream(url, ignore_eos=args.ignore_eos))
+                    report["abandoned"][label] = asyncio.run(abandoned_stream(url, ignore_eos=args.ignore_eos))
             finally:
                 if stop is not None:
                     stop()
@@ -175,31 +175,31 @@ def main() -> None:
 def summarise(report: dict) -> None:
     rows = report["rows"]
 
-    def get(scheduler, stream, c, mode="hilora"):
+    def get(label, stream, c, mode="hilora"):
         for r in rows:
-            if (r["scheduler"], r["stream"], r["concurrency"], r["mode"]) == (scheduler, stream, c, mode):
+            if (r["run"], r["stream"], r["concurrency"], r["mode"]) == (label, stream, c, mode):
                 return r
         return None
 
     print()
-    for scheduler in dict.fromkeys(r["scheduler"] for r in rows):
+    for label in dict.fromkeys(r["run"] for r in rows):
         cs = sorted({r["concurrency"] for r in rows})
         lo, hi = cs[0], cs[-1]
-        s_lo, s_hi = get(scheduler, True, lo), get(scheduler, True, hi)
+        s_lo, s_hi = get(label, True, lo), get(label, True, hi)
         if s_lo and s_hi:
-            print(f"{scheduler or 'service'}: streaming req/s at concurrency {hi} / {lo}: "
+            print(f"{label or 'service'}: streaming req/s at concurrency {hi} / {lo}: "
                   f"{s_hi['req_per_s'] / s_lo['req_per_s']:.2f}x; TTFT p50 at {hi}: {s_hi['ttft_p50']:.2f} s")
         if "engine_tok_per_s" in report:
             for stream in (True, False):
-                r = get(scheduler, stream, hi)
+                r = get(label, stream, hi)
                 if r:
                     print(f"  {'streaming' if stream else 'non-streaming'} served tok/s at {hi} / engine batch {hi}: "
                           f"{r['tok_per_s'] / report['engine_tok_per_s']:.2f}")
         ratios = [r["routed_over_explicit"] for r in rows
-                  if r["scheduler"] == scheduler and "routed_over_explicit" in r]
+                  if r["run"] == label and "routed_over_explicit" in r]
         if ratios:
             print(f"  routed / explicit req/s: {min(ratios):.2f} to {max(ratios):.2f}")
-        ab = report["abandoned"].get(scheduler)
+        ab = report["abandoned"].get(label)
         if ab:
             print(f"  next request after an abandoned 500-token stream: {ab['next_request_s']:.2f} s (ok={ab['ok']})")
 

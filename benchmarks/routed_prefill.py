@@ -33,7 +33,9 @@ import torch
 
 from benchmarks.common import load_demo_engine, load_prompts, print_table
 from hilora_core.engine import RoutedLM
-from hilora_core.engine.batching import BatchingSettings, ContinuousBatcher, SequenceRequest
+from hilora_core.engine.loop import GenerationLoop
+from hilora_core.engine.requests import SequenceRequest
+from hilora_core.engine.settings import LoopSettings
 from hilora_core.engine.threads import use_torch_threads
 from hilora_core.plan import RoutingPlan
 
@@ -60,7 +62,7 @@ def prefill_seconds(lm: RoutedLM, texts: list[str], plans: list[RoutingPlan | No
     return time.perf_counter() - t0
 
 
-def burst(batcher: ContinuousBatcher, ids: list[list[int]], plans: list[RoutingPlan | None]) -> tuple[float, float]:
+def burst(batcher: GenerationLoop, ids: list[list[int]], plans: list[RoutingPlan | None]) -> tuple[float, float]:
     """(TTFT p50 s, generated tok/s) of 32 requests submitted at once."""
     t0 = time.monotonic()
     first: dict[int, float] = {}
@@ -110,7 +112,7 @@ def main() -> None:
                     for mode, plans in sets.items():
                         pre.setdefault((form, mode), []).append(prefill_seconds(lm, texts[: args.rows],
                                                                                plans[: args.rows]))
-        batcher = ContinuousBatcher(lm, BatchingSettings(), threads=args.threads)
+        batcher = GenerationLoop(lm, LoopSettings(), threads=args.threads)
         batcher.started.wait()
         try:
             for _ in range(4):

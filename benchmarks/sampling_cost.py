@@ -12,7 +12,7 @@ Three measurements:
 
 ``per row`` is the loop's token choice before the change, kept here as the reference: the batch's argmax,
 then for each sampling row its own softmax, sort and ``torch.multinomial`` with its request's generator,
-read back to the host one row at a time. ``batched`` is the loop's now (``ContinuousBatcher._choose``):
+read back to the host one row at a time. ``batched`` is the loop's now (``hilora_core.engine.output.choose``):
 one inverse-CDF pass over all rows, one uniform per row from its request's generator, one read-back.
 
 3. the prompt logprobs of an ``echo`` request (what lm-evaluation-harness asks for every loglikelihood
@@ -31,8 +31,11 @@ import time
 import torch
 
 from benchmarks.common import load_demo_engine, load_prompts, print_table
-from hilora_core.engine.batching import BatchingSettings, ContinuousBatcher, SequenceRequest
 from hilora_core.engine.generation import TokenLogprob, logprob_entries
+from hilora_core.engine.loop import GenerationLoop
+from hilora_core.engine.output import choose as batched_choose
+from hilora_core.engine.requests import SequenceRequest
+from hilora_core.engine.settings import LoopSettings
 from hilora_core.engine.threads import use_torch_threads
 from hilora_core.plan import RoutingPlan
 
@@ -65,7 +68,7 @@ class _Seq:
         self.generator = torch.Generator().manual_seed(seed) if temperature > 0 else None
 
 
-CHOOSERS = {"per row": per_row_choose, "batched": ContinuousBatcher._choose}
+CHOOSERS = {"per row": per_row_choose, "batched": batched_choose}
 
 
 def choice_ms(vocab: int, rows: int = 32, repeats: int = 50) -> dict[tuple[str, str], float]:
@@ -107,7 +110,7 @@ def echo_ms(vocab: int, lengths=(128, 512, 2048), top: int = 5, repeats: int = 5
     return out
 
 
-def burst_tok_s(batcher: ContinuousBatcher, ids: list[list[int]], plans: list[RoutingPlan], tokens: int,
+def burst_tok_s(batcher: GenerationLoop, ids: list[list[int]], plans: list[RoutingPlan], tokens: int,
                 kw: dict) -> float:
     t0 = time.perf_counter()
     handles = [batcher.submit(SequenceRequest(i, p, max_new_tokens=tokens, ignore_eos=True, **kw))
@@ -139,13 +142,13 @@ def main() -> None:
         with torch.inference_mode():
             ms.update(choice_ms(len(lm.tokenizer)))
             ms.update(echo_ms(len(lm.tokenizer)))
-        batcher = ContinuousBatcher(lm, BatchingSettings(max_rows=32), threads=args.threads)
+        batcher = GenerationLoop(lm, LoopSettings(max_rows=32), threads=args.threads)
         batcher.started.wait()
         try:
             burst_tok_s(batcher, ids, plans, args.tokens, {})  # warm-up: KV memory grows to 32 rows
             for _ in range(args.repeats):
                 for form, choose in CHOOSERS.items():
-                    batcher._choose = choose  # the loop's token choice, swapped between bursts
+                    batcher.output.choose = choose  # the loop's token choice, swapped between bursts
                     for name, kw in SETTINGS.items():
                         tok_s.setdefault((name, form), []).append(burst_tok_s(batcher, ids, plans, args.tokens, kw))
         finally:

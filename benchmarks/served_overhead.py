@@ -125,7 +125,7 @@ def replica_alone(budget: int, threads: int, prompts: list[tuple[str, str]], bur
             busy.kill()
             busy.wait()
     finally:
-        replica.batcher.close()
+        replica.loop.close()
     return rows
 
 

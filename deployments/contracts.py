@@ -1,14 +1,20 @@
-"""The typed messages between the deployments (request -> embed -> registry -> model replica).
+"""The typed messages between the deployments (request -> embed -> registry -> model replica -> ingress).
 
-:class:`Decision` is what the registry answers for one request and the ingress reports in
-``routing``; :class:`GenerateCall` is what the ingress asks a model replica to run. Both are
-pydantic models, so a field added on one side is validated on the other.
+:class:`Decision` is what the registry answers for one request (it carries the :class:`RoutingPlan`
+itself) and the ingress reports in ``routing``; :class:`GenerateCall` is what the ingress asks a model
+replica to run; a replica answers with :class:`GenerationReply` (``generate``) or a
+:class:`StreamStarted` then :class:`GenerationChunk` items (``stream``), each finishing one carrying
+the replica's :class:`ReplicaStats` apart from the result. All are pydantic models, so a field
+added on one side is validated on the other.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 from pydantic import BaseModel, ConfigDict, Field
 
+from hilora_core.engine.metrics import LoopStats
 from hilora_core.plan import RoutingPlan
 
 
@@ -32,10 +38,26 @@ class OffPoolTest(_Message):
     enabled: bool
 
 
+class RoutingSummary(_Message):
+    """The ``routing`` field of every response: what was used and why."""
+
+    adapters: list[str]
+    rocs: list[int] | None
+    scores: list[float] | None
+    candidates: list[str]
+    candidate_scores: list[float]
+    token_rule: str
+    scale: float
+    weights: list[float] | None
+    epoch: int | None
+    degraded: bool
+    off_pool: OffPoolTest | None
+
+
 class Decision(_Message):
     """The sequence-level decision for one request."""
 
-    plan: dict = Field(description="RoutingPlan.to_dict()")
+    plan: RoutingPlan = Field(default_factory=RoutingPlan, description="what the model replicas run")
     candidates: list[str] = []
     candidate_scores: list[float] = []
     epoch: int | None = None
@@ -48,31 +70,26 @@ class Decision(_Message):
     @classmethod
     def base_model(cls) -> Decision:
         """The decision of ``model: "base"``: no adapter."""
-        return cls(plan=RoutingPlan().to_dict())
+        return cls()
 
-    def routing_plan(self) -> RoutingPlan:
-        return RoutingPlan.from_dict(self.plan)
-
-    def summary(self) -> dict:
-        """The ``routing`` field of every response: what was used and why."""
-        plan = self.plan
-        return {
-            "adapters": plan["adapters"], "rocs": plan["rocs"], "scores": plan["scores"],
-            "candidates": self.candidates, "candidate_scores": self.candidate_scores,
-            "token_rule": plan["token_rule"], "scale": plan["scale"], "weights": plan["weights"],
-            "epoch": self.epoch, "degraded": self.degraded,
-            "off_pool": None if self.off_pool is None else self.off_pool.model_dump(),
-        }
+    def summary(self) -> RoutingSummary:
+        p = self.plan
+        return RoutingSummary(
+            adapters=list(p.adapters), rocs=None if p.rocs is None else list(p.rocs),
+            scores=None if p.scores is None else list(p.scores), candidates=self.candidates,
+            candidate_scores=self.candidate_scores, token_rule=p.token_rule.value, scale=p.scale,
+            weights=None if p.weights is None else list(p.weights), epoch=self.epoch, degraded=self.degraded,
+            off_pool=self.off_pool)
 
 
 class GenerateCall(_Message):
     """One generation a model replica runs: the plan, where its adapters live, the prompt and settings."""
 
-    plan: dict
+    plan: RoutingPlan
     sources: dict[str, AdapterLocation]
     prompt: str | None = None
     prompt_ids: list[int] | None = Field(None, description="a prompt given as token ids (completions)")
-    messages: list[dict] | None = None
+    messages: list[dict[str, Any]] | None = None
     max_tokens: int
     temperature: float = 0.0
     top_p: float = 1.0
@@ -82,5 +99,59 @@ class GenerateCall(_Message):
     echo_logprobs: bool = Field(False, description="also report the prompt tokens' logprobs")
     ignore_eos: bool = Field(False, description="generate past EOS until max_tokens")
 
-    def routing_plan(self) -> RoutingPlan:
-        return RoutingPlan.from_dict(self.plan)
+
+class TokenEntry(_Message):
+    """One token as OpenAI reports it: its text, UTF-8 bytes, id and logprob (None for a prompt's first)."""
+
+    token: str
+    bytes: list[int]
+    id: int
+    logprob: float | None = None
+
+
+class LogprobEntry(TokenEntry):
+    """A chosen token with its ``top_logprobs`` alternatives."""
+
+    top_logprobs: list[TokenEntry] = []
+
+
+class ReplicaStats(_Message):
+    """A model replica's counters: adapter cache tiers and the generation loop (kept apart from results)."""
+
+    replica: str
+    cache: dict[str, Any]
+    loop: LoopStats | None = None
+
+
+class StreamStarted(_Message):
+    """The first item of a replica's stream: the request's adapters are loaded and it is queued."""
+
+
+class GenerationChunk(_Message):
+    """A text delta of a streamed generation; the finishing chunk has ``finish_reason`` and ``stats``.
+
+    ``prompt_logprobs`` and ``prompt_text`` come on the first chunk of an ``echo`` request."""
+
+    delta: str
+    logprobs: list[LogprobEntry] | None = None
+    prompt_logprobs: list[LogprobEntry] | None = None
+    prompt_text: str | None = None
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    seconds: float | None = None
+    stats: ReplicaStats | None = None
+
+
+class GenerationReply(_Message):
+    """A whole generation (``ModelReplica.generate``)."""
+
+    text: str
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+    logprobs: list[LogprobEntry] | None = None
+    prompt_logprobs: list[LogprobEntry] | None = None
+    prompt_text: str | None = None
+    seconds: float
+    stats: ReplicaStats

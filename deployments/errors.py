@@ -3,6 +3,9 @@ error body every error response carries."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -63,6 +66,19 @@ def message_of(err: BaseException) -> str:
     text = str(e)
     # Ray prefixes remote errors with a traceback; keep the last line, which is the message
     return text.strip().splitlines()[-1].strip() if text.strip() else type(e).__name__
+
+
+@contextmanager
+def http_errors() -> Iterator[None]:
+    """The one place where errors of the request path become HTTP: a typed error raised inside (here or in
+    a deployment the call awaited) becomes its 4xx / 503 / 504 :class:`HTTPException`; anything else
+    propagates (a 500)."""
+    try:
+        yield
+    except HTTPException:
+        raise
+    except Exception as err:  # noqa: BLE001 - to_http re-raises anything unexpected
+        raise to_http(err) from None
 
 
 def to_http(err: BaseException) -> HTTPException:

@@ -7,13 +7,12 @@ LoRAModel (generation) -> response. Client mistakes become 4xx JSON errors
 
 
 import asyncio
-import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from pathlib import Path as FilePath
-from typing import Annotated
+from typing import Annotated, Any, TypeVar
 
 from fastapi import FastAPI, HTTPException, Path, Query, Security
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, RedirectResponse, StreamingResponse
@@ -25,12 +24,10 @@ from hilora_core.models.chat_turns import UserTurnMarkers, last_user_turn
 
 from .auth import ADMIN_BEARER, check_admin
 from .config import AppConfig
-from .contracts import Decision, GenerateCall
-from .errors import declared, error_body, install_error_handlers, message_of, status_for, to_http
+from .contracts import Decision, GenerateCall, GenerationReply, StreamStarted
+from .errors import declared, http_errors, install_error_handlers
 from .metrics import ServiceMetrics
-from .openai_format import choice as format_choice
-from .openai_format import chunk as format_chunk
-from .openai_format import usage as format_usage
+from .openai_format import Completion, Kind, Timing, Usage, choice
 from .schemas import (
     ADAPTER_ID,
     ChatCompletionRequest,
@@ -39,67 +36,7 @@ from .schemas import (
     RouteRequest,
     RoutingOverrides,
 )
-
-
-async def sse_events(items: AsyncIterator[tuple[int, dict]], render: Callable[[int, dict, bool], str | None],
-                     closing: Callable[[], str | None] | None = None) -> AsyncIterator[str]:
-    """Server-sent events from (choice index, replica item) pairs, ``data: [DONE]`` last.
-
-    ``render(index, item, first)`` formats one event (None: nothing to send); ``first`` is True until
-    that choice's first event is sent. ``closing()`` may add one event after every choice has ended
-    (the usage chunk of ``stream_options.include_usage``). The response headers are already sent when
-    a replica fails, so a failure becomes one in-band ``{"error": {"message": ...}}`` event before ``[DONE]``.
-    """
-    started: set[int] = set()
-    try:
-        async for index, item in items:
-            event = render(index, item, index not in started)
-            if event:
-                started.add(index)
-                yield event
-        tail = closing() if closing is not None else None
-        if tail:
-            yield tail
-    except Exception as err:  # noqa: BLE001 - headers are sent: report in-band
-        yield f"data: {json.dumps(error_body(status_for(err) or 500, message_of(err)))}\n\n"
-    yield "data: [DONE]\n\n"
-
-
-async def merge_streams(sources: list[tuple[int, AsyncIterator[dict]]]) -> AsyncIterator[tuple[int, dict]]:
-    """Interleave several replica streams as (index, item) in arrival order; closing the merge (the client
-    went away) cancels every source, so each request leaves its replica's batch."""
-    queue: asyncio.Queue = asyncio.Queue()
-    end = object()
-
-    async def pump(index: int, gen: AsyncIterator[dict]) -> None:
-        try:
-            async for item in gen:
-                await queue.put((index, item))
-        except Exception as err:  # noqa: BLE001 - re-raised by the consumer
-            await queue.put((index, err))
-        finally:
-            await queue.put((index, end))
-
-    tasks = [asyncio.create_task(pump(i, g)) for i, g in sources]
-    remaining = len(tasks)
-    try:
-        while remaining:
-            index, item = await queue.get()
-            if item is end:
-                remaining -= 1
-            elif isinstance(item, BaseException):
-                raise item
-            else:
-                yield index, item
-    finally:
-        for t in tasks:
-            t.cancel()
-
-
-def timing(started: float, routed: float) -> dict:
-    """The ``timing`` field of a response (seconds): routing (embed + score) and generation so far."""
-    now = time.perf_counter()
-    return {"routing_s": round(routed - started, 6), "generation_s": round(now - routed, 6)}
+from .streaming import StreamState, merge_streams, sse_events
 
 
 @dataclass
@@ -110,9 +47,10 @@ class PromptInput:
     chars: int
     text: str | None = None
     ids: list[int] | None = None
-    messages: list[dict] | None = None
+    messages: list[dict[str, Any]] | None = None
 
 
+T = TypeVar("T")
 app = FastAPI(title="HiLoRA Serve", version="0.1.0",
               description="Serve a pool of LoRA adapters with training-free hierarchical routing. Every error "
                           "response has one body: `{\"error\": {\"message\", \"type\", \"param\", \"code\"}}`.")
@@ -147,14 +85,10 @@ class Ingress:
     # ---- helpers ---------------------------------------------------------------------------
 
     @staticmethod
-    async def _remote(response):
-        """Await a deployment call; typed errors raised there become 4xx here."""
-        try:
+    async def _remote(response: Awaitable[T]) -> T:
+        """Await a deployment call; typed errors raised there become 4xx here (:func:`http_errors`)."""
+        with http_errors():
             return await response
-        except HTTPException:
-            raise
-        except Exception as err:  # noqa: BLE001 - to_http re-raises anything unexpected
-            raise to_http(err) from None
 
     async def _chat_markers(self) -> UserTurnMarkers | None:
         """The base model's user-turn markers, asked of a model replica once."""
@@ -187,20 +121,15 @@ class Ingress:
     async def _decide(self, model: str, text: str, overrides: RoutingOverrides | None) -> Decision:
         """The routing decision for one request, by the `model` field."""
         t0 = time.perf_counter()
-        try:
-            if model == self.cfg.routing.model_alias:
-                z = await self.embedder.embed.remote([text])
-                decision = (await self.registry.route.remote(z, self._policy(overrides)))[0]
-            elif model == self.cfg.base_model_name:
-                decision = Decision.base_model()
-            else:
-                decision = await self.registry.explicit.remote(model)
-        except HTTPException:
-            raise
-        except Exception as err:  # noqa: BLE001 - typed errors become 4xx, others propagate
-            raise to_http(err) from None
+        if model == self.cfg.routing.model_alias:
+            z = await self._remote(self.embedder.embed.remote([text]))
+            decision: Decision = (await self._remote(self.registry.route.remote(z, self._policy(overrides))))[0]
+        elif model == self.cfg.base_model_name:
+            decision = Decision.base_model()
+        else:
+            decision = await self._remote(self.registry.explicit.remote(model))
         self.metrics.routing_latency.observe(time.perf_counter() - t0)
-        self.metrics.candidates.observe(len(decision.plan["adapters"]))
+        self.metrics.candidates.observe(len(decision.plan.adapters))
         return decision
 
     def _model_call(self, decision: Decision, body, prompt: PromptInput, seed: int | None) -> GenerateCall:
@@ -213,10 +142,10 @@ class Ingress:
                             echo_logprobs=echo and logprobs is not None, ignore_eos=body.ignore_eos)
 
     def _handle(self, decision: Decision):
-        adapters = decision.plan["adapters"]
+        adapters = decision.plan.adapters
         return self.model.options(multiplexed_model_id=adapters[0]) if adapters else self.model
 
-    async def _generate(self, body, prompts: list[PromptInput], kind: str):
+    async def _generate(self, body, prompts: list[PromptInput], kind: Kind):
         """Route every prompt once, run ``n`` choices per prompt on the model replicas, answer in OpenAI form."""
         started = time.perf_counter()
         if len(prompts) * body.n > self.cfg.limits.max_choices:
@@ -235,85 +164,46 @@ class Ingress:
         rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         if body.stream:
             return await self._stream(calls, prompts, decisions, body, rid, kind, started, routed)
-        results = await asyncio.gather(*(self._remote(self._handle(d).generate.remote(c)) for _, _, d, c in calls))
+        results: list[GenerationReply] = await asyncio.gather(
+            *(self._remote(self._handle(d).generate.remote(c)) for _, _, d, c in calls))
         choices = []
         for (index, pi, d, _), result in zip(calls, results, strict=True):
-            self.metrics.observe_replica(result)
-            echo = (prompts[pi].text if prompts[pi].text is not None else result.get("prompt_text", "")) \
+            self.metrics.observe_replica(result.stats)
+            echo = (prompts[pi].text if prompts[pi].text is not None else result.prompt_text or "") \
                 if body.echo_prompt else None
-            ch = format_choice(kind, index, result, echo)
-            if len(prompts) > 1:
-                ch["routing"] = d.summary()
-            choices.append(ch)
-        prompt_tokens = sum(results[i * body.n]["prompt_tokens"] for i in range(len(prompts)))
-        completion_tokens = sum(r["completion_tokens"] for r in results)
+            choices.append(choice(kind, index, result, echo, d.summary() if len(prompts) > 1 else None))
+        prompt_tokens = sum(results[i * body.n].prompt_tokens for i in range(len(prompts)))
+        completion_tokens = sum(r.completion_tokens for r in results)
         self.metrics.tokens.labels("prompt").inc(prompt_tokens)
         self.metrics.tokens.labels("completion").inc(completion_tokens)
         self.metrics.request_latency.labels(kind).observe(time.perf_counter() - started)
-        return {"id": rid, "object": "chat.completion" if kind == "chat" else "text_completion",
-                "created": int(time.time()), "model": body.model, "choices": choices,
-                "usage": format_usage(prompt_tokens, completion_tokens), "routing": decisions[0].summary(),
-                "timing": timing(started, routed)}
+        return Completion(id=rid, object="chat.completion" if kind == "chat" else "text_completion",
+                          created=int(time.time()), model=body.model, choices=choices,
+                          usage=Usage.of(prompt_tokens, completion_tokens), routing=decisions[0].summary(),
+                          timing=Timing.since(started, routed)).model_dump()
 
-    async def _stream(self, calls, prompts: list[PromptInput], decisions: list[Decision], body, rid: str, kind: str,
-                      started: float, routed: float):
-        opts = body.stream_options
-        include_usage = bool(opts and opts.include_usage)
-        running_usage = bool(opts and opts.continuous_usage_stats)  # vLLM: each chunk carries its choice's usage
+    async def _stream(self, calls, prompts: list[PromptInput], decisions: list[Decision], body, rid: str, kind: Kind,
+                      started: float, routed: float) -> StreamingResponse:
         gens = [(index, self._handle(d).options(stream=True).stream.remote(c)) for index, _, d, c in calls]
         try:
-            for _, gen in gens:  # adapters loaded and queued: errors so far are still a clean 4xx
-                first = await gen.__anext__()
-                assert first.get("event") == "start", first
-        except Exception as err:  # noqa: BLE001
+            with http_errors():  # adapters loaded and queued: errors so far are still a clean 4xx
+                for _, gen in gens:
+                    first = await gen.__anext__()
+                    assert isinstance(first, StreamStarted), first
+        except BaseException:
             for _, gen in gens:
                 gen.cancel()
-            raise to_http(err) from None
-        base = {"id": rid, "object": "chat.completion.chunk" if kind == "chat" else "text_completion",
-                "created": int(time.time()), "model": body.model}
-        prompt_of = {index: pi for index, pi, _, _ in calls}
-        totals = {"prompt": {}, "completion": 0}
-        last_text: list[float | None] = [None]
-        echo = body.echo_prompt
-
-        def render(index: int, item: dict, first: bool) -> str | None:
-            delta, finish = item["delta"], item.get("finish_reason")
-            logprobs = item.get("logprobs")
-            pi = prompt_of[index]
-            if first and echo:
-                prefix = prompts[pi].text if prompts[pi].text is not None else item.get("prompt_text", "")
-                delta = prefix + delta
-                if logprobs is not None:
-                    logprobs = (item.get("prompt_logprobs") or []) + logprobs
-            if delta:
-                now = time.perf_counter()
-                hist = self.metrics.ttft if last_text[0] is None else self.metrics.itl
-                hist.labels(kind).observe(now - (started if last_text[0] is None else last_text[0]))
-                last_text[0] = now
-            if finish is None and not delta and not logprobs:
-                return None
-            extra = {}
-            if finish is not None:
-                self.metrics.observe_replica(item)
-                totals["prompt"][pi] = item["prompt_tokens"]
-                totals["completion"] += item["completion_tokens"]
-                extra["routing"] = decisions[pi].summary()
-                extra["timing"] = timing(started, routed)
-            if running_usage and "completion_tokens" in item:
-                extra["usage"] = format_usage(item["prompt_tokens"], item["completion_tokens"])
-            return format_chunk(kind, base, index, delta, finish, first, logprobs, extra)
-
-        def closing() -> str | None:
-            prompt_tokens = sum(totals["prompt"].values())
-            self.metrics.tokens.labels("prompt").inc(prompt_tokens)
-            self.metrics.tokens.labels("completion").inc(totals["completion"])
-            self.metrics.request_latency.labels(kind).observe(time.perf_counter() - started)
-            if not include_usage:
-                return None
-            body_ = {**base, "choices": [], "usage": format_usage(prompt_tokens, totals["completion"])}
-            return f"data: {json.dumps(body_)}\n\n"
-
-        return StreamingResponse(sse_events(merge_streams(gens), render, closing), media_type="text/event-stream")
+            raise
+        opts = body.stream_options
+        state = StreamState(
+            kind=kind, base={"id": rid, "object": "chat.completion.chunk" if kind == "chat" else "text_completion",
+                             "created": int(time.time()), "model": body.model},
+            prompt_of={index: pi for index, pi, _, _ in calls}, decisions=decisions, echo=body.echo_prompt,
+            echo_text=[p.text for p in prompts], include_usage=bool(opts and opts.include_usage),
+            running_usage=bool(opts and opts.continuous_usage_stats), metrics=self.metrics, started=started,
+            routed=routed)
+        return StreamingResponse(sse_events(merge_streams(gens), state.render, state.closing),
+                                 media_type="text/event-stream")
 
     # ---- OpenAI-compatible API ---------------------------------------------------------------
 
@@ -360,16 +250,11 @@ class Ingress:
         for t in texts:
             self._check_limits(len(t), 1)
         t0 = time.perf_counter()
-        try:
-            z = await self.embedder.embed.remote(texts)
-            decisions = await self.registry.route.remote(z, self._policy(body.routing))
-            positions = await self.registry.project.remote(z) if body.position else None
-        except HTTPException:
-            raise
-        except Exception as err:  # noqa: BLE001
-            raise to_http(err) from None
+        z = await self._remote(self.embedder.embed.remote(texts))
+        decisions = await self._remote(self.registry.route.remote(z, self._policy(body.routing)))
+        positions = await self._remote(self.registry.project.remote(z)) if body.position else None
         self.metrics.routing_latency.observe(time.perf_counter() - t0)
-        data = [d.summary() for d in decisions]
+        data = [d.summary().model_dump() for d in decisions]
         for item, xy in zip(data, positions or [], strict=False):
             item["position"] = xy
         return {"object": "list", "data": data}

@@ -10,6 +10,10 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from hilora_core.engine.metrics import LoopStats
+
+from .contracts import ReplicaStats
+
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
 
@@ -36,14 +40,15 @@ class ServiceMetrics:
         self.loop = Gauge("hilora_generation_loop", "generation loop of each model replica: queue, batch, counters",
                           ["replica", "quantity"], registry=r)
 
-    def observe_replica(self, result: dict) -> None:
-        """The replica counters a generation result carries (``ModelReplica.stats``)."""
-        self.observe_cache(result["replica"], result["cache"])
-        self.observe_batching(result["replica"], result.get("batching"))
+    def observe_replica(self, stats: ReplicaStats) -> None:
+        """The replica counters a finished generation carries (``ModelReplica.stats``)."""
+        self.observe_cache(stats.replica, stats.cache)
+        if stats.loop is not None:
+            self.observe_loop(stats.replica, stats.loop)
 
-    def observe_batching(self, replica: str, stats: dict | None) -> None:
-        """The latest generation-loop numbers of a replica (``ContinuousBatcher.stats``)."""
-        for key, value in (stats or {}).items():
+    def observe_loop(self, replica: str, stats: LoopStats) -> None:
+        """The latest generation-loop numbers of a replica (``GenerationLoop.stats``)."""
+        for key, value in vars(stats).items():
             if isinstance(value, (int, float)):
                 self.loop.labels(replica, key).set(value)
 

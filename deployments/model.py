@@ -4,14 +4,10 @@ Requests arrive with a decision from the registry (a RoutingPlan plus where each
 adapter's weights live). Adapters are registered with the engine on first
 sight and their tensors loaded on demand.
 
-Scheduling (``model.scheduler``):
-- ``continuous`` (default): every request, streamed or not, is submitted to the replica's
-  one generation loop (:class:`hilora_core.engine.batching.ContinuousBatcher`); it joins the
-  running batch at the next step and leaves when it finishes. A client that goes away
-  (the Serve call is cancelled, or the stream is closed) cancels its request within one step.
-  A full queue answers 503 (:class:`QueueFullError`).
-- ``static``: the earlier path, kept to measure against: ``@serve.batch`` merges non-streaming
-  requests into one batch that runs to its longest member, and streams run one at a time.
+Every request, streamed or not, is submitted to the engine's one generation loop
+(:class:`hilora_core.engine.loop.GenerationLoop`); it joins the running batch at the next step and
+leaves when it finishes. A client that goes away (the Serve call is cancelled, or the stream is
+closed) cancels its request within one step. A full queue answers 503 (:class:`QueueFullError`).
 
 Affinity: the ingress sends each request with ``multiplexed_model_id`` set to
 its top adapter, so Serve prefers a replica that already served that adapter;
@@ -24,21 +20,30 @@ import asyncio
 import os
 import threading
 import time
-from collections import defaultdict
+from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
 
 import torch
 from ray import serve
 
-from hilora_core.engine import RoutedLM
-from hilora_core.engine.batching import ContinuousBatcher, SequenceRequest
-from hilora_core.engine.generation import TokenLogprob
+from hilora_core.engine.generation import StreamEvent, TokenLogprob
+from hilora_core.engine.requests import Item, SequenceHandle, SequenceRequest
+from hilora_core.engine.routed_lm import RoutedLM
 from hilora_core.engine.threads import use_torch_threads
-from hilora_core.errors import CapacityError, InvalidInputError
+from hilora_core.errors import InvalidInputError
 from hilora_core.models.chat_turns import UserTurnMarkers, last_user_turn, user_turn_markers
 
 from .config import AppConfig
-from .contracts import AdapterLocation, GenerateCall
+from .contracts import (
+    AdapterLocation,
+    GenerateCall,
+    GenerationChunk,
+    GenerationReply,
+    LogprobEntry,
+    ReplicaStats,
+    StreamStarted,
+    TokenEntry,
+)
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -71,9 +76,7 @@ def build_engine(cfg: AppConfig) -> RoutedLM:
     use_torch_threads(1)
     device, dtype = _device_and_dtype(cfg)
     return RoutedLM.from_pretrained(
-        cfg.model.base, device=device, dtype=dtype, max_slots=cfg.model.max_slots,
-        host_cache_size=cfg.model.host_cache_size, max_rank=cfg.model.max_rank,
-        max_adapter_bytes=cfg.model.max_adapter_bytes,
+        cfg.model.base, device=device, dtype=dtype, settings=cfg.model.engine,
     )
 
 
@@ -93,11 +96,7 @@ class ModelReplica:
         self.replica = f"{os.getpid()}"
         self._known: dict[str, tuple[str, str | None]] = {}
         self._adapters_lock = threading.Lock()
-        self._engine_lock = threading.Lock()  # static scheduler only
-        self.batcher = ContinuousBatcher(self.lm, cfg.model.batching(), threads=self.threads) \
-            if cfg.model.scheduler == "continuous" else None
-        self._generate_batch.set_max_batch_size(cfg.model.max_batch_size)
-        self._generate_batch.set_batch_wait_timeout_s(cfg.model.batch_wait_timeout_s)
+        self.loop = self.lm.start_loop(cfg.model.loop, threads=self.threads)
 
     # ---- adapters --------------------------------------------------------------------------
 
@@ -155,51 +154,44 @@ class ModelReplica:
         return last_user_turn(rendered, self.user_markers) or self.lm.tokenizer.decode(token_ids,
                                                                                      skip_special_tokens=True)
 
-    def _prompt_entries(self, ids: list[int], entries) -> list[dict]:
+    def _prompt_entries(self, ids: list[int], entries: list[TokenLogprob | None]) -> list[LogprobEntry]:
         """The prompt tokens' logprob entries (``echo``); the first token has logprob None."""
-        out = [self._token(ids[0]) | {"logprob": None, "top_logprobs": []}]
-        return out + [self._logprob(e) for e in entries[1:]]
+        return [LogprobEntry(**self._token(ids[0]).model_dump())] + [self._logprob(e) for e in entries[1:] if e]
 
-    def _token(self, token_id: int) -> dict:
+    def _token(self, token_id: int, logprob: float | None = None) -> TokenEntry:
         text = self.lm.tokenizer.decode([token_id])
-        return {"token": text, "bytes": list(text.encode("utf-8")), "id": token_id}
+        return TokenEntry(token=text, bytes=list(text.encode("utf-8")), id=token_id, logprob=logprob)
 
-    def _logprob(self, entry: TokenLogprob | None) -> dict | None:
+    def _logprob(self, entry: TokenLogprob) -> LogprobEntry:
         """One token's OpenAI-style logprob entry: token, logprob, bytes, top_logprobs."""
-        if entry is None:
-            return None
-        out = self._token(entry.token_id) | {"logprob": entry.logprob}
-        out["top_logprobs"] = [self._token(t) | {"logprob": lp} for t, lp in entry.top]
-        return out
+        return LogprobEntry(**self._token(entry.token_id, entry.logprob).model_dump(),
+                            top_logprobs=[self._token(t, lp) for t, lp in entry.top])
 
     def residency(self) -> dict:
         """``{"replica", "adapters": {name: "device" | "host"}}``; adapters not listed are not loaded here."""
         return {"replica": self.replica, "adapters": self.lm.residency()}
 
-    def stats(self) -> dict:
-        out = {"replica": self.replica, "cache": self.lm.cache_stats()}
-        if self.batcher is not None:
-            out["batching"] = self.batcher.stats()
-        return out
+    def stats(self) -> ReplicaStats:
+        return ReplicaStats(replica=self.replica, cache=self.lm.cache_stats(), loop=self.loop.stats())
 
-    def _submit(self, req: GenerateCall, sink):
+    def _submit(self, req: GenerateCall, sink: Callable[[Item], None]) -> SequenceHandle:
         """Register the adapters and queue the request (adapter files are read here, off the event loop)."""
         use_torch_threads(1)  # a helper thread: no OpenMP team beside the loop's (see build_engine)
         self._ensure_adapters(req.sources)
-        return self.batcher.submit(SequenceRequest(
-            self._prompt_ids(req), req.routing_plan(), max_new_tokens=req.max_tokens, temperature=req.temperature,
+        return self.loop.submit(SequenceRequest(
+            self._prompt_ids(req), req.plan, max_new_tokens=req.max_tokens, temperature=req.temperature,
             top_p=req.top_p, seed=req.seed, stop=tuple(req.stop), logprobs=req.logprobs,
             prompt_logprobs=req.echo_logprobs, ignore_eos=req.ignore_eos), sink)
 
-    async def _events(self, req: GenerateCall):
-        """Submit to the loop; yield ``"start"``, then its events. Cancelling or closing this generator
+    async def _events(self, req: GenerateCall) -> AsyncIterator[StreamEvent | None]:
+        """Submit to the loop; yield None once queued, then its events. Cancelling or closing this generator
         (the caller went away) cancels the request in the loop."""
         loop = asyncio.get_running_loop()
-        items: asyncio.Queue = asyncio.Queue()
+        items: asyncio.Queue[Item] = asyncio.Queue()
         handle = await asyncio.to_thread(self._submit, req, lambda item: loop.call_soon_threadsafe(items.put_nowait,
                                                                                                   item))
         try:
-            yield "start"
+            yield None
             while True:
                 item = await items.get()
                 if isinstance(item, BaseException):
@@ -212,167 +204,56 @@ class ModelReplica:
 
     # ---- generation ------------------------------------------------------------------------
 
-    async def _items(self, req: GenerateCall):
-        """The loop's events as plain items: ``{"event": "start"}``, then ``{"delta", "logprobs"?}``; the first
-        item of an echo request adds ``prompt_logprobs`` and ``prompt_text``, the last one the summary
-        (finish_reason, token counts, :meth:`stats`, seconds)."""
+    async def _chunks(self, req: GenerateCall) -> AsyncIterator[StreamStarted | GenerationChunk]:
+        """:class:`StreamStarted`, then the loop's events as chunks; the first chunk of an echo request adds
+        ``prompt_logprobs`` and ``prompt_text``, the finishing one the replica's stats."""
         started = time.perf_counter()
         async with aclosing(self._events(req)) as events:  # closing this closes the request's events now
             async for ev in events:
-                if ev == "start":
-                    yield {"event": "start"}
+                if ev is None:
+                    yield StreamStarted()
                     continue
-                item = {"delta": ev.delta, "prompt_tokens": ev.prompt_tokens, "completion_tokens": ev.completion_tokens}
+                chunk = GenerationChunk(delta=ev.delta, prompt_tokens=ev.prompt_tokens,
+                                        completion_tokens=ev.completion_tokens)
                 if ev.logprobs is not None:
-                    item["logprobs"] = [self._logprob(t) for t in ev.logprobs]
+                    chunk.logprobs = [self._logprob(t) for t in ev.logprobs]
                 if ev.prompt_logprobs is not None:
                     ids = self._prompt_ids(req)
-                    item["prompt_logprobs"] = self._prompt_entries(ids, ev.prompt_logprobs)
-                    item["prompt_text"] = self.lm.tokenizer.decode(ids, skip_special_tokens=False)
+                    chunk.prompt_logprobs = self._prompt_entries(ids, ev.prompt_logprobs)
+                    chunk.prompt_text = self.lm.tokenizer.decode(ids, skip_special_tokens=False)
                 if ev.finished:
-                    item.update(finish_reason=ev.finish_reason, prompt_tokens=ev.prompt_tokens,
-                                completion_tokens=ev.completion_tokens, **self.stats(),
-                                seconds=time.perf_counter() - started)
-                yield item
+                    chunk.finish_reason = ev.finish_reason
+                    chunk.seconds = time.perf_counter() - started
+                    chunk.stats = self.stats()
+                yield chunk
 
-    async def generate(self, req: GenerateCall) -> dict:
-        """One request -> {text, finish_reason, prompt_tokens, completion_tokens, logprobs?, prompt_logprobs?,
-        prompt_text?, replica, cache, batching, seconds}."""
+    async def generate(self, req: GenerateCall) -> GenerationReply:
+        """One request, whole."""
         await self._note_affinity()
-        if self.batcher is None:
-            self._static_check(req)
-            result = await self._generate_batch(req)
-            if "error" in result:
-                raise result["error"]
-            return result
-        text, logprobs, out = [], [], {}
-        async with aclosing(self._items(req)) as items:
-            async for item in items:
-                if item.get("event") == "start":
+        text: list[str] = []
+        logprobs: list[LogprobEntry] = []
+        first = last = None
+        async with aclosing(self._chunks(req)) as chunks:
+            async for chunk in chunks:
+                if isinstance(chunk, StreamStarted):
                     continue
-                text.append(item.pop("delta"))
-                logprobs += item.pop("logprobs", None) or []
-                out.update(item)
-        out["text"] = "".join(text)
-        if req.logprobs is not None:
-            out["logprobs"] = logprobs
-        return out
+                first = first or chunk
+                last = chunk
+                text.append(chunk.delta)
+                logprobs += chunk.logprobs or []
+        assert first is not None and last is not None and last.stats is not None and last.seconds is not None
+        return GenerationReply(
+            text="".join(text), finish_reason=last.finish_reason or "length", prompt_tokens=last.prompt_tokens,
+            completion_tokens=last.completion_tokens, logprobs=logprobs if req.logprobs is not None else None,
+            prompt_logprobs=first.prompt_logprobs, prompt_text=first.prompt_text, seconds=last.seconds,
+            stats=last.stats)
 
-    async def stream(self, req: GenerateCall):
-        """Yields {"event": "start"}, then {"delta": str, "logprobs"?} chunks, then a final summary dict."""
+    async def stream(self, req: GenerateCall) -> AsyncIterator[StreamStarted | GenerationChunk]:
+        """:class:`StreamStarted` once queued, then :class:`GenerationChunk` items; the last one finishes."""
         await self._note_affinity()
-        if self.batcher is None:
-            self._static_check(req)
-            async for item in self._static_stream(req):
-                yield item
-            return
-        async with aclosing(self._items(req)) as items:
-            async for item in items:
-                yield item
-
-    # ---- the static scheduler (the earlier path, for comparison) ----------------------------------
-
-    @staticmethod
-    def _static_check(req: GenerateCall) -> None:
-        if req.logprobs is not None or req.echo_logprobs:
-            raise InvalidInputError("logprobs and echo need model.scheduler 'continuous'")
-
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
-    async def _generate_batch(self, reqs: list[GenerateCall]) -> list[dict]:
-        return await asyncio.to_thread(self.run_batch, reqs)
-    def run_batch(self, reqs: list[GenerateCall]) -> list[dict]:
-        """Run calls as mixed engine batches (one per seed); results in request order.
-
-        A failed engine call gives ``{"error": exception}`` to its requests; a batch whose plans
-        together need more adapters than the device slots is split into single requests.
-        """
-        use_torch_threads(self.threads)  # this worker thread generates (see build_engine)
-        out: list[dict] = [{} for _ in reqs]
-        # requests with different seeds cannot share one sampling generator: one engine call per seed
-        # (and per ignore_eos, a setting of the whole call)
-        groups: dict[tuple, list[int]] = defaultdict(list)
-        for i, r in enumerate(reqs):
-            groups[(r.seed, r.ignore_eos)].append(i)
-        with self._engine_lock:
-            for (seed, _), idx in groups.items():
-                try:
-                    results = self._generate_group(reqs, idx, seed)
-                except CapacityError:
-                    if len(idx) == 1:
-                        out[idx[0]] = {"error": CapacityError(
-                            f"plan needs more distinct adapters than the replica's {self.lm.settings.max_slots} slots")}
-                        continue
-                    # the union of the plans does not fit the device slots: run the requests one by one
-                    results = []
-                    for i in idx:
-                        try:
-                            results.extend(self._generate_group(reqs, [i], seed))
-                        except Exception as err:  # noqa: BLE001 - handed back to that caller
-                            results.append(err)
-                except Exception as err:  # noqa: BLE001 - handed back to each caller of the group
-                    results = [err] * len(idx)
-                stats = self.lm.cache_stats()
-                for i, res in zip(idx, results, strict=True):
-                    if isinstance(res, BaseException):
-                        out[i] = {"error": res}
-                        continue
-                    out[i] = {"text": res.text, "finish_reason": res.finish_reason,
-                              "prompt_tokens": res.prompt_tokens, "completion_tokens": res.completion_tokens,
-                              "replica": self.replica, "cache": stats}
-        return out
-
-    def _generate_group(self, reqs: list[GenerateCall], idx: list[int], seed: int | None) -> list:
-        """One engine call for the requests ``idx`` (same seed): a mixed batch of their plans."""
-        for i in idx:
-            self._ensure_adapters(reqs[i].sources)
-        return self.lm.generate_detailed(
-            [self._prompt(reqs[i]) for i in idx], [reqs[i].routing_plan() for i in idx],
-            max_new_tokens=[reqs[i].max_tokens for i in idx], temperature=[reqs[i].temperature for i in idx],
-            top_p=[reqs[i].top_p for i in idx], seed=seed, stop=[tuple(reqs[i].stop) for i in idx],
-            ignore_eos=reqs[idx[0]].ignore_eos,
-        )
-
-    async def _static_stream(self, req: GenerateCall):
-        """The static scheduler's stream: the whole generation holds the engine."""
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue = asyncio.Queue()
-        done = object()
-
-        def run() -> None:
-            use_torch_threads(self.threads)  # this worker thread generates (see build_engine)
-            try:
-                with self._engine_lock:
-                    self._ensure_adapters(req.sources)
-                    loop.call_soon_threadsafe(queue.put_nowait, {"event": "start"})
-                    events = self.lm.stream(
-                        [self._prompt(req)], [req.routing_plan()], max_new_tokens=req.max_tokens,
-                        temperature=req.temperature, top_p=req.top_p, seed=req.seed, stop=[tuple(req.stop)],
-                        ignore_eos=req.ignore_eos,
-                    )
-                    for ev in events:
-                        item = {"delta": ev.delta}
-                        if ev.finished:
-                            item.update(finish_reason=ev.finish_reason, prompt_tokens=ev.prompt_tokens,
-                                        completion_tokens=ev.completion_tokens, replica=self.replica,
-                                        cache=self.lm.cache_stats())
-                        loop.call_soon_threadsafe(queue.put_nowait, item)
-            except Exception as err:  # noqa: BLE001 - re-raised in the caller's task below
-                loop.call_soon_threadsafe(queue.put_nowait, err)
-            finally:
-                loop.call_soon_threadsafe(queue.put_nowait, done)
-
-        worker = threading.Thread(target=run, name="hilora-stream", daemon=True)
-        started = time.perf_counter()
-        worker.start()
-        while True:
-            item = await queue.get()
-            if item is done:
-                break
-            if isinstance(item, BaseException):
-                raise item
-            if item.get("finish_reason") is not None:
-                item["seconds"] = time.perf_counter() - started
-            yield item
+        async with aclosing(self._chunks(req)) as chunks:
+            async for chunk in chunks:
+                yield chunk
 
 
 LoRAModel = serve.deployment(ModelReplica, name="LoRAModel")

@@ -6,11 +6,18 @@ Modules, in data-flow order:
     slots           preallocated device slots per routed layer (LRU, pinning, in-use protection)
     routed_linear   the wrapped linear layers and the per-batch routing metadata
     ensemble        ensemble plans as one row per adapter, their distributions mixed
+    routed_model    RoutedModel: the model, its adapters, forward passes and logits
+    kv_slots        the generation loop's KV memory (every row ends at one column)
+    requests        SequenceRequest, its handle, and the loop's state of a request
+    scheduler       admission, cancellation, deadlines, adapter leases
+    runner          prefill and decode forward passes over the KV memory
     generation      token choice, stop strings, result types
-    decode          the decode loop of a mixed batch
-    settings        EngineSettings, supported architectures
+    output          the loop's output stage: tokens chosen, events emitted, stop rules applied
+    metrics         the loop's counters, histograms and stats snapshot
+    loop            GenerationLoop: scheduler -> runner -> output stage, one step at a time
+    routed_lm       RoutedLM, the public entry point (generation as a client of the loop)
+    settings        EngineSettings, LoopSettings, supported architectures
     threads         torch CPU threads of one OS thread, set so that other threads cannot undo them
-    routed_lm       RoutedLM, the public entry point
     introspection   hidden states, logit lens, layer inputs (the LoGo / qa-FLoRA baselines only)
 """
 
@@ -26,8 +33,11 @@ _EXPORTS = {
     "HostAdapterCache": "host_cache",
     "BatchRouting": "routed_linear", "RoutedLinear": "routed_linear", "RoutingState": "routed_linear",
     "build_batch_routing": "routed_linear",
-    "RoutedLM": "routed_lm",
-    "SUPPORTED_ARCHITECTURES": "settings", "EngineSettings": "settings", "check_architecture": "settings",
+    "RoutedLM": "routed_lm", "RoutedModel": "routed_model",
+    "GenerationLoop": "loop", "SequenceRequest": "requests", "SequenceHandle": "requests",
+    "LoopStats": "metrics",
+    "SUPPORTED_ARCHITECTURES": "settings", "EngineSettings": "settings", "LoopSettings": "settings",
+    "check_architecture": "settings",
     "AdapterSlots": "slots", "LayerSlots": "slots", "SlotLease": "slots",
 }
 __all__ = sorted(_EXPORTS)

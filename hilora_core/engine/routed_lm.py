@@ -1,352 +1,72 @@
-"""RoutedLM: one base causal LM serving many LoRA adapters with per-sequence routing plans.
+"""RoutedLM: the engine's public entry point, a :class:`RoutedModel` that generates through the loop.
 
     lm = RoutedLM.from_pretrained(None)                 # SmolLM2-135M-Instruct, CPU, float32
-    lm.add_adapter("sst2", "/path/to/peft_adapter")     # checked now, tensors read on first use
-    lm.logits(input_ids, attention_mask, plans=[RoutingPlan.single("sst2")])      # (B, T, V)
+    lm.add_adapter("sst2", "/path/to/peft_adapter")
     lm.generate(["Review: great film."], plans=[RoutingPlan(("sst2", "qnli"), rocs=(3, 2))])
 
-Data path per batch: plans -> adapters made resident in device slots (host LRU -> slots,
-held until the batch ends) -> :func:`build_batch_routing` -> every forward pass runs with
-that metadata on the shared :class:`RoutingState`, and every :class:`RoutedLinear` calls
-``route_rocs_batched`` once for the whole batch.
-
-Ensemble plans are expanded into one row per adapter (plain LoRA with that adapter, the
-plan's scale); the rows share the sequence's tokens and their next-token distributions
-are averaged with the plan's weights (normalised to sum 1).
-
-Threading: forward passes are serialised by a lock, so several generations (e.g. from a
-serving layer's threads, or interleaved :meth:`stream` iterators) may run at once; each
-holds its adapters' slots until it finishes.
+:meth:`RoutedLM.generate` and :meth:`RoutedLM.stream` are clients of the engine's one generation loop
+(:class:`GenerationLoop`, started on first use): every prompt is submitted as its own request and the
+results are read from the handles, so offline generation and the service produce the same tokens.
 """
 
 from __future__ import annotations
 
-import threading
+import queue
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 
-import torch
-from torch import nn
-
-from hilora_core.engine.adapter_files import (
-    SUPPORTED_TARGETS,
-    HostAdapter,
-    InspectedAdapter,
-    inspect_adapter,
-    load_adapter,
-)
-from hilora_core.engine.decode import DecodeRequest, decode
-from hilora_core.engine.ensemble import ExpandedBatch, expand_ensembles, mix_logits
 from hilora_core.engine.generation import GenerationResult, StreamEvent, check_sampling, per_sequence
-from hilora_core.engine.host_cache import HostAdapterCache
-from hilora_core.engine.routed_linear import BatchRouting, RoutedLinear, RoutingState, build_batch_routing, layer_index
-from hilora_core.engine.settings import EngineSettings, check_architecture
-from hilora_core.engine.slots import AdapterSlots, SlotLease
-from hilora_core.errors import InvalidInputError, UnknownAdapterError
-from hilora_core.models.base_model import DEFAULT_BASE, resolve_base
-from hilora_core.plan import RoutingPlan, TokenRule
+from hilora_core.engine.loop import GenerationLoop
+from hilora_core.engine.requests import Item, SequenceHandle, SequenceRequest
+from hilora_core.engine.routed_model import RoutedModel
+from hilora_core.engine.settings import LoopSettings
+from hilora_core.errors import InvalidInputError
+from hilora_core.plan import RoutingPlan
+
+StopArg = str | Sequence[str] | Sequence[Sequence[str]] | None
 
 
-class RoutedLM:
-    """A base causal LM plus a pool of LoRA adapters, run with one :class:`RoutingPlan` per sequence.
+class RoutedLM(RoutedModel):
+    """A :class:`RoutedModel` with generation (see the module docstring)."""
 
-    Args:
-        model: a Llama-family ``*ForCausalLM`` (eval mode is set here).
-        tokenizer: its tokenizer (left padding is set here).
-        settings: cache sizes and routing settings.
-    """
+    _loop: GenerationLoop | None = None
 
-    def __init__(self, model: nn.Module, tokenizer, settings: EngineSettings | None = None) -> None:
-        self.settings = settings or EngineSettings()
-        self.architecture = check_architecture(model.config)
-        self.model = model.eval()
-        self.tokenizer = tokenizer
-        tokenizer.padding_side = "left"
-        if tokenizer.pad_token_id is None:
-            tokenizer.pad_token = tokenizer.eos_token
-        param = next(model.parameters())
-        self.device, self.dtype = param.device, param.dtype
-        self._state = RoutingState()
-        self._lock = threading.RLock()  # forward passes and model surgery
-        self._registry_lock = threading.Lock()
-        self._sources: dict[str, InspectedAdapter] = {}
-        self.slots = AdapterSlots(self.settings.max_slots, self.settings.max_rank, self.device, self.dtype)
-        self.host_cache = HostAdapterCache(self.settings.host_cache_size, self._load_host)
-        self._routed: dict[str, RoutedLinear] = {}
-        self._linears = {
-            name: (mod.in_features, mod.out_features)
-            for name, mod in model.named_modules()
-            if isinstance(mod, nn.Linear) and name.rsplit(".", 1)[-1] in SUPPORTED_TARGETS
-        }
-        self.eos_ids = self._find_eos_ids()
-        self.n_layers = int(model.config.num_hidden_layers)
-
-    # ---- construction ------------------------------------------------------------------------------
-    @classmethod
-    def from_pretrained(
-        cls,
-        base: str | Path | None = None,
-        device: str | torch.device = "cpu",
-        dtype: torch.dtype = torch.float32,
-        settings: EngineSettings | None = None,
-        revision: str | None = None,
-        **overrides,
-    ) -> RoutedLM:
-        """Load a base model: None or ``"smollm2-135m-instruct"`` (embedded default), a ``.gguf`` file
-        (converted once to safetensors), a HuggingFace folder or a hub id.
-
-        ``settings``, or keyword ``overrides`` of :class:`EngineSettings` fields (``max_slots=4``)."""
-        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-        if settings is None:
-            settings = EngineSettings(**overrides)
-        elif overrides:
-            raise InvalidInputError(f"pass settings or keyword overrides, not both: {sorted(overrides)}")
-        base_str = None if base is None else str(base)
-        path = resolve_base(base_str) if base_str in (None, DEFAULT_BASE) or base_str.endswith(".gguf") else base_str
-        try:
-            config = AutoConfig.from_pretrained(path, revision=revision)
-        except (OSError, ValueError) as exc:
-            raise InvalidInputError(f"cannot read a model config from {path!r}: {exc}") from exc
-        check_architecture(config)
-        model = AutoModelForCausalLM.from_pretrained(path, revision=revision, dtype=dtype).to(device)
-        tokenizer = AutoTokenizer.from_pretrained(path, revision=revision)
-        return cls(model, tokenizer, settings)
-
-    def _find_eos_ids(self) -> set[int]:
-        ids: set[int] = set()
-        gen_cfg = getattr(self.model, "generation_config", None)
-        for src in (getattr(gen_cfg, "eos_token_id", None), self.tokenizer.eos_token_id):
-            if isinstance(src, int):
-                ids.add(src)
-            elif src is not None:
-                ids.update(int(i) for i in src)
-        return ids
-
-    # ---- adapters ------------------------------------------------------------------------------------
-    def add_adapter(self, name: str, source: str | Path, revision: str | None = None) -> dict:
-        """Register a PEFT LoRA adapter (local folder or hub id) under ``name``.
-
-        The config and the tensor shapes are checked now (:class:`AdapterLoadError` if they do not
-        fit); the tensors are read on first use. Re-adding a name replaces the adapter.
-        Returns :meth:`adapter_info`.
-        """
-        if not isinstance(name, str) or not name:
-            raise InvalidInputError(f"adapter name must be a non-empty string, got {name!r}")
-        src = inspect_adapter(name, str(source), self._linears, self.settings.max_rank, revision,
-                              self.settings.max_adapter_bytes)
-        with self._lock:  # model surgery must not overlap a forward pass
-            for module_name, (_, d_in, d_out) in src.modules.items():
-                if module_name not in self._routed:
-                    self._wrap(module_name, d_in, d_out)
-        with self._registry_lock:
-            if name in self._sources:
-                self._forget(name)
-            self._sources[name] = src
-        return self.adapter_info(name)
-
-    def _wrap(self, module_name: str, d_in: int, d_out: int) -> None:
-        parent_name, _, leaf = module_name.rpartition(".")
-        parent = self.model.get_submodule(parent_name)
-        base = getattr(parent, leaf)
-        assert isinstance(base, nn.Linear), f"{module_name} is {type(base).__name__}, not nn.Linear"
-        layer_slots = self.slots.add_layer(module_name, d_in, d_out)
-        routed = RoutedLinear(base, layer_slots, self._state, layer_index(module_name))
-        setattr(parent, leaf, routed)
-        self._routed[module_name] = routed
-
-    def _forget(self, name: str) -> None:
-        self.slots.drop(name)
-        self.host_cache.drop(name)
-
-    def remove_adapter(self, name: str) -> bool:
-        """Unregister ``name``; batches already running with it finish normally. True if it existed."""
-        with self._registry_lock:
-            if self._sources.pop(name, None) is None:
-                return False
-            self._forget(name)
-            return True
+    def start_loop(self, settings: LoopSettings | None = None, threads: int | None = None) -> GenerationLoop:
+        """Start the engine's generation loop (once; later calls return it). ``threads``: torch CPU threads of
+        the loop's thread (None: the calling thread's count)."""
+        if self._loop is None:
+            self._loop = GenerationLoop(self, settings, threads=threads)
+            self._loop.started.wait(timeout=30)
+        return self._loop
 
     @property
-    def adapters(self) -> list[str]:
-        with self._registry_lock:
-            return sorted(self._sources)
+    def loop(self) -> GenerationLoop:
+        """The engine's generation loop (started with default settings on first use)."""
+        return self.start_loop()
 
-    def adapter_info(self, name: str) -> dict:
-        """``rank``, ``alpha``, ``use_rslora``, ``targets``, ``max_rank``, ``n_layers``, ``base_model``,
-        ``location``, ``revision``, ``resident`` (in a device slot), ``cached`` (in host memory)."""
-        src = self._source(name)
-        return {
-            "name": name,
-            "rank": src.config.rank,
-            "alpha": src.config.alpha,
-            "use_rslora": src.config.use_rslora,
-            "targets": list(src.targets),
-            "max_rank": src.max_rank,
-            "n_layers": len(src.modules),
-            "base_model": src.config.base_model,
-            "location": src.location,
-            "revision": src.revision,
-            "resident": self.slots.slot_of(name) is not None,
-            "cached": name in self.host_cache.names(),
-        }
+    def close(self) -> None:
+        """Stop the generation loop, if it runs; requests still in it end with RequestCancelledError."""
+        if self._loop is not None:
+            self._loop.close()
+            self._loop = None
 
-    def pin_adapter(self, name: str) -> bool:
-        """Keep ``name`` resident in a device slot until :meth:`unpin_adapter`."""
-        self._source(name)
-        return self.slots.pin(name, self._fetch)
-
-    def unpin_adapter(self, name: str) -> bool:
-        return self.slots.unpin(name)
-
-    def cache_stats(self) -> dict:
-        """Counters of both tiers: ``{"device": {...}, "host": {...}, "adapters": n}``."""
-        return {"device": self.slots.stats(), "host": self.host_cache.stats(), "adapters": len(self._sources)}
-
-    def residency(self) -> dict[str, str]:
-        """Where each loaded adapter is: ``"device"`` (in a slot) or ``"host"`` (host cache only)."""
-        out = {name: "host" for name in self.host_cache.names()}
-        out.update({name: "device" for name in self.slots.lru_order()})
-        return out
-
-    def _source(self, name: str) -> InspectedAdapter:
-        with self._registry_lock:
-            src = self._sources.get(name)
-            if src is None:
-                raise UnknownAdapterError(f"unknown adapter {name!r}; registered: {sorted(self._sources)[:20]}")
-            return src
-
-    def _load_host(self, source: InspectedAdapter) -> HostAdapter:
-        return load_adapter(source, self.dtype)
-
-    def _fetch(self, name: str) -> HostAdapter:
-        return self.host_cache.get(self._source(name))
-
-    # ---- batches -------------------------------------------------------------------------------------
-    def _expand(self, plans: Sequence[RoutingPlan] | None, n: int) -> ExpandedBatch:
-        """Check the plans (known adapters) and expand ensembles (:func:`expand_ensembles`)."""
-        batch = expand_ensembles(plans, n, self.device)
-        names = {a for p in batch.rows for a in p.adapters}
-        with self._registry_lock:
-            unknown = sorted(names - set(self._sources))
-            if unknown:
-                raise UnknownAdapterError(f"unknown adapter(s) {unknown}; registered: {sorted(self._sources)[:20]}")
-        return batch
-
-    # ---- the hooks of the decode loop and the introspection API --------------------------------------
-    def start_batch(self, rows: Sequence[RoutingPlan]) -> tuple[SlotLease, BatchRouting]:
-        """Make the rows' adapters resident (held until the lease is released) and build their routing."""
-        lease = self.acquire(rows)
-        try:
-            routing = self.build_routing(rows, lease.slots)
-        except BaseException:
-            lease.release()
-            raise
-        return lease, routing
-
-    def acquire(self, rows: Sequence[RoutingPlan]) -> SlotLease:
-        """Hold device slots for the rows' adapters (loaded if needed) until the lease is released."""
-        names = list(dict.fromkeys(a for p in rows for a in p.adapters))
-        lease = self.slots.acquire(names, self._fetch)
-        if any(p.token_rule == TokenRule.ARROW for p in rows):
-            self.slots.ensure_prototypes(lease.slots.values())
-        return lease
-
-    def build_routing(self, rows: Sequence[RoutingPlan], slot_of: dict[str, int],
-                      ranks: dict[str, int] | None = None) -> BatchRouting:
-        """The routing metadata of a batch of (non-ensemble) rows whose adapters sit in ``slot_of``;
-        ``ranks``: adapter -> nominal rank (default: read from the registered adapters)."""
-        names = list(dict.fromkeys(a for p in rows for a in p.adapters))
-        if ranks is None:
-            ranks = self.adapter_ranks(names)
-        routing = build_batch_routing(
-            rows, slot_of, {slot_of[a]: self.slots.slot_rank(slot_of[a]) for a in names}, ranks,
-            self.device, self.dtype, self.settings.arrow_temperature, n_layers=self.n_layers,
-        )
-        routing.slot_writes = self.slots.writes(routing.active.tolist())
-        return routing
-
-    def adapter_ranks(self, names: Sequence[str]) -> dict[str, int]:
-        """Nominal LoRA rank of each named adapter."""
-        return {a: self._source(a).config.rank for a in names}
-
-    def load_to_host(self, plan: RoutingPlan) -> None:
-        """Read the plan's adapters into host memory now (disk and hub I/O off the decode loop)."""
-        for name in plan.adapters:
-            self._fetch(name)
-
-    @property
-    def routing_state(self) -> RoutingState:
-        """The routing state every routed layer reads (its ``per_row`` switch selects the prefill form)."""
-        return self._state
-
-    def forward(self, routing: BatchRouting | None, **inputs) -> torch.Tensor:
-        """One forward pass of the base model with ``routing`` in force (None: the base model); logits."""
-        with self._lock, torch.inference_mode():
-            self._state.current = routing
-            try:
-                return self.model(**inputs).logits
-            finally:
-                self._state.current = None
-
-    @staticmethod
-    def positions(attention_mask: torch.Tensor) -> torch.Tensor:
-        """Position ids (B, T) of a left-padded batch."""
-        return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-
-    def logits(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        plans: Sequence[RoutingPlan] | None = None,
-    ) -> torch.Tensor:
-        """Next-token logits (B, T, V) of a batch, each sequence under its own plan.
-
-        Left padding is handled (positions come from ``attention_mask``). For ensemble plans the
-        result is the log of the averaged probability distribution (valid logits).
-        """
-        if input_ids.ndim != 2:
-            raise InvalidInputError(f"input_ids must be (B, T), got shape {tuple(input_ids.shape)}")
-        n = input_ids.shape[0]
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        if attention_mask.shape != input_ids.shape:
-            raise InvalidInputError(
-                f"attention_mask shape {tuple(attention_mask.shape)} != input_ids shape {tuple(input_ids.shape)}"
-            )
-        batch = self._expand(plans, n)
-        rows, matrix = batch.rows, batch.matrix
-        idx = torch.tensor(batch.row_seq, device=self.device)
-        ids = input_ids.to(self.device).index_select(0, idx)
-        mask = attention_mask.to(self.device).index_select(0, idx)
-        lease, routing = self.start_batch(rows)
-        with lease:
-            out = self.forward(routing, input_ids=ids, attention_mask=mask, position_ids=self.positions(mask))
-        return mix_logits(out, matrix)
-
-    def encode(self, prompts: Sequence[str], chat: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        """Left-padded (input_ids (B, T), attention_mask (B, T)) as :meth:`generate` builds them."""
-        return self._encode(prompts, chat)
-
-    # ---- generation ----------------------------------------------------------------------------------
-    def _encode(self, prompts: Sequence[str], chat: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    def prompt_ids(self, prompts: Sequence[str], chat: bool = False) -> list[list[int]]:
+        """Token ids of each prompt (``chat``: wrapped in the chat template as one user turn)."""
         if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
             raise InvalidInputError("prompts must be a list of strings")
         if not prompts:
             raise InvalidInputError("prompts is empty")
-        if chat:
-            texts = [
-                self.tokenizer.apply_chat_template(
-                    [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True
-                )
-                for p in prompts
-            ]
-            enc = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-        else:
-            enc = self.tokenizer(list(prompts), return_tensors="pt", padding=True)
-        if enc["input_ids"].shape[1] == 0 or bool((enc["attention_mask"].sum(1) == 0).any()):
-            raise InvalidInputError("every prompt must have at least one token")
-        return enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device)
+        out = []
+        for p in prompts:
+            if chat:
+                text = self.tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                                          add_generation_prompt=True)
+                ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+            else:
+                ids = self.tokenizer(p)["input_ids"]
+            if not ids:
+                raise InvalidInputError("every prompt must have at least one token")
+            out.append(list(ids))
+        return out
 
     def stream(
         self,
@@ -356,46 +76,49 @@ class RoutedLM:
         temperature: float | Sequence[float] = 0.0,
         top_p: float | Sequence[float] = 1.0,
         seed: int | None = None,
-        stop: str | Sequence[str] | Sequence[Sequence[str]] | None = None,
+        stop: StopArg = None,
         chat: bool = False,
         ignore_eos: bool = False,
     ) -> Iterator[StreamEvent]:
-        """Generate for a mixed batch, yielding :class:`StreamEvent` text deltas as they become final.
+        """Generate for several prompts, yielding :class:`StreamEvent` text deltas (``index``: the prompt)
+        as they become final.
 
         Args:
             prompts: B prompts.
             plans: B routing plans (None: base model for all).
-            max_new_tokens, temperature, top_p: a value for all or one per prompt;
-                temperature 0 is greedy.
-            seed: seeds the sampling generator of this call (None: from torch's global RNG).
-            stop: stop strings, for all prompts (a string or list of strings) or per prompt
-                (a list of lists). The text is cut before the first stop string.
+            max_new_tokens, temperature, top_p: a value for all or one per prompt; temperature 0 is greedy.
+            seed: prompt ``i`` samples with its own generator seeded ``seed + i`` (as choice ``i`` of a
+                served request with ``n`` choices); None: random seeds.
+            stop: stop strings, for all prompts (a string or list of strings) or per prompt (a list of
+                lists). The text is cut before the first stop string.
             chat: wrap each prompt in the tokenizer's chat template (one user turn).
             ignore_eos: keep generating past EOS (benchmarks).
 
-        Every sequence ends with one event with ``finished=True`` (possibly with an empty delta).
-        Closing the iterator early releases the batch's adapter slots.
+        Requests are checked and submitted before this returns. Every prompt ends with one event with
+        ``finished=True``. Closing the iterator early cancels the prompts still running.
         """
-        ids, mask = self._encode(prompts, chat)
-        n = ids.shape[0]
+        ids = self.prompt_ids(prompts, chat)
+        n = len(ids)
         max_new = per_sequence("max_new_tokens", max_new_tokens, n, int)
         temps = per_sequence("temperature", temperature, n, float)
         top_ps = per_sequence("top_p", top_p, n, float)
         check_sampling(temps, top_ps, max_new)
-        if stop is None:
-            stops = [()] * n
-        elif isinstance(stop, str):
-            stops = [(stop,)] * n
-        elif all(isinstance(s, str) for s in stop):
-            stops = [tuple(stop)] * n
-        else:
-            stops = [tuple(s) for s in stop]
-            if len(stops) != n:
-                raise InvalidInputError(f"stop has {len(stops)} lists for {n} prompts")
-        if any(not s for st in stops for s in st):
-            raise InvalidInputError("stop strings must be non-empty")
-        batch = self._expand(plans, n)
-        return decode(self, DecodeRequest(ids, mask, batch, max_new, temps, top_ps, seed, stops, ignore_eos))
+        stops = _per_prompt_stops(stop, n)
+        self._expand(plans, n)  # checks the plans and their adapters before anything is queued
+        plan_list = list(plans) if plans is not None else [RoutingPlan()] * n
+        events: queue.Queue[tuple[int, Item]] = queue.Queue()
+        handles: list[SequenceHandle] = []
+        try:
+            for i in range(n):
+                req = SequenceRequest(ids[i], plan_list[i], max_new_tokens=max_new[i], temperature=temps[i],
+                                      top_p=top_ps[i], seed=None if seed is None else seed + i, stop=stops[i],
+                                      ignore_eos=ignore_eos)
+                handles.append(self.loop.submit(req, lambda item, i=i: events.put((i, item)), bounded=False))
+        except BaseException:
+            for h in handles:
+                h.cancel()
+            raise
+        return _merged(events, handles)
 
     def generate_detailed(self, prompts: Sequence[str], plans: Sequence[RoutingPlan] | None = None,
                           **kwargs) -> list[GenerationResult]:
@@ -409,17 +132,51 @@ class RoutedLM:
                     text="".join(texts[ev.index]), token_ids=ev.token_ids or [], prompt_tokens=ev.prompt_tokens,
                     completion_tokens=ev.completion_tokens, finish_reason=ev.finish_reason or "length",
                 )
-        assert all(r is not None for r in results)
-        return results  # type: ignore[return-value]
+        return [r for r in results if r is not None]
 
     def generate(self, prompts: Sequence[str], plans: Sequence[RoutingPlan] | None = None,
                  max_new_tokens: int | Sequence[int] = 64, temperature: float | Sequence[float] = 0.0,
-                 top_p: float | Sequence[float] = 1.0, seed: int | None = None,
-                 stop: str | Sequence[str] | Sequence[Sequence[str]] | None = None, chat: bool = False,
-                 ignore_eos: bool = False) -> list[str]:
+                 top_p: float | Sequence[float] = 1.0, seed: int | None = None, stop: StopArg = None,
+                 chat: bool = False, ignore_eos: bool = False) -> list[str]:
         """Generated texts, one per prompt (same arguments as :meth:`stream`)."""
         results = self.generate_detailed(
             prompts, plans, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
             stop=stop, chat=chat, ignore_eos=ignore_eos,
         )
         return [r.text for r in results]
+
+
+def _per_prompt_stops(stop: StopArg, n: int) -> list[tuple[str, ...]]:
+    if stop is None:
+        stops: list[tuple[str, ...]] = [()] * n
+    elif isinstance(stop, str):
+        stops = [(stop,)] * n
+    elif all(isinstance(s, str) for s in stop):
+        stops = [tuple(stop)] * n  # type: ignore[arg-type]
+    else:
+        stops = [tuple(s) for s in stop]
+        if len(stops) != n:
+            raise InvalidInputError(f"stop has {len(stops)} lists for {n} prompts")
+    if any(not s for st in stops for s in st):
+        raise InvalidInputError("stop strings must be non-empty")
+    return stops
+
+
+def _merged(events: queue.Queue[tuple[int, Item]], handles: list[SequenceHandle]) -> Iterator[StreamEvent]:
+    """The handles' events in arrival order, each tagged with its prompt's index; an error is raised."""
+    left = len(handles)
+    try:
+        while left:
+            i, item = events.get()
+            if isinstance(item, BaseException):
+                raise item
+            item.index = i
+            yield item
+            if item.finished:
+                left -= 1
+    finally:
+        for h in handles:
+            h.cancel()
+
+
+__all__ = ["RoutedLM"]

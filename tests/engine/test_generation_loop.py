@@ -1,4 +1,4 @@
-"""The continuous-batching loop on the real SmolLM2 base with real PEFT adapters.
+"""The generation loop on the real SmolLM2 base with real PEFT adapters.
 
 Every request run inside a changing batch must produce exactly what it produces alone (greedy, and
 seeded sampling); cancelled and expired requests must give back their rows and adapter slots; a full
@@ -12,10 +12,12 @@ import time
 
 import pytest
 import torch
-from hilora_core.engine.batching import BatchingSettings, ContinuousBatcher, SequenceRequest
 from transformers import AutoModelForCausalLM
 
 from hilora_core import RoutedLM, RoutingPlan
+from hilora_core.engine.loop import GenerationLoop
+from hilora_core.engine.requests import SequenceRequest
+from hilora_core.engine.settings import LoopSettings
 from hilora_core.errors import (
     CapacityError,
     InvalidInputError,
@@ -78,11 +80,11 @@ def collect(handle) -> str:
     return "".join(e.delta for e in handle.events(timeout=300))
 
 
-def run_staggered(batcher: ContinuousBatcher, reqs: list[SequenceRequest], gap_s: float = 0.05) -> list[str]:
+def run_staggered(loop: GenerationLoop, reqs: list[SequenceRequest], gap_s: float = 0.05) -> list[str]:
     """Submit with small gaps, so requests join a batch that is already decoding."""
     handles = []
     for r in reqs:
-        handles.append(batcher.submit(r))
+        handles.append(loop.submit(r))
         time.sleep(gap_s)
     return [collect(h) for h in handles]
 
@@ -90,22 +92,22 @@ def run_staggered(batcher: ContinuousBatcher, reqs: list[SequenceRequest], gap_s
 def test_a_changing_mixed_batch_gives_every_request_its_alone_output(lm):
     lengths = [24, 6, 16, 12, 20, 9]
     expected = [alone(lm, t, p, max_new_tokens=n) for t, p, n in zip(PROMPTS, PLANS, lengths, strict=True)]
-    batcher = ContinuousBatcher(lm, BatchingSettings(max_rows=8, prefill_tokens_per_step=40))
+    loop = GenerationLoop(lm, LoopSettings(max_rows=8, prefill_tokens_per_step=40))
     try:
         reqs = [SequenceRequest(chat_ids(lm, t), p, max_new_tokens=n)
                 for t, p, n in zip(PROMPTS, PLANS, lengths, strict=True)]
-        got = run_staggered(batcher, reqs)
+        got = run_staggered(loop, reqs)
         assert got == expected
-        stats = batcher.stats()
-        assert stats["finished"] == len(reqs) and stats["running"] == 0 and stats["rows"] == 0
-        assert stats["steps"] < sum(lengths)  # requests shared steps
+        stats = loop.stats()
+        assert stats.finished == len(reqs) and stats.running == 0 and stats.rows == 0
+        assert stats.steps < sum(lengths)  # requests shared steps
         assert lm.slots.stats()["in_use"] == 0
     finally:
-        batcher.close()
+        loop.close()
 
 
 def test_seeded_sampling_and_stop_strings_match_the_request_alone(lm):
-    batcher = ContinuousBatcher(lm, BatchingSettings(max_rows=8))
+    loop = GenerationLoop(lm, LoopSettings(max_rows=8))
     try:
         kw = dict(max_new_tokens=16, temperature=0.9, top_p=0.9, seed=7)
         sampled = SequenceRequest(chat_ids(lm, PROMPTS[0]), PLANS[0], **kw)
@@ -114,74 +116,74 @@ def test_seeded_sampling_and_stop_strings_match_the_request_alone(lm):
         stopped = SequenceRequest(chat_ids(lm, PROMPTS[5]), PLANS[4], max_new_tokens=20, stop=(stop,))
         noise = [SequenceRequest(chat_ids(lm, t), p, max_new_tokens=10) for t, p in zip(PROMPTS[1:4], PLANS[1:4],
                                                                                           strict=True)]
-        got = run_staggered(batcher, [noise[0], sampled, noise[1], stopped, noise[2]], gap_s=0.02)
+        got = run_staggered(loop, [noise[0], sampled, noise[1], stopped, noise[2]], gap_s=0.02)
         assert got[1] == alone(lm, PROMPTS[0], PLANS[0], **kw)
         assert got[3] == alone(lm, PROMPTS[5], PLANS[4], max_new_tokens=20, stop=[stop])
         assert stop not in got[3]
     finally:
-        batcher.close()
+        loop.close()
 
 
 def test_cancel_frees_the_row_and_the_adapter_slots_within_a_step(lm):
-    batcher = ContinuousBatcher(lm, BatchingSettings(max_rows=4))
+    loop = GenerationLoop(lm, LoopSettings(max_rows=4))
     try:
-        long = batcher.submit(SequenceRequest(chat_ids(lm, PROMPTS[0]), PLANS[1], max_new_tokens=400,
+        long = loop.submit(SequenceRequest(chat_ids(lm, PROMPTS[0]), PLANS[1], max_new_tokens=400,
                                               ignore_eos=True))
         events = long.events(timeout=120)
         next(events)  # it is decoding
         assert lm.slots.stats()["in_use"] == 2
-        steps = batcher.metrics.steps
+        steps = loop.metrics.steps
         long.cancel()
         with pytest.raises(RequestCancelledError):
             list(events)
-        assert batcher.metrics.steps - steps <= 2
-        assert batcher.stats()["rows"] == 0 and lm.slots.stats()["in_use"] == 0
-        assert batcher.metrics.cancelled == 1
+        assert loop.metrics.steps - steps <= 2
+        assert loop.stats().rows == 0 and lm.slots.stats()["in_use"] == 0
+        assert loop.metrics.cancelled == 1
         # the next request is served at once, and as if nothing happened
         t0 = time.perf_counter()
-        nxt = collect(batcher.submit(SequenceRequest(chat_ids(lm, PROMPTS[2]), PLANS[0], max_new_tokens=8)))
+        nxt = collect(loop.submit(SequenceRequest(chat_ids(lm, PROMPTS[2]), PLANS[0], max_new_tokens=8)))
         assert time.perf_counter() - t0 < 30
         assert nxt == alone(lm, PROMPTS[2], PLANS[0], max_new_tokens=8)
     finally:
-        batcher.close()
+        loop.close()
 
 
 def test_a_full_queue_refuses_and_changes_nothing(lm):
-    batcher = ContinuousBatcher(lm, BatchingSettings(max_rows=1, max_waiting=1))
+    loop = GenerationLoop(lm, LoopSettings(max_rows=1, max_waiting=1))
     try:
-        first = batcher.submit(SequenceRequest(chat_ids(lm, PROMPTS[1]), PLANS[0], max_new_tokens=12))
+        first = loop.submit(SequenceRequest(chat_ids(lm, PROMPTS[1]), PLANS[0], max_new_tokens=12))
         deadline = time.monotonic() + 60
-        while batcher.stats()["running"] == 0 and time.monotonic() < deadline:
+        while loop.stats().running == 0 and time.monotonic() < deadline:
             time.sleep(0.01)
-        second = batcher.submit(SequenceRequest(chat_ids(lm, PROMPTS[2]), PLANS[4], max_new_tokens=8))
+        second = loop.submit(SequenceRequest(chat_ids(lm, PROMPTS[2]), PLANS[4], max_new_tokens=8))
         with pytest.raises(QueueFullError, match="max_waiting=1"):
-            batcher.submit(SequenceRequest(chat_ids(lm, PROMPTS[3]), PLANS[0], max_new_tokens=8))
-        assert batcher.metrics.rejected == 1
+            loop.submit(SequenceRequest(chat_ids(lm, PROMPTS[3]), PLANS[0], max_new_tokens=8))
+        assert loop.metrics.rejected == 1
         assert collect(first) == alone(lm, PROMPTS[1], PLANS[0], max_new_tokens=12)
         assert collect(second) == alone(lm, PROMPTS[2], PLANS[4], max_new_tokens=8)
     finally:
-        batcher.close()
+        loop.close()
 
 
 def test_a_burst_into_free_rows_is_not_refused(lm):
     """Requests that free rows will take at the next step are not counted against the queue's bound:
     a burst of max_rows + max_waiting requests into an idle loop is accepted whole."""
-    batcher = ContinuousBatcher(lm, BatchingSettings(max_rows=3, max_waiting=1))
+    loop = GenerationLoop(lm, LoopSettings(max_rows=3, max_waiting=1))
     try:
         reqs = [SequenceRequest(chat_ids(lm, PROMPTS[i]), PLANS[0], max_new_tokens=4) for i in range(4)]
-        with batcher._cond:  # hold the loop back so that the whole burst is queued before any admission
-            handles = [batcher.submit(r) for r in reqs]  # the lock is re-entrant
-            assert batcher.stats()["waiting"] == 4
+        with loop.scheduler.cond:  # hold the loop back so that the whole burst is queued before any admission
+            handles = [loop.submit(r) for r in reqs]  # the lock is re-entrant
+            assert loop.stats().waiting == 4
             with pytest.raises(QueueFullError, match="max_waiting=1"):  # one more than rows + queue
-                batcher.submit(SequenceRequest(chat_ids(lm, PROMPTS[4]), PLANS[0], max_new_tokens=4))
+                loop.submit(SequenceRequest(chat_ids(lm, PROMPTS[4]), PLANS[0], max_new_tokens=4))
         outs = [collect(h) for h in handles]
         assert outs == [alone(lm, PROMPTS[i], PLANS[0], max_new_tokens=4) for i in range(4)]
     finally:
-        batcher.close()
+        loop.close()
 
 
 def test_a_failed_prefill_ends_its_requests_and_frees_their_slots(lm, monkeypatch):
-    batcher = ContinuousBatcher(lm, BatchingSettings(max_rows=2, max_waiting=2))
+    loop = GenerationLoop(lm, LoopSettings(max_rows=2, max_waiting=2))
     real = lm.forward
     calls = []
 
@@ -193,65 +195,65 @@ def test_a_failed_prefill_ends_its_requests_and_frees_their_slots(lm, monkeypatc
 
     try:
         monkeypatch.setattr(lm, "forward", failing_once)
-        handle = batcher.submit(SequenceRequest(chat_ids(lm, PROMPTS[0]), PLANS[1], max_new_tokens=4))
+        handle = loop.submit(SequenceRequest(chat_ids(lm, PROMPTS[0]), PLANS[1], max_new_tokens=4))
         with pytest.raises(RuntimeError, match="injected"):  # delivered, not left hanging
             list(handle.events(timeout=60))
-        assert batcher.stats()["running"] == 0 and not batcher._admitting
+        assert loop.stats().running == 0 and not loop.scheduler._admitting
         monkeypatch.setattr(lm, "forward", real)
-        after = collect(batcher.submit(SequenceRequest(chat_ids(lm, PROMPTS[1]), PLANS[1], max_new_tokens=4)))
+        after = collect(loop.submit(SequenceRequest(chat_ids(lm, PROMPTS[1]), PLANS[1], max_new_tokens=4)))
         assert after == alone(lm, PROMPTS[1], PLANS[1], max_new_tokens=4)
-        assert batcher.metrics.failed == 1
+        assert loop.metrics.failed == 1
     finally:
-        batcher.close()
+        loop.close()
 
 
 def test_plans_that_overflow_the_device_slots_wait_for_a_slot(lm):
     small = RoutedLM.from_pretrained(None, max_slots=2)
     for name in lm.adapters:
         small.add_adapter(name, lm.adapter_info(name)["location"])
-    batcher = ContinuousBatcher(small, BatchingSettings(max_rows=8))
+    loop = GenerationLoop(small, LoopSettings(max_rows=8))
     try:
         # three requests needing {a, b}, {c}, {a}: together 3 adapters for 2 slots
         plans = [PLANS[1], PLANS[4], PLANS[0]]
         reqs = [SequenceRequest(chat_ids(small, PROMPTS[i]), p, max_new_tokens=10) for i, p in enumerate(plans)]
-        got = [collect(h) for h in [batcher.submit(r) for r in reqs]]
+        got = [collect(h) for h in [loop.submit(r) for r in reqs]]
         assert got == [alone(lm, PROMPTS[i], p, max_new_tokens=10) for i, p in enumerate(plans)]
         assert small.slots.stats()["in_use"] == 0 and small.slots.stats()["evictions"] >= 1
         with pytest.raises(CapacityError, match="device slots"):
-            batcher.submit(SequenceRequest(chat_ids(small, "x"), RoutingPlan(adapters=("a", "b", "c"),
+            loop.submit(SequenceRequest(chat_ids(small, "x"), RoutingPlan(adapters=("a", "b", "c"),
                                                                            rocs=(1, 1, 1))))
     finally:
-        batcher.close()
+        loop.close()
 
 
 def test_kv_column_shifts_do_not_change_tokens(lm):
     # 96 columns: a long prompt joining short running ones shifts right; running out of columns shifts left
-    batcher = ContinuousBatcher(lm, BatchingSettings(max_rows=4, max_tokens_per_sequence=96))
+    loop = GenerationLoop(lm, LoopSettings(max_rows=4, max_tokens_per_sequence=96))
     try:
         short = SequenceRequest(chat_ids(lm, "Hi"), PLANS[0], max_new_tokens=60, ignore_eos=True)
         longp = SequenceRequest(chat_ids(lm, PROMPTS[3]), PLANS[4], max_new_tokens=40, ignore_eos=True)
         late = SequenceRequest(chat_ids(lm, PROMPTS[1]), PLANS[3], max_new_tokens=30, ignore_eos=True)
-        h1 = batcher.submit(short)
+        h1 = loop.submit(short)
         time.sleep(0.3)
-        h2 = batcher.submit(longp)
+        h2 = loop.submit(longp)
         time.sleep(0.6)
-        h3 = batcher.submit(late)
+        h3 = loop.submit(late)
         got = [collect(h) for h in (h1, h2, h3)]
         kw = dict(ignore_eos=True)
         assert got == [alone(lm, "Hi", PLANS[0], max_new_tokens=60, **kw),
                        alone(lm, PROMPTS[3], PLANS[4], max_new_tokens=40, **kw),
                        alone(lm, PROMPTS[1], PLANS[3], max_new_tokens=30, **kw)]
-        assert batcher.cache.column_capacity <= 96
+        assert loop.runner.cache.column_capacity <= 96
     finally:
-        batcher.close()
+        loop.close()
 
 
 def test_logprobs_and_prompt_logprobs_come_from_the_routed_logits(lm):
-    batcher = ContinuousBatcher(lm, BatchingSettings(max_rows=4))
+    loop = GenerationLoop(lm, LoopSettings(max_rows=4))
     try:
         plan = PLANS[1]
         ids = chat_ids(lm, PROMPTS[2])
-        events = list(batcher.submit(SequenceRequest(ids, plan, max_new_tokens=4, logprobs=3,
+        events = list(loop.submit(SequenceRequest(ids, plan, max_new_tokens=4, logprobs=3,
                                                      prompt_logprobs=True)).events(timeout=120))
         chosen = [t for e in events for t in (e.logprobs or [])]
         generated = events[-1].token_ids
@@ -268,46 +270,46 @@ def test_logprobs_and_prompt_logprobs_come_from_the_routed_logits(lm):
             assert prompt[j].token_id == ids[j]
             assert abs(prompt[j].logprob - float(logp[j - 1, ids[j]])) < 1e-4
     finally:
-        batcher.close()
+        loop.close()
 
 
 def test_requests_that_cannot_run_are_refused_at_submit(lm):
-    batcher = ContinuousBatcher(lm, BatchingSettings(max_rows=2, max_tokens_per_sequence=64))
+    loop = GenerationLoop(lm, LoopSettings(max_rows=2, max_tokens_per_sequence=64))
     try:
         with pytest.raises(InvalidInputError, match="limit is 64"):
-            batcher.submit(SequenceRequest(list(range(10, 60)), PLANS[0], max_new_tokens=30))
+            loop.submit(SequenceRequest(list(range(10, 60)), PLANS[0], max_new_tokens=30))
         with pytest.raises(UnknownAdapterError):
-            batcher.submit(SequenceRequest([1, 2, 3], RoutingPlan.single("nope"), max_new_tokens=4))
+            loop.submit(SequenceRequest([1, 2, 3], RoutingPlan.single("nope"), max_new_tokens=4))
         with pytest.raises(InvalidInputError, match="rows"):
-            batcher.submit(SequenceRequest([1, 2], RoutingPlan(adapters=("a", "b", "c"), ensemble=True),
+            loop.submit(SequenceRequest([1, 2], RoutingPlan(adapters=("a", "b", "c"), ensemble=True),
                                            max_new_tokens=4))
         with pytest.raises(InvalidInputError, match="temperature"):
-            batcher.submit(SequenceRequest([1, 2], PLANS[0], temperature=-1, max_new_tokens=4))
-        assert batcher.stats()["submitted"] == 0
+            loop.submit(SequenceRequest([1, 2], PLANS[0], temperature=-1, max_new_tokens=4))
+        assert loop.stats().submitted == 0
     finally:
-        batcher.close()
+        loop.close()
 
 
 def test_a_request_past_its_deadline_ends_with_a_timeout(lm):
-    batcher = ContinuousBatcher(lm, BatchingSettings(max_rows=2, request_timeout_s=0.5))
+    loop = GenerationLoop(lm, LoopSettings(max_rows=2, request_timeout_s=0.5))
     try:
-        h = batcher.submit(SequenceRequest(chat_ids(lm, PROMPTS[0]), PLANS[0], max_new_tokens=500,
+        h = loop.submit(SequenceRequest(chat_ids(lm, PROMPTS[0]), PLANS[0], max_new_tokens=500,
                                            ignore_eos=True))
         with pytest.raises(RequestTimeoutError):
             list(h.events(timeout=120))
-        assert batcher.metrics.timed_out == 1 and lm.slots.stats()["in_use"] == 0
+        assert loop.metrics.timed_out == 1 and lm.slots.stats()["in_use"] == 0
     finally:
-        batcher.close()
+        loop.close()
 
 
 def test_many_threads_submitting_at_once(lm):
-    batcher = ContinuousBatcher(lm, BatchingSettings(max_rows=6, max_waiting=32))
+    loop = GenerationLoop(lm, LoopSettings(max_rows=6, max_waiting=32))
     try:
         jobs = [(PROMPTS[i % 6], PLANS[(i * 5) % 6]) for i in range(12)]
         out: list[str | None] = [None] * len(jobs)
 
         def worker(i: int) -> None:
-            out[i] = collect(batcher.submit(SequenceRequest(chat_ids(lm, jobs[i][0]), jobs[i][1],
+            out[i] = collect(loop.submit(SequenceRequest(chat_ids(lm, jobs[i][0]), jobs[i][1],
                                                             max_new_tokens=6)))
 
         threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(jobs))]
@@ -316,9 +318,9 @@ def test_many_threads_submitting_at_once(lm):
         for t in threads:
             t.join(timeout=300)
         assert out == [alone(lm, t, p, max_new_tokens=6) for t, p in jobs]
-        assert batcher.stats()["rows"] == 0
+        assert loop.stats().rows == 0
     finally:
-        batcher.close()
+        loop.close()
 
 
 def test_the_loop_keeps_its_torch_threads_when_another_thread_sets_them(lm):
@@ -326,17 +328,17 @@ def test_the_loop_keeps_its_torch_threads_when_another_thread_sets_them(lm):
     request thread that sets one thread before the loop's first step must not take the loop's threads
     (a replica's loop ran on one thread of two that way, 1.6x slower)."""
     previous = torch.get_num_threads()
-    batcher = ContinuousBatcher(lm, BatchingSettings(max_rows=2), threads=2)
+    loop = GenerationLoop(lm, LoopSettings(max_rows=2), threads=2)
     try:
-        assert batcher.started.wait(30)
+        assert loop.started.wait(30)
         torch.set_num_threads(1)  # what a request's helper thread does, after the loop set its count
-        collect(batcher.submit(SequenceRequest(chat_ids(lm, PROMPTS[1]), RoutingPlan(), max_new_tokens=2)))
+        collect(loop.submit(SequenceRequest(chat_ids(lm, PROMPTS[1]), RoutingPlan(), max_new_tokens=2)))
         deadline = time.monotonic() + 30
-        while batcher.stats()["torch_threads"] == 0 and time.monotonic() < deadline:  # set after the step
+        while loop.stats().torch_threads == 0 and time.monotonic() < deadline:  # set after the step
             time.sleep(0.01)
-        assert batcher.stats()["torch_threads"] == 2
+        assert loop.stats().torch_threads == 2
     finally:
-        batcher.close()
+        loop.close()
         torch.set_num_threads(previous)
 
 
@@ -360,15 +362,15 @@ def test_rebuilt_routing_reuses_the_gathered_stacks_only_while_the_slots_hold_th
 
 def test_the_decode_loop_reuses_stacks_as_rows_finish(lm):
     lengths = [3, 5, 7, 9]
-    batcher = ContinuousBatcher(lm, BatchingSettings(max_rows=4))
+    loop = GenerationLoop(lm, LoopSettings(max_rows=4))
     try:
-        with batcher._cond:  # all four join at one step, then leave one by one with the adapters held by the rest
-            handles = [batcher.submit(SequenceRequest(chat_ids(lm, PROMPTS[i]), PLANS[1], max_new_tokens=n,
+        with loop.scheduler.cond:  # all four join at one step, then leave one by one with the adapters held by the rest
+            handles = [loop.submit(SequenceRequest(chat_ids(lm, PROMPTS[i]), PLANS[1], max_new_tokens=n,
                                                       ignore_eos=True)) for i, n in enumerate(lengths)]
         outs = [collect(h) for h in handles]
         assert outs == [alone(lm, PROMPTS[i], PLANS[1], max_new_tokens=n, ignore_eos=True)
                         for i, n in enumerate(lengths)]
-        stats = batcher.stats()
-        assert stats["routing_builds"] == 4 and stats["stack_reuses"] == 3
+        stats = loop.stats()
+        assert stats.routing_builds == 4 and stats.stack_reuses == 3
     finally:
-        batcher.close()
+        loop.close()

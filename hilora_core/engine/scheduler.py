@@ -1,0 +1,181 @@
+"""The generation loop's scheduler: which requests wait, which run, and which leave before a step.
+
+It decides and the other parts act (as in vLLM's ``Scheduler.schedule()``): :meth:`Scheduler.schedule`
+returns the requests that leave now (cancelled, or past their deadline) and the ones admitted for
+this step; the model runner prefills the admitted ones and the loop then calls
+:meth:`Scheduler.start_running`. Admission is first come, first served, while rows are free and the
+step's prefill budget lasts (at least one request per step); a request whose adapters cannot get a
+device slot now (every slot held by running requests) waits without blocking the requests behind it.
+Adapter slots are leased at admission and given back when the request leaves (:meth:`finish`).
+
+The waiting and running lists are read by submitting threads (the queue bound) and written by the
+loop's thread: both under :attr:`Scheduler.cond`, on which the loop also sleeps when idle.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from hilora_core.engine.metrics import LoopMetrics
+from hilora_core.engine.requests import RequestState
+from hilora_core.engine.settings import LoopSettings
+from hilora_core.errors import CapacityError, QueueFullError, RequestCancelledError, RequestTimeoutError
+
+if TYPE_CHECKING:
+    from hilora_core.engine.routed_model import RoutedModel
+
+
+@dataclass
+class SchedulerOutput:
+    """One step's decision: ``dropped`` leave now with their error (``running`` tells which of them
+    hold rows), ``admitted`` are prefilled this step, in order."""
+
+    dropped: list[tuple[RequestState, BaseException]] = field(default_factory=list)
+    dropped_running: list[RequestState] = field(default_factory=list)
+    admitted: list[RequestState] = field(default_factory=list)
+
+
+class Scheduler:
+    """Admission, cancellation, deadlines and adapter leases of one loop (see the module docstring)."""
+
+    def __init__(self, lm: RoutedModel, settings: LoopSettings, metrics: LoopMetrics) -> None:
+        self.lm, self.settings, self.metrics = lm, settings, metrics
+        self.cond = threading.Condition()
+        self.waiting: deque[RequestState] = deque()
+        self.running: list[RequestState] = []  # in admission order, as their rows are
+        self._admitting: list[RequestState] = []  # admitted this step, not yet prefilled
+        self.stopping = False
+
+    # ---- the submitting threads' side ------------------------------------------------------------
+    def add(self, state: RequestState, bounded: bool = True) -> None:
+        """Queue a request; :class:`QueueFullError` when ``bounded`` and ``max_waiting`` requests already
+        wait for a row that the next step will not free."""
+        with self.cond:
+            if self.stopping:
+                raise CapacityError("the generation loop is shut down")
+            blocked, free = self._waiting_for_rows()
+            if bounded and blocked >= self.settings.max_waiting and not (blocked == 0 and len(state.rows) <= free):
+                self.metrics.rejected += 1
+                raise QueueFullError(f"{blocked} requests are waiting for a row, the queue's limit "
+                                     f"(max_waiting={self.settings.max_waiting}); retry shortly")
+            self.waiting.append(state)
+            self.metrics.submitted += 1
+            self.cond.notify()
+
+    def _waiting_for_rows(self) -> tuple[int, int]:
+        """(queued requests that the free rows will not take at the next step, rows left free after the
+        others are taken), first come first served; the caller holds the lock. Only the former count
+        against ``max_waiting``: a burst into free rows is not refused."""
+        free = self.settings.max_rows - self.rows_taken()
+        blocked = 0
+        for x in self.waiting:
+            if blocked == 0 and len(x.rows) <= free:
+                free -= len(x.rows)
+            else:
+                blocked += 1
+        return blocked, max(free, 0)
+
+    def rows_taken(self) -> int:
+        return sum(len(x.rows) for x in self.running) + sum(len(x.rows) for x in self._admitting)
+
+    @property
+    def busy(self) -> bool:
+        with self.cond:
+            return bool(self.waiting or self.running)
+
+    # ---- the loop's side -------------------------------------------------------------------------
+    def schedule(self) -> SchedulerOutput:
+        """Drop cancelled and expired requests, then admit waiting ones (see the module docstring)."""
+        out = SchedulerOutput()
+        self._reap(out)
+        self._admit(out)
+        return out
+
+    def _reap(self, out: SchedulerOutput) -> None:
+        now = time.monotonic()
+
+        def leaving(s: RequestState) -> bool:
+            return s.handle.cancelled or (s.deadline is not None and now > s.deadline)
+
+        with self.cond:
+            waiting = [s for s in self.waiting if leaving(s)]
+            for s in waiting:
+                self.waiting.remove(s)
+        out.dropped_running = [s for s in self.running if leaving(s)]
+        for s in waiting + out.dropped_running:
+            if s.handle.cancelled:
+                self.metrics.cancelled += 1
+                out.dropped.append((s, RequestCancelledError("the request was cancelled")))
+            else:
+                self.metrics.timed_out += 1
+                out.dropped.append((s, RequestTimeoutError(
+                    f"the request ran longer than request_timeout_s={self.settings.request_timeout_s}")))
+
+    def _admit(self, out: SchedulerOutput) -> None:
+        rows_free = self.settings.max_rows - sum(len(s.rows) for s in self.running if s not in out.dropped_running)
+        budget = self.settings.prefill_tokens_per_step
+        with self.cond:
+            queued = list(self.waiting)
+        holding = bool(self.running)
+        for seq in queued:
+            if len(seq.rows) > rows_free or (out.admitted and seq.prompt_len > budget):
+                break  # first come, first served: later requests do not overtake for rows or budget
+            try:
+                seq.lease = self.lm.acquire(seq.rows)
+            except CapacityError:
+                if holding or out.admitted:
+                    continue  # its adapters wait for slots held by running requests
+                self._drop_waiting(seq, CapacityError("no device slot can be freed for the plan's adapters "
+                                                      "(slots are pinned)"), out)
+                continue
+            except Exception as err:  # noqa: BLE001 - this request's adapter failed to load
+                self._drop_waiting(seq, err, out)
+                continue
+            with self.cond:
+                self.waiting.remove(seq)
+                self._admitting.append(seq)
+            out.admitted.append(seq)
+            rows_free -= len(seq.rows)
+            budget -= seq.prompt_len
+
+    def _drop_waiting(self, seq: RequestState, err: BaseException, out: SchedulerOutput) -> None:
+        with self.cond:
+            if seq in self.waiting:
+                self.waiting.remove(seq)
+        self.metrics.failed += 1
+        out.dropped.append((seq, err))
+
+    def start_running(self, admitted: list[RequestState]) -> None:
+        """The admitted requests were prefilled: they hold rows now."""
+        with self.cond:
+            self.running.extend(admitted)
+            self._admitting = []
+
+    def abandon(self, admitted: list[RequestState]) -> None:
+        """The admitted requests' prefill failed: they hold leases but no rows."""
+        with self.cond:
+            self._admitting = []
+        for s in admitted:
+            s.release()
+
+    def finish(self, gone: list[RequestState]) -> None:
+        """These requests left the batch (finished, cancelled or failed): give back their slots."""
+        if not gone:
+            return
+        leaving = {id(s) for s in gone}
+        with self.cond:
+            self.running = [s for s in self.running if id(s) not in leaving]
+        for s in gone:
+            s.release()
+
+    def drain(self, include_waiting: bool) -> list[RequestState]:
+        """Every running request (and the queue too, when shutting down), for the loop to end."""
+        with self.cond:
+            waiting = list(self.waiting) if include_waiting else []
+            if include_waiting:
+                self.waiting.clear()
+            return list(self.running) + waiting

@@ -1,8 +1,8 @@
 """Scorer (registry replica) start-up at 10k and 100k adapters: from the stored fitted pool
 against fitting every Gaussian from the samples, in the same run, on the same pool.
 
-For each size: register N synthetic adapters (d = 384, m = 20, the generator of
-``bench_prefilter.py``) in an embedded Redis; store pool parameters computed on a
+For each size: register N synthetic adapters (d = 384, m = 20, ``benchmarks.common.SyntheticPool``)
+in a redis-server without persistence (``registry.redis_server``); store pool parameters computed on a
 256-adapter subset (what a full fit of a pool this size would store; the full fit itself
 is not what is measured); start one scorer process that fits every Gaussian with them and
 stores the fitted pool (the first replica). Then start fresh scorer processes, one per path:

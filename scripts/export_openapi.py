@@ -1,4 +1,4 @@
-"""Write the service's OpenAPI schema to docs/openapi.json (the file tests/test_openapi_schema.py checks).
+"""Write the service's OpenAPI schema to docs/openapi.json (the file tests/deployments/test_openapi_schema.py checks).
 
     python scripts/export_openapi.py
 """

@@ -7,6 +7,10 @@ The ``hilora`` console script (``deployments/cli.py``) adds these through :func:
         [--rank R --alpha A --targets q_proj v_proj] [--revision REV] [--replace | --skip-existing]
         [--offline] [--redis-url URL]
     hilora registry list [--redis-url URL] --json
+    hilora registry stop-embedded [--dir ./var/redis]
+
+Without a Redis URL the commands use the embedded Redis under ``./var/redis`` and stop it again when they
+started it (a running service's server is left running).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import sys
 from hilora_core.errors import HiLoRAError
 
 from .config import AdmissionSettings, RegistryConfig, StoreSettings
+from .connection import EmbeddedRedis, embedded_redis_scope
 from .manifest import import_manifest
 from .registry import Registry
 
@@ -28,7 +33,8 @@ def _config(args: argparse.Namespace) -> RegistryConfig:
 
 
 def _cmd_import(args: argparse.Namespace) -> int:
-    with Registry(_config(args)) as reg:
+    cfg = _config(args)
+    with embedded_redis_scope(cfg), Registry(cfg) as reg:
         report = import_manifest(
             reg, args.manifest, args.source_pattern, rank=args.rank, alpha=args.alpha, targets=args.targets,
             revision=args.revision, base_model=args.base_model, replace=args.replace,
@@ -40,13 +46,24 @@ def _cmd_import(args: argparse.Namespace) -> int:
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
-    with Registry(_config(args)) as reg:
+    cfg = _config(args)
+    with embedded_redis_scope(cfg), Registry(cfg) as reg:
         records = reg.list_all()
     if args.json:
         print(json.dumps([r.to_dict() for r in records]))
     else:
         for r in records:
             print(f"{r.id}\t{r.source.location}\trank={r.rank}\tsamples={r.sample_count}\t{r.status}")
+    return 0
+
+
+def _cmd_stop_embedded(args: argparse.Namespace) -> int:
+    server = EmbeddedRedis(args.dir)
+    if not server._ping():
+        print(f"no embedded Redis is running in {server.data_dir}")
+        return 0
+    server.stop()
+    print(f"stopped the embedded Redis in {server.data_dir}")
     return 0
 
 
@@ -88,6 +105,11 @@ def add_registry_commands(subparsers: argparse._SubParsersAction) -> argparse.Ar
     lst.add_argument("--json", action="store_true", help="one JSON array of adapter records on stdout")
     lst.add_argument("--redis-url", help="Redis URL (default: $REDIS_URL, else the embedded Redis)")
     lst.set_defaults(func=handle_registry, handler=handle_registry, registry_handler=_cmd_list)
+
+    stop = sub.add_parser("stop-embedded", help="shut down the embedded Redis of a data folder (saving first)")
+    stop.add_argument("--dir", default=StoreSettings().embedded_dir,
+                      help="its data folder (default: %(default)s, the service's registry.store.embedded_dir)")
+    stop.set_defaults(func=handle_registry, handler=handle_registry, registry_handler=_cmd_stop_embedded)
     return reg
 
 

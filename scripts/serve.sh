@@ -2,7 +2,8 @@
 # Run the service on its embedded defaults: `make serve` (after `make setup`).
 # Handles the Ray gotchas of small machines: token auth off for local use, the base model
 # converted once before Serve starts (so no replica waits ~30 s for it), fractional CPUs
-# in serve_config.yaml. Stop with Ctrl-C (or SIGTERM when run in the background).
+# in serve_config.yaml. Stop with Ctrl-C (or SIGTERM when run in the background): the launcher
+# (deployments/launch.py) shuts Serve and its Ray processes down, then the embedded Redis it started.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export RAY_AUTH_MODE="${RAY_AUTH_MODE:-disabled}"
@@ -12,4 +13,4 @@ CONFIG="${1:-serve_config.yaml}"
 if [ -z "${HILORA_ADMIN_TOKEN:-}" ]; then
     echo "note: HILORA_ADMIN_TOKEN is unset, so the admin API (/admin/...) is disabled" >&2
 fi
-exec .venv/bin/serve run "$CONFIG"
+exec .venv/bin/python -m deployments.launch "$CONFIG"

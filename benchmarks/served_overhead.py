@@ -92,7 +92,7 @@ def replica_alone(budget: int, threads: int, prompts: list[tuple[str, str]], bur
     replica = ModelReplica({"model": {"torch_threads": threads, "loop": {"prefill_tokens_per_step": budget}}})
 
     def call(task: str, text: str) -> GenerateCall:
-        return GenerateCall(plan=RoutingPlan.single(task).to_dict(),
+        return GenerateCall(plan=RoutingPlan.single(task),
                             sources={task: AdapterLocation(location=where[task])},
                             messages=[{"role": "user", "content": text}], max_tokens=16)
 

@@ -1,11 +1,11 @@
 """The typed messages between the deployments (request -> embed -> registry -> model replica -> ingress).
 
-:class:`Decision` is what the registry answers for one request (it carries the :class:`RoutingPlan`
-itself) and the ingress reports in ``routing``; :class:`GenerateCall` is what the ingress asks a model
-replica to run; a replica answers with :class:`GenerationReply` (``generate``) or a
-:class:`StreamStarted` then :class:`GenerationChunk` items (``stream``), each finishing one carrying
-the replica's :class:`ReplicaStats` apart from the result. All are pydantic models, so a field
-added on one side is validated on the other.
+:class:`Decision` (``registry/decision.py``) is what the registry answers for one request: it carries
+the :class:`RoutingPlan` itself, and the ingress reports its summary in ``routing``. :class:`GenerateCall`
+is what the ingress asks a model replica to run; a replica answers with :class:`GenerationReply`
+(``generate``) or a :class:`StreamStarted` then :class:`GenerationChunk` items (``stream``), each
+finishing one carrying the replica's :class:`ReplicaStats` apart from the result. All are pydantic
+models, so a field added on one side is validated on the other.
 """
 
 from __future__ import annotations
@@ -16,70 +16,14 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from hilora_core.engine.metrics import LoopStats
 from hilora_core.plan import RoutingPlan
+from registry.decision import AdapterLocation, Decision, OffPoolTest, RoutingSummary
+
+__all__ = ["AdapterLocation", "Decision", "GenerateCall", "GenerationChunk", "GenerationReply", "LogprobEntry",
+           "OffPoolTest", "ReplicaStats", "RoutingSummary", "StreamStarted", "TokenEntry"]
 
 
 class _Message(BaseModel):
     model_config = ConfigDict(extra="forbid")
-
-
-class AdapterLocation(_Message):
-    """Where a model replica loads an adapter's weights from."""
-
-    location: str
-    revision: str | None = None
-
-
-class OffPoolTest(_Message):
-    """The base-model fallback test of one request (:mod:`hilora_core.routing.fallback`)."""
-
-    fallback: bool
-    best_score: float
-    threshold: float
-    enabled: bool
-
-
-class RoutingSummary(_Message):
-    """The ``routing`` field of every response: what was used and why."""
-
-    adapters: list[str]
-    rocs: list[int] | None
-    scores: list[float] | None
-    candidates: list[str]
-    candidate_scores: list[float]
-    token_rule: str
-    scale: float
-    weights: list[float] | None
-    epoch: int | None
-    degraded: bool
-    off_pool: OffPoolTest | None
-
-
-class Decision(_Message):
-    """The sequence-level decision for one request."""
-
-    plan: RoutingPlan = Field(default_factory=RoutingPlan, description="what the model replicas run")
-    candidates: list[str] = []
-    candidate_scores: list[float] = []
-    epoch: int | None = None
-    degraded: bool = False
-    prefiltered: bool = False
-    shortlist_size: int = 0
-    off_pool: OffPoolTest | None = None
-    sources: dict[str, AdapterLocation] = {}
-
-    @classmethod
-    def base_model(cls) -> Decision:
-        """The decision of ``model: "base"``: no adapter."""
-        return cls()
-
-    def summary(self) -> RoutingSummary:
-        p = self.plan
-        return RoutingSummary(
-            adapters=list(p.adapters), rocs=None if p.rocs is None else list(p.rocs),
-            scores=None if p.scores is None else list(p.scores), candidates=self.candidates,
-            candidate_scores=self.candidate_scores, token_rule=p.token_rule.value, scale=p.scale,
-            weights=None if p.weights is None else list(p.weights), epoch=self.epoch, degraded=self.degraded,
-            off_pool=self.off_pool)
 
 
 class GenerateCall(_Message):

@@ -125,7 +125,7 @@ class Ingress:
             z = await self._remote(self.embedder.embed.remote([text]))
             decision: Decision = (await self._remote(self.registry.route.remote(z, self._policy(overrides))))[0]
         elif model == self.cfg.base_model_name:
-            decision = Decision.base_model()
+            decision = Decision()  # model "base": no adapter
         else:
             decision = await self._remote(self.registry.explicit.remote(model))
         self.metrics.routing_latency.observe(time.perf_counter() - t0)

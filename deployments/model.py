@@ -69,8 +69,8 @@ def build_engine(cfg: AppConfig) -> RoutedLM:
 
     Loads with one torch thread in the calling thread. Every thread that has run a parallel op keeps
     its OpenMP team: a loading team of N threads beside the generation thread's team of N
-    oversubscribes the cores, and OpenMP then wakes its workers by syscall on every op (1.65x slower
-    generation on 2 cores: ``benchmarks/thread_teams.py``). Generation threads set their own count
+    oversubscribes the cores, and OpenMP then wakes its workers by syscall on every op (measured with
+    ``benchmarks/thread_teams.py``, ``docs/load-test.md``). Generation threads set their own count
     (:func:`generation_threads`) with :func:`use_torch_threads`, which no other thread can undo.
     """
     use_torch_threads(1)

@@ -9,6 +9,7 @@ load the weights on demand.
 from __future__ import annotations
 
 import asyncio
+import builtins
 import logging
 from pathlib import Path
 
@@ -69,12 +70,12 @@ class RegistryReplica:
         """(n, d) request embeddings -> one :class:`Decision` per request (plan, candidates, scores, sources)."""
         cfg = PolicyConfig(**policy)
         decisions = await asyncio.to_thread(self.registry.route_embeddings, np.asarray(embeddings), cfg)
-        return [Decision(**d.to_dict(), sources=self._sources(d.plan.adapters)) for d in decisions]
+        return [d.model_copy(update={"sources": self._sources(d.plan.adapters)}) for d in decisions]
 
     def explicit(self, adapter_id: str) -> Decision:
         """The plain-LoRA decision for one named adapter (UnknownAdapterError if not registered)."""
         rec = self.registry.get(adapter_id)
-        return Decision(plan=RoutingPlan.single(rec.id).to_dict(), candidates=[rec.id], epoch=self.registry.epoch(),
+        return Decision(plan=RoutingPlan.single(rec.id), candidates=(rec.id,), epoch=self.registry.epoch(),
                         degraded=self.registry.scorer.degraded, sources=self._sources([rec.id]))
 
     # ---- admin -----------------------------------------------------------------------------
@@ -122,7 +123,7 @@ class RegistryReplica:
     def pool_view(self, limit: int = 500) -> dict:
         """The first ``limit`` adapters (by id) with their map coordinates, plus the pool's state."""
         snap, pmap = self._pool_map()
-        xy = pmap.project(snap.model.means) if pmap is not None else np.zeros((0, 2))
+        xy = pmap.project(snap.model.means) if pmap is not None and snap.model is not None else np.zeros((0, 2))
         adapters = []
         for i, name in enumerate(snap.ids[:limit]):
             rec = snap.records[name]
@@ -134,7 +135,7 @@ class RegistryReplica:
                 "map": {"method": "first two principal axes of the adapters' mean embeddings",
                         "explained": [] if pmap is None else [float(v) for v in pmap.explained]}}
 
-    def project(self, embeddings: np.ndarray) -> list[list[float]]:
+    def project(self, embeddings: np.ndarray) -> builtins.list[builtins.list[float]]:  # `list` is a method here
         """(n, d) request embeddings -> their (x, y) on the pool map (zeros for an empty pool)."""
         _, pmap = self._pool_map()
         z = np.atleast_2d(np.asarray(embeddings))

@@ -17,6 +17,7 @@ from .config import (
     StoreSettings,
 )
 from .connection import EmbeddedRedis, connect
+from .decision import AdapterLocation, Decision, OffPoolTest, RoutingSummary
 from .errors import (
     ConflictError,
     EmbedderMismatchError,
@@ -28,7 +29,7 @@ from .manifest import ImportReport, import_manifest, load_manifest
 from .prefilter import MeanIndex, prefilter_scores
 from .records import AdapterPage, AdapterRecord, StoredAdapter
 from .registry import Registry
-from .routing import PoolSnapshot, RouteDecision
+from .routing import PoolSnapshot
 from .scorer import PoolScorer
 from .store import AdapterStore
 
@@ -55,7 +56,7 @@ __all__ = [
     "RegistryConfig",
     "RegistrySettings",
     "RegistryUnavailableError",
-    "RouteDecision",
+    "Decision", "AdapterLocation", "OffPoolTest", "RoutingSummary",
     "ScorerSettings",
     "StoreSettings",
     "StoredAdapter",

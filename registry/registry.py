@@ -6,6 +6,7 @@ and then makes one atomic Redis write, so a refused call leaves the store unchan
 
 from __future__ import annotations
 
+import builtins
 import time
 from collections.abc import Sequence
 from dataclasses import asdict
@@ -26,9 +27,9 @@ from .adapter_source import (
 )
 from .config import RegistryConfig, build_embedder
 from .connection import connect
+from .decision import Decision
 from .errors import ConflictError
 from .records import AdapterPage, AdapterRecord, StoredAdapter
-from .routing import RouteDecision
 from .scorer import PoolScorer
 from .store import AdapterStore
 from .validation import (
@@ -170,7 +171,8 @@ class Registry:
         adm = self.config.admission
         return validate_embeddings(z, self.identity, adm.min_samples, adm.max_samples)
 
-    def _resolve(self, adapter_id, source, revision, rank, alpha, targets, base_model):
+    def _resolve(self, adapter_id: str, source: str, revision: str | None, rank: int | None, alpha: float | None,
+                 targets: Sequence[str] | None, base_model: str | None) -> tuple[AdapterSource, AdapterSpec]:
         src = AdapterSource.parse(source, revision)
         check_local_allowed(src, self.config.allowed_local_dirs)
         hub = self._hub_reachable and src.kind == "hub"
@@ -202,7 +204,7 @@ class Registry:
             fit=asdict(self.config.fit), config_source=spec.config_source, texts_stored=keep_texts,
             created=created if created is not None else now, updated=now, tags=tags,
         )
-        epoch = self.store.put(record, z, list(texts) if keep_texts else None, mode)
+        epoch = self.store.put(record, z, list(texts) if keep_texts and texts is not None else None, mode)
         self._written_epoch = max(self._written_epoch, epoch)
         return record.with_epoch(epoch)
 
@@ -236,7 +238,7 @@ class Registry:
             raise InvalidInputError(f"limit must be an integer in 1..{MAX_PAGE}, got {limit!r}")
         return self.store.list_page(offset, limit)
 
-    def list_all(self) -> list[AdapterRecord]:
+    def list_all(self) -> builtins.list[AdapterRecord]:  # `list` in this class is the method above
         return list(self.store.iter_records())
 
     def count(self) -> int:
@@ -257,14 +259,15 @@ class Registry:
         return self._scorer
 
     def route(self, texts: Sequence[str], policy: PolicyConfig | None = None,
-              explicit: Sequence[str] | None = None) -> list[RouteDecision]:
-        """Per text: candidates, scores, ROC allocation and scale (see :class:`RouteDecision`)."""
+              explicit: Sequence[str] | None = None) -> builtins.list[Decision]:
+        """Per text: candidates, scores, ROC allocation and scale (see :class:`Decision`)."""
         if isinstance(texts, str):
             raise InvalidInputError("route takes a list of texts, got a single string")
         z = self.embedder.encode(list(texts))
         return self.scorer.route_embeddings(z, policy, explicit=explicit, identity=self.identity)
 
-    def route_embeddings(self, z: np.ndarray, policy: PolicyConfig | None = None, **kwargs) -> list[RouteDecision]:
+    def route_embeddings(self, z: np.ndarray, policy: PolicyConfig | None = None,
+                         **kwargs) -> builtins.list[Decision]:
         return self.scorer.route_embeddings(z, policy, **kwargs)
 
     def close(self) -> None:

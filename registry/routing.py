@@ -3,7 +3,7 @@
 :func:`route_on_snapshot` scores the request embeddings (through the FAISS prefilter for
 large pools), applies the off-pool test, and asks the policy table
 (:func:`hilora_core.policies.route_queries`) for the plans; each request gets a
-:class:`RouteDecision` that says what was chosen and why.
+:class:`Decision` that says what was chosen and why.
 """
 
 from __future__ import annotations
@@ -17,24 +17,25 @@ import numpy as np
 
 from hilora_core.baselines.retriever import cosine_similarity
 from hilora_core.models.embedding import EmbedderIdentity
-from hilora_core.plan import Routed, RoutingPlan
+from hilora_core.plan import Routed
 from hilora_core.policies import PolicyConfig, route_queries
 from hilora_core.routing.pool import PoolModel
 
 from .config import RegistryConfig
+from .decision import Decision, OffPoolTest
 from .prefilter import MeanIndex, prefilter_scores
 from .records import AdapterRecord
 
-try:  # BLAS threads spinning on a busy 2-core host make small matrix products 50x slower
+try:  # BLAS threads spinning on a busy host make small matrix products many times slower
     from threadpoolctl import ThreadpoolController
 
     _THREADPOOLS = ThreadpoolController()
 
-    def single_blas_thread():
+    def single_blas_thread() -> contextlib.AbstractContextManager[object]:
         """Context manager: BLAS runs single-threaded inside (routing is many small products)."""
         return _THREADPOOLS.limit(limits=1, user_api="blas")
 except ImportError:  # pragma: no cover
-    def single_blas_thread():
+    def single_blas_thread() -> contextlib.AbstractContextManager[object]:
         return contextlib.nullcontext()
 
 
@@ -64,64 +65,24 @@ class PoolSnapshot:
     identities: frozenset[EmbedderIdentity] = frozenset()
 
 
-@dataclass(frozen=True)
-class RouteDecision:
-    """The sequence-level decision for one input.
-
-    Attributes:
-        plan: what the model replicas execute (adapters, ROCs, scale, token rule).
-        candidates: the adapters the policy chose from (HiLoRA policies: the candidate set C,
-            including any that drew 0 ROCs; retriever: its top k; other policies: the plan's adapters).
-        candidate_scores: their scores (Gaussian scores; cosine for retriever; empty otherwise).
-        epoch: pool epoch of the snapshot used.
-        degraded: the scorer could not reach Redis; the snapshot may be stale.
-        prefiltered: the FAISS shortlist was used; shortlist_size: its size (0 if not used).
-        off_pool: the base-model fallback test for this request: ``{"fallback": bool, "best_score",
-            "threshold", "enabled"}``; None when the pool has no off-pool threshold or the policy
-            does not route (explicit, base).
-    """
-
-    plan: RoutingPlan
-    candidates: tuple[str, ...]
-    candidate_scores: tuple[float, ...]
-    epoch: int
-    degraded: bool
-    prefiltered: bool = False
-    shortlist_size: int = 0
-    off_pool: dict | None = None
-
-    @property
-    def fell_back(self) -> bool:
-        return bool(self.off_pool and self.off_pool["fallback"])
-
-    def to_dict(self) -> dict:
-        return {
-            "plan": self.plan.to_dict(), "candidates": list(self.candidates),
-            "candidate_scores": [float(s) for s in self.candidate_scores], "epoch": self.epoch,
-            "degraded": self.degraded, "prefiltered": self.prefiltered, "shortlist_size": self.shortlist_size,
-            "off_pool": self.off_pool,
-        }
-
-
-def _off_pool_info(model: PoolModel | None, cfg: PolicyConfig, best: float | None, off: bool) -> dict | None:
+def _off_pool_info(model: PoolModel | None, cfg: PolicyConfig, best: float | None, off: bool) -> OffPoolTest | None:
     """The decision's ``off_pool`` record (None when the pool has no threshold or the policy does not route);
     ``off``: the pool's test flagged the request."""
     if model is None or model.off_pool is None or best is None or not cfg.spec.routes:
         return None
-    return {"fallback": bool(off) and cfg.fallback, "best_score": float(best),
-            "threshold": model.off_pool.threshold, "enabled": cfg.fallback}
+    return OffPoolTest(fallback=bool(off) and cfg.fallback, best_score=float(best),
+                       threshold=float(model.off_pool.threshold), enabled=cfg.fallback)
 
 
-def _decision(r: Routed, names: Sequence[str], common: dict, off_pool: dict | None,
-              shortlist_size: int = 0) -> RouteDecision:
+def _decision(r: Routed, names: Sequence[str], common: dict, off_pool: OffPoolTest | None,
+              shortlist_size: int = 0) -> Decision:
     candidates = tuple(names[i] for i in r.candidates) if r.candidates else r.plan.adapters
-    return RouteDecision(r.plan, candidates, r.candidate_scores, prefiltered=shortlist_size > 0,
-                         shortlist_size=shortlist_size, off_pool=off_pool, **common)
+    return Decision(plan=r.plan, candidates=candidates, candidate_scores=tuple(float(s) for s in r.candidate_scores),
+                    prefiltered=shortlist_size > 0, shortlist_size=shortlist_size, off_pool=off_pool, **common)
 
 
-def _route_prefiltered(snap: PoolSnapshot, z: np.ndarray, cfg: PolicyConfig, config: RegistryConfig,
-                       common: dict) -> list[RouteDecision]:
-    model = snap.model
+def _route_prefiltered(snap: PoolSnapshot, model: PoolModel, z: np.ndarray, cfg: PolicyConfig,
+                       config: RegistryConfig, common: dict) -> list[Decision]:
     index, slot_to_pos = snap.index, snap.slot_to_pos
     if index is None or slot_to_pos is None:  # forced on a small pool: index everything exactly
         slot_to_pos = np.arange(len(snap.ids), dtype=np.int64)
@@ -149,7 +110,7 @@ def route_on_snapshot(
     explicit: Sequence[str] | None = None,
     use_prefilter: bool | None = None,
     degraded: bool = False,
-) -> list[RouteDecision]:
+) -> list[Decision]:
     """Route (n, d) checked query embeddings against one snapshot.
 
     Policies that read Gaussian scores use the FAISS prefilter when the snapshot has an index
@@ -164,14 +125,17 @@ def route_on_snapshot(
     with single_blas_thread():
         prefilter = snap.index is not None if use_prefilter is None else use_prefilter
         if cfg.needs_gaussian_scores and model is not None and prefilter:
-            return _route_prefiltered(snap, z, cfg, config, common)
-        gated = model is not None and model.off_pool is not None and cfg.spec.routes
-        scores = model.score(z) if model is not None and (cfg.needs_gaussian_scores or gated) else None
-        cosine = cosine_similarity(z, model.means) if model is not None and cfg.needs_cosine else None
-        best = None if scores is None else scores.max(axis=1)
-        off = None if best is None else model.off_pool_rows(best)
+            return _route_prefiltered(snap, model, z, cfg, config, common)
+        scores = cosine = off = None
+        infos: list[OffPoolTest | None] = [None] * n
+        if model is not None:
+            if cfg.needs_gaussian_scores or (model.off_pool is not None and cfg.spec.routes):
+                scores = model.score(z)
+                best = scores.max(axis=1)
+                off = model.off_pool_rows(best)
+                infos = [_off_pool_info(model, cfg, best[q], off[q]) for q in range(n)]
+            if cfg.needs_cosine:
+                cosine = cosine_similarity(z, model.means)
         routed = route_queries(cfg, names, snap.ranks, scores=scores, cosine=cosine, explicit=explicit,
                                n_queries=n, off_pool=off)
-    return [_decision(r, names, common,
-                      None if best is None else _off_pool_info(model, cfg, best[q], off[q]))
-            for q, r in enumerate(routed)]
+    return [_decision(r, names, common, info) for r, info in zip(routed, infos, strict=True)]

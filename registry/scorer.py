@@ -31,12 +31,13 @@ from hilora_core.routing.pool import PoolModel
 
 from .config import RegistryConfig, build_embedder
 from .connection import REDIS_ERRORS, connect
+from .decision import Decision
 from .errors import EmbedderMismatchError, RegistryUnavailableError
 from .fitted_pool import FittedHeader
 from .fitting import IncrementalPoolFit, StoredParameters
 from .prefilter import IndexKeeper, MeanIndex
 from .records import AdapterRecord, StoredAdapter
-from .routing import PoolSnapshot, RouteDecision, route_on_snapshot
+from .routing import PoolSnapshot, route_on_snapshot
 from .store import AdapterStore, Change
 
 
@@ -189,7 +190,7 @@ class PoolScorer:
         self.close()
 
     def route(self, texts: Sequence[str], policy: PolicyConfig | None = None,
-              explicit: Sequence[str] | None = None) -> list[RouteDecision]:
+              explicit: Sequence[str] | None = None) -> list[Decision]:
         """Embed ``texts`` and route them (see :meth:`route_embeddings`)."""
         if isinstance(texts, str):
             raise InvalidInputError("route takes a list of texts, got a single string")
@@ -204,7 +205,7 @@ class PoolScorer:
         explicit: Sequence[str] | None = None,
         identity: EmbedderIdentity | None = None,
         use_prefilter: bool | None = None,
-    ) -> list[RouteDecision]:
+    ) -> list[Decision]:
         """Route (n, d) query embeddings with ``policy`` (default: HiLoRA).
 
         Args:
@@ -215,7 +216,7 @@ class PoolScorer:
                 ``prefilter.min_pool`` adapters).
 
         Returns:
-            one :class:`RouteDecision` per row of ``z``.
+            one :class:`Decision` per row of ``z``.
         """
         cfg = policy or PolicyConfig()
         snap = self._snapshot

@@ -21,8 +21,7 @@ Two forms of the same sum (``hilora_core.routing.token_routing``), chosen per fo
   U small stacks costs less than gathering each row's own copy.
 - **Per row** (prefill, T > 1, per-adapter rules): the T tokens of a row share one candidate list,
   so each row is projected on its own C candidates only (:func:`apply_row_routing`), C instead of U
-  adapters per token. On the demo pool this made a 10-prompt prefill 1.21x the base model's time
-  instead of 1.74x (``docs/load-test.md``).
+  adapters per token (measured against the dense form in ``docs/load-test.md``).
 
 Each layer routes only on the adapters that adapt it. Adapters target different modules (one adapts
 q and v, another the MLP), and an adapter without weights at a layer has rank 0 there and adds

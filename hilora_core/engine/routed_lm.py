@@ -11,7 +11,9 @@ results are read from the handles, so offline generation and the service produce
 
 from __future__ import annotations
 
+import contextlib
 import queue
+import time
 from collections.abc import Iterator, Sequence
 
 from hilora_core.engine.generation import GenerationResult, StreamEvent, check_sampling, per_sequence
@@ -95,7 +97,8 @@ class RoutedLM(RoutedModel):
             ignore_eos: keep generating past EOS (benchmarks).
 
         Requests are checked and submitted before this returns. Every prompt ends with one event with
-        ``finished=True``. Closing the iterator early cancels the prompts still running.
+        ``finished=True``. Closing the iterator early cancels the prompts still running, and returns once
+        they have left the batch (their adapter slots are free then).
         """
         ids = self.prompt_ids(prompts, chat)
         n = len(ids)
@@ -174,9 +177,14 @@ def _merged(events: queue.Queue[tuple[int, Item]], handles: list[SequenceHandle]
             yield item
             if item.finished:
                 left -= 1
-    finally:
-        for h in handles:
+    finally:  # closed early, or an error: cancel the rest and wait until they have left the batch
+        pending = [h for h in handles if not h.finished]
+        for h in pending:
             h.cancel()
+        deadline = time.monotonic() + 30.0
+        while any(not h.finished for h in pending) and time.monotonic() < deadline:
+            with contextlib.suppress(queue.Empty):
+                events.get(timeout=0.1)
 
 
 __all__ = ["RoutedLM"]

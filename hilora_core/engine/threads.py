@@ -8,8 +8,8 @@ torch (OpenMP build) keeps two counts:
 
 A thread that calls ``set_num_threads(n)`` and runs its first op later loses ``n`` when another thread
 sets a different count in between: the lazy initialisation copies the other thread's value. That is
-how a replica's generation loop ran on one thread instead of two (a helper thread had set one), 1.6x
-slower (``benchmarks/thread_teams.py``, ``docs/load-test.md``). :func:`use_torch_threads` runs the
+how a replica's generation loop once ran on one thread instead of two (a helper thread had set one;
+measured in ``docs/load-test.md`` with ``benchmarks/thread_teams.py``). :func:`use_torch_threads` runs the
 initialisation first, so the count it sets stays.
 
 Each thread that has run a parallel op also keeps its own OpenMP team; two teams of N threads on N

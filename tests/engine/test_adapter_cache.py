@@ -115,14 +115,15 @@ def test_pinned_adapter_is_never_evicted(tiny):
 
 def test_in_use_slots_are_never_evicted(tiny):
     lm = new_lm(tiny, max_slots=2)
-    ref = lm.generate(["hello there"], plans=[RoutingPlan.single("a0")], max_new_tokens=6, ignore_eos=True)[0]
-    stream = lm.stream(["hello there"], plans=[RoutingPlan.single("a0")], max_new_tokens=6, ignore_eos=True)
+    tokens = 480  # long enough that both generations are still running in the loop's thread while we probe
+    ref = lm.generate(["hello there"], plans=[RoutingPlan.single("a0")], max_new_tokens=tokens, ignore_eos=True)[0]
+    stream = lm.stream(["hello there"], plans=[RoutingPlan.single("a0")], max_new_tokens=tokens, ignore_eos=True)
     first = next(stream)  # the generation is now in flight and holds a0's slot
     assert lm.slots.in_use("a0")
     for n in ("a1", "a2", "a3"):  # each needs the one other slot: evicts the previous, never a0
         use(lm, n)
         assert "a0" in lm.slots.lru_order()
-    second = lm.stream(["hi"], plans=[RoutingPlan.single("a1")], max_new_tokens=4, ignore_eos=True)
+    second = lm.stream(["hi"], plans=[RoutingPlan.single("a1")], max_new_tokens=tokens, ignore_eos=True)
     next(second)  # now both slots are held by in-flight generations
     with pytest.raises(CapacityError, match="in-flight"):
         use(lm, "a4")

@@ -152,7 +152,7 @@ def test_routes_every_policy_with_the_fit_of_hilora_core(reg):
         assert sum(d.plan.rocs) == max(1, round(0.4 * 8 * len(d.candidates)))  # every rank is 8
     # the third query is far from every adapter: the base model serves it, and the decision says why
     assert decisions[2].plan.is_base and decisions[2].fell_back
-    assert decisions[2].off_pool["best_score"] < decisions[2].off_pool["threshold"]
+    assert decisions[2].off_pool.best_score < decisions[2].off_pool.threshold
     for name in POLICIES:
         out = reg.route_embeddings(z, PolicyConfig(name=name), explicit=["ad003"])
         assert len(out) == 3, name

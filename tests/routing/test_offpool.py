@@ -124,13 +124,13 @@ def test_registry_falls_back_with_override_and_stores_the_threshold(redis_url, e
     reg.scorer.refresh()
     decisions = reg.scorer.route(GENERAL + list(IN_POOL.values()))
     for d in decisions[: len(GENERAL)]:
-        assert d.plan.is_base and d.fell_back and d.off_pool["best_score"] < d.off_pool["threshold"]
+        assert d.plan.is_base and d.fell_back and d.off_pool.best_score < d.off_pool.threshold
         assert d.candidates  # the candidate rule's view stays visible
     for d, task in zip(decisions[len(GENERAL):], IN_POOL, strict=True):
         assert not d.fell_back and d.plan.adapters[0] == task
     # per request: the paper's behaviour; and the fallback applies to a baseline policy too
     paper = reg.scorer.route(GENERAL, PolicyConfig(fallback=False))
-    assert all(d.plan.adapters and not d.fell_back and d.off_pool["enabled"] is False for d in paper)
+    assert all(d.plan.adapters and not d.fell_back and d.off_pool.enabled is False for d in paper)
     retriever = reg.scorer.route(GENERAL, PolicyConfig("retriever"))
     assert all(d.plan.is_base and d.fell_back for d in retriever)
     # the threshold is part of the stored fit, computed at the current epoch

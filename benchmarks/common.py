@@ -8,6 +8,7 @@
   :func:`service_env`, :func:`require_loopback`; Redis is :class:`registry.redis_server.RedisServer`;
 - clients: :func:`chat_request`, :func:`run_requests` (a bounded burst at a fixed concurrency),
   :func:`closed_loop` (clients that send one request after another for a while), :func:`percentile`;
+- command lines: :func:`parse_report_args` (``--out``, ``--threads``);
 - reports: :func:`table_head`, :func:`table_row`, :func:`print_table` (markdown), :func:`fmt` (a cell),
   :func:`command_line`, :func:`write_lines`.
 
@@ -16,6 +17,7 @@ Scripts import from here and never from each other.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import math
@@ -289,6 +291,21 @@ def table_head(columns: Sequence[str], align: str = "") -> list[str]:
 
 def print_table(columns: Sequence[str], rows: Iterable[Iterable[object]], align: str = "") -> None:
     print("\n".join(table_head(columns, align) + [table_row(r) for r in rows]), flush=True)
+
+
+def parse_report_args(ap: argparse.ArgumentParser, argv: list[str] | None = None,
+                      threads: bool = True) -> argparse.Namespace:
+    """Parse ``argv`` with ``--out`` (the reports' folder, ``docs/`` by default) added to ``ap`` and, with
+    ``threads``, ``--threads`` (torch's intra-op threads, set here when given)."""
+    if threads:
+        ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    ap.add_argument("--out", type=Path, default=DOCS, help="folder of the reports (default: docs/)")
+    args = ap.parse_args(argv)
+    if threads and args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    return args
 
 
 def command_line(script: str, argv: list[str] | None = None) -> str:

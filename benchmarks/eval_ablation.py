@@ -19,13 +19,11 @@ from __future__ import annotations
 import argparse
 import time
 from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
-import torch
 
 import hilora_core.evaluation.harness as h
-from benchmarks.common import DEMO_POOL, DOCS, command_line, fmt, table_head, table_row, write_lines
+from benchmarks.common import DEMO_POOL, command_line, fmt, parse_report_args, table_head, table_row, write_lines
 
 
 def top3_plans(scores: np.ndarray, pool: list[str], ranks: list[int], gamma: float | None):
@@ -58,11 +56,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--limit", type=int, default=10)
     ap.add_argument("--cross-seen-limit", type=int, default=None)
     ap.add_argument("--settings", nargs="+", default=["within", "cross"], choices=["within", "cross"])
-    ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--out", type=Path, default=DOCS)
-    args = ap.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args = parse_report_args(ap, argv)
     from hilora_core.models.embedding import SentenceEmbedder
     from hilora_core.routing.pool import GaussianFitSettings, fit_pool
 

@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.common import DOCS, ROOT, command_line, fmt, pool_dir
+from benchmarks.common import ROOT, command_line, fmt, parse_report_args, pool_dir
 from hilora_core.engine import RoutedLM
 from hilora_core.evaluation.harness import (
     Context,
@@ -274,11 +274,7 @@ def main(argv: list[str] | None = None) -> dict:
                     help="sentence embedder (name or folder; default: the offline all-MiniLM-L6-v2); "
                     "e.g. hkunlp/instructor-base, the paper's")
     ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--out", type=Path, default=DOCS)
-    args = ap.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args = parse_report_args(ap, argv)
     t0 = time.perf_counter()
     embedder = SentenceEmbedder(args.embedder)
     reference = embedder.encode(load_reference_requests(args.reference_file))

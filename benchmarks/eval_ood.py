@@ -13,12 +13,11 @@ Writes ``<out>/eval-ood.md``.
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 import numpy as np
 
 import hilora_core.evaluation.harness as h
-from benchmarks.common import DEMO_POOL, DOCS, command_line, table_head, write_lines
+from benchmarks.common import DEMO_POOL, command_line, parse_report_args, table_head, write_lines
 
 
 def auroc(positive: np.ndarray, negative: np.ndarray) -> float:
@@ -30,8 +29,7 @@ def auroc(positive: np.ndarray, negative: np.ndarray) -> float:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--limit", type=int, default=100)
-    ap.add_argument("--out", type=Path, default=DOCS)
-    args = ap.parse_args(argv)
+    args = parse_report_args(ap, argv, threads=False)
     from transformers import AutoTokenizer
 
     from hilora_core.models.base_model import resolve_base

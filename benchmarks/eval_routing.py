@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.common import DEMO_POOL, DOCS, command_line, fmt
+from benchmarks.common import DEMO_POOL, command_line, fmt, parse_report_args
 from hilora_core.evaluation.harness import (
     Context,
     PoolData,
@@ -178,13 +178,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--from-json", type=Path, default=None, help="only re-render the report of a saved run")
     ap.add_argument("--llm-embed-layer", type=int, default=20, help="SmolLM2 layer of the LLM embedder variant")
     ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--seed", type=int, default=0, help="seed of the within-cluster seen/unseen split")
     ap.add_argument("--base-model", default=None, help="base model (default: the embedded SmolLM2)")
-    ap.add_argument("--out", type=Path, default=DOCS)
-    args = ap.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args = parse_report_args(ap, argv)
     t_start = time.perf_counter()
 
     args.out.mkdir(parents=True, exist_ok=True)

@@ -17,24 +17,17 @@ from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
-
-import torch
 
 import hilora_core.evaluation.harness as h
-from benchmarks.common import DOCS, command_line, pool_dir, write_lines
+from benchmarks.common import command_line, parse_report_args, pool_dir, write_lines
 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--limit", type=int, default=10)
-    ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--pool", default="demo", choices=["demo", "transfer"])
     ap.add_argument("--cross", action="store_true", help="also run every adapter of the other clusters")
-    ap.add_argument("--out", type=Path, default=DOCS)
-    args = ap.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args = parse_report_args(ap, argv)
     from hilora_core.plan import RoutingPlan
 
     t0 = time.perf_counter()

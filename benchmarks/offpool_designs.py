@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import DOCS, command_line, pool_dir, table_head, table_row, write_lines
+from benchmarks.common import command_line, parse_report_args, pool_dir, table_head, table_row, write_lines
 from hilora_core.manifest import read_manifest
 from hilora_core.models.embedding import SentenceEmbedder
 from hilora_core.routing.calibration import LeaveOneOutScores
@@ -88,8 +88,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--reference-file", type=Path, default=None,
                     help="general requests of the off-pool threshold (default: the set shipped with hilora_core)")
     ap.add_argument("--per-task", type=int, default=30, help="test items per example-pool task")
-    ap.add_argument("--out", type=Path, default=DOCS)
-    args = ap.parse_args(argv)
+    args = parse_report_args(ap, argv, threads=False)
     t0 = time.perf_counter()
     embedder = SentenceEmbedder()
     reference = embedder.encode(load_reference_requests(args.reference_file))

@@ -337,6 +337,6 @@ class Ingress:
 
     @app.get("/metrics", response_class=PlainTextResponse,
              responses={200: {"description": "Prometheus text format 0.0.4"}})
-    async def metrics(self):
+    async def prometheus(self):
         return PlainTextResponse(self.metrics.render(), media_type="text/plain; version=0.0.4")
 

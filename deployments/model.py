@@ -20,7 +20,7 @@ import asyncio
 import os
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from contextlib import aclosing
 
 import torch
@@ -127,6 +127,8 @@ class ModelReplica:
     def _prompt(self, req: GenerateCall) -> str:
         if req.messages is not None:
             return self.lm.tokenizer.apply_chat_template(req.messages, tokenize=False, add_generation_prompt=True)
+        if req.prompt is None:
+            raise InvalidInputError("a generate call needs a prompt, prompt ids or messages")
         return req.prompt
 
     def _prompt_ids(self, req: GenerateCall) -> list[int]:
@@ -183,13 +185,16 @@ class ModelReplica:
             top_p=req.top_p, seed=req.seed, stop=tuple(req.stop), logprobs=req.logprobs,
             prompt_logprobs=req.echo_logprobs, ignore_eos=req.ignore_eos), sink)
 
-    async def _events(self, req: GenerateCall) -> AsyncIterator[StreamEvent | None]:
+    async def _events(self, req: GenerateCall) -> AsyncGenerator[StreamEvent | None, None]:
         """Submit to the loop; yield None once queued, then its events. Cancelling or closing this generator
         (the caller went away) cancels the request in the loop."""
         loop = asyncio.get_running_loop()
         items: asyncio.Queue[Item] = asyncio.Queue()
-        handle = await asyncio.to_thread(self._submit, req, lambda item: loop.call_soon_threadsafe(items.put_nowait,
-                                                                                                  item))
+
+        def sink(item: Item) -> None:  # called on the loop's thread
+            loop.call_soon_threadsafe(items.put_nowait, item)
+
+        handle = await asyncio.to_thread(self._submit, req, sink)
         try:
             yield None
             while True:
@@ -204,7 +209,7 @@ class ModelReplica:
 
     # ---- generation ------------------------------------------------------------------------
 
-    async def _chunks(self, req: GenerateCall) -> AsyncIterator[StreamStarted | GenerationChunk]:
+    async def _chunks(self, req: GenerateCall) -> AsyncGenerator[StreamStarted | GenerationChunk, None]:
         """:class:`StreamStarted`, then the loop's events as chunks; the first chunk of an echo request adds
         ``prompt_logprobs`` and ``prompt_text``, the finishing one the replica's stats."""
         started = time.perf_counter()
@@ -248,7 +253,7 @@ class ModelReplica:
             prompt_logprobs=first.prompt_logprobs, prompt_text=first.prompt_text, seconds=last.seconds,
             stats=last.stats)
 
-    async def stream(self, req: GenerateCall) -> AsyncIterator[StreamStarted | GenerationChunk]:
+    async def stream(self, req: GenerateCall) -> AsyncGenerator[StreamStarted | GenerationChunk, None]:
         """:class:`StreamStarted` once queued, then :class:`GenerationChunk` items; the last one finishes."""
         await self._note_affinity()
         async with aclosing(self._chunks(req)) as chunks:

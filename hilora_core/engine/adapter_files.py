@@ -95,7 +95,8 @@ def _hub_weights_size(location: str, revision: str | None) -> int | None:
         infos = HfApi().get_paths_info(location, [WEIGHTS_FILE], revision=revision)
     except Exception:  # noqa: BLE001 - no metadata: the download itself reports what is wrong
         return None
-    return next((int(i.size) for i in infos if getattr(i, "size", None) is not None), None)
+    sizes = [getattr(i, "size", None) for i in infos]  # RepoFolder entries have none
+    return next((int(s) for s in sizes if s is not None), None)
 
 
 def check_size(nbytes: int | None, max_bytes: int | None, where: str) -> None:

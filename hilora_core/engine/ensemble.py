@@ -54,8 +54,8 @@ def expand_ensembles(plans: Sequence[RoutingPlan] | None, n: int, device: torch.
             rows.append(RoutingPlan(adapters=(a,), scale=p.scale, normalize=False))
             row_seq.append(i)
     matrix = torch.zeros((n, len(rows)), dtype=torch.float32)
-    for i, r, w in mix:
-        matrix[i, r] = w
+    for i, r, weight in mix:
+        matrix[i, r] = weight
     return ExpandedBatch(rows, row_seq, matrix.to(device))
 
 

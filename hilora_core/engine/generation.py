@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -69,8 +70,8 @@ def logprob_entries(logp: torch.Tensor, tokens: Sequence[int], tops: Sequence[in
     k = max(tops)
     if k == 0:
         return [TokenLogprob(int(t), c) for t, c in zip(tokens, chosen, strict=True)]
-    values, ids = logp.topk(k, dim=-1)
-    values, ids = values.tolist(), ids.tolist()
+    top_values, top_ids = logp.topk(k, dim=-1)
+    values, ids = top_values.tolist(), top_ids.tolist()
     return [TokenLogprob(int(tokens[i]), chosen[i], tuple(zip(ids[i][: tops[i]], values[i][: tops[i]], strict=True)))
             for i in range(m)]
 
@@ -182,7 +183,7 @@ def choose_tokens(
 class TextTracker:
     """Incremental text of one sequence with stop strings (see the module docstring)."""
 
-    tokenizer: object
+    tokenizer: Any  # a transformers tokenizer (decode)
     stops: tuple[str, ...]
     token_ids: list[int] = field(default_factory=list)
     emitted: str = ""

@@ -53,6 +53,7 @@ class HostAdapterCache:
                 self._loading[source.name] = future
             else:
                 self.hits += 1  # served by a load already in flight
+        assert future is not None
         if not owner:
             return future.result()
         try:

@@ -197,9 +197,11 @@ class BatchRouting:
         if hit is None:
             hit = []
             device = self.seq_cand.device
-            seq_weights = self.seq_weights if layer is None else self.seq_weights * self.layer_weights[layer]
+            seq_weights = self.seq_weights
+            if layer is not None and self.layer_weights is not None:
+                seq_weights = seq_weights * self.layer_weights[layer]
             for g in self.groups:
-                meta = (self.seq_cand, self.seq_rocs, seq_weights, self.seq_scale)
+                meta: tuple[torch.Tensor, ...] = (self.seq_cand, self.seq_rocs, seq_weights, self.seq_scale)
                 if g.rows is not None:
                     meta = tuple(m.index_select(0, g.rows) for m in meta)
                 if t_len > 1:
@@ -392,6 +394,7 @@ def build_batch_routing(
         if p.token_rule == TokenRule.PER_ADAPTER:
             rocs[i, :n] = torch.tensor(list(p.rocs) if p.rocs is not None else [big] * n)
         else:
+            assert p.top_k is not None, "global_topk and arrow plans carry top_k"
             rocs[i, 0] = int(p.top_k)
         weights[i, :n] = torch.tensor(list(p.weights) if p.weights is not None else [1.0] * n)
         s = float(p.scale)

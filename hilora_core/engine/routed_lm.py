@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import queue
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 from hilora_core.engine.generation import GenerationResult, StreamEvent, check_sampling, per_sequence
 from hilora_core.engine.loop import GenerationLoop
@@ -116,7 +116,7 @@ class RoutedLM(RoutedModel):
                 req = SequenceRequest(ids[i], plan_list[i], max_new_tokens=max_new[i], temperature=temps[i],
                                       top_p=top_ps[i], seed=None if seed is None else seed + i, stop=stops[i],
                                       ignore_eos=ignore_eos)
-                handles.append(self.loop.submit(req, lambda item, i=i: events.put((i, item)), bounded=False))
+                handles.append(self.loop.submit(req, _tagged(events, i), bounded=False))
         except BaseException:
             for h in handles:
                 h.cancel()
@@ -147,6 +147,13 @@ class RoutedLM(RoutedModel):
             stop=stop, chat=chat, ignore_eos=ignore_eos,
         )
         return [r.text for r in results]
+
+
+def _tagged(events: queue.Queue[tuple[int, Item]], index: int) -> Callable[[Item], None]:
+    """A sink that puts a handle's items on the shared queue with its prompt's index."""
+    def put(item: Item) -> None:
+        events.put((index, item))
+    return put
 
 
 def _per_prompt_stops(stop: StopArg, n: int) -> list[tuple[str, ...]]:

@@ -21,9 +21,11 @@ from __future__ import annotations
 import threading
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
+from typing_extensions import Self
 
 from hilora_core.engine.adapter_files import (
     SUPPORTED_TARGETS,
@@ -51,10 +53,10 @@ class RoutedModel:
         settings: cache sizes and routing settings.
     """
 
-    def __init__(self, model: nn.Module, tokenizer, settings: EngineSettings | None = None) -> None:
+    def __init__(self, model: Any, tokenizer: Any, settings: EngineSettings | None = None) -> None:
         self.settings = settings or EngineSettings()
         self.architecture = check_architecture(model.config)
-        self.model = model.eval()
+        self.model = model.eval()  # a transformers *ForCausalLM (untyped)
         self.tokenizer = tokenizer
         tokenizer.padding_side = "left"
         if tokenizer.pad_token_id is None:
@@ -74,7 +76,7 @@ class RoutedModel:
             if isinstance(mod, nn.Linear) and name.rsplit(".", 1)[-1] in SUPPORTED_TARGETS
         }
         self.eos_ids = self._find_eos_ids()
-        self.n_layers = int(model.config.num_hidden_layers)
+        self.n_layers = int(self.model.config.num_hidden_layers)
 
     # ---- construction ------------------------------------------------------------------------------
     @classmethod
@@ -86,7 +88,7 @@ class RoutedModel:
         settings: EngineSettings | None = None,
         revision: str | None = None,
         **overrides,
-    ) -> RoutedModel:
+    ) -> Self:
         """Load a base model: None or ``"smollm2-135m-instruct"`` (embedded default), a ``.gguf`` file
         (converted once to safetensors), a HuggingFace folder or a hub id.
 
@@ -104,7 +106,8 @@ class RoutedModel:
         except (OSError, ValueError) as exc:
             raise InvalidInputError(f"cannot read a model config from {path!r}: {exc}") from exc
         check_architecture(config)
-        model = AutoModelForCausalLM.from_pretrained(path, revision=revision, dtype=dtype).to(device)
+        model: Any = AutoModelForCausalLM.from_pretrained(path, revision=revision, dtype=dtype)
+        model = model.to(device)
         tokenizer = AutoTokenizer.from_pretrained(path, revision=revision)
         return cls(model, tokenizer, settings)
 

@@ -22,13 +22,17 @@ _STRICT = ConfigDict(extra="forbid")
 class EngineSettings:
     """Adapter memory and token-rule settings of a :class:`RoutedLM`."""
 
-    max_slots: int = Field(16, ge=1, description="adapters resident on the device at once (device slots)")
-    host_cache_size: int = Field(64, ge=1, description="adapters kept in host memory (LRU)")
-    max_rank: int = Field(64, ge=1, description="largest LoRA rank a device slot holds; larger adapters are "
-                                                "refused at registration")
-    arrow_temperature: float = Field(1.0, gt=0, description="softmax temperature of the Arrow token rule")
-    max_adapter_bytes: int = Field(2 << 30, ge=1, description="largest adapter weights file read or downloaded "
-                                                              "(bytes)")
+    max_slots: int = Field(
+        default=16, ge=1, description="adapters resident on the device at once (device slots)")
+    host_cache_size: int = Field(
+        default=64, ge=1, description="adapters kept in host memory (LRU)")
+    max_rank: int = Field(
+        default=64, ge=1, description="largest LoRA rank a device slot holds; larger adapters are refused at "
+                                      "registration")
+    arrow_temperature: float = Field(
+        default=1.0, gt=0, description="softmax temperature of the Arrow token rule")
+    max_adapter_bytes: int = Field(
+        default=2 << 30, ge=1, description="largest adapter weights file read or downloaded (bytes)")
 
 
 @dataclass(frozen=True, config=_STRICT)
@@ -36,16 +40,20 @@ class LoopSettings:
     """Bounds of the generation loop (``hilora_core.engine.loop``). The trade-off of
     ``prefill_tokens_per_step`` is measured in ``docs/load-test.md``."""
 
-    max_rows: int = Field(32, ge=1, description="rows decoding at once (a plain or HiLoRA plan takes one row, "
-                                                "an ensemble one per adapter)")
-    max_waiting: int = Field(64, ge=0, description="requests queued for a row while every row is taken; one more "
-                                                   "gets QueueFullError (HTTP 503)")
-    max_tokens_per_sequence: int = Field(2048, ge=1, description="prompt plus generated tokens of one request "
-                                                                 "(the KV memory's columns)")
-    prefill_tokens_per_step: int = Field(1024, ge=1, description="prompt tokens prefilled between two decode "
-                                                                 "steps (always at least one request)")
-    request_timeout_s: float | None = Field(600.0, gt=0, description="a request running longer ends with "
-                                                                     "RequestTimeoutError (HTTP 504); None: no limit")
+    max_rows: int = Field(
+        default=32, ge=1, description="rows decoding at once (a plain or HiLoRA plan takes one row, an ensemble "
+                                      "one per adapter)")
+    max_waiting: int = Field(
+        default=64, ge=0, description="requests queued for a row while every row is taken; one more gets "
+                                      "QueueFullError (HTTP 503)")
+    max_tokens_per_sequence: int = Field(
+        default=2048, ge=1, description="prompt plus generated tokens of one request (the KV memory's columns)")
+    prefill_tokens_per_step: int = Field(
+        default=1024, ge=1, description="prompt tokens prefilled between two decode steps (always at least one "
+                                        "request)")
+    request_timeout_s: float | None = Field(
+        default=600.0, gt=0, description="a request running longer ends with RequestTimeoutError (HTTP 504); "
+                                         "None: no limit")
 
 
 def check_architecture(config) -> str:

@@ -4,7 +4,8 @@ Modules, in data-flow order:
     adapter_files   read and check PEFT LoRA adapters (safetensors only)
     host_cache      host-memory LRU of adapter tensors (one load per adapter at a time)
     slots           preallocated device slots per routed layer (LRU, pinning, in-use protection)
-    routed_linear   the wrapped linear layers and the per-batch routing metadata
+    batch_routing   the per-batch routing metadata (what each row routes on), built from the plans
+    routed_linear   the wrapped linear layers that read it
     ensemble        ensemble plans as one row per adapter, their distributions mixed
     routed_model    RoutedModel: the model, its adapters, forward passes and logits
     kv_slots        the generation loop's KV memory (every row ends at one column)
@@ -31,8 +32,8 @@ _EXPORTS = {
     "AdapterConfig": "adapter_files", "read_adapter_config": "adapter_files",
     "GenerationResult": "generation", "StreamEvent": "generation",
     "HostAdapterCache": "host_cache",
-    "BatchRouting": "routed_linear", "RoutedLinear": "routed_linear", "RoutingState": "routed_linear",
-    "build_batch_routing": "routed_linear",
+    "BatchRouting": "batch_routing", "RoutedLinear": "routed_linear", "RoutingState": "routed_linear",
+    "build_batch_routing": "batch_routing",
     "RoutedLM": "routed_lm", "RoutedModel": "routed_model",
     "GenerationLoop": "loop", "SequenceRequest": "requests", "SequenceHandle": "requests",
     "LoopStats": "metrics",

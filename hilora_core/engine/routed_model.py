@@ -34,9 +34,10 @@ from hilora_core.engine.adapter_files import (
     inspect_adapter,
     load_adapter,
 )
+from hilora_core.engine.batch_routing import BatchRouting, build_batch_routing
 from hilora_core.engine.ensemble import ExpandedBatch, expand_ensembles, mix_logits
 from hilora_core.engine.host_cache import HostAdapterCache
-from hilora_core.engine.routed_linear import BatchRouting, RoutedLinear, RoutingState, build_batch_routing, layer_index
+from hilora_core.engine.routed_linear import RoutedLinear, RoutingState, layer_index
 from hilora_core.engine.settings import EngineSettings, check_architecture
 from hilora_core.engine.slots import AdapterSlots, SlotLease
 from hilora_core.errors import InvalidInputError, UnknownAdapterError

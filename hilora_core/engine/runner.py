@@ -24,7 +24,7 @@ from hilora_core.engine.settings import LoopSettings
 from hilora_core.errors import UnsupportedModelError
 
 if TYPE_CHECKING:
-    from hilora_core.engine.routed_linear import BatchRouting
+    from hilora_core.engine.batch_routing import BatchRouting
     from hilora_core.engine.routed_model import RoutedModel
 
 

@@ -7,13 +7,8 @@ import pytest
 import torch
 
 from hilora_core import InvalidInputError, TokenRule, arrow_prototype
-from hilora_core.routing.token_routing import (
-    apply_row_routing,
-    prepare_row_routing,
-    prepare_token_routing,
-    route_rocs_batched,
-    stack_adapters,
-)
+from hilora_core.routing.row_routing import apply_row_routing, prepare_row_routing
+from hilora_core.routing.token_routing import prepare_token_routing, route_rocs_batched, stack_adapters
 
 
 def _random_batch(rule: TokenRule, seed: int):

@@ -26,6 +26,7 @@ lint: setup
 
 test: setup
 	$(BIN)/ruff check .
+	$(BIN)/mypy hilora_core registry deployments
 	$(BIN)/python -m pytest -q tests
 
 serve: setup

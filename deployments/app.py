@@ -9,7 +9,7 @@ autoscaling (``serve_config.yaml``, ``serve_config.gpu.yaml``).
 
 from __future__ import annotations
 
-from ray.serve import Application
+from ray.serve import Application, Deployment
 
 from .config import AppConfig
 from .embedder import Embedder
@@ -27,6 +27,14 @@ DEPLOYMENT_DEFAULTS: dict[str, dict] = {
                         "ray_actor_options": {"num_cpus": 0.1}},
     "LoRAModel": {"max_ongoing_requests": 96, "max_queued_requests": 32, "ray_actor_options": {"num_cpus": 1}},
 }
+
+
+def _deployment(target: object) -> Deployment:
+    """A deployment this package defines, as one: ray annotates ``serve.deployment(cls)`` as returning a
+    decorator, so the type checker cannot see that these module attributes are deployments."""
+    if not isinstance(target, Deployment):
+        raise TypeError(f"{target!r} is not a Serve deployment")
+    return target
 
 
 def build_app(args: dict) -> Application:
@@ -48,9 +56,9 @@ def compose_app(args: dict | None = None, deployments: dict[str, dict] | None = 
         if name not in d:
             raise ValueError(f"unknown deployment {name!r}; the deployments are {sorted(d)}")
         d[name].update(options)
-    return Ingress.options(**d["Ingress"]).bind(
-        Embedder.options(**d["Embedder"]).bind(config),
-        RegistryService.options(**d["RegistryService"]).bind(config),
-        LoRAModel.options(**d["LoRAModel"]).bind(config),
+    return _deployment(Ingress).options(**d["Ingress"]).bind(
+        _deployment(Embedder).options(**d["Embedder"]).bind(config),
+        _deployment(RegistryService).options(**d["RegistryService"]).bind(config),
+        _deployment(LoRAModel).options(**d["LoRAModel"]).bind(config),
         config,
     )

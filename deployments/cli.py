@@ -12,6 +12,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from hilora_core.models.embedding import SentenceEmbedder
+    from hilora_core.routing.pool import GaussianFitSettings, PoolModel
 
 
 def _add_route_eval(sub: argparse._SubParsersAction) -> None:
@@ -31,12 +38,14 @@ def _add_route_eval(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_run_route_eval)
 
 
-def _pool_through_registry(args, embedder, pool_z, settings):
+def _pool_through_registry(args: argparse.Namespace, embedder: SentenceEmbedder, pool_z: dict[str, np.ndarray],
+                           settings: GaussianFitSettings) -> PoolModel:
     """Register the pool in Redis and return the registry scorer's fitted pool, in pool order."""
     from dataclasses import replace
 
     import numpy as np
 
+    from hilora_core.errors import EmptyPoolError
     from registry.config import AdmissionSettings, RegistryConfig, ScorerSettings, StoreSettings
     from registry.registry import Registry
 
@@ -52,6 +61,8 @@ def _pool_through_registry(args, embedder, pool_z, settings):
     order = np.array([snap.ids.index(n) for n in pool_z])
     model = snap.model
     reg.close()
+    if model is None:
+        raise EmptyPoolError(f"the registry at {args.redis_url} fitted no pool for the {len(pool_z)} adapters")
     return replace(model, bank=model.bank.take(order), means=model.means[order])
 
 

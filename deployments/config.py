@@ -85,7 +85,7 @@ class ServiceRegistrySettings(RegistrySettings):
 
 class RoutingSettings(_Strict):
     model_alias: str = Field("hilora", description="the `model` value that selects automatic routing")
-    policy: str = Field(_POLICY.name.value, description="default policy of the alias")
+    policy: str = Field(_POLICY.policy.value, description="default policy of the alias")
     gamma: float = Field(_POLICY.gamma, gt=0, le=1)
     max_candidates: int | None = Field(_POLICY.max_candidates, ge=1)
     seed: int | None = Field(_POLICY.seed, ge=0, description="None: deterministic ROC allocation")

@@ -25,8 +25,9 @@ class EmbedderReplica:
         instruction = DEFAULT_INSTRUCTION if cfg.embedder.instruction is None else cfg.embedder.instruction
         self.embedder = embedder if embedder is not None else SentenceEmbedder(
             cfg.embedder.model, instruction=instruction, revision=cfg.embedder.revision)
-        self._embed_batch.set_max_batch_size(cfg.embedder.max_batch_size)
-        self._embed_batch.set_batch_wait_timeout_s(cfg.embedder.batch_wait_timeout_s)
+        # serve.batch's wrapper has these setters; ray annotates it as a plain callable
+        self._embed_batch.set_max_batch_size(cfg.embedder.max_batch_size)  # type: ignore[attr-defined]
+        self._embed_batch.set_batch_wait_timeout_s(cfg.embedder.batch_wait_timeout_s)  # type: ignore[attr-defined]
 
     def identity(self) -> dict:
         return self.embedder.identity.to_dict()

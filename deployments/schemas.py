@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -18,13 +18,17 @@ SEED_MAX = 2**63 - 1 - 16  # seed + i for up to 16 choices stays a 64-bit intege
 ROUTED_POLICIES = tuple(p for p in POLICIES if p != "explicit")  # explicit: name the adapter in `model`
 TokenIds = Annotated[list[int], Field(min_length=1)]
 Texts = Annotated[list[str], Field(min_length=1)]
+if TYPE_CHECKING:  # a Literal built from the policy table: a str to the type checker, an enum to pydantic
+    RoutedPolicy = str
+else:
+    RoutedPolicy = Literal[ROUTED_POLICIES]
 
 
 class RoutingOverrides(BaseModel):
     """Per-request routing settings (a HiLoRA Serve extension of the OpenAI body)."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
-    policy: Literal[ROUTED_POLICIES] | None = Field(None, description="the routing policy (an adapter is named in "
+    policy: RoutedPolicy | None = Field(None, description="the routing policy (an adapter is named in "
                                                                       "`model` instead)")
     gamma: float | None = Field(None, gt=0, le=1)
     max_candidates: int | None = Field(None, ge=1)
@@ -43,13 +47,15 @@ class StreamOptions(BaseModel):
 
 # OpenAI fields the service does not implement: accepted at their neutral value, refused otherwise
 # (a silently ignored field is a silent wrong answer). Checked in _Generation._refuse_unsupported.
-_NEUTRAL = {"logit_bias": (None, {}),
-            "frequency_penalty": (None, 0, 0.0), "presence_penalty": (None, 0, 0.0), "best_of": (None, 1),
-            "suffix": (None, ""), "tools": (None, []), "tool_choice": (None, "none"), "functions": (None, []),
-            "parallel_tool_calls": (None, False), "logprobs_in_stream": (None, False),
-            # vLLM's sampling extensions, sent by vLLM-oriented clients
-            "min_tokens": (None, 0), "repetition_penalty": (None, 1, 1.0), "top_k": (None, -1, 0),
-            "min_p": (None, 0, 0.0), "use_beam_search": (None, False)}
+_NEUTRAL: dict[str, tuple[object, ...]] = {
+    "logit_bias": (None, {}),
+    "frequency_penalty": (None, 0, 0.0), "presence_penalty": (None, 0, 0.0), "best_of": (None, 1),
+    "suffix": (None, ""), "tools": (None, []), "tool_choice": (None, "none"), "functions": (None, []),
+    "parallel_tool_calls": (None, False), "logprobs_in_stream": (None, False),
+    # vLLM's sampling extensions, sent by vLLM-oriented clients
+    "min_tokens": (None, 0), "repetition_penalty": (None, 1, 1.0), "top_k": (None, -1, 0),
+    "min_p": (None, 0, 0.0), "use_beam_search": (None, False),
+}
 
 
 class TextFormat(BaseModel):
@@ -79,7 +85,7 @@ class _Generation(BaseModel):
     routing: RoutingOverrides | None = None
 
     @model_validator(mode="after")
-    def _refuse_unsupported(self):
+    def _refuse_unsupported(self) -> _Generation:
         for name, value in (self.model_extra or {}).items():
             if name in _NEUTRAL and value not in _NEUTRAL[name]:
                 raise ValueError(f"{name}={value!r} is not supported by this server")
@@ -123,9 +129,10 @@ class CompletionRequest(_Generation):
         p = self.prompt
         if isinstance(p, str):
             return [p]
-        if p and all(isinstance(x, int) for x in p):
-            return [list(p)]
-        return list(p)
+        items: list[str | int | list[int]] = [*p]
+        if items and all(isinstance(x, int) for x in items):  # one prompt as token ids
+            return [[x for x in items if isinstance(x, int)]]
+        return [x for x in items if not isinstance(x, int)]
 
 
 class TextPart(BaseModel):
@@ -150,7 +157,7 @@ class ChatCompletionRequest(_Generation):
     top_logprobs: int | None = Field(None, ge=0, le=20, description="alternatives per token (needs logprobs)")
 
     @model_validator(mode="after")
-    def _top_needs_logprobs(self):
+    def _top_needs_logprobs(self) -> ChatCompletionRequest:
         if self.top_logprobs and not self.logprobs:
             raise ValueError("top_logprobs needs logprobs: true")
         return self

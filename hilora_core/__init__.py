@@ -14,6 +14,8 @@ Re-exported here: :func:`fit_gaussian`, :class:`GaussianBank`, :func:`select_can
 transformers).
 """
 
+from typing import TYPE_CHECKING
+
 from hilora_core.baselines.arrow import arrow_prototype
 from hilora_core.baselines.retriever import cosine_similarity
 from hilora_core.errors import (
@@ -66,7 +68,11 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str):
+if TYPE_CHECKING:
+    from hilora_core.engine import RoutedLM
+
+
+def __getattr__(name: str) -> type["RoutedLM"]:
     # The engine imports transformers (seconds); load it only when asked for.
     if name == "RoutedLM":
         from hilora_core.engine import RoutedLM

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import Any
 
 from hilora_core.errors import InvalidInputError
 
@@ -103,7 +104,7 @@ class RoutingPlan:
     @classmethod
     def from_dict(cls, d: dict) -> RoutingPlan:
         """The inverse of :meth:`to_dict` (lists back to tuples; checked like any plan)."""
-        def tup(v):
+        def tup(v: Any) -> Any:  # a JSON value, lists made tuples
             return tuple(tup(x) for x in v) if isinstance(v, list) else v
 
         return cls(**{k: tup(v) for k, v in d.items()})

@@ -92,8 +92,13 @@ class PolicyConfig:
             raise InvalidInputError(f"the routing seed must be in [0, 2**63), got {self.seed!r}")
 
     @property
+    def policy(self) -> Policy:
+        """``name`` as a :class:`Policy` (construction normalises it; this says so to the type checker)."""
+        return Policy(self.name)
+
+    @property
     def spec(self) -> PolicySpec:
-        return POLICY_TABLE[self.name]
+        return POLICY_TABLE[self.policy]
 
     @property
     def k(self) -> int:
@@ -127,6 +132,13 @@ class PolicyQueries:
     matrix: np.ndarray | None = None
     explicit: tuple[str, ...] = ()
 
+    @property
+    def required_matrix(self) -> np.ndarray:
+        """``matrix``, for the policies that take one (:func:`route_queries` has checked it is given)."""
+        if self.matrix is None:
+            raise InvalidInputError("this policy needs a score or cosine matrix")
+        return self.matrix
+
 
 @dataclass(frozen=True)
 class PolicySpec:
@@ -148,13 +160,14 @@ def _explicit(cfg: PolicyConfig, q: PolicyQueries) -> list[Routed]:
 
 
 POLICY_TABLE: dict[Policy, PolicySpec] = {
-    Policy.HILORA: PolicySpec(lambda c, q: hilora_route(q.matrix, q.names, q.ranks, c.gamma, c.max_candidates,
-                                                        c.seed, c.signed), "scores"),
-    Policy.HILORA_GS: PolicySpec(lambda c, q: hilora_route(q.matrix, q.names, q.ranks, c.gamma, c.max_candidates,
-                                                           c.seed, c.signed, all_rocs=True), "scores"),
+    Policy.HILORA: PolicySpec(lambda c, q: hilora_route(q.required_matrix, q.names, q.ranks, c.gamma,
+                                                        c.max_candidates, c.seed, c.signed), "scores"),
+    Policy.HILORA_GS: PolicySpec(lambda c, q: hilora_route(q.required_matrix, q.names, q.ranks, c.gamma,
+                                                           c.max_candidates, c.seed, c.signed, all_rocs=True),
+                                 "scores"),
     Policy.HILORA_ROC: PolicySpec(lambda c, q: hilora_roc_route(q.names, q.ranks, q.n, c.k, c.signed),
                                   default_k=24),
-    Policy.RETRIEVER: PolicySpec(lambda c, q: retriever_route(q.matrix, q.names, c.k), "cosine"),
+    Policy.RETRIEVER: PolicySpec(lambda c, q: retriever_route(q.required_matrix, q.names, c.k), "cosine"),
     Policy.ARROW: PolicySpec(lambda c, q: arrow_route(q.names, q.n, c.k)),
     Policy.ENSEMBLE: PolicySpec(lambda c, q: ensemble_route(q.names, q.n)),
     Policy.MERGED: PolicySpec(lambda c, q: merged_route(q.names, q.n)),
@@ -167,7 +180,7 @@ POLICIES: tuple[str, ...] = tuple(p.value for p in Policy)
 def route_queries(
     cfg: PolicyConfig,
     names: Sequence[str],
-    ranks: Sequence[int],
+    ranks: Sequence[int] | np.ndarray,
     scores: np.ndarray | None = None,
     cosine: np.ndarray | None = None,
     explicit: Sequence[str] | None = None,
@@ -195,10 +208,10 @@ def route_queries(
         raise InvalidInputError(f"ranks must be >= 1, got {ranks_arr.tolist()}")
     spec = cfg.spec
     if spec.routes and not names:
-        raise EmptyPoolError(f"policy {cfg.name.value!r} needs at least one registered adapter; the pool is empty")
+        raise EmptyPoolError(f"policy {cfg.policy.value!r} needs at least one registered adapter; the pool is empty")
     matrix = {"scores": scores, "cosine": cosine, None: None}[spec.input]
     if spec.input is not None and matrix is None:
-        raise InvalidInputError(f"policy {cfg.name.value!r} needs {spec.input}")
+        raise InvalidInputError(f"policy {cfg.policy.value!r} needs {spec.input}")
     if matrix is not None:
         matrix = np.atleast_2d(np.asarray(matrix, dtype=np.float64))
         if matrix.shape[1] != len(names):
@@ -216,6 +229,7 @@ def route_queries(
     return routed
 
 
-def make_plans(cfg: PolicyConfig, names: Sequence[str], ranks: Sequence[int], **kwargs) -> list[RoutingPlan]:
+def make_plans(cfg: PolicyConfig, names: Sequence[str], ranks: Sequence[int] | np.ndarray,
+               **kwargs) -> list[RoutingPlan]:
     """One plan per query (:func:`route_queries` without the candidates)."""
     return [r.plan for r in route_queries(cfg, names, ranks, **kwargs)]

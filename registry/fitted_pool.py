@@ -29,10 +29,11 @@ import zlib
 from dataclasses import dataclass
 
 import numpy as np
-import redis
+from redis.typing import EncodableT
 
 from hilora_core.routing.gaussian import GaussianBank
 
+from .connection import RedisClient, reply_bytes, reply_text
 from .records import AdapterRecord
 
 CHUNK_BYTES = 64 << 20
@@ -101,7 +102,7 @@ class FittedPoolStore:
         prefix: the pool's key prefix.
     """
 
-    def __init__(self, client: redis.Redis, prefix: str) -> None:
+    def __init__(self, client: RedisClient, prefix: str) -> None:
         self.client = client
         self.header_key, self.lock_key = f"{prefix}:fitted", f"{prefix}:fitted:lock"
         self._prefix = prefix
@@ -115,7 +116,7 @@ class FittedPoolStore:
         raw = self.client.hmget(self.header_key, "epoch", "key", "digest")
         if raw[0] is None:
             return None
-        return FittedHeader(int(raw[0]), raw[1].decode(), raw[2].decode())
+        return FittedHeader(int(reply_bytes(raw[0])), reply_text(raw[1]), reply_text(raw[2]))
 
     def write(self, header: FittedHeader, ids: list[str], records: list[AdapterRecord], bank: GaussianBank,
               raw_means: np.ndarray, centroids: np.ndarray | None = None) -> bool:
@@ -130,9 +131,10 @@ class FittedPoolStore:
             chunk = max(1, CHUNK_BYTES // sum(a[0].nbytes for a in arrays.values()))  # adapters per chunk
             starts = range(0, n, chunk)
             for c, start in enumerate(starts):
-                fields = {name: np.ascontiguousarray(a[start:start + chunk]).tobytes() for name, a in arrays.items()}
-                self.client.hset(self._chunk_key(token, c), mapping=fields)
-            fields = {
+                part: dict[EncodableT, EncodableT] = {
+                    name: np.ascontiguousarray(a[start:start + chunk]).tobytes() for name, a in arrays.items()}
+                self.client.hset(self._chunk_key(token, c), mapping=part)
+            fields: dict[str, EncodableT] = {
                 "token": token, "n": n, "k": k, "d": d, "dtype": bank.dtype.str, "chunk": chunk,
                 "chunks": len(starts), "ids": _pack(ids), "records": _pack([r.to_dict() for r in records]),
             }
@@ -146,7 +148,7 @@ class FittedPoolStore:
                 self._expire(token, len(starts), 0)
                 return False
             if old:
-                old_token, old_chunks = old.decode().split()
+                old_token, old_chunks = reply_text(old).split()
                 self._expire(old_token, int(old_chunks), STALE_TTL_S)
             return True
         finally:
@@ -163,10 +165,10 @@ class FittedPoolStore:
 
     def read(self) -> FittedPool | None:
         """The stored fit, or None when there is none or its chunks expired meanwhile."""
-        h = self.client.hgetall(self.header_key)
-        if not h:
+        stored = self.client.hgetall(self.header_key)
+        if not stored:
             return None
-        h = {key.decode(): value for key, value in h.items()}
+        h = {reply_text(key): reply_bytes(value) for key, value in stored.items()}
         n, k, d, chunk, chunks = (int(h[x]) for x in ("n", "k", "d", "chunk", "chunks"))
         dtype = np.dtype(h["dtype"].decode())
         out = {
@@ -181,7 +183,7 @@ class FittedPoolStore:
                 return None
             for name, data in zip(_ARRAYS, raw, strict=True):
                 a = out[name]
-                part = np.frombuffer(data, dtype=a.dtype).reshape(-1, *a.shape[1:])
+                part = np.frombuffer(reply_bytes(data), dtype=a.dtype).reshape(-1, *a.shape[1:])
                 a[c * chunk:c * chunk + len(part)] = part
         ids = _unpack(h["ids"])
         records = [AdapterRecord.from_dict(r) for r in _unpack(h["records"])]

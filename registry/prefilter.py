@@ -66,7 +66,7 @@ class MeanIndex:
         self._cpu = cpu_index  # the master copy (updated copies are derived from it)
         self.kind, self.nprobe, self.use_gpu = kind, nprobe, use_gpu
         if kind == "ivf":
-            cpu_index.nprobe = nprobe
+            faiss.extract_index_ivf(cpu_index).nprobe = nprobe
         self.on_gpu = bool(use_gpu and gpu_available())
         self._search_index = _to_gpu(cpu_index) if self.on_gpu else cpu_index
         if self.on_gpu and kind == "ivf":
@@ -84,16 +84,18 @@ class MeanIndex:
             raise InvalidInputError(f"prefilter index kind must be one of {INDEX_KINDS}, got {kind!r}")
         x = np.ascontiguousarray(means, dtype=np.float32)
         n, d = x.shape
+        index: faiss.Index
         if kind == "flat":
             index = faiss.IndexIDMap2(faiss.IndexFlatL2(d))
         elif centroids is not None:
             c = np.ascontiguousarray(centroids, dtype=np.float32)
             quantizer = faiss.IndexFlatL2(d)
             quantizer.add(c)
-            index = faiss.IndexIVFFlat(quantizer, d, len(c))
-            index.is_trained = True
-            index.own_fields = True
-            quantizer.this.disown()  # the index frees it
+            ivf = faiss.IndexIVFFlat(quantizer, d, len(c))
+            ivf.is_trained = True
+            ivf.own_fields = True
+            quantizer.this.disown()  # type: ignore[attr-defined, unused-ignore]  # SWIG handle, not in the stubs
+            index = ivf
         else:
             nlist = max(1, min(int(4 * math.sqrt(n)), n // 39))
             index = faiss.IndexIVFFlat(faiss.IndexFlatL2(d), d, nlist)
@@ -109,11 +111,13 @@ class MeanIndex:
         quantizer = faiss.extract_index_ivf(self._cpu).quantizer
         return quantizer.reconstruct_n(0, quantizer.ntotal)
 
-    def updated(self, remove_slots: Sequence[int], add_means: np.ndarray, add_slots: Sequence[int]) -> MeanIndex:
+    def updated(self, remove_slots: Sequence[int], add_means: np.ndarray,
+                add_slots: Sequence[int] | np.ndarray) -> MeanIndex:
         """A copy with ``remove_slots`` dropped and (``add_means``, ``add_slots``) added."""
         index = faiss.clone_index(self._cpu)
         if len(remove_slots):
-            index.remove_ids(np.asarray(remove_slots, dtype=np.int64))
+            # faiss's Python wrapper takes an id array; its stub lists only IDSelector
+            index.remove_ids(np.asarray(remove_slots, dtype=np.int64))  # type: ignore[arg-type, unused-ignore]
         if len(add_slots):
             index.add_with_ids(np.ascontiguousarray(add_means, dtype=np.float32), np.asarray(add_slots, np.int64))
         return MeanIndex(index, self.kind, self.nprobe, self.use_gpu)
@@ -199,8 +203,8 @@ def prefilter_scores(
             if not keep.any():  # nothing indexed near this query: score everything
                 out[q] = Shortlist(np.arange(size), model.bank.score(zt[q])[0])
                 continue
-            out[q] = Shortlist(pos[row][keep], scores[row][keep])
-            if k < min(max_k, size) and _needs_more(out[q].scores, min(tail, int(keep.sum())), factor):
+            out[q] = found = Shortlist(pos[row][keep], scores[row][keep])
+            if k < min(max_k, size) and _needs_more(found.scores, min(tail, int(keep.sum())), factor):
                 again.append(q)
         todo = np.asarray(again, dtype=np.int64)
         k = min(2 * k, max_k, size)

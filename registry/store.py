@@ -31,6 +31,7 @@ from typing import TypeVar
 
 import numpy as np
 import redis
+from redis.typing import EncodableT
 
 from hilora_core.errors import InvalidInputError, UnknownAdapterError
 from hilora_core.models.embedding import EmbedderIdentity
@@ -38,7 +39,7 @@ from hilora_core.routing.gaussian import GaussianBank
 from hilora_core.routing.pool import PoolParameters
 
 from .config import RegistryConfig
-from .connection import REDIS_ERRORS, is_cluster, pool_key_prefix
+from .connection import REDIS_ERRORS, RedisClient, is_cluster, pool_key_prefix, reply_bytes, reply_text
 from .errors import ConflictError, EmbedderMismatchError, RegistryUnavailableError
 from .fitted_pool import FittedHeader, FittedPool, FittedPoolStore
 from .fitting import StoredParameters
@@ -141,7 +142,7 @@ class AdapterStore:
         config: for the key prefix, channel and changelog length.
     """
 
-    def __init__(self, client: redis.Redis, config: RegistryConfig) -> None:
+    def __init__(self, client: RedisClient, config: RegistryConfig) -> None:
         self.client = client
         self.config = config
         self.prefix = p = pool_key_prefix(config.store.key_prefix, is_cluster(client))
@@ -250,11 +251,12 @@ class AdapterStore:
         raw = self._call("read fit", lambda: self.client.hmget(self._fit_key, "epoch", "key", "params"))
         if raw[0] is None or raw[2] is None:
             return None
-        return StoredParameters(int(raw[0]), raw[1].decode(), PoolParameters.from_dict(json.loads(raw[2])))
+        return StoredParameters(int(reply_bytes(raw[0])), reply_text(raw[1]),
+                                PoolParameters.from_dict(json.loads(reply_bytes(raw[2]))))
 
     def put_parameters(self, stored: StoredParameters) -> bool:
         """Store parameters unless ones at least as new, under the same key, are stored; True if written."""
-        args = [stored.epoch, stored.key, json.dumps(stored.params.to_dict(), sort_keys=True)]
+        args: list[EncodableT] = [stored.epoch, stored.key, json.dumps(stored.params.to_dict(), sort_keys=True)]
         return bool(self._call("write fit", lambda: self._put_fit(keys=[self._fit_key], args=args)))
 
     # ---- the fitted pool (Gaussians, raw means, records), so new scorers start without fitting ----
@@ -283,7 +285,7 @@ class AdapterStore:
         raw = self._call("read reference", lambda: self.client.get(self._reference_key(identity)))
         if raw is None:
             return None
-        z = np.frombuffer(raw, dtype="<f4")
+        z = np.frombuffer(reply_bytes(raw), dtype="<f4")
         return z.reshape(-1, identity.dim).astype(np.float32) if z.size % identity.dim == 0 else None
 
     def put_reference(self, identity: EmbedderIdentity, z: np.ndarray) -> np.ndarray:
@@ -294,9 +296,10 @@ class AdapterStore:
         return stored if stored is not None else np.asarray(z, dtype=np.float32)
 
     @staticmethod
-    def _record(meta: bytes, epoch: bytes | None) -> AdapterRecord:
-        rec = AdapterRecord.from_dict(json.loads(meta))
-        return rec.with_epoch(int(epoch)) if epoch is not None else rec
+    def _record(meta: object, epoch: object) -> AdapterRecord:
+        """The record from its stored ``meta`` JSON and ``epoch`` replies (epoch None: not stored)."""
+        rec = AdapterRecord.from_dict(json.loads(reply_bytes(meta)))
+        return rec.with_epoch(int(reply_bytes(epoch))) if epoch is not None else rec
 
     def get_record(self, adapter_id: str) -> AdapterRecord | None:
         meta, epoch = self._call("get", lambda: self.client.hmget(self.adapter_key(adapter_id), "meta", "epoch"))
@@ -308,7 +311,7 @@ class AdapterStore:
 
     def get_texts(self, adapter_id: str) -> list[str] | None:
         raw = self._call("get texts", lambda: self.client.hget(self.adapter_key(adapter_id), "texts"))
-        return None if raw is None else decode_texts(raw)
+        return None if raw is None else decode_texts(reply_bytes(raw))
 
     def fetch(self, ids: Sequence[str], chunk: int = 500) -> dict[str, StoredAdapter]:
         """Records and embeddings of ``ids`` (missing ids are left out). Each adapter is read
@@ -335,7 +338,8 @@ class AdapterStore:
 
         def read() -> tuple[int, list[bytes], list]:
             total = self.client.zcard(self._ids_key)
-            ids = self.client.zrange(self._ids_key, offset, offset + limit - 1) if limit > 0 else []
+            ids = [reply_bytes(i) for i in self.client.zrange(self._ids_key, offset, offset + limit - 1)] \
+                if limit > 0 else []
             pipe = self.client.pipeline(transaction=False)
             for raw_id in ids:
                 pipe.hmget(self.adapter_key(raw_id.decode()), "meta", "epoch")

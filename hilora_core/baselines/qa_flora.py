@@ -103,7 +103,7 @@ def qa_flora_plans(
             keep = np.lexsort((keep, -row.mean(0)))[: settings.top_k]
         w = fusion_weights(row[:, keep], settings.temperature)
         plans.append(RoutingPlan(
-            adapters=tuple(adapters[i] for i in keep), normalize=False,
+            adapters=tuple(adapters[int(i)] for i in keep), normalize=False,
             layer_weights=tuple(tuple(float(x) for x in layer) for layer in w),
             scores=tuple(float(row[:, i].mean()) for i in keep),
         ))

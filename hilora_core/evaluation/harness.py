@@ -31,9 +31,10 @@ from hilora_core.baselines.logo import LogoSettings, logo_plans, logo_signals
 from hilora_core.baselines.qa_flora import QaFloraSettings, layer_divergences, qa_flora_plans
 from hilora_core.baselines.retriever import cosine_similarity
 from hilora_core.engine import RoutedLM
+from hilora_core.errors import InvalidInputError
 from hilora_core.evaluation.route_eval import candidate_statistics
 from hilora_core.evaluation.scoring import exact_match
-from hilora_core.manifest import read_manifest
+from hilora_core.manifest import ManifestEntry, read_manifest
 from hilora_core.plan import RoutingPlan
 from hilora_core.policies import PolicyConfig, make_plans
 from hilora_core.routing.pool import PoolModel
@@ -70,21 +71,30 @@ class PoolData:
     max_new: dict[str, int]
 
 
+def _example_entry(e: ManifestEntry, path: Path) -> tuple[str, str, int]:
+    """Cluster, adapter folder and rank of an example pool's entry (optional in a manifest, needed here)."""
+    if e.cluster is None or e.adapter is None or e.rank is None:
+        raise InvalidInputError(f"{path}: {e.name!r} needs a cluster, an adapter folder and a rank")
+    return e.cluster, e.adapter, e.rank
+
+
 def load_pool(pool_dir: Path, limit: int, tokenizer, offset: int = 0) -> PoolData:
     """An example pool (``manifest.json`` with cluster, adapter and rank; ``data/<task>/test.jsonl``),
     ``limit`` test items of each task from item ``offset`` on (reports use offset 0; a later offset is a
     development split that tuning may read without touching the reported items)."""
     manifest = read_manifest(pool_dir / "manifest.json")
+    entries = {e.name: _example_entry(e, pool_dir / "manifest.json") for e in manifest}
     items, max_new = {}, {}
     for e in manifest:
         rows = [json.loads(line) for line in (pool_dir / "data" / e.name / "test.jsonl").open()]
         # answer budget from the whole test set, as build_pool.py measured the adapters
         max_new[e.name] = max(len(tokenizer(r["targets"], add_special_tokens=False)["input_ids"]) for r in rows) + 4
-        items[e.name] = [Item(e.name, e.cluster, i, r["inputs"], r["targets"]) for i, r in enumerate(rows)
+        items[e.name] = [Item(e.name, entries[e.name][0], i, r["inputs"], r["targets"]) for i, r in enumerate(rows)
                          if offset <= i < offset + limit]
     return PoolData(
-        names=[e.name for e in manifest], folders={e.name: pool_dir / e.adapter for e in manifest},
-        ranks={e.name: int(e.rank) for e in manifest}, cluster={e.name: e.cluster for e in manifest},
+        names=list(entries), folders={name: pool_dir / adapter for name, (_, adapter, _) in entries.items()},
+        ranks={name: rank for name, (_, _, rank) in entries.items()},
+        cluster={name: cluster for name, (cluster, _, _) in entries.items()},
         samples={e.name: e.samples for e in manifest}, items=items, max_new=max_new,
     )
 
@@ -172,9 +182,11 @@ def route(method: str, items: list[Item], ctx: Context, gamma: float = 0.4) -> l
         settings = QaFloraSettings()
         return qa_flora_plans(layer_divergences(ctx.lm, ids, mask, pool, settings.divergence), pool, settings)
     cfg = PolicyConfig(method, gamma=gamma, fallback=False)
-    z = np.stack([ctx.query_emb[(it.task, it.index)] for it in items]) if cfg.spec.input else None
-    scores = ctx.model.score(z) if cfg.needs_gaussian_scores else None
-    cosine = cosine_similarity(z, ctx.model.means) if cfg.needs_cosine else None
+    scores = cosine = None
+    if cfg.spec.input:
+        z = np.stack([ctx.query_emb[(it.task, it.index)] for it in items])
+        scores = ctx.model.score(z) if cfg.needs_gaussian_scores else None
+        cosine = cosine_similarity(z, ctx.model.means) if cfg.needs_cosine else None
     return make_plans(cfg, pool, ranks, scores=scores, cosine=cosine, n_queries=len(items))
 
 

@@ -89,12 +89,7 @@ class SentenceEmbedder:
         path = model or default_embedder_path()
         self._name = MINILM_NAME if model is None else model
         self.instructor = ("instructor" in self._name.lower()) if instructor is None else instructor
-        kwargs = {"device": device}
-        if revision is not None:
-            kwargs["revision"] = revision
-        if os.path.isdir(path):
-            kwargs["local_files_only"] = True
-        self.model = SentenceTransformer(path, **kwargs)
+        self.model = SentenceTransformer(path, device=device, revision=revision, local_files_only=os.path.isdir(path))
         if self.instructor:
             self.model.set_pooling_include_prompt(False)
         self.instruction = instruction
@@ -102,6 +97,8 @@ class SentenceEmbedder:
         self.max_chars = max_chars
         get_dim = getattr(self.model, "get_embedding_dimension", None) or self.model.get_sentence_embedding_dimension
         dim = get_dim()
+        if dim is None:
+            raise InvalidInputError(f"embedder {self._name!r} does not say its embedding dimension")
         self.identity = EmbedderIdentity(
             name=self._name, revision=revision, dim=int(dim), instruction=instruction,
             instruction_in_pooling=not self.instructor,

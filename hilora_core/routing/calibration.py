@@ -94,7 +94,8 @@ def _held_out_terms(sets: Sequence[np.ndarray]) -> _HeldOut:
     return _HeldOut(lam, proj, np.array([r[2] for r in rows]), sets[0].shape[1])
 
 
-def candidate_stats(scores: np.ndarray, own: np.ndarray, max_candidates: int | None = None):
+def candidate_stats(scores: np.ndarray, own: np.ndarray,
+                    max_candidates: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Whether each query's own adapter lands in its candidate set, and the set sizes.
 
     Args:

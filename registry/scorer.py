@@ -16,7 +16,6 @@ snapshot and reports ``degraded=True`` with the error, retrying in the backgroun
 from __future__ import annotations
 
 import contextlib
-import json
 import threading
 import time
 from collections.abc import Sequence
@@ -24,9 +23,8 @@ from collections.abc import Sequence
 import numpy as np
 
 from hilora_core.errors import DimensionMismatchError, InvalidInputError
-from hilora_core.models.embedding import DEFAULT_INSTRUCTION, MINILM_NAME, EmbedderIdentity, SentenceEmbedder
+from hilora_core.models.embedding import EmbedderIdentity, SentenceEmbedder
 from hilora_core.policies import PolicyConfig
-from hilora_core.routing.fallback import load_reference_requests
 from hilora_core.routing.pool import PoolModel
 
 from .config import RegistryConfig, build_embedder
@@ -37,8 +35,9 @@ from .fitted_pool import FittedHeader
 from .fitting import IncrementalPoolFit, StoredParameters
 from .prefilter import IndexKeeper, MeanIndex
 from .records import AdapterRecord, StoredAdapter
+from .reference_set import ReferenceSet
 from .routing import PoolSnapshot, route_on_snapshot
-from .store import AdapterStore, Change
+from .store import AdapterStore, Change, identity_key
 
 
 class _RedisParameters:
@@ -56,10 +55,6 @@ class _RedisParameters:
     def save(self, stored: StoredParameters) -> None:
         with contextlib.suppress(RegistryUnavailableError):
             self.store.put_parameters(stored)
-
-
-def _identity_key(identity: EmbedderIdentity) -> str:
-    return json.dumps(identity.to_dict(), sort_keys=True)
 
 
 class PoolScorer:
@@ -103,7 +98,7 @@ class PoolScorer:
         self._snapshot = PoolSnapshot(0, (), np.zeros(0, np.int64), {}, None)
         pf = self.config.prefilter
         self._index = IndexKeeper(pf.min_pool, pf.index, pf.nprobe, pf.gpu)
-        self._references: dict[str, np.ndarray | None] = {}  # pool identity key -> reference embeddings
+        self._references = ReferenceSet(store, self.config, lambda: self._embedder, lambda: self.embedder)
         self._lock = threading.RLock()  # guards the mutable state above (not the snapshot)
         self.degraded = False
         self.last_error: str | None = None
@@ -232,10 +227,10 @@ class PoolScorer:
                                  degraded=degraded)
 
     def _check_pool_identity(self, snap: PoolSnapshot, identity: EmbedderIdentity) -> None:
-        key = _identity_key(identity)
-        if all(_identity_key(other) == key for other in snap.identities):  # a set of one, usually
+        key = identity_key(identity)
+        if all(identity_key(other) == key for other in snap.identities):  # a set of one, usually
             return
-        bad = [i for i, r in snap.records.items() if _identity_key(r.embedder) != key]
+        bad = [i for i, r in snap.records.items() if identity_key(r.embedder) != key]
         other = snap.records[bad[0]].embedder
         raise EmbedderMismatchError(
             f"{len(bad)} adapter(s) (e.g. {bad[:5]}) were embedded with {other.to_dict()}, "
@@ -343,37 +338,11 @@ class PoolScorer:
             self._epoch = max(self._epoch, changes[-1].epoch)
             self._rebuild()
 
-    def _can_embed(self, identity: EmbedderIdentity) -> bool:
-        """Whether this process's embedder makes ``identity``'s embeddings (without loading a wrong one)."""
-        if self._embedder is not None:
-            return _identity_key(self._embedder.identity) == _identity_key(identity)
-        name = self.config.embedder.model or MINILM_NAME
-        instruction = DEFAULT_INSTRUCTION if self.config.embedder.instruction is None else \
-            self.config.embedder.instruction
-        return identity.name == name and identity.instruction == instruction
-
     def _reference_for_pool(self) -> np.ndarray | None:
-        """(R, d) embeddings of the off-pool reference requests for the pool's embedder.
-
-        Read from Redis, where the first scorer that could embed them stored them, so every
-        replica fits the same threshold. None when neither Redis has them nor this process
-        can make them (the off-pool test then rests on the leave-one-out side alone).
-        """
+        """(R, d) embeddings of the off-pool reference requests for the pool's embedder (:class:`ReferenceSet`)."""
         if not self._records:
             return None
-        identity = next(iter(self._records.values())).embedder
-        key = _identity_key(identity)
-        if key in self._references:
-            return self._references[key]
-        z = self.store.get_reference(identity)
-        if z is None and self._can_embed(identity):
-            try:
-                texts = load_reference_requests(self.config.scorer.off_pool_reference_file)
-                z = self.store.put_reference(identity, self.embedder.encode(texts))
-            except EmbedderMismatchError:
-                z = None
-        self._references[key] = z
-        return z
+        return self._references.embeddings(next(iter(self._records.values())).embedder)
 
     def _rebuild(self, force_full: bool = False) -> None:
         """Fit the current samples and swap in a new snapshot (caller holds the lock)."""

@@ -129,7 +129,8 @@ def decode_texts(raw: bytes) -> list[str]:
     return json.loads(zlib.decompress(raw).decode("utf-8"))
 
 
-def _canonical_identity(identity: EmbedderIdentity) -> str:
+def identity_key(identity: EmbedderIdentity) -> str:
+    """One string per embedder identity (equal identities, equal keys)."""
     return json.dumps(identity.to_dict(), sort_keys=True)
 
 
@@ -208,7 +209,7 @@ class AdapterStore:
         assert z.shape == (record.sample_count, record.embedder.dim), (z.shape, record.sample_count)
         meta = json.dumps(record.to_dict(), sort_keys=True)
         args = [record.id, mode, self.config.store.channel, self.config.store.changelog_max,
-                _canonical_identity(record.embedder), meta, encode_embeddings(z),
+                identity_key(record.embedder), meta, encode_embeddings(z),
                 encode_texts(texts) if texts is not None else b""]
         try:
             return self._acknowledged_write("register", self._put, self._keys(record.id), args)
@@ -277,7 +278,7 @@ class AdapterStore:
     # ---- the off-pool reference set, embedded once per embedder and shared by every scorer ----
 
     def _reference_key(self, identity: EmbedderIdentity) -> str:
-        digest = hashlib.sha1(_canonical_identity(identity).encode()).hexdigest()[:16]
+        digest = hashlib.sha1(identity_key(identity).encode()).hexdigest()[:16]
         return f"{self.prefix}:reference:{digest}"
 
     def get_reference(self, identity: EmbedderIdentity) -> np.ndarray | None:

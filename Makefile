@@ -7,7 +7,7 @@ export RAY_AUTH_MODE ?= disabled
 export TOKENIZERS_PARALLELISM ?= false
 export HF_HUB_OFFLINE ?= 0
 
-.PHONY: setup test lint serve bench eval eval-offpool clean
+.PHONY: setup test lint serve bench gpu-check eval eval-offpool clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -35,6 +35,14 @@ serve: setup
 bench: setup
 	$(BIN)/python benchmarks/bench_engine.py
 	$(BIN)/python benchmarks/bench_prefilter.py
+
+# The engine on a CUDA machine in bfloat16, under 8 minutes (docs/gpu-check.md): correctness against PEFT, the
+# benchmark, the loop's load test and its host syncs, on random-weight models. No `setup`: the GPU machine has
+# torch, transformers and PEFT but no venv; its results go to $(OUT) when set (else var/gpu-check).
+GPU_PY        ?= $(if $(wildcard $(BIN)/python),$(BIN)/python,python3)
+GPU_CHECK_OUT ?= $(if $(OUT),$(OUT),var/gpu-check)
+gpu-check:
+	$(GPU_PY) -m benchmarks.gpu_check --out $(GPU_CHECK_OUT)
 
 # Routing methods on the demo pool (about 55 min on 2 CPU cores); writes docs/eval-*.md and docs/img/.
 eval: setup

@@ -10,10 +10,12 @@ Three measurements:
 2. a burst of 32 demo-pool requests (each prompt's own adapter, ``--tokens`` tokens, EOS ignored) through
    the continuous-batching loop: generated tok/s, median of ``--repeats`` bursts after a warm-up.
 
-``per row`` is the loop's token choice before the change, kept here as the reference: the batch's argmax,
-then for each sampling row its own softmax, sort and ``torch.multinomial`` with its request's generator,
-read back to the host one row at a time. ``batched`` is the loop's now (``hilora_core.engine.output.choose``):
-one inverse-CDF pass over all rows, one uniform per row from its request's generator, one read-back.
+``per row`` is the loop's first token choice, kept here as the reference: the batch's argmax, then for each
+sampling row its own softmax, sort and ``torch.multinomial`` with its request's generator, read back to the
+host one row at a time. ``inverse CDF`` is the second: one inverse-CDF pass over all rows, one uniform per
+row from its request's generator, one read-back. ``batched`` is the loop's now
+(``hilora_core.engine.output.choose``): the Gumbel-max race over all rows, one row of noise per request from
+its generator, one read-back (it keeps a seeded draw when batching changes the logits' last bits).
 
 3. the prompt logprobs of an ``echo`` request (what lm-evaluation-harness asks for every loglikelihood
    question), 5 alternatives per token, for prompts of 128 to 2048 tokens: ``per row`` reads each position
@@ -57,6 +59,29 @@ def per_row_choose(seqs, scores: torch.Tensor) -> torch.Tensor:
     return tokens
 
 
+def inverse_cdf_choose(seqs, scores: torch.Tensor) -> torch.Tensor:
+    """The loop's second token choice: one uniform per sampling row against the cumulative sums."""
+    tokens = scores.argmax(dim=-1)
+    if not any(s.req.temperature > 0 for s in seqs):
+        return tokens
+    temp = torch.tensor([s.req.temperature if s.req.temperature > 0 else 1.0 for s in seqs])
+    probs = torch.softmax(scores.float() / temp.unsqueeze(-1), dim=-1)
+    order = None
+    if any(s.req.top_p < 1.0 for s in seqs):
+        probs, order = probs.sort(dim=-1, descending=True)
+        before = probs.cumsum(dim=-1) - probs
+        probs = probs.masked_fill(before >= torch.tensor([s.req.top_p for s in seqs]).unsqueeze(-1), 0.0)
+    cdf = probs.cumsum(dim=-1)
+    total = cdf[:, -1]
+    u = torch.cat([torch.rand((1,), generator=s.generator) if s.generator is not None else torch.zeros(1)
+                   for s in seqs])
+    target = torch.minimum(u * total, torch.nextafter(total, torch.zeros_like(total)))
+    pick = torch.searchsorted(cdf, target.unsqueeze(-1), right=True)
+    sampled = (pick if order is None else order.gather(1, pick)).squeeze(-1)
+    rows = torch.tensor([s.req.temperature > 0 for s in seqs])
+    return torch.where(rows, sampled, tokens)
+
+
 class _Req:  # what the choosers read of a request
     def __init__(self, temperature: float, top_p: float) -> None:
         self.temperature, self.top_p = temperature, top_p
@@ -68,7 +93,7 @@ class _Seq:
         self.generator = torch.Generator().manual_seed(seed) if temperature > 0 else None
 
 
-CHOOSERS = {"per row": per_row_choose, "batched": batched_choose}
+CHOOSERS = {"per row": per_row_choose, "inverse CDF": inverse_cdf_choose, "batched": batched_choose}
 
 
 def choice_ms(vocab: int, rows: int = 32, repeats: int = 50) -> dict[tuple[str, str], float]:

@@ -3,10 +3,9 @@
 Token choice works on a (B, V) matrix of next-token log-probabilities (or logits):
 greedy rows (temperature 0) take the argmax; the others sample from
 ``softmax(logp / temperature)`` restricted to the smallest set of tokens whose
-probability reaches ``top_p`` (nucleus sampling). Sampling is by inverse CDF, one
-uniform draw per row: the caller draws them from whatever seeded generators it keeps
-(one per call, or one per request), and every row is then sampled in one batched pass
-with no read-back to the host.
+probability reaches ``top_p`` (nucleus sampling). Sampling is the Gumbel-max race, one
+row of noise per request drawn from that request's own seeded generator, and every row
+is then sampled in one batched pass with no read-back to the host.
 
 Text is produced incrementally: :class:`TextTracker` decodes a sequence's tokens, cuts
 the text at the first stop string, and releases only text that can no longer change
@@ -139,19 +138,33 @@ def check_sampling(temperatures: Sequence[float], top_ps: Sequence[float], max_n
             raise InvalidInputError(f"max_new_tokens must be >= 1, got {m!r}")
 
 
+def gumbel_noise(generator: torch.Generator | None, size: int, device: torch.device) -> torch.Tensor:
+    """(size,) standard Gumbel draws ``-log(-log(u))`` from ``generator`` (u in [0, 1); u = 0 gives -inf)."""
+    u = torch.rand((size,), generator=generator, device=device)
+    return -torch.log(-torch.log(u))
+
+
 def choose_tokens(
     scores: torch.Tensor,
     temperature: torch.Tensor | None,
     top_p: torch.Tensor | None,
-    uniforms: torch.Tensor | None,
+    noise: torch.Tensor | None,
 ) -> torch.Tensor:
     """Next token per row, greedy or sampled, in one batched pass (no host read-back).
+
+    Sampling is the Gumbel-max race: ``argmax_i(logit_i / temperature + g_i)`` with one standard
+    Gumbel draw ``g_i`` per token, an exact draw from ``softmax(logit / temperature)``. Each token's
+    chance rests on its own logit alone, so the rounding that differs between batch shapes (last
+    bits of a logit) changes the token only when the two leading contenders tie to within it. An
+    inverse-CDF draw instead compares one uniform with cumulative sums over the vocabulary, which
+    that rounding moves at every boundary (``docs/continuous-batching.md`` measures both).
 
     Args:
         scores: (B, V) logits or log-probabilities.
         temperature: (B,) 0 means greedy; None: every row is greedy (the caller knows it on the host).
         top_p: (B,) nucleus mass in (0, 1]; None: no nucleus cut on any row (skips the sort over V).
-        uniforms: (B,) draws in [0, 1), one per row (greedy rows ignore theirs); needed with temperature.
+        noise: (B, V) standard Gumbel draws (:func:`gumbel_noise`), one row per request from its own
+            generator (greedy rows ignore theirs); needed with temperature.
 
     Returns:
         (B,) token ids on ``scores``' device.
@@ -159,23 +172,17 @@ def choose_tokens(
     greedy = scores.argmax(dim=-1)
     if temperature is None:
         return greedy
-    if uniforms is None:
-        raise InvalidInputError("sampling needs one uniform draw per row")
+    if noise is None:
+        raise InvalidInputError("sampling needs one row of Gumbel noise per request")
     sample_rows = temperature > 0
     temp = torch.where(sample_rows, temperature, torch.ones_like(temperature)).float()
-    probs = torch.softmax(scores.float() / temp.unsqueeze(-1), dim=-1)  # (B, V)
-    order = None
+    logits = scores.float() / temp.unsqueeze(-1)  # (B, V)
     if top_p is not None:
-        probs, order = probs.sort(dim=-1, descending=True)
+        probs, order = torch.softmax(logits, dim=-1).sort(dim=-1, descending=True)
         before = probs.cumsum(dim=-1) - probs  # mass strictly above each token
-        probs = probs.masked_fill(before >= top_p.unsqueeze(-1).float(), 0.0)  # keeps at least the top token
-    cdf = probs.cumsum(dim=-1)  # (B, V), unnormalised after a nucleus cut
-    total = cdf[:, -1]
-    # strictly below the total mass, so some index exceeds it even where rounding would reach the total
-    target = torch.minimum(uniforms.float().clamp(0.0, 1.0) * total, torch.nextafter(total, torch.zeros_like(total)))
-    # the first index whose cumulative mass exceeds the target: a token of probability 0 is never chosen
-    pick = torch.searchsorted(cdf, target.unsqueeze(-1), right=True)  # (B, 1)
-    sampled = (pick if order is None else order.gather(1, pick)).squeeze(-1)
+        cut = before >= top_p.unsqueeze(-1).float()  # keeps at least the top token
+        logits = logits.masked_fill(torch.zeros_like(cut).scatter_(-1, order, cut), float("-inf"))
+    sampled = (logits + noise.float()).argmax(dim=-1)
     return torch.where(sample_rows, sampled, greedy)
 
 

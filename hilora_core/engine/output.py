@@ -2,7 +2,7 @@
 
 Given a :class:`ForwardOutput` (one (V,) score row per request), :meth:`OutputStage.advance` chooses
 every request's next token in one batched pass (:func:`choose_tokens`; a sampling request draws its
-uniform from its own seeded generator, so its text does not depend on its batch), reads the tokens
+noise from its own seeded generator, so its text does not depend on its batch), reads the tokens
 back once, applies each request's stop rules (:class:`SequenceProgress`), and emits the text that
 became final as :class:`StreamEvent` deltas. It returns the requests that finished.
 """
@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 import torch
 
-from hilora_core.engine.generation import StreamEvent, TokenLogprob, choose_tokens, logprob_entries
+from hilora_core.engine.generation import StreamEvent, TokenLogprob, choose_tokens, gumbel_noise, logprob_entries
 from hilora_core.engine.metrics import LoopMetrics
 from hilora_core.engine.requests import RequestState
 from hilora_core.engine.runner import ForwardOutput
@@ -29,17 +29,16 @@ def _to_device(values: list[float], device: torch.device) -> torch.Tensor:
 
 def choose(seqs: list[RequestState], scores: torch.Tensor) -> torch.Tensor:
     """(B,) next tokens of ``seqs`` from their (B, V) scores, in one batched pass; each sampling row
-    draws one uniform from its own request's generator."""
+    draws its (V,) Gumbel noise from its own request's generator."""
     if not any(s.req.temperature > 0 for s in seqs):
         return choose_tokens(scores, None, None, None)
-    dev = scores.device
-    zero = torch.zeros((1,), device=dev)
-    uniforms = torch.cat([torch.rand((1,), generator=s.generator, device=dev) if s.generator is not None
-                          else zero for s in seqs])
+    dev, vocab = scores.device, scores.shape[-1]
+    zero = torch.zeros((vocab,), device=dev)
+    noise = torch.stack([gumbel_noise(s.generator, vocab, dev) if s.generator is not None else zero for s in seqs])
     temperature = _to_device([s.req.temperature for s in seqs], dev)
     nucleus = any(s.req.top_p < 1.0 and s.req.temperature > 0 for s in seqs)
     top_p = _to_device([s.req.top_p for s in seqs], dev) if nucleus else None
-    return choose_tokens(scores, temperature, top_p, uniforms)
+    return choose_tokens(scores, temperature, top_p, noise)
 
 
 Chooser = Callable[[list[RequestState], torch.Tensor], torch.Tensor]

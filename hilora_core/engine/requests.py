@@ -35,7 +35,7 @@ class SequenceRequest:
         temperature: 0 is greedy; else softmax(logits / temperature) is sampled.
         top_p: nucleus mass in (0, 1].
         seed: seeds this request's own sampling generator (None: a random seed). Every token the
-            request samples draws one uniform from it, so its text does not depend on its batch.
+            request samples draws its noise from it, so its text does not depend on its batch.
         stop: stop strings; the text is cut before the first one.
         ignore_eos: keep generating past EOS (benchmarks).
         logprobs: None, or the number of alternatives (0 to 20) reported with each chosen token's logprob.

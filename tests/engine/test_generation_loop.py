@@ -124,6 +124,29 @@ def test_seeded_sampling_and_stop_strings_match_the_request_alone(lm):
         loop.close()
 
 
+def test_a_seeded_request_gives_its_alone_text_whichever_step_another_request_joins_at(lm):
+    """The timing that exposed a seed's text changing in the served path: a second request joining the
+    first at a different step changes the batch's shapes, so the first request's logits differ in their
+    last bits. Its sampled text must not (temperature 1, where every token is a real draw)."""
+    ids = chat_ids(lm, "Convert the number 7 into English words.")
+    other = chat_ids(lm, PROMPTS[3])
+    for seed, plan in ((5, PLANS[0]), (6, PLANS[1])):
+        want = None
+        for join_at in (None, 0, 1, 3):
+            loop = GenerationLoop(lm, LoopSettings(max_rows=3), start=False)
+            try:
+                first = loop.submit(SequenceRequest(ids, plan, max_new_tokens=10, temperature=1.0, seed=seed))
+                for step in range(14):
+                    if step == join_at:
+                        loop.submit(SequenceRequest(other, PLANS[5], max_new_tokens=10))
+                    loop.step()
+                got = collect(first)
+            finally:
+                loop.close()
+            want = got if want is None else want
+            assert got == want, (seed, join_at)
+
+
 def test_cancel_frees_the_row_and_the_adapter_slots_within_a_step(lm):
     loop = GenerationLoop(lm, LoopSettings(max_rows=4))
     try:

@@ -8,8 +8,9 @@
 Requests join the running batch between decode steps and leave when they finish. Each step (on the
 loop's own thread, or :meth:`GenerationLoop.step` called by a test) runs three parts:
 
-1. the :class:`Scheduler` decides: requests that leave now (cancelled, past their deadline), and
-   requests admitted for this step (rows free, prefill budget, adapter slots leased);
+1. the :class:`Scheduler` decides: requests that leave now (cancelled, past their deadline), whose
+   rows and slots are freed at once, then requests admitted for this step (rows free, prefill budget,
+   adapter slots leased);
 2. the :class:`ModelRunner` prefills the admitted requests into the KV memory, then runs one decode
    step of every running row; each pass gives one score row per request;
 3. the :class:`OutputStage` chooses the tokens, emits text, and applies stop rules; finished requests
@@ -164,12 +165,12 @@ class GenerationLoop:
 
     def step(self) -> None:
         """One iteration: schedule, prefill the admitted requests, decode one token of every running row."""
-        decision = self.scheduler.schedule()
-        self._leave(decision.dropped_running)
-        for state, err in decision.dropped:  # after they left: a caller that has the error sees them gone
-            state.release()  # a request dropped while waiting may hold no lease: a no-op then
+        reaped = self.scheduler.reap()
+        self._leave(reaped.running)  # before admission: their rows and slots serve this step's newcomers
+        admitted, failed = self.scheduler.admit()
+        for state, err in reaped.dropped + failed:  # after they left: a caller that has the error sees them gone
+            state.release()  # a request dropped while waiting holds no lease: a no-op then
             state.handle.emit(err)
-        admitted = decision.admitted
         if admitted:
             try:
                 out = self.runner.prefill(admitted, self.scheduler.running)

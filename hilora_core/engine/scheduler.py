@@ -1,8 +1,9 @@
 """The generation loop's scheduler: which requests wait, which run, and which leave before a step.
 
-It decides and the other parts act (as in vLLM's ``Scheduler.schedule()``): :meth:`Scheduler.schedule`
-returns the requests that leave now (cancelled, or past their deadline) and the ones admitted for
-this step; the model runner prefills the admitted ones and the loop then calls
+It decides and the other parts act (as vLLM's ``Scheduler.schedule()`` does): :meth:`Scheduler.reap`
+returns the requests that leave now (cancelled, or past their deadline), which the loop removes from
+the batch; :meth:`Scheduler.admit` then returns the ones admitted for this step (with the leavers'
+rows and slots already free); the model runner prefills them and the loop calls
 :meth:`Scheduler.start_running`. Admission is first come, first served, while rows are free and the
 step's prefill budget lasts (at least one request per step); a request whose adapters cannot get a
 device slot now (every slot held by running requests) waits without blocking the requests behind it.
@@ -30,13 +31,11 @@ if TYPE_CHECKING:
 
 
 @dataclass
-class SchedulerOutput:
-    """One step's decision: ``dropped`` leave now with their error (``running`` tells which of them
-    hold rows), ``admitted`` are prefilled this step, in order."""
+class Reaped:
+    """Requests that leave before a step, each with its error; ``running``: those of them holding rows."""
 
     dropped: list[tuple[RequestState, BaseException]] = field(default_factory=list)
-    dropped_running: list[RequestState] = field(default_factory=list)
-    admitted: list[RequestState] = field(default_factory=list)
+    running: list[RequestState] = field(default_factory=list)
 
 
 class Scheduler:
@@ -88,14 +87,10 @@ class Scheduler:
             return bool(self.waiting or self.running)
 
     # ---- the loop's side -------------------------------------------------------------------------
-    def schedule(self) -> SchedulerOutput:
-        """Drop cancelled and expired requests, then admit waiting ones (see the module docstring)."""
-        out = SchedulerOutput()
-        self._reap(out)
-        self._admit(out)
-        return out
-
-    def _reap(self, out: SchedulerOutput) -> None:
+    def reap(self) -> Reaped:
+        """The cancelled requests and those past their deadline, waiting or running; the waiting ones are
+        taken off the queue here, the running ones are for the loop to remove from the batch."""
+        out = Reaped()
         now = time.monotonic()
 
         def leaving(s: RequestState) -> bool:
@@ -105,8 +100,8 @@ class Scheduler:
             waiting = [s for s in self.waiting if leaving(s)]
             for s in waiting:
                 self.waiting.remove(s)
-        out.dropped_running = [s for s in self.running if leaving(s)]
-        for s in waiting + out.dropped_running:
+        out.running = [s for s in self.running if leaving(s)]
+        for s in waiting + out.running:
             if s.handle.cancelled:
                 self.metrics.cancelled += 1
                 out.dropped.append((s, RequestCancelledError("the request was cancelled")))
@@ -114,40 +109,46 @@ class Scheduler:
                 self.metrics.timed_out += 1
                 out.dropped.append((s, RequestTimeoutError(
                     f"the request ran longer than request_timeout_s={self.settings.request_timeout_s}")))
+        return out
 
-    def _admit(self, out: SchedulerOutput) -> None:
-        rows_free = self.settings.max_rows - sum(len(s.rows) for s in self.running if s not in out.dropped_running)
+    def admit(self) -> tuple[list[RequestState], list[tuple[RequestState, BaseException]]]:
+        """(requests admitted for this step, in order, holding their adapters' slots; requests that cannot
+        run at all, with their error). First come, first served, within the free rows and the prefill budget."""
+        admitted: list[RequestState] = []
+        failed: list[tuple[RequestState, BaseException]] = []
+        rows_free = self.settings.max_rows - sum(len(s.rows) for s in self.running)
         budget = self.settings.prefill_tokens_per_step
         with self.cond:
             queued = list(self.waiting)
-        holding = bool(self.running)
         for seq in queued:
-            if len(seq.rows) > rows_free or (out.admitted and seq.prompt_len > budget):
+            if len(seq.rows) > rows_free or (admitted and seq.prompt_len > budget):
                 break  # first come, first served: later requests do not overtake for rows or budget
             try:
                 seq.lease = self.lm.acquire(seq.rows)
             except CapacityError:
-                if holding or out.admitted:
+                if self.running or admitted:
                     continue  # its adapters wait for slots held by running requests
-                self._drop_waiting(seq, CapacityError("no device slot can be freed for the plan's adapters "
-                                                      "(slots are pinned)"), out)
+                failed.append((seq, CapacityError("no device slot can be freed for the plan's adapters "
+                                                  "(slots are pinned)")))
+                self._unqueue(seq)
                 continue
             except Exception as err:  # noqa: BLE001 - this request's adapter failed to load
-                self._drop_waiting(seq, err, out)
+                failed.append((seq, err))
+                self._unqueue(seq)
                 continue
             with self.cond:
                 self.waiting.remove(seq)
                 self._admitting.append(seq)
-            out.admitted.append(seq)
+            admitted.append(seq)
             rows_free -= len(seq.rows)
             budget -= seq.prompt_len
+        return admitted, failed
 
-    def _drop_waiting(self, seq: RequestState, err: BaseException, out: SchedulerOutput) -> None:
+    def _unqueue(self, seq: RequestState) -> None:
         with self.cond:
             if seq in self.waiting:
                 self.waiting.remove(seq)
         self.metrics.failed += 1
-        out.dropped.append((seq, err))
 
     def start_running(self, admitted: list[RequestState]) -> None:
         """The admitted requests were prefilled: they hold rows now."""

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 import torch
@@ -79,6 +79,17 @@ class GenerationLoop:
         state = self._prepare(req, sink)
         self.scheduler.add(state, bounded)
         return state.handle
+
+    def submit_many(self, reqs: Sequence[tuple[SequenceRequest, Callable[[Item], None] | None]],
+                    bounded: bool = True) -> list[SequenceHandle]:
+        """Queue several requests at once (each with its sink or None): all are checked first, then all are
+        queued under one lock, so the loop admits them together (one prefill, within the step's budget)
+        instead of starting the first ones while the rest are still being checked."""
+        states = [self._prepare(req, sink) for req, sink in reqs]
+        with self.scheduler.cond:
+            for state in states:
+                self.scheduler.add(state, bounded)
+        return [s.handle for s in states]
 
     def _prepare(self, req: SequenceRequest, sink: Callable[[Item], None] | None) -> RequestState:
         s, lm = self.settings, self.lm

@@ -110,17 +110,10 @@ class RoutedLM(RoutedModel):
         self._expand(plans, n)  # checks the plans and their adapters before anything is queued
         plan_list = list(plans) if plans is not None else [RoutingPlan()] * n
         events: queue.Queue[tuple[int, Item]] = queue.Queue()
-        handles: list[SequenceHandle] = []
-        try:
-            for i in range(n):
-                req = SequenceRequest(ids[i], plan_list[i], max_new_tokens=max_new[i], temperature=temps[i],
-                                      top_p=top_ps[i], seed=None if seed is None else seed + i, stop=stops[i],
-                                      ignore_eos=ignore_eos)
-                handles.append(self.loop.submit(req, _tagged(events, i), bounded=False))
-        except BaseException:
-            for h in handles:
-                h.cancel()
-            raise
+        reqs = [(SequenceRequest(ids[i], plan_list[i], max_new_tokens=max_new[i], temperature=temps[i],
+                                 top_p=top_ps[i], seed=None if seed is None else seed + i, stop=stops[i],
+                                 ignore_eos=ignore_eos), _tagged(events, i)) for i in range(n)]
+        handles = self.loop.submit_many(reqs, bounded=False)  # checked first: all or none are queued
         return _merged(events, handles)
 
     def generate_detailed(self, prompts: Sequence[str], plans: Sequence[RoutingPlan] | None = None,

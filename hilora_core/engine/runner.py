@@ -52,7 +52,7 @@ class ModelRunner:
                                            lm.device, lm.dtype)
         self.row_seq: list[RequestState] = []  # the request of each KV row
         self.row_member: list[int] = []  # which of its request's rows (index into RequestState.rows)
-        self._routing: tuple[BatchRouting, torch.Tensor | None] | None = None  # rebuilt when the rows change
+        self._routing: tuple[BatchRouting, Combine] | None = None  # rebuilt when the rows change
         self._last_routing: BatchRouting | None = None  # its gathered adapter stacks serve the rebuilt one
 
     @property
@@ -89,7 +89,7 @@ class ModelRunner:
         logits = lm.forward(routing, input_ids=ids.to(lm.device), attention_mask=mask,
                             position_ids=positions.to(lm.device), past_key_values=cache, use_cache=True,
                             logits_to_keep=0 if want_prompt else 1)
-        matrix = _mixing(new, [s for s, _ in rows], [k for _, k in rows], lm.device)
+        combine = _combine(new, [s for s, _ in rows], [k for _, k in rows], lm.device)
         for s in new:
             s.start = head - s.prompt_len
             self.metrics.prompt_tokens += s.prompt_len
@@ -98,8 +98,8 @@ class ModelRunner:
             self.row_member.append(k)
         cache.low = min(s.start for s in [*running, *new])
         self._routing = None
-        prompt_scores = mix_logits(logits, matrix) if want_prompt else None
-        return ForwardOutput(list(new), mix_logits(logits[:, -1], matrix), prompt_scores, width)
+        prompt_scores = _apply(combine, logits) if want_prompt else None
+        return ForwardOutput(list(new), _apply(combine, logits[:, -1]), prompt_scores, width)
 
     def decode(self, running: list[RequestState]) -> ForwardOutput:
         """One decode step of every running row: each request's last token in, its next scores out."""
@@ -122,12 +122,12 @@ class ModelRunner:
             if routing.reuse_stacks(self._last_routing):
                 self.metrics.stack_reuses += 1
             self._last_routing = routing
-            self._routing = (routing, _mixing(running, self.row_seq, self.row_member, lm.device))
-        routing, matrix = self._routing
+            self._routing = (routing, _combine(running, self.row_seq, self.row_member, lm.device))
+        routing, combine = self._routing
         logits = lm.forward(routing, input_ids=ids, attention_mask=mask, position_ids=positions,
                             past_key_values=cache, use_cache=True, logits_to_keep=1)[:, -1]
         cache.head += 1
-        return ForwardOutput(list(running), mix_logits(logits, matrix))
+        return ForwardOutput(list(running), _apply(combine, logits))
 
     def _shift(self, by: int, running: Sequence[RequestState]) -> None:
         self.cache.shift(len(self.row_seq), by)
@@ -167,13 +167,31 @@ def _slot_map(seqs: Sequence[RequestState]) -> tuple[dict[str, int], dict[str, i
     return slots, ranks
 
 
-def _mixing(seqs: Sequence[RequestState], row_seq: Sequence[RequestState], row_member: Sequence[int],
-            device: torch.device) -> torch.Tensor | None:
-    """(n_seq, R) weights of each request's rows, or None when every request has one row, in order."""
+Combine = tuple[str, torch.Tensor] | None  # how a pass's rows become one score row per request
+
+
+def _combine(seqs: Sequence[RequestState], row_seq: Sequence[RequestState], row_member: Sequence[int],
+             device: torch.device) -> Combine:
+    """How rows (R,) become requests (n_seq,): None when every request has one row, in order; ``("index", (n,))``
+    when every request has one row in another order (rows move when others leave); else ``("mix", (n, R))``,
+    each request's rows weighted (ensembles, :func:`mix_logits`)."""
     if len(row_seq) == len(seqs) and all(a is b for a, b in zip(row_seq, seqs, strict=True)):
         return None
     index = {id(s): i for i, s in enumerate(seqs)}
+    if len(row_seq) == len(seqs):  # one row each, moved: a gather, not a matrix product over the vocabulary
+        where = [0] * len(seqs)
+        for r, s in enumerate(row_seq):
+            where[index[id(s)]] = r
+        return "index", torch.tensor(where, dtype=torch.long, device=device)
     matrix = torch.zeros((len(seqs), len(row_seq)), dtype=torch.float32)
     for r, (s, k) in enumerate(zip(row_seq, row_member, strict=True)):
         matrix[index[id(s)], r] = s.weights[k]
-    return matrix.to(device)
+    return "mix", matrix.to(device)
+
+
+def _apply(combine: Combine, logits: torch.Tensor) -> torch.Tensor:
+    """(R, ...) row logits -> (n_seq, ...) per request (see :func:`_combine`)."""
+    if combine is None:
+        return logits
+    kind, t = combine
+    return logits.index_select(0, t) if kind == "index" else mix_logits(logits, t)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import queue
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 
@@ -100,6 +101,16 @@ class RoutedLM(RoutedModel):
         ``finished=True``. Closing the iterator early cancels the prompts still running, and returns once
         they have left the batch (their adapter slots are free then).
         """
+        reqs = self._requests(prompts, plans, max_new_tokens, temperature, top_p, seed, stop, chat, ignore_eos)
+        events: queue.Queue[tuple[int, Item]] = queue.Queue()
+        handles = self.loop.submit_many([(r, _tagged(events, i)) for i, r in enumerate(reqs)], bounded=False)
+        return _merged(events, handles)
+
+    def _requests(self, prompts: Sequence[str], plans: Sequence[RoutingPlan] | None,
+                  max_new_tokens: int | Sequence[int], temperature: float | Sequence[float],
+                  top_p: float | Sequence[float], seed: int | None, stop: StopArg, chat: bool,
+                  ignore_eos: bool) -> list[SequenceRequest]:
+        """One checked :class:`SequenceRequest` per prompt (arguments as :meth:`stream`)."""
         ids = self.prompt_ids(prompts, chat)
         n = len(ids)
         max_new = per_sequence("max_new_tokens", max_new_tokens, n, int)
@@ -109,26 +120,33 @@ class RoutedLM(RoutedModel):
         stops = _per_prompt_stops(stop, n)
         self._expand(plans, n)  # checks the plans and their adapters before anything is queued
         plan_list = list(plans) if plans is not None else [RoutingPlan()] * n
-        events: queue.Queue[tuple[int, Item]] = queue.Queue()
-        reqs = [(SequenceRequest(ids[i], plan_list[i], max_new_tokens=max_new[i], temperature=temps[i],
-                                 top_p=top_ps[i], seed=None if seed is None else seed + i, stop=stops[i],
-                                 ignore_eos=ignore_eos), _tagged(events, i)) for i in range(n)]
-        handles = self.loop.submit_many(reqs, bounded=False)  # checked first: all or none are queued
-        return _merged(events, handles)
+        return [SequenceRequest(ids[i], plan_list[i], max_new_tokens=max_new[i], temperature=temps[i], top_p=top_ps[i],
+                                seed=None if seed is None else seed + i, stop=stops[i], ignore_eos=ignore_eos)
+                for i in range(n)]
 
     def generate_detailed(self, prompts: Sequence[str], plans: Sequence[RoutingPlan] | None = None,
                           **kwargs) -> list[GenerationResult]:
-        """Like :meth:`generate` but returns :class:`GenerationResult` (text, token ids, counts, reason)."""
-        texts: list[list[str]] = [[] for _ in prompts]
-        results: list[GenerationResult | None] = [None] * len(prompts)
-        for ev in self.stream(prompts, plans, **kwargs):
-            texts[ev.index].append(ev.delta)
-            if ev.finished:
-                results[ev.index] = GenerationResult(
-                    text="".join(texts[ev.index]), token_ids=ev.token_ids or [], prompt_tokens=ev.prompt_tokens,
-                    completion_tokens=ev.completion_tokens, finish_reason=ev.finish_reason or "length",
-                )
-        return [r for r in results if r is not None]
+        """Like :meth:`generate` but returns :class:`GenerationResult` (text, token ids, counts, reason).
+
+        The texts are gathered in the loop's thread and this thread waits once for all of them (not once
+        per token, as a reader of :meth:`stream` does)."""
+        reqs = self._requests(prompts, plans, kwargs.get("max_new_tokens", 64), kwargs.get("temperature", 0.0),
+                              kwargs.get("top_p", 1.0), kwargs.get("seed"), kwargs.get("stop"),
+                              kwargs.get("chat", False), kwargs.get("ignore_eos", False))
+        unknown = set(kwargs) - {"max_new_tokens", "temperature", "top_p", "seed", "stop", "chat", "ignore_eos"}
+        if unknown:
+            raise InvalidInputError(f"unknown generation arguments: {sorted(unknown)}")
+        collector = _Collector(len(reqs))
+        handles = self.loop.submit_many([(r, collector.sink(i)) for i, r in enumerate(reqs)], bounded=False)
+        try:
+            while not collector.done.wait(0.5):  # wakes to let a KeyboardInterrupt through
+                pass
+        finally:
+            for h in handles:
+                h.cancel()  # a no-op for finished ones
+        if collector.error is not None:
+            raise collector.error
+        return [r for r in collector.results if r is not None]
 
     def generate(self, prompts: Sequence[str], plans: Sequence[RoutingPlan] | None = None,
                  max_new_tokens: int | Sequence[int] = 64, temperature: float | Sequence[float] = 0.0,
@@ -147,6 +165,34 @@ def _tagged(events: queue.Queue[tuple[int, Item]], index: int) -> Callable[[Item
     def put(item: Item) -> None:
         events.put((index, item))
     return put
+
+
+class _Collector:
+    """Sinks that gather each prompt's text in the loop's thread; ``done`` is set once every prompt finished,
+    or at the first error."""
+
+    def __init__(self, n: int) -> None:
+        self.texts: list[list[str]] = [[] for _ in range(n)]
+        self.results: list[GenerationResult | None] = [None] * n
+        self.error: BaseException | None = None
+        self.left = n
+        self.done = threading.Event()
+
+    def sink(self, index: int) -> Callable[[Item], None]:
+        def put(item: Item) -> None:  # called on the loop's thread only
+            if isinstance(item, BaseException):
+                self.error = self.error or item
+                self.done.set()
+                return
+            self.texts[index].append(item.delta)
+            if item.finished:
+                self.results[index] = GenerationResult(
+                    text="".join(self.texts[index]), token_ids=item.token_ids or [], prompt_tokens=item.prompt_tokens,
+                    completion_tokens=item.completion_tokens, finish_reason=item.finish_reason or "length")
+                self.left -= 1
+                if self.left == 0:
+                    self.done.set()
+        return put
 
 
 def _per_prompt_stops(stop: StopArg, n: int) -> list[tuple[str, ...]]:

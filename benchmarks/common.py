@@ -148,7 +148,8 @@ def launch_service(data_dir: str, model: dict | None = None, threads: int = 2,
                    num_cpus: int = 2) -> tuple[str, Callable[[], None]]:
     """Start Ray (``num_cpus`` logical CPUs) and the application on a free loopback port, with the embedded
     Redis under ``data_dir``, the demo pool and the ``model`` settings given (``torch_threads``: ``threads``);
-    returns (url, stop)."""
+    returns (url, stop). ``stop()`` shuts Serve and Ray down, then the embedded Redis (a daemon that
+    outlives the replicas otherwise)."""
     import ray
     from ray import serve
 
@@ -165,8 +166,11 @@ def launch_service(data_dir: str, model: dict | None = None, threads: int = 2,
     serve.run(build_app(config), name="hilora", route_prefix="/")
 
     def stop() -> None:
+        from registry.connection import EmbeddedRedis
+
         serve.shutdown()
         ray.shutdown()
+        EmbeddedRedis(data_dir).stop()
 
     return f"http://127.0.0.1:{port}", stop
 

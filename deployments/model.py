@@ -158,16 +158,18 @@ class ModelReplica:
 
     def _prompt_entries(self, ids: list[int], entries: list[TokenLogprob | None]) -> list[LogprobEntry]:
         """The prompt tokens' logprob entries (``echo``); the first token has logprob None."""
-        return [LogprobEntry(**self._token(ids[0]).model_dump())] + [self._logprob(e) for e in entries[1:] if e]
+        first = LogprobEntry(**self._token_fields(ids[0]), logprob=None)
+        return [first] + [self._logprob(e) for e in entries[1:] if e is not None]
 
-    def _token(self, token_id: int, logprob: float | None = None) -> TokenEntry:
+    def _token_fields(self, token_id: int) -> dict:
+        """A token's ``token`` (text), ``bytes`` (UTF-8) and ``id``, as OpenAI reports them."""
         text = self.lm.tokenizer.decode([token_id])
-        return TokenEntry(token=text, bytes=list(text.encode("utf-8")), id=token_id, logprob=logprob)
+        return {"token": text, "bytes": list(text.encode("utf-8")), "id": token_id}
 
     def _logprob(self, entry: TokenLogprob) -> LogprobEntry:
         """One token's OpenAI-style logprob entry: token, logprob, bytes, top_logprobs."""
-        return LogprobEntry(**self._token(entry.token_id, entry.logprob).model_dump(),
-                            top_logprobs=[self._token(t, lp) for t, lp in entry.top])
+        return LogprobEntry(**self._token_fields(entry.token_id), logprob=entry.logprob,
+                            top_logprobs=[TokenEntry(**self._token_fields(t), logprob=lp) for t, lp in entry.top])
 
     def residency(self) -> dict:
         """``{"replica", "adapters": {name: "device" | "host"}}``; adapters not listed are not loaded here."""

@@ -125,17 +125,14 @@ class RoutedLM(RoutedModel):
                 for i in range(n)]
 
     def generate_detailed(self, prompts: Sequence[str], plans: Sequence[RoutingPlan] | None = None,
-                          **kwargs) -> list[GenerationResult]:
+                          max_new_tokens: int | Sequence[int] = 64, temperature: float | Sequence[float] = 0.0,
+                          top_p: float | Sequence[float] = 1.0, seed: int | None = None, stop: StopArg = None,
+                          chat: bool = False, ignore_eos: bool = False) -> list[GenerationResult]:
         """Like :meth:`generate` but returns :class:`GenerationResult` (text, token ids, counts, reason).
 
         The texts are gathered in the loop's thread and this thread waits once for all of them (not once
         per token, as a reader of :meth:`stream` does)."""
-        reqs = self._requests(prompts, plans, kwargs.get("max_new_tokens", 64), kwargs.get("temperature", 0.0),
-                              kwargs.get("top_p", 1.0), kwargs.get("seed"), kwargs.get("stop"),
-                              kwargs.get("chat", False), kwargs.get("ignore_eos", False))
-        unknown = set(kwargs) - {"max_new_tokens", "temperature", "top_p", "seed", "stop", "chat", "ignore_eos"}
-        if unknown:
-            raise InvalidInputError(f"unknown generation arguments: {sorted(unknown)}")
+        reqs = self._requests(prompts, plans, max_new_tokens, temperature, top_p, seed, stop, chat, ignore_eos)
         collector = _Collector(len(reqs))
         handles = self.loop.submit_many([(r, collector.sink(i)) for i, r in enumerate(reqs)], bounded=False)
         try:

@@ -25,7 +25,7 @@ _REFUSED_FLAGS: tuple[tuple[str, str], ...] = (
     ("layer_replication", "layer_replication"),
     ("modules_to_save", "modules_to_save (fully trained extra modules)"),
     ("trainable_token_indices", "trainable_token_indices"),
-    ("target_parameters", "target_parameters (LoRA on raw parameters)"),
+    ("target_parameters", "LoRA on raw parameters such as fused MoE experts (target_parameters)"),
 )
 
 def _pattern_key(patterns: Mapping[str, object], module: str) -> str | None:

@@ -17,7 +17,8 @@ Modules, in data-flow order:
     metrics         the loop's counters, histograms and stats snapshot
     loop            GenerationLoop: scheduler -> runner -> output stage, one step at a time
     routed_lm       RoutedLM, the public entry point (generation as a client of the loop)
-    settings        EngineSettings, LoopSettings, supported architectures
+    settings        EngineSettings, LoopSettings
+    families        the served model families and their attention layouts (sliding windows)
     threads         torch CPU threads of one OS thread, set so that other threads cannot undo them
     introspection   hidden states, logit lens, layer inputs (the LoGo / qa-FLoRA baselines only)
 """
@@ -27,7 +28,7 @@ import importlib
 # name -> the submodule that defines it; imported on first use, so that light imports
 # (``hilora_core.engine.settings``) do not pull in transformers.
 _EXPORTS = {
-    "SUPPORTED_TARGETS": "adapter_files", "HostAdapter": "adapter_files", "InspectedAdapter": "adapter_files",
+    "HostAdapter": "adapter_files", "InspectedAdapter": "adapter_files",
     "LayerLoRA": "adapter_files", "inspect_adapter": "adapter_files", "load_adapter": "adapter_files",
     "AdapterConfig": "adapter_files", "read_adapter_config": "adapter_files",
     "GenerationResult": "generation", "StreamEvent": "generation",
@@ -37,8 +38,9 @@ _EXPORTS = {
     "RoutedLM": "routed_lm", "RoutedModel": "routed_model",
     "GenerationLoop": "loop", "SequenceRequest": "requests", "SequenceHandle": "requests",
     "LoopStats": "metrics",
-    "SUPPORTED_ARCHITECTURES": "settings", "EngineSettings": "settings", "LoopSettings": "settings",
-    "check_architecture": "settings",
+    "EngineSettings": "settings", "LoopSettings": "settings",
+    "SUPPORTED_ARCHITECTURES": "families", "FAMILIES": "families", "Family": "families",
+    "check_architecture": "families", "family_of": "families", "attention_layout": "families",
     "AdapterSlots": "slots", "LayerSlots": "slots", "SlotLease": "slots",
 }
 __all__ = sorted(_EXPORTS)

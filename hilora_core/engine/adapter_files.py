@@ -27,8 +27,6 @@ from hilora_core.errors import AdapterLoadError
 
 WEIGHTS_FILE = "adapter_model.safetensors"
 PICKLE_FILES = ("adapter_model.bin", "adapter_model.pt", "pytorch_model.bin")
-# Linear layers of Llama-family decoders an adapter may target.
-SUPPORTED_TARGETS: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _LORA_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.[\w-]+)?\.weight$")
 
@@ -163,7 +161,8 @@ def inspect_adapter(
     Args:
         name: the engine's name for the adapter.
         location: local folder or hub id.
-        base_linears: module path -> (d_in, d_out) of every linear layer adapters may target.
+        base_linears: module path -> (d_in, d_out) of every linear layer adapters may target (the
+            ``nn.Linear`` modules inside the decoder layers).
         max_rank: the largest rank a device slot holds.
         revision: hub revision (branch, tag or commit) to pin.
         max_bytes: the largest weights file accepted (None: no limit).
@@ -181,7 +180,8 @@ def inspect_adapter(
         if "lora_magnitude_vector" in key:
             raise AdapterLoadError(f"DoRA tensors are not supported: {key!r} in {weights}")
         if "lora_embedding" in key:
-            raise AdapterLoadError(f"LoRA on embeddings is not supported: {key!r} in {weights}")
+            raise AdapterLoadError(f"LoRA on the token embeddings (embed_tokens) is not served: {key!r} in {weights}; "
+                                   "retrain without it in target_modules")
         m = _LORA_KEY.match(key)
         if m is None:
             raise AdapterLoadError(f"unexpected tensor {key!r} in {weights} (only lora_A / lora_B weights allowed)")
@@ -191,8 +191,9 @@ def inspect_adapter(
     unknown = sorted(mod for mod in parts if mod not in base_linears)
     if unknown:
         raise AdapterLoadError(
-            f"adapter {name!r} targets modules the base model does not have (or that are not "
-            f"{'/'.join(SUPPORTED_TARGETS)}): {unknown[:5]}{' ...' if len(unknown) > 5 else ''}"
+            f"adapter {name!r} targets modules that are not linear layers inside the base model's decoder layers "
+            f"(LoRA on lm_head or embed_tokens is not served; the base may also be a different model): "
+            f"{unknown[:5]}{' ...' if len(unknown) > 5 else ''}"
         )
     modules: dict[str, tuple[int, int, int]] = {}
     for mod, ab in sorted(parts.items()):

@@ -22,6 +22,7 @@ from collections.abc import Sequence
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
+from hilora_core.engine.families import AttentionLayout
 from hilora_core.errors import CapacityError
 
 
@@ -161,10 +162,20 @@ class SlotKVCache(Cache):
         v[r0:r1, :, w: w + t].copy_(value_states)
         return k[r0:r1, :, self._read_from: w + t], v[r0:r1, :, self._read_from: w + t]
 
-    def attention_mask(self, starts: Sequence[int], query_length: int, kind: str) -> torch.Tensor:
+    def attention_masks(self, layout: AttentionLayout, starts: Sequence[int], query_length: int,
+                        kind: str) -> torch.Tensor | dict[str, torch.Tensor]:
+        """The mask(s) of the current window for a model's :class:`AttentionLayout`: one (B, 1, T, K) mask
+        when every layer follows one rule, else ``{layer type: mask}`` (the decoder picks each layer's)."""
+        masks = {t: self.attention_mask(starts, query_length, kind, layout.window_of(t)) for t in layout.kinds}
+        return masks if len(masks) > 1 else next(iter(masks.values()))
+
+    def attention_mask(self, starts: Sequence[int], query_length: int, kind: str,
+                       window: int | None = None) -> torch.Tensor:
         """The (B, 1, T, K) mask of the current window: query ``t`` of row ``b`` (at column ``write + t``)
-        sees the columns from ``starts[b]`` up to its own. A query left of its row's start (left padding
-        of a prefill) sees only itself, so padding never produces NaN.
+        sees the columns from ``starts[b]`` up to its own, and with a sliding ``window`` only the columns
+        after ``write + t - window`` (a row's positions are its columns less its start, so the window is
+        the same in columns). A query left of its row's start (left padding of a prefill) sees only
+        itself, so padding never produces NaN.
 
         ``kind``: ``"bool"`` (True = attend; SDPA) or ``"additive"`` (0 / -inf-like; eager attention).
         """
@@ -174,6 +185,8 @@ class SlotKVCache(Cache):
         start = torch.as_tensor(list(starts), device=self.device).view(-1, 1, 1)  # (B, 1, 1)
         causal = cols.view(1, 1, -1) <= q_cols.view(1, -1, 1)  # (1, T, K)
         allowed = causal & (cols.view(1, 1, -1) >= start)  # (B, T, K)
+        if window is not None:
+            allowed = allowed & (cols.view(1, 1, -1) > q_cols.view(1, -1, 1) - window)
         allowed = allowed | (cols.view(1, 1, -1) == q_cols.view(1, -1, 1))
         allowed = allowed.unsqueeze(1)
         if kind == "bool":

@@ -28,7 +28,6 @@ from torch import nn
 from typing_extensions import Self
 
 from hilora_core.engine.adapter_files import (
-    SUPPORTED_TARGETS,
     HostAdapter,
     InspectedAdapter,
     inspect_adapter,
@@ -36,9 +35,10 @@ from hilora_core.engine.adapter_files import (
 )
 from hilora_core.engine.batch_routing import BatchRouting, build_batch_routing
 from hilora_core.engine.ensemble import ExpandedBatch, expand_ensembles, mix_logits
+from hilora_core.engine.families import check_architecture
 from hilora_core.engine.host_cache import HostAdapterCache
 from hilora_core.engine.routed_linear import RoutedLinear, RoutingState, layer_index
-from hilora_core.engine.settings import EngineSettings, check_architecture
+from hilora_core.engine.settings import EngineSettings
 from hilora_core.engine.slots import AdapterSlots, SlotLease
 from hilora_core.errors import InvalidInputError, UnknownAdapterError
 from hilora_core.models.base_model import DEFAULT_BASE, resolve_base
@@ -49,7 +49,7 @@ class RoutedModel:
     """A base causal LM plus a pool of LoRA adapters, run with one :class:`RoutingPlan` per sequence.
 
     Args:
-        model: a Llama-family ``*ForCausalLM`` (eval mode is set here).
+        model: a ``*ForCausalLM`` of a served family (``families.py``; eval mode is set here).
         tokenizer: its tokenizer (left padding is set here).
         settings: cache sizes and routing settings.
     """
@@ -74,7 +74,7 @@ class RoutedModel:
         self._linears = {
             name: (mod.in_features, mod.out_features)
             for name, mod in model.named_modules()
-            if isinstance(mod, nn.Linear) and name.rsplit(".", 1)[-1] in SUPPORTED_TARGETS
+            if isinstance(mod, nn.Linear) and layer_index(name) is not None  # inside a decoder layer
         }
         self.eos_ids = self._find_eos_ids()
         self.n_layers = int(self.model.config.num_hidden_layers)

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from hilora_core.engine.ensemble import mix_logits
+from hilora_core.engine.families import attention_layout
 from hilora_core.engine.kv_slots import SlotKVCache
 from hilora_core.engine.metrics import LoopMetrics
 from hilora_core.engine.requests import RequestState
@@ -48,6 +49,7 @@ class ModelRunner:
         if impl not in ("sdpa", "eager"):
             raise UnsupportedModelError(f"the generation loop needs 'sdpa' or 'eager' attention, got {impl!r}")
         self._mask_kind = "bool" if impl == "sdpa" else "additive"
+        self.layout = attention_layout(lm.model.config)
         self.cache = SlotKVCache.for_model(lm.model.config, settings.max_rows, settings.max_tokens_per_sequence,
                                            lm.device, lm.dtype)
         self.row_seq: list[RequestState] = []  # the request of each KV row
@@ -83,7 +85,7 @@ class ModelRunner:
             positions[r, width - p:] = torch.arange(p)
             starts.append(head - p)
         cache.window((n_old, n_old + len(rows)), write=head - width, read=head - width)
-        mask = cache.attention_mask(starts, width, self._mask_kind)
+        mask = cache.attention_masks(self.layout, starts, width, self._mask_kind)
         routing = lm.build_routing([s.rows[k] for s, k in rows], *_slot_map(new))
         want_prompt = any(s.req.prompt_logprobs for s in new)
         logits = lm.forward(routing, input_ids=ids.to(lm.device), attention_mask=mask,
@@ -114,7 +116,7 @@ class ModelRunner:
         ids = torch.tensor([[s.last_token] for s in self.row_seq], dtype=torch.long, device=lm.device)
         positions = torch.tensor([[head - s.start] for s in self.row_seq], dtype=torch.long, device=lm.device)
         cache.window((0, n), write=head, read=cache.low)
-        mask = cache.attention_mask([s.start for s in self.row_seq], 1, self._mask_kind)
+        mask = cache.attention_masks(self.layout, [s.start for s in self.row_seq], 1, self._mask_kind)
         if self._routing is None:
             plans = [s.rows[k] for s, k in zip(self.row_seq, self.row_member, strict=True)]
             routing = lm.build_routing(plans, *_slot_map(running))

@@ -10,11 +10,6 @@ from __future__ import annotations
 from pydantic import ConfigDict, Field
 from pydantic.dataclasses import dataclass
 
-from hilora_core.errors import UnsupportedModelError
-
-SUPPORTED_ARCHITECTURES: tuple[str, ...] = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
-_SUPPORTED_MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
-
 _STRICT = ConfigDict(extra="forbid")
 
 
@@ -54,17 +49,3 @@ class LoopSettings:
     request_timeout_s: float | None = Field(
         default=600.0, gt=0, description="a request running longer ends with RequestTimeoutError (HTTP 504); "
                                          "None: no limit")
-
-
-def check_architecture(config) -> str:
-    """The model's architecture name if supported, else :class:`UnsupportedModelError` naming it."""
-    archs = list(getattr(config, "architectures", None) or [])
-    model_type = getattr(config, "model_type", None)
-    if not archs and model_type in _SUPPORTED_MODEL_TYPES:
-        return _SUPPORTED_MODEL_TYPES[model_type]
-    for arch in archs:
-        if arch in SUPPORTED_ARCHITECTURES:
-            return arch
-    raise UnsupportedModelError(
-        f"unsupported base architecture {archs or model_type!r}; supported: {list(SUPPORTED_ARCHITECTURES)}"
-    )

@@ -1,0 +1,211 @@
+"""Every served model family, family by check, on tiny random models against PEFT (``tests/family_models.py``).
+
+Checks (prompts cross the family's sliding window, 8 positions):
+- logits: a single-adapter plan equals PEFT, for an attention adapter and an all-linear one;
+- loop: greedy generation through the serving loop equals PEFT's ``generate`` for each request, while
+  requests of other lengths and plans join and leave the batch;
+- token rule: a multi-adapter HiLoRA plan equals the looped per-layer reference (``route_rocs``);
+- seed: a seeded sampled request gives the same text alone and in a changing batch.
+
+``scripts/support_matrix.py`` runs this module and writes the README's support matrix from its results.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import PeftModel
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+from hilora_core import AdapterLoadError, RoutedLM, RoutingPlan, UnsupportedModelError
+from hilora_core.engine import FAMILIES, attention_layout, load_adapter
+from hilora_core.engine.loop import GenerationLoop
+from hilora_core.engine.requests import SequenceRequest
+from hilora_core.engine.settings import LoopSettings
+from hilora_core.models.base_model import resolve_base
+from hilora_core.routing.token_routing import route_rocs
+from tests.engine_helpers import make_adapter, rel_err
+from tests.family_models import (
+    FAMILY_CONFIGS,
+    WINDOW,
+    attention_targets,
+    family_config,
+    linear_targets,
+    make_family_model,
+)
+
+TOL = 1e-4  # float32 on CPU
+LONG = "The quick brown fox jumps over the lazy dog near the quiet river bank, then runs home before the rain"
+SHORT = "Hello there"
+MID = "One two three four five six seven eight nine ten"
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    tok = AutoTokenizer.from_pretrained(resolve_base(None))
+    tok.padding_side = "left"
+    return tok
+
+
+def test_every_served_family_has_a_tiny_model_here():
+    assert sorted(FAMILY_CONFIGS) == sorted(FAMILIES)
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILY_CONFIGS))
+def family(request, tmp_path_factory, tokenizer):
+    """(model type, RoutedLM, PEFT model with adapters "attn" and "all", tokenizer) of one family."""
+    model_type = request.param
+    tmp = tmp_path_factory.mktemp(model_type)
+    folder = make_family_model(model_type, tmp / "base", tokenizer)
+    base = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    paths = {
+        "attn": make_adapter(base, tmp / "attn", seed=1, r=4, target_modules=attention_targets(base)),
+        "all": make_adapter(base, tmp / "all", seed=2, r=16, target_modules=linear_targets(base), use_rslora=True),
+    }
+    peft = PeftModel.from_pretrained(base, str(paths["attn"]), adapter_name="attn").eval()
+    peft.load_adapter(str(paths["all"]), adapter_name="all")
+    lm = RoutedLM.from_pretrained(folder, max_slots=4)
+    for name, path in paths.items():
+        lm.add_adapter(name, str(path))
+    yield model_type, lm, peft, tokenizer
+    if model_type in ("mixtral", "qwen3_moe"):  # PEFT's all-linear adds the experts as raw parameters
+        make_adapter(base, tmp / "experts", seed=3, r=4, target_modules="all-linear")
+        with pytest.raises(AdapterLoadError, match="target_parameters"):
+            lm.add_adapter("experts", str(tmp / "experts"))
+        assert lm.adapters == ["all", "attn"]
+    lm.close()
+
+
+def _ids(tok, text: str) -> list[int]:
+    return tok(text).input_ids
+
+
+def test_prompts_cross_the_sliding_window(tokenizer):
+    assert len(_ids(tokenizer, LONG)) > 2 * WINDOW and len(_ids(tokenizer, MID)) > WINDOW
+
+
+def test_logits_equal_peft(family):
+    model_type, lm, peft, tok = family
+    ids = torch.tensor([_ids(tok, LONG)])
+    for adapter in ("attn", "all"):
+        peft.set_adapter(adapter)
+        with torch.no_grad():
+            ref = peft(input_ids=ids).logits
+        ours = lm.logits(ids, plans=[RoutingPlan.single(adapter)])
+        assert rel_err(ours, ref) < TOL, (model_type, adapter)
+    with peft.disable_adapter(), torch.no_grad():
+        base = peft(input_ids=ids).logits
+    assert rel_err(base, ref) > 1e-3  # the adapter changes the output
+
+
+def _peft_greedy(peft, ids: list[int], adapter: str | None, n: int) -> list[int]:
+    x = torch.tensor([ids])
+    with torch.no_grad():
+        if adapter is None:
+            with peft.disable_adapter():
+                out = peft.generate(input_ids=x, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+        else:
+            peft.set_adapter(adapter)
+            out = peft.generate(input_ids=x, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+    return out[0, len(ids):].tolist()
+
+
+def _run(lm, joins: dict[int, list[SequenceRequest]], steps: int) -> list[list[int]]:
+    """Submit ``joins[step]`` before loop step ``step``; the generated ids of every request, in order."""
+    loop = GenerationLoop(lm, LoopSettings(max_rows=6, max_tokens_per_sequence=128), start=False)
+    handles = []
+    try:
+        for step in range(steps):
+            for r in joins.get(step, []):
+                handles.append(loop.submit(r))
+            loop.step()
+        out = []
+        for h in handles:
+            events = list(h.events(timeout=60))
+            assert events[-1].finished
+            out.append(events[-1].token_ids)
+        return out
+    finally:
+        loop.close()
+
+
+def test_loop_greedy_equals_peft_generate_as_requests_join_and_leave(family):
+    model_type, lm, peft, tok = family
+    jobs = [(LONG, "all", 14, 0), (SHORT, "attn", 4, 2), (MID, None, 6, 3), (LONG + " again", "attn", 10, 5)]
+    joins: dict[int, list[SequenceRequest]] = {}
+    for text, adapter, n, step in jobs:
+        plan = RoutingPlan() if adapter is None else RoutingPlan.single(adapter)
+        joins.setdefault(step, []).append(SequenceRequest(_ids(tok, text), plan, max_new_tokens=n, ignore_eos=True))
+    got = _run(lm, joins, steps=20)
+    for (text, adapter, n, _), ids in zip(jobs, got, strict=True):
+        assert ids == _peft_greedy(peft, _ids(tok, text), adapter, n), (model_type, text, adapter)
+
+
+def _looped_reference(lm, peft, ids: torch.Tensor, names: list[str], rocs: list[int], scale: float) -> torch.Tensor:
+    """HiLoRA through forward hooks calling the single-sequence ``route_rocs`` at every adapted layer."""
+    adapters = [load_adapter(lm._source(n)) for n in names]
+    modules = {m for ad in adapters for m in ad.layers}
+    ranks = [lm.adapter_info(n)["rank"] for n in names]
+    base = peft.get_base_model()
+    hooks = []
+
+    def hook_for(module_name):
+        def hook(module, inputs, output):
+            x = inputs[0].reshape(-1, inputs[0].shape[-1])
+            # an adapter without weights here adds nothing, but its nominal rank still counts in the plan's
+            # normalisation: zero factors of that rank
+            los = [ad.layers.get(module_name) for ad in adapters]
+            a = [lo.a if lo else torch.zeros(r, x.shape[1]) for lo, r in zip(los, ranks, strict=True)]
+            b = [lo.b if lo else torch.zeros(output.shape[-1], r) for lo, r in zip(los, ranks, strict=True)]
+            delta = route_rocs(x, a, b, [lo.scaling if lo else 1.0 for lo in los], rocs)
+            return output + scale * delta.view(output.shape)
+        return hook
+
+    with peft.disable_adapter():
+        for name, mod in base.named_modules():
+            if name in modules:
+                hooks.append(mod.base_layer.register_forward_hook(hook_for(name)))
+        assert len(hooks) == len(modules)
+        try:
+            with torch.no_grad():
+                return peft(input_ids=ids).logits
+        finally:
+            for h in hooks:
+                h.remove()
+
+
+def test_hilora_plan_equals_the_looped_token_rule(family):
+    model_type, lm, peft, tok = family
+    ids = torch.tensor([_ids(tok, LONG)])
+    ref = _looped_reference(lm, peft, ids, ["attn", "all"], [2, 5], 1.3)
+    ours = lm.logits(ids, plans=[RoutingPlan(adapters=("attn", "all"), rocs=(2, 5), scale=1.3)])
+    assert rel_err(ours, ref) < TOL, model_type
+
+
+def test_seeded_text_is_the_same_alone_and_in_a_batch(family):
+    model_type, lm, _, tok = family
+    plan = RoutingPlan(adapters=("attn", "all"), rocs=(3, 4))
+
+    def sampled():
+        return SequenceRequest(_ids(tok, MID), plan, max_new_tokens=8, temperature=1.0, seed=11, ignore_eos=True)
+
+    alone = _run(lm, {0: [sampled()]}, steps=10)[0]
+    others = {0: [SequenceRequest(_ids(tok, LONG), RoutingPlan.single("all"), max_new_tokens=12, ignore_eos=True)],
+              2: [sampled()],
+              4: [SequenceRequest(_ids(tok, SHORT), RoutingPlan(), max_new_tokens=3, ignore_eos=True)]}
+    assert _run(lm, others, steps=14)[1] == alone, model_type
+
+
+def test_sliding_layers_are_read_from_the_config(tokenizer):
+    layout = attention_layout(family_config("gemma2", tokenizer))
+    assert layout.layer_types == ("sliding_attention", "full_attention") and layout.window == WINDOW
+    assert attention_layout(family_config("qwen2", tokenizer)).layer_types == ("full_attention", "sliding_attention")
+    assert attention_layout(family_config("mistral", tokenizer)).kinds == ("sliding_attention",)
+    assert attention_layout(family_config("llama", tokenizer)).window is None
+
+
+@pytest.mark.parametrize("model_type", ["gpt2", "falcon", "deepseek_v3"])
+def test_a_family_outside_the_list_is_refused_by_name(model_type):
+    with pytest.raises(UnsupportedModelError, match=model_type) as err:
+        attention_layout(AutoConfig.for_model(model_type))
+    assert "llama" in str(err.value) and "gemma2" in str(err.value)

@@ -209,3 +209,12 @@ def test_a_family_outside_the_list_is_refused_by_name(model_type):
     with pytest.raises(UnsupportedModelError, match=model_type) as err:
         attention_layout(AutoConfig.for_model(model_type))
     assert "llama" in str(err.value) and "gemma2" in str(err.value)
+
+
+def test_the_readme_support_matrix_is_the_one_these_tests_give():
+    """The README's table equals what ``scripts/support_matrix.py`` writes when every check above passes (they
+    are asserted here), so a new family, feature or check cannot be missing from it."""
+    from scripts.support_matrix import CHECKS, END, README, START, matrix
+
+    table = README.read_text().split(START, 1)[1].split(END, 1)[0].strip()
+    assert table == matrix({(test, family): "pass" for test in CHECKS.values() for family in FAMILIES})

@@ -49,6 +49,10 @@ class CapacityError(HiLoRAError, RuntimeError):
     """A batch needs more adapter slots than the engine has."""
 
 
+class AdapterNotReadyError(HiLoRAError, RuntimeError):
+    """An adapter is still being read into host memory (the generation loop waits for it, never reads)."""
+
+
 class QueueFullError(CapacityError):
     """The model replica's queue is full; the request changed nothing and may be retried (HTTP 503)."""
 

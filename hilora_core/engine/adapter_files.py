@@ -55,6 +55,10 @@ class InspectedAdapter:
     def max_rank(self) -> int:
         return max(r for r, _, _ in self.modules.values())
 
+    def nbytes(self, element_size: int) -> int:
+        """Bytes of its A and B factors at ``element_size`` bytes per value: sum of r * (d_in + d_out)."""
+        return sum(r * (d_in + d_out) for r, d_in, d_out in self.modules.values()) * element_size
+
     @property
     def targets(self) -> tuple[str, ...]:
         return tuple(sorted({m.rsplit(".", 1)[-1] for m in self.modules}))

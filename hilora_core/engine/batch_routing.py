@@ -125,9 +125,7 @@ class BatchRouting:
             keep = torch.tensor(kept, dtype=torch.long, device=device)
             remap = torch.tensor(positions, dtype=torch.long, device=device)
             r = max([host_ranks[i] for i in kept] + [1])
-            idx = self.active.index_select(0, keep)
-            a = slots.a_stack[:, :r].index_select(0, idx)  # copies only the (P, r, d_in) in use
-            bt = slots.bt_stack[:, :r].index_select(0, idx)  # (P, r, d_out), contiguous
+            a, bt = slots.gather(self.active.index_select(0, keep), r)  # (P, r, d_in), (P, r, d_out), copies
             sig = (tuple(kept), tuple(host_ranks[i] for i in kept), tuple(host_scalings[i] for i in kept))
             hit = self._layer_cache[key] = LayerView(remap, scalings.index_select(0, keep), ranks.index_select(0, keep),
                                                      r, a, bt.transpose(1, 2), sig)
@@ -141,8 +139,7 @@ class BatchRouting:
                    r: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(a (B, C * r, d_in), b (B, C * r, d_out)) of each row's candidates (``slot_ids`` (B * C,) into
         the slot stacks) cut to rank ``r``, gathered for one forward pass."""
-        a = slots.a_stack[:, :r].index_select(0, slot_ids)
-        bt = slots.bt_stack[:, :r].index_select(0, slot_ids)
+        a, bt = slots.gather(slot_ids, r)
         return a.view(n_rows, -1, a.shape[-1]), bt.view(n_rows, -1, bt.shape[-1])
 
     def layer_prototypes(self, slots: LayerSlots) -> torch.Tensor:

@@ -38,7 +38,7 @@ from hilora_core.engine.runner import ModelRunner
 from hilora_core.engine.scheduler import Scheduler
 from hilora_core.engine.settings import LoopSettings
 from hilora_core.engine.threads import use_torch_threads
-from hilora_core.errors import CapacityError, InvalidInputError, RequestCancelledError
+from hilora_core.errors import InvalidInputError, RequestCancelledError
 
 if TYPE_CHECKING:
     from hilora_core.engine.routed_model import RoutedModel
@@ -75,7 +75,8 @@ class GenerationLoop:
         """Queue a request. Errors in the request itself are raised here (:class:`InvalidInputError`,
         :class:`UnknownAdapterError`, :class:`AdapterLoadError`, :class:`CapacityError`); a full queue
         raises :class:`QueueFullError` (``bounded=False``: an in-process caller that waits for its own
-        results, which is its own back-pressure). The adapters' files are read here, in the caller's thread."""
+        results, which is its own back-pressure). The adapters' files are read on the engine's loader threads,
+        started here; the request waits in the queue meanwhile."""
         state = self._prepare(req, sink)
         self.scheduler.add(state, bounded)
         return state.handle
@@ -109,11 +110,9 @@ class GenerationLoop:
         if len(batch.rows) > s.max_rows:
             raise InvalidInputError(f"the plan needs {len(batch.rows)} rows; the batch has {s.max_rows}")
         names = list(dict.fromkeys(a for p in batch.rows for a in p.adapters))
-        if len(names) > lm.settings.max_slots:
-            raise CapacityError(f"the plan needs {len(names)} adapters at once; the replica has "
-                                f"{lm.settings.max_slots} device slots (max_slots)")
         ranks = lm.adapter_ranks(names)  # UnknownAdapterError for unregistered names
-        lm.load_to_host(req.plan)
+        lm.slots.check_fits(names)  # CapacityError if they can never be resident together
+        lm.prefetch(names)  # read on the loader's threads; the request waits in the queue until they are in
         weights = [1.0] if batch.matrix is None else [float(w) for w in batch.matrix[0].tolist()]
         generator = None
         if req.temperature > 0:
@@ -137,7 +136,8 @@ class GenerationLoop:
             submitted=m.submitted, finished=m.finished, cancelled=m.cancelled, rejected=m.rejected,
             timed_out=m.timed_out, failed=m.failed, prompt_tokens=m.prompt_tokens,
             generated_tokens=m.generated_tokens, steps=m.steps, torch_threads=m.torch_threads,
-            routing_builds=m.routing_builds, stack_reuses=m.stack_reuses, kv_bytes=self.runner.cache.nbytes(),
+            routing_builds=m.routing_builds, stack_reuses=m.stack_reuses, load_waits=m.load_waits,
+            capacity_waits=m.capacity_waits, place_seconds=m.place_seconds, kv_bytes=self.runner.cache.nbytes(),
             ttft_s=m.ttft.snapshot(), itl_s=m.itl.snapshot())
 
     @property
@@ -169,13 +169,16 @@ class GenerationLoop:
                 if sched.stopping:
                     return
             try:
-                self.step()
+                if not self.step():
+                    with sched.cond:  # only waiting requests, whose adapters are being read: poll, do not spin
+                        sched.cond.wait(timeout=0.005)
             except Exception as err:  # noqa: BLE001 - an engine failure ends the running requests, not the loop
                 self._fail(err)
             self.metrics.torch_threads = torch.get_num_threads()
 
-    def step(self) -> None:
-        """One iteration: schedule, prefill the admitted requests, decode one token of every running row."""
+    def step(self) -> bool:
+        """One iteration: schedule, prefill the admitted requests, decode one token of every running row.
+        False when it ran no forward pass (nothing running, nothing admitted)."""
         reaped = self.scheduler.reap()
         self._leave(reaped.running)  # before admission: their rows and slots serve this step's newcomers
         admitted, failed = self.scheduler.admit()
@@ -195,7 +198,10 @@ class GenerationLoop:
             self._finish(self.output.advance(out))
         if self.scheduler.running:
             self._finish(self.output.advance(self.runner.decode(self.scheduler.running)))
+        elif not admitted:
+            return False
         self.metrics.steps += 1
+        return True
 
     def _finish(self, done: list[RequestState]) -> None:
         """Finished requests leave, then get their finishing event: a caller that has it sees the request's

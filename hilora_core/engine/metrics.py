@@ -55,6 +55,9 @@ class LoopMetrics:
     torch_threads: int = 0  # the torch CPU threads the loop thread ran its last step with
     routing_builds: int = 0  # decode routings built (each time the running rows changed)
     stack_reuses: int = 0  # of those, how many reused the previous one's gathered adapter stacks
+    load_waits: int = 0  # admission passes a request waited for its adapters' read (loader threads)
+    capacity_waits: int = 0  # admission passes a request waited for device adapter memory
+    place_seconds: float = 0.0  # loop thread's time copying adapters from host memory into device rows
     ttft: Histogram = field(default_factory=lambda: Histogram((0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30)))
     itl: Histogram = field(default_factory=lambda: Histogram((0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)))
 
@@ -79,6 +82,9 @@ class LoopStats:
     torch_threads: int
     routing_builds: int
     stack_reuses: int
+    load_waits: int
+    capacity_waits: int
+    place_seconds: float
     kv_bytes: int
     ttft_s: HistogramSnapshot
     itl_s: HistogramSnapshot

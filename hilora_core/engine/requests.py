@@ -122,6 +122,12 @@ class RequestState:
     pending: list[TokenLogprob] = field(default_factory=list)
     prompt_lp: list[TokenLogprob | None] | None = None
     final: StreamEvent | None = None  # the finishing event, emitted once the request has left the batch
+    overtaken: int = 0  # requests admitted past it while it waited for device memory
+
+    @property
+    def adapters(self) -> list[str]:
+        """Its adapters, each once, in plan order."""
+        return list(dict.fromkeys(a for p in self.rows for a in p.adapters))
 
     @property
     def prompt_len(self) -> int:

@@ -33,6 +33,7 @@ from hilora_core.engine.adapter_files import (
     inspect_adapter,
     load_adapter,
 )
+from hilora_core.engine.adapter_loader import AdapterLoader
 from hilora_core.engine.batch_routing import BatchRouting, build_batch_routing
 from hilora_core.engine.ensemble import ExpandedBatch, expand_ensembles, mix_logits
 from hilora_core.engine.families import check_architecture
@@ -40,7 +41,7 @@ from hilora_core.engine.host_cache import HostAdapterCache
 from hilora_core.engine.routed_linear import RoutedLinear, RoutingState, layer_index
 from hilora_core.engine.settings import EngineSettings
 from hilora_core.engine.slots import AdapterSlots, SlotLease
-from hilora_core.errors import InvalidInputError, UnknownAdapterError
+from hilora_core.errors import AdapterLoadError, AdapterNotReadyError, InvalidInputError, UnknownAdapterError
 from hilora_core.models.base_model import DEFAULT_BASE, resolve_base
 from hilora_core.plan import RoutingPlan, TokenRule
 
@@ -68,8 +69,11 @@ class RoutedModel:
         self._lock = threading.RLock()  # forward passes and model surgery
         self._registry_lock = threading.Lock()
         self._sources: dict[str, InspectedAdapter] = {}
-        self.slots = AdapterSlots(self.settings.max_slots, self.settings.max_rank, self.device, self.dtype)
-        self.host_cache = HostAdapterCache(self.settings.host_cache_size, self._load_host)
+        self.slots = AdapterSlots(self.settings.adapter_memory_bytes, self.settings.max_rank, self.device, self.dtype,
+                                  size_of=self.adapter_bytes, max_adapters=self.settings.max_slots)
+        self.host_cache = HostAdapterCache(self.settings.host_cache_size, self._load_host,
+                                           self.settings.host_cache_bytes)
+        self.loader = AdapterLoader(self._fetch, self._ready)
         self._routed: dict[str, RoutedLinear] = {}
         self._linears = {
             name: (mod.in_features, mod.out_features)
@@ -93,7 +97,8 @@ class RoutedModel:
         """Load a base model: None or ``"smollm2-135m-instruct"`` (embedded default), a ``.gguf`` file
         (converted once to safetensors), a HuggingFace folder or a hub id.
 
-        ``settings``, or keyword ``overrides`` of :class:`EngineSettings` fields (``max_slots=4``)."""
+        ``settings``, or keyword ``overrides`` of :class:`EngineSettings` fields (``max_slots=4``,
+        ``adapter_memory_bytes=64 << 20``)."""
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
         if settings is None:
@@ -134,6 +139,11 @@ class RoutedModel:
             raise InvalidInputError(f"adapter name must be a non-empty string, got {name!r}")
         src = inspect_adapter(name, str(source), self._linears, self.settings.max_rank, revision,
                               self.settings.max_adapter_bytes)
+        need = src.nbytes(self.slots.element_size)
+        if need > self.settings.adapter_memory_bytes:
+            raise AdapterLoadError(f"adapter {name!r} takes {need / 2**20:.1f} MiB of adapter memory, above the "
+                                   f"budget of {self.settings.adapter_memory_bytes / 2**20:.1f} MiB "
+                                   "(adapter_memory_bytes)")
         with self._lock:  # model surgery must not overlap a forward pass
             for module_name, (_, d_in, d_out) in src.modules.items():
                 if module_name not in self._routed:
@@ -157,6 +167,7 @@ class RoutedModel:
     def _forget(self, name: str) -> None:
         self.slots.drop(name)
         self.host_cache.drop(name)
+        self.loader.forget(name)
 
     def remove_adapter(self, name: str) -> bool:
         """Unregister ``name``; batches already running with it finish normally. True if it existed."""
@@ -221,6 +232,24 @@ class RoutedModel:
     def _fetch(self, name: str) -> HostAdapter:
         return self.host_cache.get(self._source(name))
 
+    def _fetch_cached(self, name: str) -> HostAdapter:
+        host = self.host_cache.peek(self._source(name))
+        if host is None:
+            raise AdapterNotReadyError(name)
+        return host
+
+    def _ready(self, name: str) -> bool:
+        return self.slots.slot_of(name) is not None or self.host_cache.cached(name)
+
+    def prefetch(self, names: Sequence[str]) -> None:
+        """Start reading these adapters into host memory on the loader's threads (returns at once)."""
+        self.loader.prefetch(names)
+
+    def adapters_ready(self, names: Sequence[str]) -> bool:
+        """Whether these adapters can be placed on the device without a read (reads the missing ones in the
+        background); a failed read raises its :class:`AdapterLoadError` here."""
+        return self.loader.ready(names)
+
     # ---- batches -------------------------------------------------------------------------------------
     def _expand(self, plans: Sequence[RoutingPlan] | None, n: int) -> ExpandedBatch:
         """Check the plans (known adapters) and expand ensembles (:func:`expand_ensembles`)."""
@@ -243,10 +272,11 @@ class RoutedModel:
             raise
         return lease, routing
 
-    def acquire(self, rows: Sequence[RoutingPlan]) -> SlotLease:
-        """Hold device slots for the rows' adapters (loaded if needed) until the lease is released."""
+    def acquire(self, rows: Sequence[RoutingPlan], read: bool = True) -> SlotLease:
+        """Hold device slots for the rows' adapters until the lease is released. ``read``: read adapters
+        missing from host memory now; else they raise :class:`AdapterNotReadyError` (the loop never reads)."""
         names = list(dict.fromkeys(a for p in rows for a in p.adapters))
-        lease = self.slots.acquire(names, self._fetch)
+        lease = self.slots.acquire(names, self._fetch if read else self._fetch_cached)
         if any(p.token_rule == TokenRule.ARROW for p in rows):
             self.slots.ensure_prototypes(lease.slots.values())
         return lease
@@ -265,14 +295,13 @@ class RoutedModel:
         routing.slot_writes = self.slots.writes(routing.active.tolist())
         return routing
 
+    def adapter_bytes(self, name: str) -> int:
+        """Bytes ``name`` takes in device adapter memory (its rows at every layer it adapts)."""
+        return self._source(name).nbytes(self.slots.element_size)
+
     def adapter_ranks(self, names: Sequence[str]) -> dict[str, int]:
         """Nominal LoRA rank of each named adapter."""
         return {a: self._source(a).config.rank for a in names}
-
-    def load_to_host(self, plan: RoutingPlan) -> None:
-        """Read the plan's adapters into host memory now (disk and hub I/O off the decode loop)."""
-        for name in plan.adapters:
-            self._fetch(name)
 
     @property
     def routing_state(self) -> RoutingState:

@@ -5,8 +5,9 @@ returns the requests that leave now (cancelled, or past their deadline), which t
 the batch; :meth:`Scheduler.admit` then returns the ones admitted for this step (with the leavers'
 rows and slots already free); the model runner prefills them and the loop calls
 :meth:`Scheduler.start_running`. Admission is first come, first served, while rows are free and the
-step's prefill budget lasts (at least one request per step); a request whose adapters cannot get a
-device slot now (every slot held by running requests) waits without blocking the requests behind it.
+step's prefill budget lasts (at least one request per step). A request whose adapters are still being
+read, or cannot get device memory now (held by running requests), waits without blocking the requests
+behind it; the second wait is bounded (``max_overtakes``, see :meth:`Scheduler.admit`).
 Adapter slots are leased at admission and given back when the request leaves (:meth:`finish`).
 
 The waiting and running lists are read by submitting threads (the queue bound) and written by the
@@ -24,7 +25,13 @@ from typing import TYPE_CHECKING
 from hilora_core.engine.metrics import LoopMetrics
 from hilora_core.engine.requests import RequestState
 from hilora_core.engine.settings import LoopSettings
-from hilora_core.errors import CapacityError, QueueFullError, RequestCancelledError, RequestTimeoutError
+from hilora_core.errors import (
+    AdapterNotReadyError,
+    CapacityError,
+    QueueFullError,
+    RequestCancelledError,
+    RequestTimeoutError,
+)
 
 if TYPE_CHECKING:
     from hilora_core.engine.routed_model import RoutedModel
@@ -113,9 +120,16 @@ class Scheduler:
 
     def admit(self) -> tuple[list[RequestState], list[tuple[RequestState, BaseException]]]:
         """(requests admitted for this step, in order, holding their adapters' slots; requests that cannot
-        run at all, with their error). First come, first served, within the free rows and the prefill budget."""
+        run at all, with their error). First come, first served, within the free rows and the prefill budget.
+
+        Two waits let later requests go ahead: adapters still being read into host memory (on the loader's
+        threads; the loop never reads), and adapters that get no device memory now because running requests
+        hold it. The second is bounded for fairness: once ``max_overtakes`` requests were admitted past a
+        request waiting for memory, nothing more is admitted until it runs (the running requests finish and
+        their adapters become evictable), so a stream of requests for hot adapters cannot starve a cold one."""
         admitted: list[RequestState] = []
         failed: list[tuple[RequestState, BaseException]] = []
+        blocked: list[RequestState] = []  # waiting for device memory in this pass
         rows_free = self.settings.max_rows - sum(len(s.rows) for s in self.running)
         budget = self.settings.prefill_tokens_per_step
         with self.cond:
@@ -123,13 +137,24 @@ class Scheduler:
         for seq in queued:
             if len(seq.rows) > rows_free or (admitted and seq.prompt_len > budget):
                 break  # first come, first served: later requests do not overtake for rows or budget
+            if any(b.overtaken >= self.settings.max_overtakes for b in blocked):
+                break
             try:
-                seq.lease = self.lm.acquire(seq.rows)
+                if not self.lm.adapters_ready(seq.adapters):
+                    self.metrics.load_waits += 1
+                    continue  # read on the loader's threads; later requests go ahead meanwhile
+                placed = time.perf_counter()
+                seq.lease = self.lm.acquire(seq.rows, read=False)
+                self.metrics.place_seconds += time.perf_counter() - placed
+            except AdapterNotReadyError:
+                continue  # left host memory since it was read: read again
             except CapacityError:
                 if self.running or admitted:
-                    continue  # its adapters wait for slots held by running requests
-                failed.append((seq, CapacityError("no device slot can be freed for the plan's adapters "
-                                                  "(slots are pinned)")))
+                    self.metrics.capacity_waits += 1
+                    blocked.append(seq)
+                    continue  # its adapters wait for memory held by running requests
+                failed.append((seq, CapacityError("no device memory can be freed for the plan's adapters "
+                                                  "(held by pinned adapters)")))
                 self._unqueue(seq)
                 continue
             except Exception as err:  # noqa: BLE001 - this request's adapter failed to load
@@ -140,6 +165,8 @@ class Scheduler:
                 self.waiting.remove(seq)
                 self._admitting.append(seq)
             admitted.append(seq)
+            for b in blocked:
+                b.overtaken += 1
             rows_free -= len(seq.rows)
             budget -= seq.prompt_len
         return admitted, failed

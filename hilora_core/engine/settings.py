@@ -17,13 +17,19 @@ _STRICT = ConfigDict(extra="forbid")
 class EngineSettings:
     """Adapter memory and token-rule settings of a :class:`RoutedLM`."""
 
-    max_slots: int = Field(
-        default=16, ge=1, description="adapters resident on the device at once (device slots)")
-    host_cache_size: int = Field(
-        default=64, ge=1, description="adapters kept in host memory (LRU)")
+    adapter_memory_bytes: int = Field(
+        default=512 << 20, ge=1, description="device memory for resident adapters (bytes): an adapter takes "
+                                             "sum over its layers of rank * (d_in + d_out) * dtype bytes; idle "
+                                             "ones leave in LRU order")
+    max_slots: int | None = Field(
+        default=None, ge=1, description="optional cap on the adapters resident at once (None: the byte budget "
+                                        "alone decides)")
+    host_cache_bytes: int = Field(
+        default=2 << 30, ge=1, description="host memory for adapter tensors read from disk or the hub (bytes, LRU)")
+    host_cache_size: int | None = Field(
+        default=None, ge=1, description="optional cap on the adapters kept in host memory (None: the bytes decide)")
     max_rank: int = Field(
-        default=64, ge=1, description="largest LoRA rank a device slot holds; larger adapters are refused at "
-                                      "registration")
+        default=128, ge=1, description="largest LoRA rank accepted; larger adapters are refused at registration")
     arrow_temperature: float = Field(
         default=1.0, gt=0, description="softmax temperature of the Arrow token rule")
     max_adapter_bytes: int = Field(
@@ -46,6 +52,9 @@ class LoopSettings:
     prefill_tokens_per_step: int = Field(
         default=1024, ge=1, description="prompt tokens prefilled between two decode steps (always at least one "
                                         "request)")
+    max_overtakes: int = Field(
+        default=32, ge=0, description="requests admitted past one that waits for adapter memory before admission "
+                                      "stops until it runs (fairness to cold adapters)")
     request_timeout_s: float | None = Field(
         default=600.0, gt=0, description="a request running longer ends with RequestTimeoutError (HTTP 504); "
                                          "None: no limit")

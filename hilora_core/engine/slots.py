@@ -1,20 +1,25 @@
-"""Device tier: a fixed number of adapter slots, preallocated per adapted layer.
+"""Device tier: adapter memory sized by rank, one budget in bytes, paged by rank row.
 
-Every routed layer owns a :class:`LayerSlots`:
+Every routed layer owns a :class:`LayerSlots`, a pool of rank rows shared by the adapters resident there:
 
-    a_stack     (S, R, d_in)   rows >= r of a slot are zero
-    bt_stack    (S, R, d_out)  B transposed (so a slot's ROCs are contiguous rows); rows >= r are zero
-    scalings    (S,)
-    ranks       (S,)           0 where the slot's adapter does not adapt this layer
-    prototypes  (S, d_in)      Arrow prototypes, computed only when an Arrow plan first uses the slot
-    host_ranks, host_scalings  the same ranks and scalings as Python lists, written with them, so
-                               building a batch's routing reads no device values (no host sync)
+    a_rows      (N + 1, d_in)   row 0 is all zeros; an adapter of rank r at this layer owns r other rows
+    bt_rows     (N + 1, d_out)  B transposed, same rows (a ROC is one row of each)
+    row_table   (H, W)          per slot (a resident adapter's handle), its row ids; 0 past its rank
+    scalings    (H,), ranks (H,) (0 where the slot's adapter does not adapt this layer)
+    prototypes  (H, d_in)       Arrow prototypes, computed only when an Arrow plan first uses the slot
+    host_ranks, host_scalings   the same ranks and scalings as Python lists, written with them, so
+                                building a batch's routing reads no device values (no host sync)
 
-S = ``n_slots`` and R = ``max_rank`` are settings. Filling a slot writes these tensors in
-place (nothing is reallocated per request). :class:`AdapterSlots` maps adapter names to
-slots with LRU replacement; a slot is never evicted while a batch holds it (reference
-count) or while it is pinned. A batch that needs more distinct adapters than can be
-made resident raises :class:`CapacityError`.
+An adapter of rank r takes r rows in each layer it adapts, and nothing elsewhere: no padding to a
+largest rank, so ranks 1 to ``max_rank`` coexist. Gathering slots' stacks at rank R (``gather``) reads
+their rows through ``row_table``; positions past an adapter's own rank read the zero row, exactly the
+zero-padded stacks the routing rules expect. Rows, slots and table columns grow on demand, and freed
+rows are reused, so nothing is reallocated per request.
+
+:class:`AdapterSlots` maps adapter names to slots. What is resident is bounded by bytes: the rows
+of all resident adapters, ``sum over layers of r * (d_in + d_out) * element size``, stay within
+``budget_bytes``; idle adapters leave in LRU order to make room, adapters held by a running batch
+(reference count) or pinned never do. ``max_adapters`` optionally also caps their number.
 """
 
 from __future__ import annotations
@@ -30,49 +35,101 @@ from hilora_core.engine.adapter_files import HostAdapter
 from hilora_core.errors import CapacityError, InvalidInputError
 
 
-@dataclass
+def _grown(t: torch.Tensor, size: int, dim: int = 0) -> torch.Tensor:
+    """``t`` zero-extended along ``dim`` to ``size``."""
+    if t.shape[dim] >= size:
+        return t
+    shape = list(t.shape)
+    shape[dim] = size
+    new = torch.zeros(shape, device=t.device, dtype=t.dtype)
+    new.narrow(dim, 0, t.shape[dim]).copy_(t)
+    return new
+
+
 class LayerSlots:
-    """The preallocated stacks of one routed linear layer (shapes in the module docstring)."""
+    """The rank-row pool of one routed linear layer (shapes in the module docstring)."""
 
-    a_stack: torch.Tensor
-    bt_stack: torch.Tensor
-    scalings: torch.Tensor
-    ranks: torch.Tensor
-    prototypes: torch.Tensor
-    host_ranks: list[int] = field(default_factory=list)
-    host_scalings: list[float] = field(default_factory=list)
+    def __init__(self, d_in: int, d_out: int, device: torch.device, dtype: torch.dtype, n_slots: int = 4,
+                 n_rows: int = 64) -> None:
+        self.d_in, self.d_out = d_in, d_out
+        self.a_rows = torch.zeros((n_rows + 1, d_in), device=device, dtype=dtype)
+        self.bt_rows = torch.zeros((n_rows + 1, d_out), device=device, dtype=dtype)
+        self._free_rows = list(range(n_rows, 0, -1))  # pop() takes the lowest free row
+        self._rows_of: dict[int, list[int]] = {}
+        self.row_table = torch.zeros((n_slots, 1), device=device, dtype=torch.long)
+        self.scalings = torch.zeros((n_slots,), device=device, dtype=dtype)
+        self.ranks = torch.zeros((n_slots,), device=device, dtype=torch.long)
+        self.prototypes = torch.zeros((n_slots, d_in), device=device, dtype=dtype)
+        self.host_ranks = [0] * n_slots
+        self.host_scalings = [0.0] * n_slots
 
-    @classmethod
-    def allocate(cls, n_slots: int, max_rank: int, d_in: int, d_out: int, device, dtype) -> LayerSlots:
-        return cls(
-            a_stack=torch.zeros((n_slots, max_rank, d_in), device=device, dtype=dtype),
-            bt_stack=torch.zeros((n_slots, max_rank, d_out), device=device, dtype=dtype),
-            scalings=torch.zeros((n_slots,), device=device, dtype=dtype),
-            ranks=torch.zeros((n_slots,), device=device, dtype=torch.long),
-            prototypes=torch.zeros((n_slots, d_in), device=device, dtype=dtype),
-            host_ranks=[0] * n_slots,
-            host_scalings=[0.0] * n_slots,
-        )
+    @property
+    def n_slots(self) -> int:
+        return len(self.host_ranks)
+
+    def nbytes(self) -> int:
+        """Bytes allocated now (rows, table, per-slot values)."""
+        return sum(t.numel() * t.element_size() for t in (self.a_rows, self.bt_rows, self.row_table, self.scalings,
+                                                           self.ranks, self.prototypes))
+
+    def grow_slots(self, n_slots: int) -> None:
+        """Room for slot ids below ``n_slots``."""
+        if n_slots <= self.n_slots:
+            return
+        self.row_table = _grown(self.row_table, n_slots)
+        self.scalings = _grown(self.scalings, n_slots)
+        self.ranks = _grown(self.ranks, n_slots)
+        self.prototypes = _grown(self.prototypes, n_slots)
+        extra = n_slots - len(self.host_ranks)
+        self.host_ranks += [0] * extra
+        self.host_scalings += [0.0] * extra
+
+    def _take_rows(self, r: int) -> list[int]:
+        if len(self._free_rows) < r:
+            old = self.a_rows.shape[0] - 1
+            new = max(old + r, old + old // 2)
+            self.a_rows = _grown(self.a_rows, new + 1)
+            self.bt_rows = _grown(self.bt_rows, new + 1)
+            self._free_rows = list(range(new, old, -1)) + self._free_rows
+        return [self._free_rows.pop() for _ in range(r)]
 
     def set_slot(self, slot: int, a: torch.Tensor, b: torch.Tensor, scaling: float) -> None:
-        """Write one adapter's (r, d_in) ``a``, (d_out, r) ``b`` and scaling into ``slot`` (cleared first)."""
+        """Write one adapter's (r, d_in) ``a``, (d_out, r) ``b`` and scaling into r rows for ``slot``."""
         self.clear(slot)
-        r = a.shape[0]
-        self.a_stack[slot, :r].copy_(a)
-        self.bt_stack[slot, :r].copy_(b.T)
+        r = int(a.shape[0])
+        rows = self._take_rows(r)
+        self._rows_of[slot] = rows
+        idx = torch.tensor(rows, device=self.a_rows.device, dtype=torch.long)
+        self.a_rows.index_copy_(0, idx, a.to(self.a_rows.dtype))
+        self.bt_rows.index_copy_(0, idx, b.T.to(self.bt_rows.dtype))
+        if self.row_table.shape[1] < r:
+            self.row_table = _grown(self.row_table, r, dim=1)
+        self.row_table[slot, :r] = idx
         self.scalings[slot] = scaling
         self.ranks[slot] = r
         self.host_ranks[slot] = r
         self.host_scalings[slot] = float(scaling)
 
     def clear(self, slot: int) -> None:
-        self.a_stack[slot].zero_()
-        self.bt_stack[slot].zero_()
+        """Give back ``slot``'s rows (their stale values are never read: the table points at row 0)."""
+        rows = self._rows_of.pop(slot, None)
+        if rows:
+            self._free_rows.extend(reversed(rows))
+        self.row_table[slot].zero_()
         self.scalings[slot] = 0
         self.ranks[slot] = 0
         self.prototypes[slot].zero_()
         self.host_ranks[slot] = 0
         self.host_scalings[slot] = 0.0
+
+    def gather(self, slot_ids: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(a (n, r, d_in), bt (n, r, d_out)) of the ``slot_ids`` (n,) at rank ``r``, zero past each one's rank."""
+        if self.row_table.shape[1] < r:
+            self.row_table = _grown(self.row_table, r, dim=1)
+        idx = self.row_table.index_select(0, slot_ids)[:, :r].reshape(-1)
+        n = slot_ids.shape[0]
+        return (self.a_rows.index_select(0, idx).view(n, r, self.d_in),
+                self.bt_rows.index_select(0, idx).view(n, r, self.d_out))
 
 
 @dataclass
@@ -96,46 +153,67 @@ class SlotLease:
 
 
 class AdapterSlots:
-    """Name -> slot mapping over the per-layer stacks, LRU with pinning and in-use protection.
+    """Name -> slot mapping over the per-layer row pools: bounded by bytes, LRU, pinning, in-use protection.
 
     Args:
-        n_slots: S, the number of adapters resident on the device at once.
-        max_rank: R, the largest adapter rank a slot holds.
-        device, dtype: where and how the stacks live.
+        budget_bytes: the most bytes the resident adapters' rows take (the device tier's budget).
+        max_rank: the largest rank accepted (adapters above it are refused at registration).
+        device, dtype: where and how the rows live.
+        size_of: an adapter's bytes here by name, known without loading it (checks a plan before its loads).
+        max_adapters: optional cap on the number of resident adapters (None: the budget alone).
     """
 
-    def __init__(self, n_slots: int, max_rank: int, device: torch.device | str, dtype: torch.dtype) -> None:
-        if n_slots < 1:
-            raise InvalidInputError(f"max_slots must be >= 1, got {n_slots!r}")
+    def __init__(self, budget_bytes: int, max_rank: int, device: torch.device | str, dtype: torch.dtype,
+                 size_of: Callable[[str], int] | None = None, max_adapters: int | None = None) -> None:
+        if budget_bytes < 1:
+            raise InvalidInputError(f"the adapter memory budget must be >= 1 byte, got {budget_bytes!r}")
         if max_rank < 1:
             raise InvalidInputError(f"max_rank must be >= 1, got {max_rank!r}")
-        self.n_slots = n_slots
-        self.max_rank = max_rank
+        if max_adapters is not None and max_adapters < 1:
+            raise InvalidInputError(f"max_slots must be >= 1 or None, got {max_adapters!r}")
+        self.budget_bytes, self.max_rank, self.max_adapters = budget_bytes, max_rank, max_adapters
         self.device = torch.device(device)
         self.dtype = dtype
+        self.element_size = torch.empty((), dtype=dtype).element_size()
+        self._size_of = size_of
         self.layers: dict[str, LayerSlots] = {}
         self._lock = threading.Lock()
         self._resident: OrderedDict[str, int] = OrderedDict()  # name -> slot, least recently used first
-        self._free: list[int] = list(range(n_slots))
-        self._refcount = [0] * n_slots
-        self._slot_rank = [0] * n_slots  # max rank over layers of the adapter in each slot
+        self._free: list[int] = []
+        self._refcount: list[int] = []
+        self._bytes: list[int] = []  # rows' bytes of the adapter in each slot
+        self._slot_rank: list[int] = []  # max rank over layers of the adapter in each slot
+        self._writes: list[int] = []  # bumped whenever a slot's tensors are written (see writes())
         self._pinned: set[str] = set()
         self._stale: set[int] = set()  # slots of removed adapters still held by a batch
         self._prototyped: set[int] = set()  # slots whose Arrow prototypes are computed
-        self._writes = [0] * n_slots  # bumped whenever a slot's tensors are written (see writes())
+        self.used_bytes = 0
         self.hits = 0
         self.misses = 0
         self.evictions = 0
 
-    # ---- layers -------------------------------------------------------------------------------
+    # ---- layers and sizes -------------------------------------------------------------------------
     def add_layer(self, name: str, d_in: int, d_out: int) -> LayerSlots:
-        """Allocate the stacks of a newly routed layer (resident adapters get rank 0 there)."""
+        """The row pool of a newly routed layer (resident adapters have rank 0 there)."""
         with self._lock:
             if name not in self.layers:
-                self.layers[name] = LayerSlots.allocate(
-                    self.n_slots, self.max_rank, d_in, d_out, self.device, self.dtype
-                )
+                self.layers[name] = LayerSlots(d_in, d_out, self.device, self.dtype, max(4, len(self._refcount)))
             return self.layers[name]
+
+    def nbytes_of(self, host: HostAdapter) -> int:
+        """Bytes an adapter's rows take here: sum over its layers of r * (d_in + d_out) * element size."""
+        return sum(lo.rank * (lo.a.shape[1] + lo.b.shape[0]) for lo in host.layers.values()) * self.element_size
+
+    def check_fits(self, names: list[str]) -> None:
+        """:class:`CapacityError` if these adapters together can never be resident at once."""
+        if self.max_adapters is not None and len(names) > self.max_adapters:
+            raise CapacityError(f"the plan needs {len(names)} adapters at once; the replica keeps at most "
+                                f"{self.max_adapters} resident (max_slots)")
+        if self._size_of is not None:
+            need = sum(self._size_of(n) for n in names)
+            if need > self.budget_bytes:
+                raise CapacityError(f"the plan's adapters need {need / 2**20:.1f} MiB of adapter memory at once; the "
+                                    f"budget is {self.budget_bytes / 2**20:.1f} MiB (adapter_memory_bytes)")
 
     # ---- queries ------------------------------------------------------------------------------
     def slot_of(self, name: str) -> int | None:
@@ -155,16 +233,23 @@ class AdapterSlots:
             slot = self._resident.get(name)
             return slot is not None and self._refcount[slot] > 0
 
-    def stats(self) -> dict[str, int]:
+    def allocated_bytes(self) -> int:
+        """Bytes the row pools and tables hold now (the budget bounds the rows in use; pools grow by halves)."""
+        return sum(layer.nbytes() for layer in self.layers.values())
+
+    def stats(self) -> dict[str, int | None]:
         with self._lock:
             return {
                 "size": len(self._resident),
-                "capacity": self.n_slots,
+                "capacity": self.max_adapters,
                 "pinned": len(self._pinned),
                 "in_use": sum(1 for c in self._refcount if c > 0),
                 "hits": self.hits,
                 "misses": self.misses,
                 "evictions": self.evictions,
+                "bytes": self.used_bytes,
+                "budget_bytes": self.budget_bytes,
+                "allocated_bytes": self.allocated_bytes(),
             }
 
     # ---- acquire / release ---------------------------------------------------------------------
@@ -172,14 +257,10 @@ class AdapterSlots:
         """Make every adapter in ``names`` resident and hold its slot until the lease is released.
 
         ``fetch(name)`` returns the adapter's host tensors; it is called outside the lock for
-        adapters that are not resident (disk I/O must not block other batches).
+        adapters that are not resident. :class:`CapacityError` when the idle adapters cannot make room.
         """
         wanted = list(dict.fromkeys(names))
-        if len(wanted) > self.n_slots:
-            raise CapacityError(
-                f"a batch needs {len(wanted)} distinct adapters but the engine has {self.n_slots} slots "
-                f"(max_slots); split the batch or raise max_slots"
-            )
+        self.check_fits(wanted)
         with self._lock:
             missing = [n for n in wanted if n not in self._resident]
         fetched = {n: fetch(n) for n in missing}
@@ -196,11 +277,10 @@ class AdapterSlots:
                     self._refcount[slot] += 1
                     held[n] = slot
                     self.hits += 1
-            for n in wanted:
-                if n in held:
-                    continue
-                slot = self._take_slot(n, len(wanted))
-                host = fetched.get(n) or fetch(n)
+            todo = [(n, fetched.get(n) or fetch(n)) for n in wanted if n not in held]
+            self._make_room(sum(self.nbytes_of(h) for _, h in todo), len(todo), len(wanted))
+            for n, host in todo:
+                slot = self._new_slot()
                 self._fill(slot, host)
                 self._resident[n] = slot
                 self._refcount[slot] += 1
@@ -211,19 +291,41 @@ class AdapterSlots:
             raise
         return SlotLease(held, self)
 
-    def _take_slot(self, name: str, batch_size: int) -> int:
-        if self._free:
-            return self._free.pop(0)
-        for victim, slot in self._resident.items():  # least recently used first
+    def _make_room(self, need: int, count: int, batch_size: int) -> None:
+        """Evict idle, unpinned adapters, least recently used first, until ``need`` bytes and ``count`` more
+        adapters fit; evicts nothing and raises :class:`CapacityError` when they cannot."""
+        victims, free_bytes, free_count = [], self.budget_bytes - self.used_bytes, None
+        if self.max_adapters is not None:
+            free_count = self.max_adapters - len(self._resident)
+        for victim, slot in self._resident.items():
+            if free_bytes >= need and (free_count is None or free_count >= count):
+                break
             if self._refcount[slot] == 0 and victim not in self._pinned:
-                del self._resident[victim]
-                self.evictions += 1
-                return slot
-        busy = sum(1 for c in self._refcount if c > 0)
-        raise CapacityError(
-            f"no free adapter slot for {name!r}: all {self.n_slots} slots are pinned ({len(self._pinned)}) or "
-            f"held by in-flight batches ({busy}); this batch needs {batch_size} adapters"
-        )
+                victims.append(victim)
+                free_bytes += self._bytes[slot]
+                free_count = None if free_count is None else free_count + 1
+        if free_bytes < need or (free_count is not None and free_count < count):
+            busy = sum(1 for c in self._refcount if c > 0)
+            raise CapacityError(
+                f"no room in adapter memory for {count} more adapters ({need / 2**20:.1f} MiB): "
+                f"{self.used_bytes / 2**20:.1f} of {self.budget_bytes / 2**20:.1f} MiB are held by pinned adapters "
+                f"({len(self._pinned)}) or in-flight batches ({busy}); this batch needs {batch_size} adapters")
+        for victim in victims:
+            self._free_slot(self._resident.pop(victim))
+            self.evictions += 1
+
+    def _new_slot(self) -> int:
+        if self._free:
+            return self._free.pop()
+        slot = len(self._refcount)
+        self._refcount.append(0)
+        self._bytes.append(0)
+        self._slot_rank.append(0)
+        self._writes.append(0)
+        for layer in self.layers.values():
+            if slot >= layer.n_slots:
+                layer.grow_slots(2 * layer.n_slots)
+        return slot
 
     def writes(self, slots: Iterable[int]) -> tuple[int, ...]:
         """How often each of these slots' tensors were written: equal counts mean equal contents, so
@@ -244,6 +346,8 @@ class AdapterSlots:
             stacks.set_slot(slot, lora.a, lora.b, lora.scaling)
             top = max(top, lora.rank)
         self._slot_rank[slot] = top
+        self._bytes[slot] = self.nbytes_of(host)
+        self.used_bytes += self._bytes[slot]
         self._stale.discard(slot)
         self._prototyped.discard(slot)
 
@@ -260,8 +364,8 @@ class AdapterSlots:
                 for stacks in self.layers.values():
                     r = stacks.host_ranks[slot]
                     if r > 0:
-                        proto = arrow_prototype(stacks.a_stack[slot, :r], stacks.bt_stack[slot, :r].T)
-                        stacks.prototypes[slot].copy_(proto)
+                        a, bt = stacks.gather(torch.tensor([slot], device=self.device), r)
+                        stacks.prototypes[slot].copy_(arrow_prototype(a[0], bt[0].T))
                 self._prototyped.add(slot)
                 self._writes[slot] += 1
 
@@ -280,21 +384,26 @@ class AdapterSlots:
         self._writes[slot] += 1
         for stacks in self.layers.values():
             stacks.clear(slot)
+        self.used_bytes -= self._bytes[slot]
+        self._bytes[slot] = 0
         self._slot_rank[slot] = 0
         self._stale.discard(slot)
         self._free.append(slot)
 
     # ---- pinning and removal -------------------------------------------------------------------
     def pin(self, name: str, fetch: Callable[[str], HostAdapter]) -> bool:
-        """Load ``name`` and keep it resident until :meth:`unpin`; True if it was not pinned before."""
+        """Load ``name`` and keep it resident until :meth:`unpin`; True if it was not pinned before.
+        Pinned adapters may take at most half the budget (the rest serves the others)."""
         with self._lock:
             if name in self._pinned:
                 return False
-            if len(self._pinned) + 1 >= self.n_slots:
-                raise CapacityError(
-                    f"cannot pin {name!r}: {len(self._pinned)} of {self.n_slots} slots are pinned and at least "
-                    "one must stay free for other adapters"
-                )
+            pinned = sum(self._bytes[self._resident[n]] for n in self._pinned)
+        own = self._size_of(name) if self._size_of is not None else 0
+        if pinned + own > self.budget_bytes // 2 or (
+                self.max_adapters is not None and len(self._pinned) + 1 >= self.max_adapters):
+            raise CapacityError(f"cannot pin {name!r}: pinned adapters would take {(pinned + own) / 2**20:.1f} MiB "
+                                f"({len(self._pinned) + 1} adapters); at most half the adapter memory "
+                                f"({self.budget_bytes / 2**20:.1f} MiB) may be pinned and one slot must stay free")
         lease = self.acquire([name], fetch)
         with self._lock:
             self._pinned.add(name)
@@ -309,7 +418,7 @@ class AdapterSlots:
             return True
 
     def drop(self, name: str) -> bool:
-        """Forget ``name`` (adapter removed). Its slot is cleared now, or when the last batch releases it."""
+        """Forget ``name`` (adapter removed). Its rows are freed now, or when the last batch releases it."""
         with self._lock:
             self._pinned.discard(name)
             slot = self._resident.pop(name, None)

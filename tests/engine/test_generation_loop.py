@@ -242,7 +242,7 @@ def test_plans_that_overflow_the_device_slots_wait_for_a_slot(lm):
         got = [collect(h) for h in [loop.submit(r) for r in reqs]]
         assert got == [alone(lm, PROMPTS[i], p, max_new_tokens=10) for i, p in enumerate(plans)]
         assert small.slots.stats()["in_use"] == 0 and small.slots.stats()["evictions"] >= 1
-        with pytest.raises(CapacityError, match="device slots"):
+        with pytest.raises(CapacityError, match="max_slots"):
             loop.submit(SequenceRequest(chat_ids(small, "x"), RoutingPlan(adapters=("a", "b", "c"),
                                                                            rocs=(1, 1, 1))))
     finally:

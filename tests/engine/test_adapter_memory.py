@@ -1,0 +1,115 @@
+"""Device adapter memory sized by rank and bounded by bytes (``hilora_core/engine/slots.py``), on a tiny Llama."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from hilora_core import AdapterLoadError, CapacityError, RoutedLM, RoutingPlan
+from hilora_core.engine.loop import GenerationLoop
+from hilora_core.engine.requests import SequenceRequest
+from hilora_core.engine.settings import LoopSettings
+from hilora_core.engine.slots import LayerSlots
+from hilora_core.models.base_model import resolve_base
+from tests.engine_helpers import make_adapter
+from tests.family_models import make_family_model
+
+N = 24  # more distinct adapters than the 16 slots of the former layout
+RANKS = [4, 8, 16, 64]
+
+
+@pytest.fixture(scope="module")
+def pool(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("memory")
+    tok = AutoTokenizer.from_pretrained(resolve_base(None))
+    folder = make_family_model("llama", tmp / "base", tok)
+    base = AutoModelForCausalLM.from_pretrained(folder).eval()
+    targets = [["q_proj", "v_proj"], ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]]
+    paths = {f"a{i}": make_adapter(base, tmp / f"a{i}", seed=i, r=RANKS[i % 4], target_modules=targets[i % 2])
+             for i in range(N)}
+    return folder, paths, tok
+
+
+def engine(pool, names=None, **settings) -> RoutedLM:
+    folder, paths, _ = pool
+    lm = RoutedLM.from_pretrained(folder, **settings)
+    for name in names or paths:
+        lm.add_adapter(name, str(paths[name]))
+    return lm
+
+
+def test_gather_reads_each_adapters_own_rows_zero_past_its_rank():
+    layer = LayerSlots(6, 5, torch.device("cpu"), torch.float32, n_slots=2, n_rows=2)  # grows as adapters arrive
+    factors = {s: (torch.randn(r, 6), torch.randn(5, r)) for s, r in ((0, 3), (1, 1), (2, 4))}
+    for s, (a, b) in factors.items():
+        layer.set_slot(s, a, b, 0.5) if s < layer.n_slots else (layer.grow_slots(4), layer.set_slot(s, a, b, 0.5))
+    layer.clear(1)  # its row is reused by the next adapter
+    a3, b3 = torch.randn(2, 6), torch.randn(5, 2)
+    layer.set_slot(1, a3, b3, 2.0)
+    a, bt = layer.gather(torch.tensor([2, 0, 1]), 4)
+    for i, (want_a, want_b) in enumerate([factors[2], factors[0], (a3, b3)]):
+        r = want_a.shape[0]
+        assert torch.equal(a[i, :r], want_a) and torch.equal(bt[i, :r], want_b.T)
+        assert not a[i, r:].any() and not bt[i, r:].any()
+    assert layer.host_ranks[:3] == [3, 2, 4] and layer.a_rows.shape[0] - 1 >= 9
+
+
+def test_a_batch_holds_more_than_16_distinct_adapters_and_each_gives_its_alone_output(pool):
+    _, _, tok = pool
+    lm = engine(pool)
+    prompts = [f"Request number {i} asks about topic {i * 7}" for i in range(N)]
+    expected = [lm.generate([p], plans=[RoutingPlan.single(f"a{i}")], max_new_tokens=4, ignore_eos=True)[0]
+                for i, p in enumerate(prompts)]
+    loop = GenerationLoop(lm, LoopSettings(max_rows=N), start=False)
+    try:
+        handles = [loop.submit(SequenceRequest(tok(p).input_ids, RoutingPlan.single(f"a{i}"), max_new_tokens=4,
+                                               ignore_eos=True)) for i, p in enumerate(prompts)]
+        while not loop.step():  # until their adapters are read (on the loader's threads) and admitted
+            time.sleep(0.001)
+        assert lm.slots.stats()["in_use"] == N  # all 24 resident and running in one batch
+        while loop.busy:
+            loop.step()
+        assert ["".join(e.delta for e in h.events(timeout=30)) for h in handles] == expected
+    finally:
+        loop.close()
+        lm.close()
+
+
+def test_memory_is_the_adapters_own_rank_rows_and_idle_ones_leave_in_lru_order(pool):
+    lm = engine(pool)
+    sizes = {n: lm.adapter_bytes(n) for n in lm.adapters}
+    a0 = lm._source("a0")  # rank 4 on q/v (a3: rank 64 on every projection)
+    assert sizes["a0"] == sum(r * (i + o) for r, i, o in a0.modules.values()) * 4
+    assert sizes["a3"] > 16 * sizes["a0"]
+    lm.close()
+    budget = sizes["a0"] + sizes["a1"] + sizes["a2"] + sizes["a4"]  # four small adapters fit, a3 never does
+    lm = engine(pool, ["a0", "a1", "a2", "a4", "a5"], adapter_memory_bytes=budget)
+    for n in ("a0", "a1", "a2", "a4"):
+        lm.logits(torch.tensor([[5, 6, 7]]), plans=[RoutingPlan.single(n)])
+    stats = lm.slots.stats()
+    assert stats["size"] == 4 and stats["bytes"] == budget and stats["evictions"] == 0
+    lm.logits(torch.tensor([[5, 6, 7]]), plans=[RoutingPlan.single("a5")])  # evicts the LRU ones it needs
+    order = lm.slots.lru_order()
+    assert order[-1] == "a5" and "a0" not in order and lm.slots.stats()["bytes"] <= budget
+    with pytest.raises(CapacityError, match="adapter_memory_bytes"):
+        lm.generate(["x"], plans=[RoutingPlan(adapters=("a0", "a1", "a2", "a5"))], max_new_tokens=1)
+    lease = lm.acquire([RoutingPlan.single("a1")])  # in use: never evicted
+    try:
+        lm.logits(torch.tensor([[5, 6]]), plans=[RoutingPlan(adapters=("a0", "a2", "a4"))])
+        assert "a1" in lm.slots.lru_order()
+    finally:
+        lease.release()
+    lm.close()
+
+
+def test_an_adapter_larger_than_the_budget_is_refused_at_registration(pool):
+    folder, paths, _ = pool
+    lm = RoutedLM.from_pretrained(folder, adapter_memory_bytes=50_000)
+    lm.add_adapter("small", str(paths["a0"]))
+    with pytest.raises(AdapterLoadError, match="adapter_memory_bytes"):
+        lm.add_adapter("big", str(paths["a3"]))
+    assert lm.adapters == ["small"]
+    lm.close()

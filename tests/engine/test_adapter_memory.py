@@ -113,3 +113,77 @@ def test_an_adapter_larger_than_the_budget_is_refused_at_registration(pool):
         lm.add_adapter("big", str(paths["a3"]))
     assert lm.adapters == ["small"]
     lm.close()
+
+
+def test_a_slow_read_never_stalls_the_running_rows(pool):
+    """An adapter read that takes 1.5 s happens on the loader's threads: the running request keeps decoding
+    (no gap between its tokens near 1.5 s) and the cold request runs once its adapter is in."""
+    _, _, tok = pool
+    lm = engine(pool, ["a0", "a4"])
+    lm.generate(["warm"], plans=[RoutingPlan.single("a0")], max_new_tokens=1)
+    read = lm.host_cache._loader
+
+    def slow_read(source):
+        time.sleep(1.5)
+        return read(source)
+
+    lm.host_cache._loader = slow_read
+    loop = GenerationLoop(lm, LoopSettings(max_rows=4))
+    try:
+        hot = loop.submit(SequenceRequest(tok("a long running request").input_ids, RoutingPlan.single("a0"),
+                                          max_new_tokens=120, ignore_eos=True))
+        time.sleep(0.05)
+        t0 = time.monotonic()
+        cold = loop.submit(SequenceRequest(tok("cold").input_ids, RoutingPlan.single("a4"), max_new_tokens=3,
+                                           ignore_eos=True))
+        assert time.monotonic() - t0 < 0.5  # submit does not read
+        stamps = []
+        for _ in hot.events(timeout=60):
+            stamps.append(time.monotonic())
+        cold_text = "".join(e.delta for e in cold.events(timeout=60))
+        gaps = [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
+        assert max(gaps) < 0.75 and loop.stats().load_waits > 0
+        assert lm.loader.loads == 2 and lm.loader.latency.sum >= 1.5  # the warm-up read a0, then a4
+    finally:
+        loop.close()
+    lm.host_cache._loader = read
+    assert cold_text == lm.generate(["cold"], plans=[RoutingPlan.single("a4")], max_new_tokens=3, ignore_eos=True)[0]
+    lm.close()
+
+
+@pytest.mark.parametrize("max_overtakes,starved", [(3, False), (10_000, True)])
+def test_a_cold_adapter_is_not_starved_by_a_stream_of_hot_ones(pool, max_overtakes, starved):
+    """Memory for two adapters, both held by a steady stream of requests; a request for a third waits for
+    memory. With ``max_overtakes`` admission stops after that many overtakes, until it runs."""
+    _, _, tok = pool
+    lm = engine(pool, ["a0", "a4", "a8"])
+    budget = 2 * lm.adapter_bytes("a0")  # room for two: a0, a4 and a8 are all rank 4 on q/v
+    assert lm.adapter_bytes("a4") == lm.adapter_bytes("a8") == lm.adapter_bytes("a0")
+    lm.close()
+    lm = engine(pool, ["a0", "a4", "a8"], adapter_memory_bytes=budget)
+    for n in ("a0", "a4", "a8"):
+        lm.generate(["warm"], plans=[RoutingPlan.single(n)], max_new_tokens=1)  # all in host memory
+    loop = GenerationLoop(lm, LoopSettings(max_rows=6, max_overtakes=max_overtakes), start=False)
+
+    def hot(i):
+        return SequenceRequest(tok(f"hot {i}").input_ids, RoutingPlan.single(("a0", "a4")[i % 2]), max_new_tokens=6,
+                               ignore_eos=True)
+
+    try:
+        loop.submit(hot(0))
+        loop.submit(hot(1))
+        loop.step()
+        loop.submit(SequenceRequest(tok("cold").input_ids, RoutingPlan.single("a8"), max_new_tokens=2,
+                                    ignore_eos=True))
+        ran_at = None
+        for step in range(60):  # a new hot request every step
+            loop.submit(hot(step + 2), bounded=False)
+            loop.step()
+            if ran_at is None and "a8" in lm.slots.lru_order():  # resident: admitted
+                ran_at = step
+        assert (ran_at is None) == starved, ran_at
+        if not starved:
+            assert ran_at < 20 and loop.stats().capacity_waits > 0
+    finally:
+        loop.close()
+    lm.close()

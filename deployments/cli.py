@@ -5,6 +5,7 @@ them together and imports each lazily (so ``hilora --help`` is instant).
 
     hilora route-eval   sequence-level routing metrics on a labelled split (hilora_core.evaluation.route_eval)
     hilora registry     import / list adapters in the Redis registry (registry.cli)
+    hilora check-model  will a base model and its adapters be served, and in how much memory (deployments.check_model)
 """
 
 from __future__ import annotations
@@ -101,10 +102,59 @@ def _run_route_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _byte_size(text: str) -> int:
+    """``"536870912"``, ``"512MiB"``, ``"2G"``: bytes (binary units)."""
+    import re
+
+    units = {"": 1, "k": 2**10, "kib": 2**10, "m": 2**20, "mib": 2**20, "g": 2**30, "gib": 2**30}
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([a-zA-Z]*)", text.strip())
+    if m is None or m[2].lower() not in units:
+        raise argparse.ArgumentTypeError(f"not a size in bytes: {text!r} (e.g. 536870912, 512MiB, 2GiB)")
+    return int(float(m[1]) * units[m[2].lower()])
+
+
+def _add_check_model(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("check-model", help="check a base model and adapters before deploying (configs only)",
+                       description="Say whether MODEL's family is served, which modules of each ADAPTER will be "
+                                   "adapted or why it is refused, and the memory the engine allocates. Exit code "
+                                   "0: served and every adapter accepted; 1: not.")
+    p.add_argument("model", nargs="?", default=None, metavar="MODEL",
+                   help="folder with config.json, hub id or .gguf file (default: the embedded smollm2-135m-instruct)")
+    p.add_argument("adapters", nargs="*", metavar="ADAPTER", help="PEFT LoRA adapter folder or hub id")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+                   help="the model's dtype (the service's 'auto' is float32 on CPU, bfloat16 on CUDA)")
+    # None: the settings' own defaults (not imported here, so that building the parser stays light)
+    for flag, owner, kind in (("--max-rows", "LoopSettings", int), ("--max-tokens-per-sequence", "LoopSettings", int),
+                              ("--adapter-memory-bytes", "EngineSettings", _byte_size),
+                              ("--max-slots", "EngineSettings", int), ("--max-rank", "EngineSettings", int),
+                              ("--host-cache-bytes", "EngineSettings", _byte_size),
+                              ("--host-cache-size", "EngineSettings", int)):
+        unit = " (bytes, or 512MiB, 2GiB)" if kind is _byte_size else ""
+        p.add_argument(flag, type=kind, default=None, help=f"{owner}.{flag[2:].replace('-', '_')}{unit}")
+    p.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    p.set_defaults(func=_run_check_model)
+
+
+def _run_check_model(args: argparse.Namespace) -> int:
+    from deployments.check_model import check_model, format_report
+    from hilora_core.engine.settings import EngineSettings, LoopSettings
+
+    def given(*names: str) -> dict[str, int]:
+        return {n: getattr(args, n) for n in names if getattr(args, n) is not None}
+
+    engine = EngineSettings(**given("adapter_memory_bytes", "max_slots", "max_rank", "host_cache_bytes",
+                                    "host_cache_size"))
+    loop = LoopSettings(**given("max_rows", "max_tokens_per_sequence"))
+    result = check_model(args.model, args.adapters, engine, loop, args.dtype)
+    print(json.dumps(result.to_dict(), indent=2) if args.json else format_report(result))
+    return 0 if result.ok else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hilora", description="HiLoRA Serve command line")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_route_eval(sub)
+    _add_check_model(sub)
     try:
         from registry.cli import add_registry_commands
     except ImportError:  # registry not built yet

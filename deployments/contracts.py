@@ -65,6 +65,7 @@ class ReplicaStats(_Message):
     replica: str
     cache: dict[str, Any]
     loop: LoopStats | None = None
+    adapters: dict[str, dict[str, float]] = {}  # the top adapters' usage and "other" (AdapterUsage.top)
 
 
 class StreamStarted(_Message):

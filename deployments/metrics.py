@@ -37,12 +37,16 @@ class ServiceMetrics:
                               ["endpoint"], buckets=LATENCY_BUCKETS, registry=r)
         self.itl = Histogram("hilora_inter_token_latency_seconds", "streams: time between text chunks",
                              ["endpoint"], buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5), registry=r)
+        self.adapter = Gauge("hilora_adapter", "per adapter of each model replica (the top adapters by requests and "
+                             "'other'): requests, tokens, reads, placements, evictions, resident_device, resident_host",
+                             ["replica", "adapter", "quantity"], registry=r)
         self.loop = Gauge("hilora_generation_loop", "generation loop of each model replica: queue, batch, counters",
                           ["replica", "quantity"], registry=r)
 
     def observe_replica(self, stats: ReplicaStats) -> None:
         """The replica counters a finished generation carries (``ModelReplica.stats``)."""
         self.observe_cache(stats.replica, stats.cache)
+        self.observe_adapters(stats.replica, stats.adapters)
         if stats.loop is not None:
             self.observe_loop(stats.replica, stats.loop)
 
@@ -52,8 +56,17 @@ class ServiceMetrics:
             if isinstance(value, (int, float)):
                 self.loop.labels(replica, key).set(value)
 
+    def observe_adapters(self, replica: str, usage: dict[str, dict[str, float]]) -> None:
+        """The replica's per-adapter counters: its current top adapters replace the previous set (bounded labels)."""
+        for labels in [x for x in self.adapter._metrics if x[0] == replica]:  # noqa: SLF001 - no public listing
+            if labels[1] not in usage:
+                self.adapter.remove(*labels)
+        for adapter, row in usage.items():
+            for quantity, value in row.items():
+                self.adapter.labels(replica, adapter, quantity).set(value)
+
     def observe_cache(self, replica: str, stats: dict) -> None:
-        for tier in ("device", "host"):
+        for tier in ("device", "host", "loader"):
             tier_stats = stats.get(tier) or {}
             for event, value in tier_stats.items():
                 if event in ("resident", "size", "used"):

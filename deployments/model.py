@@ -80,6 +80,9 @@ def build_engine(cfg: AppConfig) -> RoutedLM:
     )
 
 
+ADAPTER_METRICS_TOP_K = 20  # adapters exported by name in /metrics; the rest are summed as "other"
+
+
 class ModelReplica:
     """A model replica (the plain class; :data:`LoRAModel` is its Serve deployment).
 
@@ -176,7 +179,8 @@ class ModelReplica:
         return {"replica": self.replica, "adapters": self.lm.residency()}
 
     def stats(self) -> ReplicaStats:
-        return ReplicaStats(replica=self.replica, cache=self.lm.cache_stats(), loop=self.loop.stats())
+        usage = self.lm.usage.top(ADAPTER_METRICS_TOP_K, self.lm.residency())
+        return ReplicaStats(replica=self.replica, cache=self.lm.cache_stats(), loop=self.loop.stats(), adapters=usage)
 
     def _submit(self, req: GenerateCall, sink: Callable[[Item], None]) -> SequenceHandle:
         """Register the adapters and queue the request (adapter files are read here, off the event loop)."""

@@ -2,8 +2,11 @@
 
 Modules, in data-flow order:
     adapter_files   read and check PEFT LoRA adapters (safetensors only)
-    host_cache      host-memory LRU of adapter tensors (one load per adapter at a time)
-    slots           preallocated device slots per routed layer (LRU, pinning, in-use protection)
+    host_cache      host-memory LRU of adapter tensors, bounded by bytes (one load per adapter at a time)
+    adapter_loader  reads adapters into host memory on threads of its own (never on the loop's thread)
+    layer_rows      one routed layer's rank-row pool (an adapter takes the rows its rank needs)
+    slots           device adapter memory: one byte budget, LRU, pinning, in-use protection
+    usage           per-adapter counters (requests, tokens, reads, placements, evictions)
     batch_routing   the per-batch routing metadata (what each row routes on), built from the plans
     routed_linear   the wrapped linear layers that read it
     ensemble        ensemble plans as one row per adapter, their distributions mixed

@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 
 from hilora_core.engine.metrics import Histogram
+from hilora_core.engine.usage import AdapterUsage
 
 LOAD_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10)
 
@@ -29,10 +30,13 @@ class AdapterLoader:
         fetch: reads one adapter by name into the host cache (disk or hub I/O); its result is not used here.
         is_ready: whether an adapter needs no read now (in host memory, or already on the device).
         workers: reading threads.
+        usage: per-adapter counters to add reads to.
     """
 
-    def __init__(self, fetch: Callable[[str], object], is_ready: Callable[[str], bool], workers: int = 2) -> None:
+    def __init__(self, fetch: Callable[[str], object], is_ready: Callable[[str], bool], workers: int = 2,
+                 usage: AdapterUsage | None = None) -> None:
         self._fetch, self._is_ready = fetch, is_ready
+        self.usage = usage or AdapterUsage()
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="adapter-loader")
         self._lock = threading.Lock()
         self._pending: dict[str, Future] = {}
@@ -58,6 +62,7 @@ class AdapterLoader:
         with self._lock:
             self.loads += 1
             self.latency.observe(time.monotonic() - asked_at)
+        self.usage.add("reads", [name])
 
     def ready(self, names: Iterable[str]) -> bool:
         """True when every adapter of ``names`` can be placed without a read; else starts the missing

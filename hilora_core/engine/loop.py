@@ -209,6 +209,8 @@ class GenerationLoop:
         self._leave(done)
         for s in done:
             assert s.final is not None
+            self.lm.usage.add("requests", s.adapters)
+            self.lm.usage.add("tokens", s.adapters, s.final.completion_tokens)
             s.handle.emit(s.final)
 
     def _leave(self, gone: list[RequestState]) -> None:

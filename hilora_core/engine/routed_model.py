@@ -41,6 +41,7 @@ from hilora_core.engine.host_cache import HostAdapterCache
 from hilora_core.engine.routed_linear import RoutedLinear, RoutingState, layer_index
 from hilora_core.engine.settings import EngineSettings
 from hilora_core.engine.slots import AdapterSlots, SlotLease
+from hilora_core.engine.usage import AdapterUsage
 from hilora_core.errors import AdapterLoadError, AdapterNotReadyError, InvalidInputError, UnknownAdapterError
 from hilora_core.models.base_model import DEFAULT_BASE, resolve_base
 from hilora_core.plan import RoutingPlan, TokenRule
@@ -69,11 +70,12 @@ class RoutedModel:
         self._lock = threading.RLock()  # forward passes and model surgery
         self._registry_lock = threading.Lock()
         self._sources: dict[str, InspectedAdapter] = {}
+        self.usage = AdapterUsage()  # per-adapter requests, tokens, reads, placements, evictions
         self.slots = AdapterSlots(self.settings.adapter_memory_bytes, self.settings.max_rank, self.device, self.dtype,
-                                  size_of=self.adapter_bytes, max_adapters=self.settings.max_slots)
+                                  size_of=self.adapter_bytes, max_adapters=self.settings.max_slots, usage=self.usage)
         self.host_cache = HostAdapterCache(self.settings.host_cache_size, self._load_host,
                                            self.settings.host_cache_bytes)
-        self.loader = AdapterLoader(self._fetch, self._ready)
+        self.loader = AdapterLoader(self._fetch, self._ready, usage=self.usage)
         self._routed: dict[str, RoutedLinear] = {}
         self._linears = {
             name: (mod.in_features, mod.out_features)
@@ -175,6 +177,7 @@ class RoutedModel:
             if self._sources.pop(name, None) is None:
                 return False
             self._forget(name)
+            self.usage.forget(name)
             return True
 
     @property
@@ -210,8 +213,11 @@ class RoutedModel:
         return self.slots.unpin(name)
 
     def cache_stats(self) -> dict:
-        """Counters of both tiers: ``{"device": {...}, "host": {...}, "adapters": n}``."""
-        return {"device": self.slots.stats(), "host": self.host_cache.stats(), "adapters": len(self._sources)}
+        """Counters of both tiers and the loader: ``{"device", "host", "loader": {...}, "adapters": n}``."""
+        loader = {"reads": self.loader.loads, "failures": self.loader.failures, "loading": self.loader.loading(),
+                  "read_seconds_sum": self.loader.latency.sum}
+        return {"device": self.slots.stats(), "host": self.host_cache.stats(), "loader": loader,
+                "adapters": len(self._sources)}
 
     def residency(self) -> dict[str, str]:
         """Where each loaded adapter is: ``"device"`` (in a slot) or ``"host"`` (host cache only)."""

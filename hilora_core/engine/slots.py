@@ -1,25 +1,11 @@
-"""Device tier: adapter memory sized by rank, one budget in bytes, paged by rank row.
+"""Device tier: adapter memory sized by rank and bounded by bytes.
 
-Every routed layer owns a :class:`LayerSlots`, a pool of rank rows shared by the adapters resident there:
-
-    a_rows      (N + 1, d_in)   row 0 is all zeros; an adapter of rank r at this layer owns r other rows
-    bt_rows     (N + 1, d_out)  B transposed, same rows (a ROC is one row of each)
-    row_table   (H, W)          per slot (a resident adapter's handle), its row ids; 0 past its rank
-    scalings    (H,), ranks (H,) (0 where the slot's adapter does not adapt this layer)
-    prototypes  (H, d_in)       Arrow prototypes, computed only when an Arrow plan first uses the slot
-    host_ranks, host_scalings   the same ranks and scalings as Python lists, written with them, so
-                                building a batch's routing reads no device values (no host sync)
-
-An adapter of rank r takes r rows in each layer it adapts, and nothing elsewhere: no padding to a
-largest rank, so ranks 1 to ``max_rank`` coexist. Gathering slots' stacks at rank R (``gather``) reads
-their rows through ``row_table``; positions past an adapter's own rank read the zero row, exactly the
-zero-padded stacks the routing rules expect. Rows, slots and table columns grow on demand, and freed
-rows are reused, so nothing is reallocated per request.
-
-:class:`AdapterSlots` maps adapter names to slots. What is resident is bounded by bytes: the rows
-of all resident adapters, ``sum over layers of r * (d_in + d_out) * element size``, stay within
-``budget_bytes``; idle adapters leave in LRU order to make room, adapters held by a running batch
-(reference count) or pinned never do. ``max_adapters`` optionally also caps their number.
+:class:`AdapterSlots` maps adapter names to slots (a resident adapter's handle); each routed layer keeps
+the slots' rank rows in a :class:`~hilora_core.engine.layer_rows.LayerSlots` (``layer_rows.py``), where an
+adapter of rank r takes r rows in each layer it adapts and nothing elsewhere. What is resident is bounded
+by bytes: the rows of all resident adapters, ``sum over layers of r * (d_in + d_out) * element size``,
+stay within ``budget_bytes``; idle adapters leave in LRU order to make room, adapters held by a running
+batch (reference count) or pinned never do. ``max_adapters`` optionally also caps their number.
 """
 
 from __future__ import annotations
@@ -32,104 +18,9 @@ from dataclasses import dataclass, field
 import torch
 
 from hilora_core.engine.adapter_files import HostAdapter
+from hilora_core.engine.layer_rows import LayerSlots
+from hilora_core.engine.usage import AdapterUsage
 from hilora_core.errors import CapacityError, InvalidInputError
-
-
-def _grown(t: torch.Tensor, size: int, dim: int = 0) -> torch.Tensor:
-    """``t`` zero-extended along ``dim`` to ``size``."""
-    if t.shape[dim] >= size:
-        return t
-    shape = list(t.shape)
-    shape[dim] = size
-    new = torch.zeros(shape, device=t.device, dtype=t.dtype)
-    new.narrow(dim, 0, t.shape[dim]).copy_(t)
-    return new
-
-
-class LayerSlots:
-    """The rank-row pool of one routed linear layer (shapes in the module docstring)."""
-
-    def __init__(self, d_in: int, d_out: int, device: torch.device, dtype: torch.dtype, n_slots: int = 4,
-                 n_rows: int = 64) -> None:
-        self.d_in, self.d_out = d_in, d_out
-        self.a_rows = torch.zeros((n_rows + 1, d_in), device=device, dtype=dtype)
-        self.bt_rows = torch.zeros((n_rows + 1, d_out), device=device, dtype=dtype)
-        self._free_rows = list(range(n_rows, 0, -1))  # pop() takes the lowest free row
-        self._rows_of: dict[int, list[int]] = {}
-        self.row_table = torch.zeros((n_slots, 1), device=device, dtype=torch.long)
-        self.scalings = torch.zeros((n_slots,), device=device, dtype=dtype)
-        self.ranks = torch.zeros((n_slots,), device=device, dtype=torch.long)
-        self.prototypes = torch.zeros((n_slots, d_in), device=device, dtype=dtype)
-        self.host_ranks = [0] * n_slots
-        self.host_scalings = [0.0] * n_slots
-
-    @property
-    def n_slots(self) -> int:
-        return len(self.host_ranks)
-
-    def nbytes(self) -> int:
-        """Bytes allocated now (rows, table, per-slot values)."""
-        return sum(t.numel() * t.element_size() for t in (self.a_rows, self.bt_rows, self.row_table, self.scalings,
-                                                           self.ranks, self.prototypes))
-
-    def grow_slots(self, n_slots: int) -> None:
-        """Room for slot ids below ``n_slots``."""
-        if n_slots <= self.n_slots:
-            return
-        self.row_table = _grown(self.row_table, n_slots)
-        self.scalings = _grown(self.scalings, n_slots)
-        self.ranks = _grown(self.ranks, n_slots)
-        self.prototypes = _grown(self.prototypes, n_slots)
-        extra = n_slots - len(self.host_ranks)
-        self.host_ranks += [0] * extra
-        self.host_scalings += [0.0] * extra
-
-    def _take_rows(self, r: int) -> list[int]:
-        if len(self._free_rows) < r:
-            old = self.a_rows.shape[0] - 1
-            new = max(old + r, old + old // 2)
-            self.a_rows = _grown(self.a_rows, new + 1)
-            self.bt_rows = _grown(self.bt_rows, new + 1)
-            self._free_rows = list(range(new, old, -1)) + self._free_rows
-        return [self._free_rows.pop() for _ in range(r)]
-
-    def set_slot(self, slot: int, a: torch.Tensor, b: torch.Tensor, scaling: float) -> None:
-        """Write one adapter's (r, d_in) ``a``, (d_out, r) ``b`` and scaling into r rows for ``slot``."""
-        self.clear(slot)
-        r = int(a.shape[0])
-        rows = self._take_rows(r)
-        self._rows_of[slot] = rows
-        idx = torch.tensor(rows, device=self.a_rows.device, dtype=torch.long)
-        self.a_rows.index_copy_(0, idx, a.to(self.a_rows.dtype))
-        self.bt_rows.index_copy_(0, idx, b.T.to(self.bt_rows.dtype))
-        if self.row_table.shape[1] < r:
-            self.row_table = _grown(self.row_table, r, dim=1)
-        self.row_table[slot, :r] = idx
-        self.scalings[slot] = scaling
-        self.ranks[slot] = r
-        self.host_ranks[slot] = r
-        self.host_scalings[slot] = float(scaling)
-
-    def clear(self, slot: int) -> None:
-        """Give back ``slot``'s rows (their stale values are never read: the table points at row 0)."""
-        rows = self._rows_of.pop(slot, None)
-        if rows:
-            self._free_rows.extend(reversed(rows))
-        self.row_table[slot].zero_()
-        self.scalings[slot] = 0
-        self.ranks[slot] = 0
-        self.prototypes[slot].zero_()
-        self.host_ranks[slot] = 0
-        self.host_scalings[slot] = 0.0
-
-    def gather(self, slot_ids: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(a (n, r, d_in), bt (n, r, d_out)) of the ``slot_ids`` (n,) at rank ``r``, zero past each one's rank."""
-        if self.row_table.shape[1] < r:
-            self.row_table = _grown(self.row_table, r, dim=1)
-        idx = self.row_table.index_select(0, slot_ids)[:, :r].reshape(-1)
-        n = slot_ids.shape[0]
-        return (self.a_rows.index_select(0, idx).view(n, r, self.d_in),
-                self.bt_rows.index_select(0, idx).view(n, r, self.d_out))
 
 
 @dataclass
@@ -161,10 +52,12 @@ class AdapterSlots:
         device, dtype: where and how the rows live.
         size_of: an adapter's bytes here by name, known without loading it (checks a plan before its loads).
         max_adapters: optional cap on the number of resident adapters (None: the budget alone).
+        usage: per-adapter counters to add placements and evictions to.
     """
 
     def __init__(self, budget_bytes: int, max_rank: int, device: torch.device | str, dtype: torch.dtype,
-                 size_of: Callable[[str], int] | None = None, max_adapters: int | None = None) -> None:
+                 size_of: Callable[[str], int] | None = None, max_adapters: int | None = None,
+                 usage: AdapterUsage | None = None) -> None:
         if budget_bytes < 1:
             raise InvalidInputError(f"the adapter memory budget must be >= 1 byte, got {budget_bytes!r}")
         if max_rank < 1:
@@ -176,6 +69,7 @@ class AdapterSlots:
         self.dtype = dtype
         self.element_size = torch.empty((), dtype=dtype).element_size()
         self._size_of = size_of
+        self.usage = usage or AdapterUsage()
         self.layers: dict[str, LayerSlots] = {}
         self._lock = threading.Lock()
         self._resident: OrderedDict[str, int] = OrderedDict()  # name -> slot, least recently used first
@@ -286,6 +180,7 @@ class AdapterSlots:
                 self._refcount[slot] += 1
                 held[n] = slot
                 self.misses += 1
+                self.usage.add("placements", [n])
         except BaseException:
             self._release_locked(held.values())
             raise
@@ -313,6 +208,7 @@ class AdapterSlots:
         for victim in victims:
             self._free_slot(self._resident.pop(victim))
             self.evictions += 1
+        self.usage.add("evictions", victims)
 
     def _new_slot(self) -> int:
         if self._free:

@@ -460,6 +460,9 @@ def test_metrics_exported(service):
                  "hilora_candidates_per_request", "hilora_adapter_cache_events", "hilora_adapters_resident",
                  "hilora_generation_loop"):
         assert name in text, name
+    requests = [line for line in text.splitlines()
+                if line.startswith("hilora_adapter{") and 'adapter="alpha"' in line and 'quantity="requests"' in line]
+    assert requests and float(requests[0].rsplit(" ", 1)[1]) >= 1  # per-adapter heat
 
 
 def test_replica_restart_loses_nothing(service):

@@ -187,3 +187,25 @@ def test_a_cold_adapter_is_not_starved_by_a_stream_of_hot_ones(pool, max_overtak
     finally:
         loop.close()
     lm.close()
+
+
+def test_per_adapter_usage_is_counted_and_its_labels_bounded(pool):
+    from deployments.metrics import ServiceMetrics
+    from hilora_core.engine.usage import OTHER
+
+    lm = engine(pool, ["a0", "a1", "a4"])
+    for name, times in (("a0", 3), ("a1", 1), ("a4", 2)):
+        for _ in range(times):
+            lm.generate(["x y"], plans=[RoutingPlan.single(name)], max_new_tokens=2, ignore_eos=True)
+    top = lm.usage.top(2, lm.residency())
+    assert list(top) == ["a0", "a4", OTHER]
+    assert top["a0"]["requests"] == 3 and top["a0"]["tokens"] == 6 and top["a0"]["reads"] == 1
+    assert top["a0"]["placements"] == 1 and top["a0"]["resident_device"] == 1 and top[OTHER]["requests"] == 1
+    metrics = ServiceMetrics()
+    metrics.observe_adapters("r1", top)
+    metrics.observe_adapters("r1", lm.usage.top(1))  # the set shrinks: stale series leave
+    text = metrics.render().decode()
+    assert 'adapter="a0"' in text and 'adapter="a4"' not in text and f'adapter="{OTHER}"' in text
+    lm.remove_adapter("a0")
+    assert "a0" not in lm.usage.top(5)
+    lm.close()

@@ -214,8 +214,10 @@ class RoutedModel:
 
     def cache_stats(self) -> dict:
         """Counters of both tiers and the loader: ``{"device", "host", "loader": {...}, "adapters": n}``."""
+        hist = self.loader.latency.snapshot()  # read latency, cumulative buckets (seconds)
         loader = {"reads": self.loader.loads, "failures": self.loader.failures, "loading": self.loader.loading(),
-                  "read_seconds_sum": self.loader.latency.sum}
+                  "read_seconds_sum": hist.sum, **{f"read_le_{b:g}": n for b, n in zip(hist.buckets, hist.cumulative,
+                                                                                        strict=True)}}
         return {"device": self.slots.stats(), "host": self.host_cache.stats(), "loader": loader,
                 "adapters": len(self._sources)}
 

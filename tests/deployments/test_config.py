@@ -21,7 +21,7 @@ def test_the_serve_configs_use_the_groups():
     args = yaml.safe_load((ROOT / "serve_config.yaml").read_text())["applications"][0]["args"]
     cfg = AppConfig.model_validate(args)
     assert isinstance(cfg.model.engine, EngineSettings) and isinstance(cfg.model.loop, LoopSettings)
-    assert cfg.model.engine.max_slots == 16 and cfg.model.loop.max_rows == 32
+    assert cfg.model.engine.adapter_memory_bytes == 256 << 20 and cfg.model.loop.max_rows == 32
     assert cfg.registry.store.redis_url is None and cfg.registry.fit.eps is None
     assert AppConfig.model_validate(cfg.model_dump()) == cfg  # what the deployments receive
 

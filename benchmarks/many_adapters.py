@@ -1,0 +1,222 @@
+"""Many adapters through the service (HTTP), in one run: pools of N = 12, 100, 1,000 under Zipf(1) traffic.
+
+    .venv/bin/python -m benchmarks.make_pool var/pool1000 --n 1000
+    .venv/bin/python -m benchmarks.many_adapters var/pool1000 --sizes 12 100 1000 \\
+        --out docs/many-adapters.json --md docs/many-adapters.md
+
+One service (embedded base, its own Redis, no seed pool) with device adapter memory and a host cache
+smaller than the 1,000-adapter pool. The pool is registered over the admin API (``--register-concurrency``
+at a time) up to each N, timed until the registry reports it routable; then, for each N, explicit
+requests (``model: <adapter>``) and routed ones (``model: hilora``, the adapter's own sample texts) with
+Zipf(alpha) popularity over the N adapters, ``--concurrency`` streaming clients, ``--max-tokens`` tokens each
+(``ignore_eos``). Per run: req/s, tok/s, TTFT p50 / p99, adapter reads and placements per second, hit
+rates of the device and host tiers, read latency p50 / p99 (loader histogram buckets: upper bounds), the
+loop thread's share of wall time spent placing adapters (host to device copies; it never reads), the
+admission passes that waited on a read, and the model replica's RSS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+from benchmarks.common import command_line, fmt, launch_service, run_requests, service_env, table_head, table_row
+
+TOKEN = "bench-admin-token"
+_SAMPLE = re.compile(r'^(hilora_\w+)\{([^}]*)\} ([0-9.eE+-]+|NaN)$')
+
+
+def scrape(url: str) -> dict[tuple[str, ...], float]:
+    """The ingress's /metrics: (metric, label values...) -> value."""
+    out = {}
+    for line in httpx.get(f"{url}/metrics", timeout=30).text.splitlines():
+        m = _SAMPLE.match(line)
+        if m:
+            labels = tuple(v for _, v in re.findall(r'(\w+)="([^"]*)"', m[2]))
+            out[(m[1], *labels)] = float(m[3])
+    return out
+
+
+def cache(snap: dict, tier: str, event: str) -> float:
+    return sum(v for k, v in snap.items() if k[0] == "hilora_adapter_cache_events" and k[2:] == (tier, event))
+
+
+def loop_value(snap: dict, quantity: str) -> float:
+    return sum(v for k, v in snap.items() if k[0] == "hilora_generation_loop" and k[2] == quantity)
+
+
+def read_quantiles(before: dict, after: dict, qs=(0.5, 0.99)) -> list[float | None]:
+    """Read-latency quantiles (bucket upper bounds, seconds) of the reads between two scrapes."""
+    bounds = sorted({float(k[3][len("read_le_"):]) for k in after
+                     if k[0] == "hilora_adapter_cache_events" and k[2] == "loader" and k[3].startswith("read_le_")})
+    cum = [cache(after, "loader", f"read_le_{b:g}") - cache(before, "loader", f"read_le_{b:g}") for b in bounds]
+    total = cache(after, "loader", "reads") - cache(before, "loader", "reads")
+    out: list[float | None] = []
+    for q in qs:
+        if total <= 0:
+            out.append(None)
+            continue
+        out.append(next((b for b, c in zip(bounds, cum, strict=True) if c >= q * total), float("inf")))
+    return out
+
+
+def replica_rss_mib() -> float | None:
+    import psutil
+
+    for p in psutil.process_iter(["cmdline"]):
+        if any("LoRAModel" in part for part in (p.info["cmdline"] or [])):
+            return p.memory_info().rss / 2**20
+    return None
+
+
+def register(url: str, entries: list[dict], pool: Path, concurrency: int) -> tuple[float, int]:
+    """POST every entry to /admin/adapters, ``concurrency`` at a time; (seconds, errors)."""
+    async def run() -> int:
+        sem = asyncio.Semaphore(concurrency)
+        async with httpx.AsyncClient(base_url=url, timeout=600,
+                                     headers={"Authorization": f"Bearer {TOKEN}"}) as client:
+            async def one(e: dict) -> bool:
+                body = {"id": e["model_name"], "source": str((pool / e["adapter"]).resolve()),
+                        "samples": [s["inputs"] for s in e["sample"]], "tags": [e["cluster"]]}
+                async with sem:
+                    r = await client.post("/admin/adapters", json=body)
+                return r.status_code == 201
+            return sum(not ok for ok in await asyncio.gather(*(one(e) for e in entries)))
+    t0 = time.perf_counter()
+    errors = asyncio.run(run())
+    return time.perf_counter() - t0, errors
+
+
+def wait_routable(url: str, n: int, timeout: float = 600) -> float:
+    """Seconds until the registry reports ``n`` adapters."""
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < timeout:
+        status = httpx.get(f"{url}/readyz", timeout=30).json()["registry"]
+        if int(status.get("adapters", -1)) >= n:
+            return time.perf_counter() - t0
+        time.sleep(0.2)
+    raise SystemExit(f"the registry did not reach {n} adapters in {timeout} s")
+
+
+def zipf_jobs(entries: list[dict], n_requests: int, alpha: float, mode: str,
+              rng: np.random.Generator) -> tuple[list[tuple[str, str]], int]:
+    """(model, text) jobs with Zipf(alpha) popularity over ``entries``; the distinct adapters drawn."""
+    weights = 1.0 / np.arange(1, len(entries) + 1) ** alpha
+    picks = rng.choice(len(entries), size=n_requests, p=weights / weights.sum())
+    jobs = []
+    for i in picks:
+        e = entries[int(i)]
+        text = e["sample"][int(rng.integers(len(e["sample"])))]["inputs"]
+        jobs.append((e["model_name"] if mode == "explicit" else "hilora", text))
+    return jobs, len(set(picks.tolist()))
+
+
+def measure(url: str, entries: list[dict], mode: str, args, rng: np.random.Generator) -> dict:
+    jobs, distinct = zipf_jobs(entries, args.requests, args.alpha, mode, rng)
+    before = scrape(url)
+    res = asyncio.run(run_requests(url, jobs, args.concurrency, args.max_tokens, args.timeout, stream=True,
+                                   ignore_eos=True))
+    after = scrape(url)
+    wall = res["wall_s"]
+
+    def diff(tier: str, event: str) -> float:
+        return cache(after, tier, event) - cache(before, tier, event)
+
+    def rate(tier: str) -> float | None:
+        hits, misses = diff(tier, "hits"), diff(tier, "misses")
+        return hits / (hits + misses) if hits + misses else None
+
+    p50, p99 = read_quantiles(before, after)
+    return {**res, "mode": mode, "n": len(entries), "distinct": distinct,
+            "reads_per_s": diff("loader", "reads") / wall, "placements_per_s": diff("device", "misses") / wall,
+            "device_hit": rate("device"), "host_hit": rate("host"), "read_p50_s": p50, "read_p99_s": p99,
+            "place_share": (loop_value(after, "place_seconds") - loop_value(before, "place_seconds")) / wall,
+            "load_waits": loop_value(after, "load_waits") - loop_value(before, "load_waits"),
+            "capacity_waits": loop_value(after, "capacity_waits") - loop_value(before, "capacity_waits"),
+            "rss_mib": replica_rss_mib()}
+
+
+COLUMNS = ["N", "mode", "distinct", "errors", "req/s", "tok/s", "TTFT p50 s", "TTFT p99 s", "reads/s",
+           "placements/s", "device hit", "host hit", "read p50 s", "read p99 s", "placing share", "read waits",
+           "memory waits", "RSS MiB"]
+
+
+def row(r: dict) -> list:
+    return [r["n"], r["mode"], r["distinct"], r["errors"], fmt(r["req_per_s"]), fmt(r["tok_per_s"], 1),
+            fmt(r["ttft_p50"]), fmt(r["ttft_p99"]), fmt(r["reads_per_s"], 2), fmt(r["placements_per_s"], 2),
+            fmt(r["device_hit"]), fmt(r["host_hit"]), fmt(r["read_p50_s"]), fmt(r["read_p99_s"]),
+            fmt(r["place_share"]), int(r["load_waits"]), int(r["capacity_waits"]),
+            fmt(r["rss_mib"], 0)]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("pool", type=Path, help="a pool written by benchmarks.make_pool")
+    ap.add_argument("--sizes", type=int, nargs="+", default=[12, 100, 1000])
+    ap.add_argument("--requests", type=int, default=192, help="requests per run")
+    ap.add_argument("--concurrency", type=int, default=32)
+    ap.add_argument("--max-tokens", type=int, default=16)
+    ap.add_argument("--alpha", type=float, default=1.0, help="Zipf exponent of adapter popularity")
+    ap.add_argument("--adapter-memory-mib", type=int, default=256, help="device adapter memory budget")
+    ap.add_argument("--host-cache-mib", type=int, default=1024, help="host cache budget")
+    ap.add_argument("--register-concurrency", type=int, default=8)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--timeout", type=float, default=600)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", type=Path, help="every number as JSON")
+    ap.add_argument("--md", type=Path, help="the tables as markdown")
+    args = ap.parse_args(argv)
+    entries = json.loads((args.pool / "manifest.json").read_text())
+    if max(args.sizes) > len(entries):
+        raise SystemExit(f"the pool has {len(entries)} adapters; sizes ask for {max(args.sizes)}")
+    os.environ["HILORA_ADMIN_TOKEN"] = TOKEN
+    service_env(HILORA_ADMIN_TOKEN=TOKEN)
+    rng = np.random.default_rng(args.seed)
+    engine = {"adapter_memory_bytes": args.adapter_memory_mib << 20, "host_cache_bytes": args.host_cache_mib << 20}
+    report: dict = {"command": command_line("benchmarks.many_adapters", argv), "registrations": [], "runs": []}
+    with tempfile.TemporaryDirectory() as data:
+        url, stop = launch_service(data, model={"engine": engine}, threads=args.threads, seed_manifest=None)
+        try:
+            done = 0
+            for n in sorted(args.sizes):
+                seconds, errors = register(url, entries[done:n], args.pool, args.register_concurrency)
+                routable = wait_routable(url, n)
+                report["registrations"].append({"from": done, "to": n, "seconds": seconds, "errors": errors,
+                                                "then_routable_s": routable})
+                print(f"registered {done}..{n}: {seconds:.1f} s ({errors} errors), routable {routable:.1f} s later",
+                      flush=True)
+                done = n
+                for mode in ("explicit", "routed"):
+                    r = measure(url, entries[:n], mode, args, rng)
+                    report["runs"].append(r)
+                    print(table_row(row(r)), flush=True)
+        finally:
+            stop()
+    lines = [f"`{report['command']}`", "", *table_head(COLUMNS), *(table_row(row(r)) for r in report["runs"]), ""]
+    base = {r["mode"]: r for r in report["runs"] if r["n"] == min(args.sizes)}
+    for r in report["runs"]:
+        b = base[r["mode"]]
+        lines.append(f"- N={r['n']} {r['mode']}: tok/s {r['tok_per_s'] / b['tok_per_s']:.2f}x, TTFT p50 "
+                     f"{r['ttft_p50'] / b['ttft_p50']:.2f}x of N={b['n']}")
+    lines += ["", "| registered | seconds | errors | then routable (s) |", "|---|---|---|---|"]
+    lines += [f"| {g['from']}..{g['to']} | {g['seconds']:.1f} | {g['errors']} | {g['then_routable_s']:.1f} |"
+              for g in report["registrations"]]
+    print("\n".join(lines))
+    if args.out:
+        args.out.write_text(json.dumps(report, indent=1, default=str))
+    if args.md:
+        args.md.write_text("\n".join(lines) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 
 import torch
 
@@ -38,12 +39,13 @@ class RuleGroup:
 
 @dataclass(frozen=True)
 class LayerView:
-    """The active slots one layer routes on, and their stacks gathered for the batch (P of the U).
+    """The active slots one layer routes on (P of the U), and their stacks gathered on first use.
 
         remap      (U + 1,) position in the view of each active slot, -1 if left out; entry U is -1
                    (so ``remap[cand]`` keeps an empty candidate, -1, empty)
         scalings   (P,), ranks (P,) at this layer; ``rank`` the largest of them
-        a          (P, rank, d_in); b (P, d_out, rank), a transposed view of a contiguous tensor
+        a          (P, rank, d_in); b (P, d_out, rank), a transposed view of a contiguous tensor: gathered
+                   from the row pools when first read (plain-LoRA batches read the concatenated rows instead)
         signature  (kept positions, ranks, scalings): layers with equal signatures share their
                    prepared routing
     """
@@ -52,9 +54,22 @@ class LayerView:
     scalings: torch.Tensor
     ranks: torch.Tensor
     rank: int
-    a: torch.Tensor
-    b: torch.Tensor
     signature: tuple
+    slots: LayerSlots
+    index: torch.Tensor  # (P,) the kept slots' ids
+
+    @cached_property
+    def _stacks(self) -> tuple[torch.Tensor, torch.Tensor]:
+        a, bt = self.slots.gather(self.index, self.rank)  # (P, r, d_in), (P, r, d_out), copies
+        return a, bt.transpose(1, 2)
+
+    @property
+    def a(self) -> torch.Tensor:
+        return self._stacks[0]
+
+    @property
+    def b(self) -> torch.Tensor:
+        return self._stacks[1]
 
 
 @dataclass
@@ -109,7 +124,7 @@ class BatchRouting:
         return hit
 
     def layer_view(self, slots: LayerSlots, adapting_only: bool) -> LayerView:
-        """The slots this layer routes on, gathered once per batch: with ``adapting_only`` the active
+        """The slots this layer routes on, made once per batch: with ``adapting_only`` the active
         slots with weights at the layer (rank > 0; exact for per-adapter rules, where a rank-0 adapter
         adds nothing), else every active slot (Arrow weighs candidates against each other, a zero
         prototype included). Cut to the largest rank among them at this layer."""
@@ -125,10 +140,18 @@ class BatchRouting:
             keep = torch.tensor(kept, dtype=torch.long, device=device)
             remap = torch.tensor(positions, dtype=torch.long, device=device)
             r = max([host_ranks[i] for i in kept] + [1])
-            a, bt = slots.gather(self.active.index_select(0, keep), r)  # (P, r, d_in), (P, r, d_out), copies
             sig = (tuple(kept), tuple(host_ranks[i] for i in kept), tuple(host_scalings[i] for i in kept))
             hit = self._layer_cache[key] = LayerView(remap, scalings.index_select(0, keep), ranks.index_select(0, keep),
-                                                     r, a, bt.transpose(1, 2), sig)
+                                                     r, sig, slots, self.active.index_select(0, keep))
+        return hit
+
+    def layer_concat(self, slots: LayerSlots, view: LayerView) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The view's adapters' rows concatenated without rank padding (:meth:`LayerSlots.concat`), once per
+        batch: plain LoRA (every ROC kept) over them costs the sum of their ranks, not P times the largest."""
+        key = ("concat", id(slots), view.signature)
+        hit = self._layer_cache.get(key)
+        if hit is None:
+            hit = self._layer_cache[key] = slots.concat([self.active_slots[i] for i in view.signature[0]])
         return hit
 
     def to_slots(self, routing: RowRouting) -> RowRouting:

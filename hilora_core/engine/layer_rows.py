@@ -114,3 +114,13 @@ class LayerSlots:
         n = slot_ids.shape[0]
         return (self.a_rows.index_select(0, idx).view(n, r, self.d_in),
                 self.bt_rows.index_select(0, idx).view(n, r, self.d_out))
+
+    def concat(self, slot_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(a (S, d_in), bt (S, d_out), seg (S,)) of these slots' own rows, concatenated without padding:
+        S is the sum of their ranks here, ``seg[j]`` the position in ``slot_ids`` that row j belongs to."""
+        rows = [r for s in slot_ids for r in self._rows_of.get(s, [])]
+        seg = [p for p, s in enumerate(slot_ids) for _ in self._rows_of.get(s, [])]
+        device = self.a_rows.device
+        idx = torch.tensor(rows, dtype=torch.long, device=device)
+        return (self.a_rows.index_select(0, idx), self.bt_rows.index_select(0, idx),
+                torch.tensor(seg, dtype=torch.long, device=device))

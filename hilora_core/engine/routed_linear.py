@@ -36,7 +36,7 @@ from hilora_core.engine.batch_routing import BatchRouting
 from hilora_core.engine.slots import LayerSlots
 from hilora_core.plan import TokenRule
 from hilora_core.routing.row_routing import apply_row_routing, prepare_row_routing
-from hilora_core.routing.token_routing import apply_token_routing, prepare_token_routing
+from hilora_core.routing.token_routing import apply_full_lora, apply_token_routing, prepare_token_routing
 
 
 class RoutingState:
@@ -116,7 +116,14 @@ class RoutedLinear(nn.Module):
                 ),
             )
             protos = batch.layer_prototypes(self.slots) if group.rule == TokenRule.ARROW else None
-            if tok_rows is None:
+            if routing.keep_all and group.rule == TokenRule.PER_ADAPTER:  # plain LoRA: no ROC choice, no padding
+                a_cat, bt_cat, seg = batch.layer_concat(self.slots, view)
+                xg = x2 if tok_rows is None else x2.index_select(0, tok_rows)
+                if tok_rows is None:
+                    out2 = apply_full_lora(xg, a_cat, bt_cat, seg, routing.coeff, out=out2.to(x2.dtype), accumulate=own)
+                else:
+                    out2 = _add_rows(out2, tok_rows, apply_full_lora(xg, a_cat, bt_cat, seg, routing.coeff), own)
+            elif tok_rows is None:
                 out2 = apply_token_routing(x2, view.a, view.b, routing, group.signed, protos, batch.arrow_temperature,
                                            out=out2.to(x2.dtype), accumulate=own)
             else:

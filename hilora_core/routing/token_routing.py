@@ -190,6 +190,19 @@ def apply_token_routing(
     return out.addmm_(coef, b_flat) if accumulate else torch.addmm(out, coef, b_flat)
 
 
+def apply_full_lora(x: torch.Tensor, a_cat: torch.Tensor, bt_cat: torch.Tensor, seg: torch.Tensor,
+                    coeff: torch.Tensor, out: torch.Tensor | None = None, accumulate: bool = False) -> torch.Tensor:
+    """:func:`apply_token_routing` when every candidate keeps all its ROCs (``TokenRouting.keep_all``, per-adapter
+    rule), over the adapters' rows concatenated without padding: (N, d_in) -> (N, d_out).
+
+    ``a_cat`` (S, d_in), ``bt_cat`` (S, d_out): the U adapters' rows, S the sum of their ranks; ``seg`` (S,): the
+    adapter of each row; ``coeff`` (N, U): each token's multiplier per adapter (0 for non-candidates)."""
+    coef = (x @ a_cat.T).mul_(coeff.to(x.dtype).index_select(1, seg))  # (N, S)
+    if out is None:
+        return coef @ bt_cat
+    return out.addmm_(coef, bt_cat) if accumulate else torch.addmm(out, coef, bt_cat)
+
+
 def route_rocs_batched(
     x: torch.Tensor,
     a_stack: torch.Tensor,

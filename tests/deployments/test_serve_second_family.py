@@ -79,6 +79,8 @@ def peft_greedy(service):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
+    from tests.engine_helpers import peft_greedy as greedy_ids
+
     tok = service["tokenizer"]
     models = {}
 
@@ -96,16 +98,7 @@ def peft_greedy(service):
     def generate(prompt: str, adapter: str | None, window: bool = True) -> str:
         peft = model(window)
         ids = tok(prompt)["input_ids"]  # as the replica tokenizes a completions prompt
-        x = torch.tensor([ids])
-        with torch.no_grad():
-            if adapter is None:
-                with peft.disable_adapter():
-                    out = peft.generate(input_ids=x, max_new_tokens=N_TOKENS, do_sample=False, eos_token_id=None)
-            else:
-                peft.set_adapter(adapter)
-                out = peft.generate(input_ids=x, max_new_tokens=N_TOKENS, do_sample=False, eos_token_id=None)
-        new = out[0, len(ids):].tolist()
-        assert len(new) == N_TOKENS
+        new = greedy_ids(peft, ids, adapter, N_TOKENS)
         return tok.decode(new, skip_special_tokens=True)
 
     return generate

@@ -20,13 +20,12 @@ from peft import PeftModel
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from hilora_core import AdapterLoadError, RoutedLM, RoutingPlan, UnsupportedModelError
-from hilora_core.engine import FAMILIES, attention_layout, load_adapter
+from hilora_core.engine import FAMILIES, attention_layout
 from hilora_core.engine.loop import GenerationLoop
 from hilora_core.engine.requests import SequenceRequest
 from hilora_core.engine.settings import LoopSettings
 from hilora_core.models.base_model import resolve_base
-from hilora_core.routing.token_routing import route_rocs
-from tests.engine_helpers import make_adapter, rel_err
+from tests.engine_helpers import looped_hilora_reference, make_adapter, peft_greedy, rel_err
 from tests.family_models import (
     FAMILY_CONFIGS,
     WINDOW,
@@ -100,18 +99,6 @@ def test_logits_equal_peft(family):
     assert rel_err(base, ref) > 1e-3  # the adapter changes the output
 
 
-def _peft_greedy(peft, ids: list[int], adapter: str | None, n: int) -> list[int]:
-    x = torch.tensor([ids])
-    with torch.no_grad():
-        if adapter is None:
-            with peft.disable_adapter():
-                out = peft.generate(input_ids=x, max_new_tokens=n, min_new_tokens=n, do_sample=False)
-        else:
-            peft.set_adapter(adapter)
-            out = peft.generate(input_ids=x, max_new_tokens=n, min_new_tokens=n, do_sample=False)
-    return out[0, len(ids):].tolist()
-
-
 def _run(lm, joins: dict[int, list[SequenceRequest]]) -> list[list[int]]:
     """Submit ``joins[k]`` before the loop's k-th forward step; the generated ids of every request, in order.
     (A step that runs no forward pass, while adapters are read in the background, does not count.)"""
@@ -143,46 +130,13 @@ def test_loop_greedy_equals_peft_generate_as_requests_join_and_leave(family):
         joins.setdefault(step, []).append(SequenceRequest(_ids(tok, text), plan, max_new_tokens=n, ignore_eos=True))
     got = _run(lm, joins)
     for (text, adapter, n, _), ids in zip(jobs, got, strict=True):
-        assert ids == _peft_greedy(peft, _ids(tok, text), adapter, n), (model_type, text, adapter)
-
-
-def _looped_reference(lm, peft, ids: torch.Tensor, names: list[str], rocs: list[int], scale: float) -> torch.Tensor:
-    """HiLoRA through forward hooks calling the single-sequence ``route_rocs`` at every adapted layer."""
-    adapters = [load_adapter(lm._source(n)) for n in names]
-    modules = {m for ad in adapters for m in ad.layers}
-    ranks = [lm.adapter_info(n)["rank"] for n in names]
-    base = peft.get_base_model()
-    hooks = []
-
-    def hook_for(module_name):
-        def hook(module, inputs, output):
-            x = inputs[0].reshape(-1, inputs[0].shape[-1])
-            # an adapter without weights here adds nothing, but its nominal rank still counts in the plan's
-            # normalisation: zero factors of that rank
-            los = [ad.layers.get(module_name) for ad in adapters]
-            a = [lo.a if lo else torch.zeros(r, x.shape[1]) for lo, r in zip(los, ranks, strict=True)]
-            b = [lo.b if lo else torch.zeros(output.shape[-1], r) for lo, r in zip(los, ranks, strict=True)]
-            delta = route_rocs(x, a, b, [lo.scaling if lo else 1.0 for lo in los], rocs)
-            return output + scale * delta.view(output.shape)
-        return hook
-
-    with peft.disable_adapter():
-        for name, mod in base.named_modules():
-            if name in modules:
-                hooks.append(mod.base_layer.register_forward_hook(hook_for(name)))
-        assert len(hooks) == len(modules)
-        try:
-            with torch.no_grad():
-                return peft(input_ids=ids).logits
-        finally:
-            for h in hooks:
-                h.remove()
+        assert ids == peft_greedy(peft, _ids(tok, text), adapter, n), (model_type, text, adapter)
 
 
 def test_hilora_plan_equals_the_looped_token_rule(family):
     model_type, lm, peft, tok = family
     ids = torch.tensor([_ids(tok, LONG)])
-    ref = _looped_reference(lm, peft, ids, ["attn", "all"], [2, 5], 1.3)
+    ref = looped_hilora_reference(lm, peft, ids, ["attn", "all"], [2, 5], 1.3)
     ours = lm.logits(ids, plans=[RoutingPlan(adapters=("attn", "all"), rocs=(2, 5), scale=1.3)])
     assert rel_err(ours, ref) < TOL, model_type
 

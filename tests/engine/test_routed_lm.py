@@ -10,10 +10,8 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hilora_core import RoutedLM, RoutingPlan, UnknownAdapterError
-from hilora_core.engine import load_adapter
 from hilora_core.models.base_model import resolve_base
-from hilora_core.routing.token_routing import route_rocs
-from tests.engine_helpers import make_adapter, rel_err
+from tests.engine_helpers import looped_hilora_reference, make_adapter, rel_err
 
 pytestmark = pytest.mark.slow  # the real base model (SmolLM2)
 
@@ -106,37 +104,10 @@ def test_mixed_batch_equals_each_alone(setup):
         assert rel_err(ours[i, keep], ref[i, keep]) < 1e-4
 
 
-def _reference_hilora(setup, ids, names, rocs, scale):
-    """HiLoRA through forward hooks calling the single-sequence ``route_rocs`` per layer."""
-    lm, peft, _, paths = setup
-    adapters = [load_adapter(lm._source(n)) for n in names]
-    base = peft.get_base_model()
-    hooks = []
-
-    def hook_for(module_name):
-        def hook(module, inputs, output):
-            x = inputs[0].reshape(-1, inputs[0].shape[-1])
-            los = [ad.layers[module_name] for ad in adapters]
-            delta = route_rocs(x, [lo.a for lo in los], [lo.b for lo in los], [lo.scaling for lo in los], rocs)
-            return output + scale * delta.view(output.shape)
-        return hook
-
-    with peft.disable_adapter():
-        for name, mod in base.named_modules():
-            if name.endswith(("q_proj", "v_proj")) and "lora" not in name and hasattr(mod, "base_layer"):
-                hooks.append(mod.base_layer.register_forward_hook(hook_for(name)))
-        try:
-            with torch.no_grad():
-                return peft(input_ids=ids).logits
-        finally:
-            for h in hooks:
-                h.remove()
-
-
 def test_hilora_plan_equals_route_rocs_reference(setup):
     lm, _, tok, _ = setup
     ids = tok(PROMPTS[1:2], return_tensors="pt").input_ids
-    ref = _reference_hilora(setup, ids, ["sst2", "qnli"], [3, 2], 1.2)
+    ref = looped_hilora_reference(lm, setup[1], ids, ["sst2", "qnli"], [3, 2], 1.2)
     ours = lm.logits(ids, plans=[RoutingPlan(adapters=("sst2", "qnli"), rocs=(3, 2), scale=1.2)])
     assert rel_err(ours, ref) < 1e-4
     full = lm.logits(ids, plans=[RoutingPlan(adapters=("sst2", "qnli"), scale=1.2)])

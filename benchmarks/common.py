@@ -145,10 +145,11 @@ def require_loopback(url: str) -> None:
 
 
 def launch_service(data_dir: str, model: dict | None = None, threads: int = 2,
-                   num_cpus: int = 2, seed_manifest: str | None = "demo") -> tuple[str, Callable[[], None]]:
+                   num_cpus: int = 2, seed_manifest: str | None = "demo",
+                   adapter_dirs: Sequence[str] = ()) -> tuple[str, Callable[[], None]]:
     """Start Ray (``num_cpus`` logical CPUs) and the application on a free loopback port, with the embedded
     Redis under ``data_dir``, the ``seed_manifest`` pool (None: empty) and the ``model`` settings given
-    (``torch_threads``: ``threads``);
+    (``torch_threads``: ``threads``), local adapters allowed under ``adapter_dirs``;
     returns (url, stop). ``stop()`` shuts Serve and Ray down, then the embedded Redis (a daemon that
     outlives the replicas otherwise)."""
     import ray
@@ -163,7 +164,8 @@ def launch_service(data_dir: str, model: dict | None = None, threads: int = 2,
              runtime_env={"env_vars": env})
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     config = {"model": {"torch_threads": threads, **(model or {})},
-              "registry": {"store": {"embedded_dir": data_dir}, "seed_manifest": seed_manifest}}
+              "registry": {"store": {"embedded_dir": data_dir}, "seed_manifest": seed_manifest,
+                           "adapter_dirs": [str(Path(d).resolve()) for d in adapter_dirs]}}
     serve.run(build_app(config), name="hilora", route_prefix="/")
 
     def stop() -> None:

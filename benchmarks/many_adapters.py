@@ -35,29 +35,30 @@ TOKEN = "bench-admin-token"
 _SAMPLE = re.compile(r'^(hilora_\w+)\{([^}]*)\} ([0-9.eE+-]+|NaN)$')
 
 
-def scrape(url: str) -> dict[tuple[str, ...], float]:
-    """The ingress's /metrics: (metric, label values...) -> value."""
-    out = {}
+def scrape(url: str) -> dict[tuple[str, str, str], float]:
+    """The ingress's /metrics, summed over replicas: (metric, tier or "", event or quantity) -> value."""
+    out: dict[tuple[str, str, str], float] = {}
     for line in httpx.get(f"{url}/metrics", timeout=30).text.splitlines():
         m = _SAMPLE.match(line)
         if m:
-            labels = tuple(v for _, v in re.findall(r'(\w+)="([^"]*)"', m[2]))
-            out[(m[1], *labels)] = float(m[3])
+            labels = dict(re.findall(r'(\w+)="([^"]*)"', m[2]))
+            key = (m[1], labels.get("tier", ""), labels.get("event", labels.get("quantity", "")))
+            out[key] = out.get(key, 0.0) + float(m[3])
     return out
 
 
 def cache(snap: dict, tier: str, event: str) -> float:
-    return sum(v for k, v in snap.items() if k[0] == "hilora_adapter_cache_events" and k[2:] == (tier, event))
+    return snap.get(("hilora_adapter_cache_events", tier, event), 0.0)
 
 
 def loop_value(snap: dict, quantity: str) -> float:
-    return sum(v for k, v in snap.items() if k[0] == "hilora_generation_loop" and k[2] == quantity)
+    return snap.get(("hilora_generation_loop", "", quantity), 0.0)
 
 
 def read_quantiles(before: dict, after: dict, qs=(0.5, 0.99)) -> list[float | None]:
     """Read-latency quantiles (bucket upper bounds, seconds) of the reads between two scrapes."""
-    bounds = sorted({float(k[3][len("read_le_"):]) for k in after
-                     if k[0] == "hilora_adapter_cache_events" and k[2] == "loader" and k[3].startswith("read_le_")})
+    bounds = sorted({float(k[2][len("read_le_"):]) for k in after
+                     if k[:2] == ("hilora_adapter_cache_events", "loader") and k[2].startswith("read_le_")})
     cum = [cache(after, "loader", f"read_le_{b:g}") - cache(before, "loader", f"read_le_{b:g}") for b in bounds]
     total = cache(after, "loader", "reads") - cache(before, "loader", "reads")
     out: list[float | None] = []
@@ -78,19 +79,30 @@ def replica_rss_mib() -> float | None:
     return None
 
 
-def register(url: str, entries: list[dict], pool: Path, concurrency: int) -> tuple[float, int]:
-    """POST every entry to /admin/adapters, ``concurrency`` at a time; (seconds, errors)."""
+def register(url: str, entries: list[dict], pool: Path, concurrency: int, batch: int = 0) -> tuple[float, int]:
+    """Register every entry over the admin API, ``concurrency`` calls at a time: one adapter per call
+    (``POST /admin/adapters``), or ``batch`` adapters per call (``POST /admin/adapters/batch``); (seconds, errors)."""
+    def body(e: dict) -> dict:
+        return {"id": e["model_name"], "source": str((pool / e["adapter"]).resolve()),
+                "samples": [s["inputs"] for s in e["sample"]], "tags": [e["cluster"]]}
+
     async def run() -> int:
         sem = asyncio.Semaphore(concurrency)
         async with httpx.AsyncClient(base_url=url, timeout=600,
                                      headers={"Authorization": f"Bearer {TOKEN}"}) as client:
-            async def one(e: dict) -> bool:
-                body = {"id": e["model_name"], "source": str((pool / e["adapter"]).resolve()),
-                        "samples": [s["inputs"] for s in e["sample"]], "tags": [e["cluster"]]}
+            async def one(chunk: list[dict]) -> int:
                 async with sem:
-                    r = await client.post("/admin/adapters", json=body)
-                return r.status_code == 201
-            return sum(not ok for ok in await asyncio.gather(*(one(e) for e in entries)))
+                    if batch:
+                        r = await client.post("/admin/adapters/batch", json={"adapters": [body(e) for e in chunk]})
+                    else:
+                        r = await client.post("/admin/adapters", json=body(chunk[0]))
+                if r.status_code == 201:
+                    return 0
+                print(f"{chunk[0]['model_name']}...: HTTP {r.status_code} {r.text[:300]}", flush=True)
+                return len(r.json().get("errors", chunk)) if r.status_code == 207 else len(chunk)
+            size = batch or 1
+            chunks = [entries[i: i + size] for i in range(0, len(entries), size)]
+            return sum(await asyncio.gather(*(one(c) for c in chunks)))
     t0 = time.perf_counter()
     errors = asyncio.run(run())
     return time.perf_counter() - t0, errors
@@ -105,6 +117,16 @@ def wait_routable(url: str, n: int, timeout: float = 600) -> float:
             return time.perf_counter() - t0
         time.sleep(0.2)
     raise SystemExit(f"the registry did not reach {n} adapters in {timeout} s")
+
+
+def pool_ms(url: str, calls: int = 7) -> float:
+    """Median milliseconds of ``GET /v1/pool`` (the playground's first page, every map point)."""
+    times = []
+    for _ in range(calls):
+        t0 = time.perf_counter()
+        httpx.get(f"{url}/v1/pool", timeout=60).raise_for_status()
+        times.append((time.perf_counter() - t0) * 1000)
+    return sorted(times)[len(times) // 2]
 
 
 def zipf_jobs(entries: list[dict], n_requests: int, alpha: float, mode: str,
@@ -168,7 +190,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--alpha", type=float, default=1.0, help="Zipf exponent of adapter popularity")
     ap.add_argument("--adapter-memory-mib", type=int, default=256, help="device adapter memory budget")
     ap.add_argument("--host-cache-mib", type=int, default=1024, help="host cache budget")
-    ap.add_argument("--register-concurrency", type=int, default=8)
+    ap.add_argument("--register-concurrency", type=int, default=8, help="admin calls at once")
+    ap.add_argument("--register-batch", type=int, default=0,
+                    help="adapters per POST /admin/adapters/batch call (0: one POST /admin/adapters per adapter)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--timeout", type=float, default=600)
     ap.add_argument("--seed", type=int, default=0)
@@ -182,16 +206,20 @@ def main(argv: list[str] | None = None) -> int:
     service_env(HILORA_ADMIN_TOKEN=TOKEN)
     rng = np.random.default_rng(args.seed)
     engine = {"adapter_memory_bytes": args.adapter_memory_mib << 20, "host_cache_bytes": args.host_cache_mib << 20}
-    report: dict = {"command": command_line("benchmarks.many_adapters", argv), "registrations": [], "runs": []}
+    report: dict = {"command": command_line("many_adapters", argv), "registrations": [], "runs": []}
     with tempfile.TemporaryDirectory() as data:
-        url, stop = launch_service(data, model={"engine": engine}, threads=args.threads, seed_manifest=None)
+        url, stop = launch_service(data, model={"engine": engine}, threads=args.threads, seed_manifest=None,
+                                   adapter_dirs=[str(args.pool)])
         try:
             done = 0
             for n in sorted(args.sizes):
-                seconds, errors = register(url, entries[done:n], args.pool, args.register_concurrency)
+                seconds, errors = register(url, entries[done:n], args.pool, args.register_concurrency,
+                                           args.register_batch)
+                if errors:
+                    raise SystemExit(f"{errors} registrations failed")
                 routable = wait_routable(url, n)
                 report["registrations"].append({"from": done, "to": n, "seconds": seconds, "errors": errors,
-                                                "then_routable_s": routable})
+                                                "then_routable_s": routable, "pool_ms": pool_ms(url)})
                 print(f"registered {done}..{n}: {seconds:.1f} s ({errors} errors), routable {routable:.1f} s later",
                       flush=True)
                 done = n
@@ -207,9 +235,10 @@ def main(argv: list[str] | None = None) -> int:
         b = base[r["mode"]]
         lines.append(f"- N={r['n']} {r['mode']}: tok/s {r['tok_per_s'] / b['tok_per_s']:.2f}x, TTFT p50 "
                      f"{r['ttft_p50'] / b['ttft_p50']:.2f}x of N={b['n']}")
-    lines += ["", "| registered | seconds | errors | then routable (s) |", "|---|---|---|---|"]
-    lines += [f"| {g['from']}..{g['to']} | {g['seconds']:.1f} | {g['errors']} | {g['then_routable_s']:.1f} |"
-              for g in report["registrations"]]
+    lines += ["", "| registered | seconds | errors | then routable (s) | GET /v1/pool (ms, median) |",
+              "|---|---|---|---|---|"]
+    lines += [f"| {g['from']}..{g['to']} | {g['seconds']:.1f} | {g['errors']} | {g['then_routable_s']:.1f} | "
+              f"{g['pool_ms']:.0f} |" for g in report["registrations"]]
     print("\n".join(lines))
     if args.out:
         args.out.write_text(json.dumps(report, indent=1, default=str))

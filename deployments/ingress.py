@@ -30,9 +30,11 @@ from .metrics import ServiceMetrics
 from .openai_format import Completion, Kind, Timing, Usage, choice
 from .schemas import (
     ADAPTER_ID,
+    MAX_BATCH_SAMPLES,
     ChatCompletionRequest,
     CompletionRequest,
     RegisterAdapterRequest,
+    RegisterAdaptersRequest,
     RouteRequest,
     RoutingOverrides,
 )
@@ -260,10 +262,15 @@ class Ingress:
         return {"object": "list", "data": data}
 
     @app.get("/v1/pool", responses=declared(422, 503))
-    async def pool(self, limit: Annotated[int, Query(ge=1, le=5000)] = 500):
-        """The pool as the playground draws it: each adapter's tags, rank, targets, sample count, place on the
-        pool map (x, y) and residency on one model replica; the registry's epoch and whether it is degraded."""
-        view = await self._remote(self.registry.pool_view.remote(limit))
+    async def pool(self, limit: Annotated[int, Query(ge=1, le=1000)] = 50,
+                   offset: Annotated[int, Query(ge=0, le=10**9)] = 0,
+                   q: Annotated[str | None, Query(max_length=128)] = None,
+                   tag: Annotated[str | None, Query(max_length=40)] = None):
+        """The pool as the playground shows it, a page at a time: the adapters matching ``q`` (part of the id)
+        and ``tag`` from ``offset``, each with its tags, rank, targets, sample count, place on the pool map
+        (x, y) and residency on one model replica; every adapter's map point; the tags; the registry's epoch
+        and whether it is degraded."""
+        view = await self._remote(self.registry.pool_view.remote(limit, offset, q, tag))
         try:
             where = await self.model.residency.remote()
         except Exception:  # noqa: BLE001 - residency is informative; the pool is still shown
@@ -283,6 +290,27 @@ class Ingress:
         identity = await self._remote(self.embedder.identity.remote())
         z = await self._remote(self.embedder.embed.remote(body.samples))
         return await self._remote(self.registry.register.remote(body.model_dump(), z, identity))
+
+    @app.post("/admin/adapters/batch", status_code=201,
+              responses={**declared(400, 401, 403, 413, 422, 503),
+                         207: {"description": "some adapters were registered: each failure with its status and "
+                                             "message in errors"}})
+    async def register_adapters(self, body: RegisterAdaptersRequest, authorization: AdminToken):
+        """Register up to 1,000 adapters at once: every sample is embedded in one call (batched by the
+        embedder) and the pool catches up once."""
+        self._check_admin(authorization)
+        ids = [a.id for a in body.adapters]
+        repeated = sorted({i for i in ids if ids.count(i) > 1})
+        if repeated:
+            raise HTTPException(422, f"ids repeat within the batch: {repeated[:5]}")
+        texts = [t for a in body.adapters for t in a.samples]
+        if len(texts) > MAX_BATCH_SAMPLES:
+            raise HTTPException(413, f"{len(texts)} samples in one batch; at most {MAX_BATCH_SAMPLES}")
+        identity = await self._remote(self.embedder.identity.remote())
+        z = await self._remote(self.embedder.embed.remote(texts))
+        result = await self._remote(self.registry.register_many.remote([a.model_dump() for a in body.adapters], z,
+                                                                       identity))
+        return JSONResponse(result, status_code=201 if not result["errors"] else 207)
 
     @app.get("/admin/adapters", responses=declared(401, 403, 422, 503))
     async def list_adapters(self, authorization: AdminToken, offset: Annotated[int, Query(ge=0, le=10**9)] = 0,

@@ -90,6 +90,31 @@ class RegistryReplica:
         self.registry.scorer.ensure_epoch(self.registry.epoch())
         return rec.to_dict()
 
+    def register_many(self, bodies: builtins.list[dict], embeddings: np.ndarray, identity: dict) -> dict:
+        """Register each body with its rows of ``embeddings`` (in order), then catch the pool up once.
+        ``{"created": [records], "errors": [{"id", "status", "message"}]}``: one failure does not stop the others."""
+        from .errors import message_of, status_for
+
+        created, errors, start = [], [], 0
+        who = EmbedderIdentity.from_dict(identity)
+        for body in bodies:
+            z = embeddings[start: start + len(body["samples"])]
+            start += len(body["samples"])
+            try:
+                rec = self.registry.register_embeddings(
+                    body["id"], body["source"], z, texts=body["samples"], revision=body.get("revision"),
+                    rank=body.get("rank"), alpha=body.get("alpha"), targets=body.get("targets"),
+                    replace=bool(body.get("replace")), identity=who, tags=body.get("tags") or ())
+            except Exception as err:  # noqa: BLE001 - reported per adapter; an unexpected type is re-raised
+                status = status_for(err)
+                if status is None:
+                    raise
+                errors.append({"id": body["id"], "status": status, "message": message_of(err)})
+                continue
+            created.append(rec.to_dict())
+        self.registry.scorer.ensure_epoch(self.registry.epoch())
+        return {"created": created, "errors": errors}
+
     def check_free(self, adapter_id: str, replace: bool) -> None:
         """Raise ConflictError before the (costly) embedding of samples when the id is taken."""
         if not replace and adapter_id in self.registry.scorer.snapshot.records:
@@ -120,18 +145,35 @@ class RegistryReplica:
             self._map = (snap.epoch, fitted)
         return snap, self._map[1]
 
-    def pool_view(self, limit: int = 500) -> dict:
-        """The first ``limit`` adapters (by id) with their map coordinates, plus the pool's state."""
+    def pool_view(self, limit: int = 50, offset: int = 0, q: str | None = None, tag: str | None = None) -> dict:
+        """One page of the pool as the playground shows it, plus the whole map and the pool's state.
+
+        ``adapters``: the ``limit`` adapters from ``offset`` (by id) among those matching ``q`` (a substring of the
+        id, any case) and ``tag``, with their tags, rank, targets, sample count and map place; ``matching``
+        and ``next_offset`` page through them. ``points``: every adapter as [id, x, y, first tag or None]
+        (the map); ``tags``: each tag's adapter count."""
         snap, pmap = self._pool_map()
         xy = pmap.project(snap.model.means) if pmap is not None and snap.model is not None else np.zeros((0, 2))
+        needle = (q or "").lower()
+        rows = [i for i, name in enumerate(snap.ids)
+                if needle in name.lower() and (tag is None or tag in snap.records[name].tags)]
+        page = rows[offset: offset + limit]
         adapters = []
-        for i, name in enumerate(snap.ids[:limit]):
-            rec = snap.records[name]
-            adapters.append({"id": name, "tags": list(rec.tags), "rank": rec.rank, "targets": list(rec.targets),
+        for i in page:
+            rec = snap.records[snap.ids[i]]
+            adapters.append({"id": rec.id, "tags": list(rec.tags), "rank": rec.rank, "targets": list(rec.targets),
                              "sample_count": rec.sample_count, "x": float(xy[i, 0]), "y": float(xy[i, 1])})
+        tags: dict[str, int] = {}
+        for name in snap.ids:
+            for t in snap.records[name].tags:
+                tags[t] = tags.get(t, 0) + 1
+        points = [[name, round(float(xy[i, 0]), 4), round(float(xy[i, 1]), 4),
+                   snap.records[name].tags[0] if snap.records[name].tags else None] for i, name in enumerate(snap.ids)]
         status = self.status()
         return {"epoch": snap.epoch, "degraded": status["degraded"], "error": status["error"],
-                "total": len(snap.ids), "adapters": adapters,
+                "total": len(snap.ids), "matching": len(rows), "offset": offset,
+                "next_offset": offset + limit if offset + limit < len(rows) else None, "adapters": adapters,
+                "points": points, "tags": dict(sorted(tags.items())),
                 "map": {"method": "first two principal axes of the adapters' mean embeddings",
                         "explained": [] if pmap is None else [float(v) for v in pmap.explained]}}
 

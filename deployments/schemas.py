@@ -189,3 +189,13 @@ class RegisterAdapterRequest(BaseModel):
     replace: bool = False
     tags: list[Annotated[str, Field(min_length=1, max_length=40)]] = Field(
         [], max_length=8, description="labels shown with the pool (a cluster, a task family); not used to route")
+
+
+MAX_BATCH_SAMPLES = 50_000  # sample texts in one batch registration (all adapters together)
+
+
+class RegisterAdaptersRequest(BaseModel):
+    """Many registrations in one call: their samples are embedded together and the pool catches up once."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    adapters: list[RegisterAdapterRequest] = Field(..., min_length=1, max_length=1000)

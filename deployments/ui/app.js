@@ -6,7 +6,9 @@ const BASE = location.pathname.replace(/\/ui\/?$/, "");
 const SVGNS = "http://www.w3.org/2000/svg";
 const PALETTE = ["#2e6fdb", "#d9480f", "#2b8a3e", "#9c36b5", "#c2255c", "#0b7285", "#e8590c", "#5c940d"];
 const $ = (id) => document.getElementById(id);
-const state = { pool: null, token: sessionStorage.getItem("hilora-admin-token") || "", admin: null, request: null };
+const PAGE = 50;  // adapters per page of the pool table
+const state = { pool: null, token: sessionStorage.getItem("hilora-admin-token") || "", admin: null, request: null,
+  view: { q: "", tag: "", offset: 0 } };
 
 class ApiError extends Error {
   constructor(status, message) { super(message); this.status = status; }
@@ -46,7 +48,7 @@ function svg(tag, attrs = {}, text) {
 // Tags get palette colours in sorted order, so the pool's clusters never share a colour (up to 8).
 function colourOf(tag) {
   if (!tag) return "#667085";
-  const tags = [...new Set((state.pool ? state.pool.adapters : []).flatMap((a) => a.tags))].sort();
+  const tags = Object.keys(state.pool ? state.pool.tags : {}).sort();
   const i = tags.indexOf(tag);
   return PALETTE[(i < 0 ? 0 : i) % PALETTE.length];
 }
@@ -74,17 +76,39 @@ async function refreshHealth() {
 }
 
 async function refreshPool() {
+  const v = state.view;
+  const query = new URLSearchParams({ limit: PAGE, offset: v.offset });
+  if (v.q) query.set("q", v.q);
+  if (v.tag) query.set("tag", v.tag);
   try {
-    state.pool = await api("/v1/pool");
+    state.pool = await api(`/v1/pool?${query}`);
   } catch (err) {
     $("map-note").textContent = `pool unavailable: ${err.message}`;
     return;
   }
   const p = state.pool;
-  $("epoch").textContent = `pool epoch ${p.epoch} - ${p.adapters.length} adapters` + (p.degraded ? " (degraded)" : "");
+  $("epoch").textContent = `pool epoch ${p.epoch} - ${p.total} adapters` + (p.degraded ? " (degraded)" : "");
+  renderFilters();
   renderTable();
   renderPicker();
   renderMap();
+}
+
+// The search box, the tag filter and the pager: the table shows one page of the matching adapters.
+function renderFilters() {
+  const p = state.pool, select = $("pool-tag"), current = state.view.tag;
+  select.replaceChildren(el("option", { value: "" }, "all tags"),
+    ...Object.entries(p.tags).map(([t, n]) => el("option", { value: t }, `${t} (${n})`)));
+  select.value = current in p.tags ? current : "";
+  const first = p.matching ? p.offset + 1 : 0, last = p.offset + p.adapters.length;
+  $("pool-page").textContent = `${first}-${last} of ${p.matching}` + (p.matching < p.total ? ` (${p.total} in all)` : "");
+  $("pool-prev").disabled = p.offset === 0;
+  $("pool-next").disabled = p.next_offset === null;
+}
+
+function setView(change) {
+  Object.assign(state.view, change);
+  refreshPool();
 }
 
 function renderTable() {
@@ -106,15 +130,17 @@ function renderTable() {
 function renderPicker() {
   const select = $("picked");
   const current = select.value;
-  select.replaceChildren(...state.pool.adapters.map((a) => el("option", { value: a.id }, a.id)));
-  if (current && state.pool.adapters.some((a) => a.id === current)) select.value = current;
+  const ids = state.pool.points.map((pt) => pt[0]);
+  select.replaceChildren(...ids.map((id) => el("option", { value: id }, id)));
+  if (current && ids.includes(current)) select.value = current;
 }
 
 // The adapters' means in the pool map's 2-D coordinates; the last request as a cross among them.
 function renderMap() {
   const map = $("map");
   map.replaceChildren();
-  const pts = state.pool.adapters.map((a) => [a.x, a.y]);
+  const points = state.pool.points;  // every adapter: [id, x, y, first tag]
+  const pts = points.map((pt) => [pt[1], pt[2]]);
   if (state.request) pts.push(state.request.position);
   if (!pts.length) { $("map-note").textContent = "the pool is empty"; return; }
   const xs = pts.map((p) => p[0]), ys = pts.map((p) => p[1]);
@@ -122,11 +148,18 @@ function renderMap() {
   const sx = (x) => 20 + (x1 > x0 ? (x - x0) / (x1 - x0) : 0.5) * 300;
   const sy = (y) => 270 - (y1 > y0 ? (y - y0) / (y1 - y0) : 0.5) * 240;
   const chosen = new Set(state.request ? state.request.adapters : []);
-  for (const a of state.pool.adapters) {
-    const g = svg("g", { "data-adapter": a.id });
-    g.append(svg("circle", { cx: sx(a.x), cy: sy(a.y), r: chosen.has(a.id) ? 8 : 5, fill: colourOf(a.tags[0]),
-      stroke: chosen.has(a.id) ? "#1d2430" : "none", "stroke-width": 2 }));
-    g.append(svg("text", { x: sx(a.x) + 8, y: sy(a.y) + 4, "font-size": 10, fill: "#344054" }, a.id));
+  // a large pool: small dots, each named on hover; labels only for the last request's candidates (and for all
+  // in a pool small enough to read)
+  const labelAll = points.length <= 24, radius = points.length > 200 ? 2.5 : 5;
+  for (const [id, x, y, tag] of points) {
+    const g = svg("g", { "data-adapter": id });
+    const dot = svg("circle", { cx: sx(x), cy: sy(y), r: chosen.has(id) ? 8 : radius, fill: colourOf(tag),
+      stroke: chosen.has(id) ? "#1d2430" : "none", "stroke-width": 2 });
+    dot.append(svg("title", {}, id));
+    g.append(dot);
+    if (labelAll || chosen.has(id)) {
+      g.append(svg("text", { x: sx(x) + 8, y: sy(y) + 4, "font-size": 10, fill: "#344054", class: "label" }, id));
+    }
     map.append(g);
   }
   if (state.request) {
@@ -335,6 +368,12 @@ async function remove(id) {
 // ---- start ---------------------------------------------------------------------------------------
 
 $("prompt-form").addEventListener("submit", run);
+$("pool-search").addEventListener("input", (e) => setView({ q: e.target.value.trim(), offset: 0 }));
+$("pool-tag").addEventListener("change", (e) => setView({ tag: e.target.value, offset: 0 }));
+$("pool-prev").addEventListener("click", () => setView({ offset: Math.max(0, state.view.offset - PAGE) }));
+$("pool-next").addEventListener("click", () => {
+  if (state.pool && state.pool.next_offset !== null) setView({ offset: state.pool.next_offset });
+});
 $("register-form").addEventListener("submit", register);
 $("token").value = state.token;
 $("token-check").addEventListener("click", async () => {

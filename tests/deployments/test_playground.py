@@ -217,3 +217,40 @@ def test_redis_down_shows_degraded(service, browser):
         deadline = time.time() + 60
         while time.time() < deadline and httpx.get(f"{service['url']}/readyz").status_code != 200:
             time.sleep(1)
+
+
+def test_a_large_pool_is_paged_searched_and_drawn_without_a_wall_of_labels(service, browser):
+    """312 adapters (300 registered in one batch call): the table shows a page of 50 with a pager, search and a
+    tag filter; the map draws every adapter with its name on hover, and labels only the routed candidates."""
+    source = str(DEMO / "adapters" / "list_max")
+    bulk = [{"id": f"bulk-{i:03d}", "source": source, "tags": [f"bulk{i % 3}"],
+             "samples": [f"Give the largest of {i}, {i + 3} and {2 * i}.", f"Which is biggest: {i} or {i + 7}?"]}
+            for i in range(300)]
+    r = httpx.post(f"{service['url']}/admin/adapters/batch", json={"adapters": bulk},
+                   headers={"Authorization": f"Bearer {TOKEN}"}, timeout=300)
+    assert r.status_code == 201, r.text[:500]
+    browser.get(f"{service['url']}/ui")
+    wait_for(browser, lambda d: "312 adapters" in text_of(d, "epoch"), "the 312-adapter pool")
+    wait_for(browser, lambda d: text_of(d, "pool-page").startswith("1-50 of 312"), "the first page")
+    assert len(rows(browser)) == 50
+    assert len(browser.find_elements("css selector", "#map g[data-adapter]")) == 312
+    assert not browser.find_elements("css selector", "#map text.label")  # no request yet: no labels
+    first = rows(browser)
+    browser.find_element("id", "pool-next").click()
+    wait_for(browser, lambda d: text_of(d, "pool-page").startswith("51-100 of 312"), "the second page")
+    assert not set(rows(browser)) & set(first)
+    browser.find_element("id", "pool-search").send_keys("bulk-01")
+    wait_for(browser, lambda d: text_of(d, "pool-page").startswith("1-10 of 10"), "the search's 10 matches")
+    assert sorted(rows(browser)) == [f"bulk-01{i}" for i in range(10)]
+    browser.find_element("id", "pool-search").clear()
+    browser.execute_script("const s = document.getElementById('pool-tag'); s.value = 'bulk1';"
+                           "s.dispatchEvent(new Event('change'));")
+    browser.execute_script("const s = document.getElementById('pool-search'); s.value = '';"
+                           "s.dispatchEvent(new Event('input'));")
+    wait_for(browser, lambda d: text_of(d, "pool-page").startswith("1-50 of 100"), "the tag's 100 adapters")
+    browser.find_element("id", "prompt").clear()
+    browser.find_element("id", "prompt").send_keys(PROMPT)
+    browser.find_element("id", "run").click()
+    wait_for(browser, lambda d: d.find_elements("css selector", "#map text.label"), "the candidates' labels")
+    labels = browser.execute_script("return [...document.querySelectorAll('#map text.label')].map(t => t.textContent);")
+    assert 1 <= len(labels) <= 8

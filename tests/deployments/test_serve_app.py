@@ -485,6 +485,24 @@ def test_replica_restart_loses_nothing(service):
     assert {a["id"] for a in c.get("/admin/adapters", headers=AUTH).json()["adapters"]} == before
 
 
+def test_batch_registration_reports_each_adapter(service):
+    c = service["client"]
+    gamma = {"id": "gamma", "source": service["beta"], "samples": BETA_SAMPLES, "tags": ["batch"]}
+    taken = {"id": "alpha", "source": service["alpha"], "samples": ALPHA_SAMPLES}
+    r = c.post("/admin/adapters/batch", json={"adapters": [gamma, taken]}, headers=AUTH)
+    assert r.status_code == 207, r.text
+    body = r.json()
+    assert [a["id"] for a in body["created"]] == ["gamma"] and body["created"][0]["tags"] == ["batch"]
+    assert body["errors"][0]["id"] == "alpha" and body["errors"][0]["status"] == 409
+    assert c.get("/admin/adapters/gamma", headers=AUTH).json()["sample_count"] == len(BETA_SAMPLES)
+    routes = c.post("/v1/route", json={"input": ["Reverse the letters of the word 'planet'."]}).json()["data"]
+    assert set(routes[0]["adapters"]) & {"beta", "gamma"}  # routable at once
+    r = c.post("/admin/adapters/batch", json={"adapters": [gamma, gamma]}, headers=AUTH)
+    assert r.status_code == 422 and "repeat" in r.text
+    assert c.post("/admin/adapters/batch", json={"adapters": [gamma]}).status_code == 401
+    assert c.delete("/admin/adapters/gamma", headers=AUTH).status_code == 200
+
+
 def test_delete_adapter(service):
     c = service["client"]
     r = c.delete("/admin/adapters/beta", headers=AUTH)

@@ -178,6 +178,64 @@ def launch_service(data_dir: str, model: dict | None = None, threads: int = 2,
     return f"http://127.0.0.1:{port}", stop
 
 
+# --- the admin API and the replica -----------------------------------------------------------------------------
+
+ADMIN_TOKEN = "bench-admin-token"  # set as HILORA_ADMIN_TOKEN before launch_service by the scripts that register
+
+
+def register_adapters(url: str, entries: list[dict], pool: Path, concurrency: int, batch: int = 0) -> tuple[float, int]:
+    """Register every entry over the admin API, ``concurrency`` calls at a time: one adapter per call
+    (``POST /admin/adapters``), or ``batch`` adapters per call (``POST /admin/adapters/batch``); (seconds, errors)."""
+    import httpx
+
+    def body(e: dict) -> dict:
+        return {"id": e["model_name"], "source": str((pool / e["adapter"]).resolve()),
+                "samples": [s["inputs"] for s in e["sample"]], "tags": [e["cluster"]]}
+
+    async def run() -> int:
+        sem = asyncio.Semaphore(concurrency)
+        async with httpx.AsyncClient(base_url=url, timeout=600,
+                                     headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}) as client:
+            async def one(chunk: list[dict]) -> int:
+                async with sem:
+                    if batch:
+                        r = await client.post("/admin/adapters/batch", json={"adapters": [body(e) for e in chunk]})
+                    else:
+                        r = await client.post("/admin/adapters", json=body(chunk[0]))
+                if r.status_code == 201:
+                    return 0
+                print(f"{chunk[0]['model_name']}...: HTTP {r.status_code} {r.text[:300]}", flush=True)
+                return len(r.json().get("errors", chunk)) if r.status_code == 207 else len(chunk)
+            size = batch or 1
+            chunks = [entries[i: i + size] for i in range(0, len(entries), size)]
+            return sum(await asyncio.gather(*(one(c) for c in chunks)))
+    t0 = time.perf_counter()
+    errors = asyncio.run(run())
+    return time.perf_counter() - t0, errors
+
+
+def wait_routable(url: str, n: int, timeout: float = 600) -> float:
+    """Seconds until the registry reports ``n`` adapters."""
+    import httpx
+
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < timeout:
+        status = httpx.get(f"{url}/readyz", timeout=30).json()["registry"]
+        if int(status.get("adapters", -1)) >= n:
+            return time.perf_counter() - t0
+        time.sleep(0.2)
+    raise SystemExit(f"the registry did not reach {n} adapters in {timeout} s")
+
+
+def replica_rss_mib() -> float | None:
+    import psutil
+
+    for p in psutil.process_iter(["cmdline"]):
+        if any("LoRAModel" in part for part in (p.info["cmdline"] or [])):
+            return p.memory_info().rss / 2**20
+    return None
+
+
 # --- clients --------------------------------------------------------------------------------------------------
 
 

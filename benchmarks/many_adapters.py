@@ -29,9 +29,20 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from benchmarks.common import command_line, fmt, launch_service, run_requests, service_env, table_head, table_row
+from benchmarks.common import (
+    ADMIN_TOKEN,
+    command_line,
+    fmt,
+    launch_service,
+    register_adapters,
+    replica_rss_mib,
+    run_requests,
+    service_env,
+    table_head,
+    table_row,
+    wait_routable,
+)
 
-TOKEN = "bench-admin-token"
 _SAMPLE = re.compile(r'^(hilora_\w+)\{([^}]*)\} ([0-9.eE+-]+|NaN)$')
 
 
@@ -68,55 +79,6 @@ def read_quantiles(before: dict, after: dict, qs=(0.5, 0.99)) -> list[float | No
             continue
         out.append(next((b for b, c in zip(bounds, cum, strict=True) if c >= q * total), float("inf")))
     return out
-
-
-def replica_rss_mib() -> float | None:
-    import psutil
-
-    for p in psutil.process_iter(["cmdline"]):
-        if any("LoRAModel" in part for part in (p.info["cmdline"] or [])):
-            return p.memory_info().rss / 2**20
-    return None
-
-
-def register(url: str, entries: list[dict], pool: Path, concurrency: int, batch: int = 0) -> tuple[float, int]:
-    """Register every entry over the admin API, ``concurrency`` calls at a time: one adapter per call
-    (``POST /admin/adapters``), or ``batch`` adapters per call (``POST /admin/adapters/batch``); (seconds, errors)."""
-    def body(e: dict) -> dict:
-        return {"id": e["model_name"], "source": str((pool / e["adapter"]).resolve()),
-                "samples": [s["inputs"] for s in e["sample"]], "tags": [e["cluster"]]}
-
-    async def run() -> int:
-        sem = asyncio.Semaphore(concurrency)
-        async with httpx.AsyncClient(base_url=url, timeout=600,
-                                     headers={"Authorization": f"Bearer {TOKEN}"}) as client:
-            async def one(chunk: list[dict]) -> int:
-                async with sem:
-                    if batch:
-                        r = await client.post("/admin/adapters/batch", json={"adapters": [body(e) for e in chunk]})
-                    else:
-                        r = await client.post("/admin/adapters", json=body(chunk[0]))
-                if r.status_code == 201:
-                    return 0
-                print(f"{chunk[0]['model_name']}...: HTTP {r.status_code} {r.text[:300]}", flush=True)
-                return len(r.json().get("errors", chunk)) if r.status_code == 207 else len(chunk)
-            size = batch or 1
-            chunks = [entries[i: i + size] for i in range(0, len(entries), size)]
-            return sum(await asyncio.gather(*(one(c) for c in chunks)))
-    t0 = time.perf_counter()
-    errors = asyncio.run(run())
-    return time.perf_counter() - t0, errors
-
-
-def wait_routable(url: str, n: int, timeout: float = 600) -> float:
-    """Seconds until the registry reports ``n`` adapters."""
-    t0 = time.perf_counter()
-    while time.perf_counter() - t0 < timeout:
-        status = httpx.get(f"{url}/readyz", timeout=30).json()["registry"]
-        if int(status.get("adapters", -1)) >= n:
-            return time.perf_counter() - t0
-        time.sleep(0.2)
-    raise SystemExit(f"the registry did not reach {n} adapters in {timeout} s")
 
 
 def pool_ms(url: str, calls: int = 7) -> float:
@@ -202,8 +164,8 @@ def main(argv: list[str] | None = None) -> int:
     entries = json.loads((args.pool / "manifest.json").read_text())
     if max(args.sizes) > len(entries):
         raise SystemExit(f"the pool has {len(entries)} adapters; sizes ask for {max(args.sizes)}")
-    os.environ["HILORA_ADMIN_TOKEN"] = TOKEN
-    service_env(HILORA_ADMIN_TOKEN=TOKEN)
+    os.environ["HILORA_ADMIN_TOKEN"] = ADMIN_TOKEN
+    service_env(HILORA_ADMIN_TOKEN=ADMIN_TOKEN)
     rng = np.random.default_rng(args.seed)
     engine = {"adapter_memory_bytes": args.adapter_memory_mib << 20, "host_cache_bytes": args.host_cache_mib << 20}
     report: dict = {"command": command_line("many_adapters", argv), "registrations": [], "runs": []}
@@ -213,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             done = 0
             for n in sorted(args.sizes):
-                seconds, errors = register(url, entries[done:n], args.pool, args.register_concurrency,
+                seconds, errors = register_adapters(url, entries[done:n], args.pool, args.register_concurrency,
                                            args.register_batch)
                 if errors:
                     raise SystemExit(f"{errors} registrations failed")

@@ -26,15 +26,16 @@ SERVICE = "hilora-primary"
 def _wait(predicate, timeout_s: float, what: str, servers: tuple[RedisServer, ...] = ()) -> None:
     """Poll ``predicate`` until true; on timeout fail with the last lines of ``servers``' logs."""
     deadline = time.monotonic() + timeout_s
+    last_error: BaseException | None = None
     while time.monotonic() < deadline:
         try:
             if predicate():
                 return
-        except (redis.RedisError, OSError):
-            pass
+        except (redis.RedisError, OSError) as err:
+            last_error = err
         time.sleep(0.1)
     logs = "\n".join(f"--- port {srv.port}: {srv.log_tail()}" for srv in servers)
-    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}\n{logs}")
+    raise AssertionError(f"timed out after {timeout_s} s waiting for {what} (last error: {last_error!r})\n{logs}")
 
 
 def _replication(server: RedisServer) -> dict:
@@ -106,9 +107,17 @@ def test_no_acknowledged_registration_is_lost_when_the_primary_is_killed(tmp_pat
         _wait(lambda: len(refused) >= 3, 30, "writes to be refused while no replica holds them")
         primary.start()  # the old primary comes back; the sentinel turns it into a replica of the new one
         t_restarted = time.monotonic()
-        _wait(lambda: _replication(primary)["role"] == "slave"
-              and _replication(primary)["master_link_status"] == "up", 120, "the old primary to rejoin as replica",
-              (sentinel, primary, replica))
+        seen: list[dict] = []
+
+        def rejoined() -> bool:
+            info = _replication(primary)
+            seen[:] = [{k: info.get(k) for k in ("role", "master_port", "master_link_status")}]
+            return info["role"] == "slave" and info["master_link_status"] == "up"
+
+        try:
+            _wait(rejoined, 120, "the old primary to rejoin as replica", (sentinel, primary, replica))
+        except AssertionError as err:
+            raise AssertionError(f"{err}\nits last replication info: {seen}") from None
         _wait(lambda: len(acked) >= killed_at + 40, 120, "40 registrations after the failover")
         stop.set()
         thread.join(timeout=30)

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from hilora_core.adapter_config import CONFIG_FILE, MAX_CONFIG_BYTES
+from hilora_core.engine import adapter_files as files
 from hilora_core.engine.adapter_files import WEIGHTS_FILE, HostAdapter, InspectedAdapter, LayerLoRA, inspect_adapter
 from hilora_core.engine.families import SLIDING, attention_layout, family_of
 from hilora_core.engine.kv_slots import kv_geometry
@@ -237,11 +238,11 @@ def _check_adapter(location: str, linears: Mapping[str, tuple[int, int]], engine
         src = inspect_adapter(location, location, linears, engine.max_rank, max_bytes=engine.max_adapter_bytes)
     except AdapterLoadError as exc:
         return _refused(location, str(exc), linears), None
-    need = src.nbytes(element_size(dtype))
-    reason = None
-    if need > engine.adapter_memory_bytes:  # RoutedModel.add_adapter's budget check
-        reason = (f"adapter {location!r} takes {need / 2**20:.1f} MiB of adapter memory, above the budget of "
-                  f"{engine.adapter_memory_bytes / 2**20:.1f} MiB (adapter_memory_bytes)")
+    need, reason = src.nbytes(element_size(dtype)), None
+    try:  # RoutedModel.add_adapter's budget rule
+        files.check_fits_budget(src, element_size(dtype), engine.adapter_memory_bytes)
+    except AdapterLoadError as exc:
+        reason = str(exc)
     tm = src.config.target_modules
     check = AdapterCheck(
         location, reason is None, reason, tm if isinstance(tm, str) else list(tm), src.config.rank,

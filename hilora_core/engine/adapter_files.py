@@ -101,6 +101,16 @@ def _hub_weights_size(location: str, revision: str | None) -> int | None:
     return next((int(s) for s in sizes if s is not None), None)
 
 
+def check_fits_budget(src: InspectedAdapter, element_size: int, budget_bytes: int) -> int:
+    """The adapter's bytes in device adapter memory (:meth:`InspectedAdapter.nbytes`); :class:`AdapterLoadError`
+    when they exceed the budget (``EngineSettings.adapter_memory_bytes``): it could never be resident."""
+    need = src.nbytes(element_size)
+    if need > budget_bytes:
+        raise AdapterLoadError(f"adapter {src.name!r} takes {need / 2**20:.1f} MiB of adapter memory, above the "
+                               f"budget of {budget_bytes / 2**20:.1f} MiB (adapter_memory_bytes)")
+    return need
+
+
 def check_size(nbytes: int | None, max_bytes: int | None, where: str) -> None:
     if nbytes is not None and max_bytes is not None and nbytes > max_bytes:
         raise AdapterLoadError(f"{where} is {nbytes / 2**20:.1f} MiB, above the limit of {max_bytes / 2**20:.1f} MiB "

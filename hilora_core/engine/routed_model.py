@@ -30,6 +30,7 @@ from typing_extensions import Self
 from hilora_core.engine.adapter_files import (
     HostAdapter,
     InspectedAdapter,
+    check_fits_budget,
     inspect_adapter,
     load_adapter,
 )
@@ -42,7 +43,7 @@ from hilora_core.engine.routed_linear import RoutedLinear, RoutingState, layer_i
 from hilora_core.engine.settings import EngineSettings
 from hilora_core.engine.slots import AdapterSlots, SlotLease
 from hilora_core.engine.usage import AdapterUsage
-from hilora_core.errors import AdapterLoadError, AdapterNotReadyError, InvalidInputError, UnknownAdapterError
+from hilora_core.errors import AdapterNotReadyError, InvalidInputError, UnknownAdapterError
 from hilora_core.models.base_model import DEFAULT_BASE, resolve_base
 from hilora_core.plan import RoutingPlan, TokenRule
 
@@ -141,11 +142,7 @@ class RoutedModel:
             raise InvalidInputError(f"adapter name must be a non-empty string, got {name!r}")
         src = inspect_adapter(name, str(source), self._linears, self.settings.max_rank, revision,
                               self.settings.max_adapter_bytes)
-        need = src.nbytes(self.slots.element_size)
-        if need > self.settings.adapter_memory_bytes:
-            raise AdapterLoadError(f"adapter {name!r} takes {need / 2**20:.1f} MiB of adapter memory, above the "
-                                   f"budget of {self.settings.adapter_memory_bytes / 2**20:.1f} MiB "
-                                   "(adapter_memory_bytes)")
+        check_fits_budget(src, self.slots.element_size, self.settings.adapter_memory_bytes)
         with self._lock:  # model surgery must not overlap a forward pass
             for module_name, (_, d_in, d_out) in src.modules.items():
                 if module_name not in self._routed:

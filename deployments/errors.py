@@ -18,6 +18,7 @@ from hilora_core.errors import (
     CapacityError,
     HiLoRAError,
     InvalidInputError,
+    PlanTooLargeError,
     RequestCancelledError,
     RequestTimeoutError,
     UnknownAdapterError,
@@ -52,6 +53,8 @@ def status_for(err: BaseException) -> int | None:
             return 409
         if isinstance(e, ForbiddenSourceError):
             return 403
+        if isinstance(e, PlanTooLargeError):
+            return 422  # the plan's adapters exceed the replica's adapter memory: retrying cannot help
         if isinstance(e, (RegistryUnavailableError, CapacityError, RequestCancelledError)):
             return 503
         if isinstance(e, RequestTimeoutError):

@@ -25,6 +25,7 @@ from hilora_core.errors import (
     EmptyPoolError,
     HiLoRAError,
     InvalidInputError,
+    PlanTooLargeError,
     UnknownAdapterError,
     UnsupportedModelError,
 )
@@ -41,6 +42,7 @@ __all__ = [
     "Policy",
     "AdapterLoadError",
     "CapacityError",
+    "PlanTooLargeError",
     "DimensionMismatchError",
     "EmptyPoolError",
     "EpsCalibration",

@@ -49,6 +49,11 @@ class CapacityError(HiLoRAError, RuntimeError):
     """A batch needs more adapter slots than the engine has."""
 
 
+class PlanTooLargeError(CapacityError):
+    """A plan's adapters can never be resident together (more of them than ``max_slots``, or more bytes than
+    ``adapter_memory_bytes``): waiting or retrying cannot help (HTTP 422)."""
+
+
 class AdapterNotReadyError(HiLoRAError, RuntimeError):
     """An adapter is still being read into host memory (the generation loop waits for it, never reads)."""
 

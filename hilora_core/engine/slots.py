@@ -20,7 +20,7 @@ import torch
 from hilora_core.engine.adapter_files import HostAdapter
 from hilora_core.engine.layer_rows import LayerSlots
 from hilora_core.engine.usage import AdapterUsage
-from hilora_core.errors import CapacityError, InvalidInputError
+from hilora_core.errors import CapacityError, InvalidInputError, PlanTooLargeError
 
 
 @dataclass
@@ -99,15 +99,15 @@ class AdapterSlots:
         return sum(lo.rank * (lo.a.shape[1] + lo.b.shape[0]) for lo in host.layers.values()) * self.element_size
 
     def check_fits(self, names: list[str]) -> None:
-        """:class:`CapacityError` if these adapters together can never be resident at once."""
+        """:class:`PlanTooLargeError` if these adapters together can never be resident at once."""
         if self.max_adapters is not None and len(names) > self.max_adapters:
-            raise CapacityError(f"the plan needs {len(names)} adapters at once; the replica keeps at most "
+            raise PlanTooLargeError(f"the plan needs {len(names)} adapters at once; the replica keeps at most "
                                 f"{self.max_adapters} resident (max_slots)")
         if self._size_of is not None:
             need = sum(self._size_of(n) for n in names)
             if need > self.budget_bytes:
-                raise CapacityError(f"the plan's adapters need {need / 2**20:.1f} MiB of adapter memory at once; the "
-                                    f"budget is {self.budget_bytes / 2**20:.1f} MiB (adapter_memory_bytes)")
+                raise PlanTooLargeError(f"the plan's adapters need {need / 2**20:.1f} MiB of adapter memory at once; "
+                                        f"the budget is {self.budget_bytes / 2**20:.1f} MiB (adapter_memory_bytes)")
 
     # ---- queries ------------------------------------------------------------------------------
     def slot_of(self, name: str) -> int | None:

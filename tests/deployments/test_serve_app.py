@@ -531,3 +531,16 @@ def test_a_stream_that_fails_after_its_headers_ends_with_an_in_band_error_event(
     assert len(out) == 3 and json.loads(out[0]) == {"delta": "Hel", "first": True}
     assert json.loads(out[1].removeprefix("data: "))["error"]["message"] == "CapacityError: no free adapter slot"
     assert out[2] == "data: [DONE]\n\n"
+
+
+def test_capacity_errors_map_to_retry_or_refuse():
+    from ray.exceptions import RayTaskError
+
+    from deployments.errors import status_for
+    from hilora_core.errors import CapacityError, PlanTooLargeError, QueueFullError
+
+    assert status_for(PlanTooLargeError("needs 300 MiB; the budget is 256 MiB")) == 422  # can never fit
+    assert status_for(QueueFullError("queue full")) == 503  # busy: retry
+    assert status_for(CapacityError("held by pinned adapters")) == 503
+    wrapped = RayTaskError("generate", "traceback", PlanTooLargeError("x"))  # as a deployment call raises it
+    assert status_for(wrapped) == 422

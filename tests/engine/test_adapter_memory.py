@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from hilora_core import AdapterLoadError, CapacityError, RoutedLM, RoutingPlan
+from hilora_core import AdapterLoadError, PlanTooLargeError, RoutedLM, RoutingPlan
 from hilora_core.engine.loop import GenerationLoop
 from hilora_core.engine.requests import SequenceRequest
 from hilora_core.engine.settings import LoopSettings
@@ -94,7 +94,7 @@ def test_memory_is_the_adapters_own_rank_rows_and_idle_ones_leave_in_lru_order(p
     lm.logits(torch.tensor([[5, 6, 7]]), plans=[RoutingPlan.single("a5")])  # evicts the LRU ones it needs
     order = lm.slots.lru_order()
     assert order[-1] == "a5" and "a0" not in order and lm.slots.stats()["bytes"] <= budget
-    with pytest.raises(CapacityError, match="adapter_memory_bytes"):
+    with pytest.raises(PlanTooLargeError, match="adapter_memory_bytes"):  # HTTP 422: it can never fit
         lm.generate(["x"], plans=[RoutingPlan(adapters=("a0", "a1", "a2", "a5"))], max_new_tokens=1)
     lease = lm.acquire([RoutingPlan.single("a1")])  # in use: never evicted
     try:

@@ -7,6 +7,7 @@ The ``hilora`` console script (``deployments/cli.py``) adds these through :func:
         [--rank R --alpha A --targets q_proj v_proj] [--revision REV] [--replace | --skip-existing]
         [--offline] [--redis-url URL]
     hilora registry list [--redis-url URL] --json
+    hilora registry reembed --embedder all-mpnet-base-v2 --to-prefix hilora-mpnet [--key-prefix hilora]
     hilora registry stop-embedded [--dir ./var/redis]
 
 Without a Redis URL the commands use the embedded Redis under ``./var/redis`` and stop it again when they
@@ -18,17 +19,22 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import replace
 
 from hilora_core.errors import HiLoRAError
 
-from .config import AdmissionSettings, RegistryConfig, StoreSettings
+from .config import AdmissionSettings, EmbedderSettings, RegistryConfig, StoreSettings
 from .connection import EmbeddedRedis, embedded_redis_scope
 from .manifest import import_manifest
+from .reembed import reembed_pool
 from .registry import Registry
 
 
-def _config(args: argparse.Namespace) -> RegistryConfig:
-    return RegistryConfig(store=StoreSettings(redis_url=args.redis_url or None),
+def _config(args: argparse.Namespace, key_prefix: str | None = None) -> RegistryConfig:
+    store = StoreSettings(redis_url=args.redis_url or None)
+    if key_prefix:  # another pool, with its own change feed
+        store = replace(store, key_prefix=key_prefix, channel=f"{key_prefix}:events")
+    return RegistryConfig(store=store, embedder=EmbedderSettings(model=getattr(args, "embedder", None)),
                           admission=AdmissionSettings(hub_lookup=not getattr(args, "offline", False)))
 
 
@@ -54,6 +60,18 @@ def _cmd_list(args: argparse.Namespace) -> int:
     else:
         for r in records:
             print(f"{r.id}\t{r.source.location}\trank={r.rank}\tsamples={r.sample_count}\t{r.status}")
+    return 0
+
+
+def _cmd_reembed(args: argparse.Namespace) -> int:
+    source_cfg = RegistryConfig(store=StoreSettings(redis_url=args.redis_url or None, key_prefix=args.key_prefix),
+                                admission=AdmissionSettings(hub_lookup=False))
+    target_cfg = _config(args, key_prefix=args.to_prefix)
+    with embedded_redis_scope(source_cfg), Registry(source_cfg) as src, Registry(target_cfg) as dst:
+        report = reembed_pool(src, dst)
+        out = {**report.to_dict(), "target": {"key_prefix": args.to_prefix, "adapters": dst.count(),
+                                              "embedder": dst.identity.name}}
+    print(json.dumps(out))
     return 0
 
 
@@ -98,6 +116,8 @@ def add_registry_commands(subparsers: argparse._SubParsersAction) -> argparse.Ar
     group.add_argument("--replace", action="store_true", help="overwrite adapters that exist")
     group.add_argument("--skip-existing", action="store_true", help="leave adapters that exist as they are")
     imp.add_argument("--offline", action="store_true", help="do not try the Hugging Face Hub")
+    imp.add_argument("--embedder", help="the service's embedder (its embedder.model: a name such as "
+                     "all-mpnet-base-v2, a folder or a hub id; default: the offline all-MiniLM-L6-v2)")
     imp.add_argument("--redis-url", help="Redis URL (default: $REDIS_URL, else the embedded Redis)")
     imp.set_defaults(func=handle_registry, handler=handle_registry, registry_handler=_cmd_import)
 
@@ -105,6 +125,14 @@ def add_registry_commands(subparsers: argparse._SubParsersAction) -> argparse.Ar
     lst.add_argument("--json", action="store_true", help="one JSON array of adapter records on stdout")
     lst.add_argument("--redis-url", help="Redis URL (default: $REDIS_URL, else the embedded Redis)")
     lst.set_defaults(func=handle_registry, handler=handle_registry, registry_handler=_cmd_list)
+
+    re = sub.add_parser("reembed", help="copy the pool to another key prefix, its stored sample texts embedded by "
+                        "another embedder (switching the service's embedder; the source pool is left as it is)")
+    re.add_argument("--embedder", required=True, help="the new embedder (name, folder or hub id)")
+    re.add_argument("--to-prefix", required=True, help="key prefix of the copy (then set registry.store.key_prefix)")
+    re.add_argument("--key-prefix", default=StoreSettings().key_prefix, help="the source pool (default: %(default)s)")
+    re.add_argument("--redis-url", help="Redis URL (default: $REDIS_URL, else the embedded Redis)")
+    re.set_defaults(func=handle_registry, handler=handle_registry, registry_handler=_cmd_reembed)
 
     stop = sub.add_parser("stop-embedded", help="shut down the embedded Redis of a data folder (saving first)")
     stop.add_argument("--dir", default=StoreSettings().embedded_dir,

@@ -148,3 +148,43 @@ def test_embedded_default_starts_and_persists(tmp_path, embedder, monkeypatch):
             assert again.list_all() == records
     finally:
         server.stop()
+
+
+def test_reembed_copies_the_pool_for_another_embedder_and_leaves_it_as_it_was(server, tmp_path, embedder, capsys):
+    from hilora_core.models.offline_embedders import resolve_embedder
+    from registry import EmbedderMismatchError
+
+    url = server.url.replace("/0", "/3")
+    manifest = _manifest(tmp_path / "pool.json")
+    assert main(["registry", "import", manifest, "--source-pattern", "o/{model_name}", "--rank", "8", "--alpha", "16",
+                 "--targets", "q_proj", "--offline", "--redis-url", url]) == 0
+    capsys.readouterr()
+    source_cfg = RegistryConfig(store=StoreSettings(redis_url=url), admission=AdmissionSettings(hub_lookup=False))
+    with Registry(source_cfg, embedder=embedder) as reg:  # one adapter registered without its texts
+        reg.register_embeddings("no-texts", "o/no-texts", embedder.encode(["alpha beta", "gamma delta"]), rank=4,
+                                alpha=8, targets=["v_proj"], tags=["kept"])
+        before = {r.id: r for r in reg.list_all()}
+    # "another embedder": MiniLM loaded from its folder has another identity (its name is the folder)
+    other = resolve_embedder(None)[0]
+    assert main(["registry", "reembed", "--embedder", other, "--to-prefix", "copy", "--redis-url", url]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["copied"] == 3 and list(out["skipped"]) == ["no-texts"] and "store_texts" in out["skipped"]["no-texts"]
+    assert out["target"] == {"key_prefix": "copy", "adapters": 3, "embedder": other}
+    with Registry(source_cfg, embedder=embedder) as reg:
+        assert {r.id: r for r in reg.list_all()} == before  # the source pool is untouched
+    copy_cfg = RegistryConfig(store=StoreSettings(redis_url=url, key_prefix="copy", channel="copy:events"), fit=FIT,
+                              admission=AdmissionSettings(hub_lookup=False), embedder={"model": other})
+    with Registry(copy_cfg) as copy:
+        records = {r.id: r for r in copy.list_all()}
+        assert all(r.embedder.name == other and r.source == before[i].source and r.rank == 8
+                   for i, r in records.items())
+        assert copy.get_texts("translate") == TASKS["translate"]
+        routed = copy.route(["Translate to French: the weather is nice.", "What is 3 plus 4?"])
+        assert routed[0].candidates[0] == "translate" and routed[1].candidates[0] == "arithmetic"
+    with Registry(copy_cfg, embedder=embedder) as wrong, pytest.raises(EmbedderMismatchError):
+        wrong.route(["What is 3 plus 4?"])  # why the copy is needed: queries of the old embedder are refused
+    # again: every adapter is there already; onto itself: refused
+    assert main(["registry", "reembed", "--embedder", other, "--to-prefix", "copy", "--redis-url", url]) == 0
+    assert json.loads(capsys.readouterr().out)["copied"] == 0
+    assert main(["registry", "reembed", "--embedder", other, "--to-prefix", "hilora", "--redis-url", url]) == 2
+    assert "source pool" in capsys.readouterr().err

@@ -121,3 +121,14 @@ def test_concurrent_starts_assemble_one_complete_folder(tmp_path):
     assert not errors and results == [root / "tiny"] * 4
     assert [p.name for p in root.iterdir() if p.name.startswith(".tiny-")] == []  # no temporary folder left
     assert (root / "tiny" / "weights.bin").read_bytes() == FILES["tiny/weights.bin"]
+
+
+@pytest.mark.skipif(not installed(MPNET), reason="all-mpnet-base-v2's parts are not installed (make setup-mpnet)")
+def test_the_installed_mpnet_parts_give_a_working_768d_embedder():
+    from hilora_core.models.embedding import SentenceEmbedder
+
+    emb = SentenceEmbedder("all-mpnet-base-v2")
+    assert emb.identity.name == MPNET.name and emb.dim == MPNET.dim and emb.identity.instruction_in_pooling
+    z = emb.encode(["Convert 678 into English words.", "Spell out 45 in English words.", "Who wrote Hamlet?"])
+    assert z.shape == (3, 768)
+    assert float(z[0] @ z[1]) > float(z[0] @ z[2])  # two phrasings of one task are closer than another request

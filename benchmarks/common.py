@@ -146,10 +146,11 @@ def require_loopback(url: str) -> None:
 
 def launch_service(data_dir: str, model: dict | None = None, threads: int = 2,
                    num_cpus: int = 2, seed_manifest: str | None = "demo",
-                   adapter_dirs: Sequence[str] = ()) -> tuple[str, Callable[[], None]]:
+                   adapter_dirs: Sequence[str] = (), embedder: dict | None = None) -> tuple[str, Callable[[], None]]:
     """Start Ray (``num_cpus`` logical CPUs) and the application on a free loopback port, with the embedded
-    Redis under ``data_dir``, the ``seed_manifest`` pool (None: empty) and the ``model`` settings given
-    (``torch_threads``: ``threads``), local adapters allowed under ``adapter_dirs``;
+    Redis under ``data_dir``, the ``seed_manifest`` pool (None: empty), the ``model`` settings given
+    (``torch_threads``: ``threads``) and the ``embedder`` settings given, local adapters allowed under
+    ``adapter_dirs``;
     returns (url, stop). ``stop()`` shuts Serve and Ray down, then the embedded Redis (a daemon that
     outlives the replicas otherwise)."""
     import ray
@@ -165,7 +166,8 @@ def launch_service(data_dir: str, model: dict | None = None, threads: int = 2,
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     config = {"model": {"torch_threads": threads, **(model or {})},
               "registry": {"store": {"embedded_dir": data_dir}, "seed_manifest": seed_manifest,
-                           "adapter_dirs": [str(Path(d).resolve()) for d in adapter_dirs]}}
+                           "adapter_dirs": [str(Path(d).resolve()) for d in adapter_dirs]},
+              **({"embedder": embedder} if embedder else {})}
     serve.run(build_app(config), name="hilora", route_prefix="/")
 
     def stop() -> None:
@@ -227,11 +229,12 @@ def wait_routable(url: str, n: int, timeout: float = 600) -> float:
     raise SystemExit(f"the registry did not reach {n} adapters in {timeout} s")
 
 
-def replica_rss_mib() -> float | None:
+def replica_rss_mib(deployment: str = "LoRAModel") -> float | None:
+    """RSS (MiB) of the first replica process of ``deployment`` on this machine (its Ray process title names it)."""
     import psutil
 
     for p in psutil.process_iter(["cmdline"]):
-        if any("LoRAModel" in part for part in (p.info["cmdline"] or [])):
+        if any(deployment in part for part in (p.info["cmdline"] or [])):
             return p.memory_info().rss / 2**20
     return None
 

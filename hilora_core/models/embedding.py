@@ -21,10 +21,9 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from hilora_core.errors import InvalidInputError
-from hilora_core.models.offline_embedders import MINILM, known_embedder, resolve_embedder
+from hilora_core.models.offline_embedders import known_embedder, resolve_embedder
 
 DEFAULT_INSTRUCTION = "Represent the sentence for similar task retrieval: "
-MINILM_NAME = MINILM.name  # the identity name of the offline default
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,7 @@ Subcommands are implemented next to what they drive; this module only wires
 them together and imports each lazily (so ``hilora --help`` is instant).
 
     hilora route-eval   sequence-level routing metrics on a labelled split (hilora_core.evaluation.route_eval)
-    hilora registry     import / list adapters in the Redis registry (registry.cli)
+    hilora registry     import / list / reembed adapters in the Redis registry (registry.cli)
     hilora check-model  will a base model and its adapters be served, and in how much memory (deployments.check_model)
 """
 

@@ -69,6 +69,10 @@ class EmbedderSettings(RegistryEmbedderSettings):
 
     max_batch_size: int = Field(default=32, ge=1, description="requests embedded in one batch")
     batch_wait_timeout_s: float = Field(default=0.005, ge=0, description="how long a batch waits to fill")
+    bulk_threads: int | None = Field(
+        default=None, ge=1, description="torch CPU threads for a call of more than max_batch_size texts (adapter "
+        "registration), run one call at a time on a thread of its own; None: every CPU the replica's process may "
+        "use. Request batches keep the replica's own count (Ray's share: 1 thread at num_cpus < 2)")
 
 
 @dataclass(frozen=True, config=ConfigDict(extra="forbid"))

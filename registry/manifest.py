@@ -67,8 +67,10 @@ def import_manifest(
     base_model: str | None = None,
     replace: bool = False,
     skip_existing: bool = False,
+    embed_batch: int = 64,
 ) -> ImportReport:
-    """Register every adapter of a manifest (see the module docstring).
+    """Register every adapter of a manifest (see the module docstring), embedding the samples of
+    ``embed_batch`` adapters in one call.
 
     ``replace`` overwrites existing ids; ``skip_existing`` leaves them as they are;
     otherwise an existing id stops the import with ConflictError (earlier entries stay).
@@ -77,14 +79,25 @@ def import_manifest(
     entries = load_manifest(path, cfg.min_samples, cfg.max_samples, cfg.max_sample_chars)
     sources = {e.name: format_source(source_pattern, e.name) for e in entries}
     report = ImportReport()
-    for entry in entries:
-        try:
-            registry.register(entry.name, sources[entry.name], entry.samples, revision=revision, rank=rank,
-                              alpha=alpha, targets=targets, base_model=base_model, replace=replace, tags=entry.tags)
-        except ConflictError:
-            if not skip_existing:
-                raise
-            report.skipped.append(entry.name)
-            continue
-        report.registered.append(entry.name)
+    for start in range(0, len(entries), embed_batch):
+        todo, conflict = [], None
+        for entry in entries[start: start + embed_batch]:
+            if replace or registry.store.get_record(entry.name) is None:
+                todo.append(entry)
+            elif skip_existing:
+                report.skipped.append(entry.name)
+            else:
+                conflict = entry.name  # stop here; the entries before it are still registered
+                break
+        if todo:  # one encode call for the chunk: the embedder sorts its texts by length and pads little
+            z = registry.embedder.encode([t for e in todo for t in e.samples])
+            at = 0
+            for entry in todo:
+                rows, at = z[at: at + len(entry.samples)], at + len(entry.samples)
+                registry.register_embeddings(entry.name, sources[entry.name], rows, texts=entry.samples,
+                                             revision=revision, rank=rank, alpha=alpha, targets=targets,
+                                             base_model=base_model, replace=replace, tags=entry.tags)
+                report.registered.append(entry.name)
+        if conflict is not None:
+            raise ConflictError(f"adapter {conflict!r} is already registered (pass replace=True or skip_existing)")
     return report

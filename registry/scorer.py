@@ -2,10 +2,9 @@
 
 A :class:`PoolScorer` loads every adapter from Redis at start-up, then follows the
 store: each change publishes ``{"epoch", "op", "id"}``; the scorer reads the
-changelog since its own epoch and fetches only the changed adapters. If it missed
-more changes than the changelog keeps (or the store's epoch went backwards), it
-reloads the whole pool. It also polls the epoch every ``poll_interval_s`` (lost
-messages, reconnects).
+changelog since its own epoch and fetches only the changed adapters (once per burst).
+If it missed more changes than the changelog keeps (or the store's epoch went backwards),
+it reloads the whole pool. It polls the epoch every ``poll_interval_s`` (lost messages).
 
 Each refresh builds a new immutable :class:`PoolSnapshot` (fitted model, FAISS
 prefilter index, names, ranks) off the request path and swaps it in; requests use
@@ -55,6 +54,15 @@ class _RedisParameters:
     def save(self, stored: StoredParameters) -> None:
         with contextlib.suppress(RegistryUnavailableError):
             self.store.put_parameters(stored)
+
+
+def _drain_burst(pubsub, quiet_s: float = 0.05, longest_s: float = 1.0) -> None:
+    """Take change messages until none came for ``quiet_s`` (at most ``longest_s``): a batch registration writes
+    adapters ms apart, and each catch-up refits, so one catch-up per burst keeps fits off the embedder's cores."""
+    end, quiet_until = time.monotonic() + longest_s, time.monotonic() + quiet_s
+    while time.monotonic() < min(end, quiet_until):
+        if pubsub.get_message(timeout=0.005) is not None:
+            quiet_until = time.monotonic() + quiet_s
 
 
 class PoolScorer:
@@ -372,10 +380,7 @@ class PoolScorer:
                     self._mark_healthy()
                 msg = pubsub.get_message(timeout=self.config.scorer.poll_interval_s)
                 if msg is not None:
-                    # let a burst of changes arrive, then catch up once
-                    deadline = time.monotonic() + 0.02
-                    while time.monotonic() < deadline and pubsub.get_message(timeout=0.005) is not None:
-                        pass
+                    _drain_burst(pubsub)
                     self._catch_up()
                     last_poll = time.monotonic()
                 elif time.monotonic() - last_poll >= self.config.scorer.poll_interval_s:

@@ -16,6 +16,8 @@ from hilora_core.policies import PolicyConfig
 from hilora_core.routing.pool import GaussianFitSettings
 from registry import AdmissionSettings, EmbeddedRedis, Registry, RegistryConfig, StoreSettings
 from registry.cli import main
+from registry.errors import ConflictError
+from registry.manifest import import_manifest
 from registry.redis_server import RedisServer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -103,6 +105,28 @@ def test_cli_import_and_list_json(server, tmp_path, capsys):
                          capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout) == records
+
+
+def test_import_embeds_in_chunks_and_keeps_each_adapters_rows(server, embedder, tmp_path):
+    """Chunks of 2 adapters per encode call: each adapter stores the rows of its own samples, a taken id stops the
+    import after the entries before it (even within a chunk), and skip_existing passes over it."""
+    manifest = _manifest(tmp_path / "pool.json")  # sentiment, translate, arithmetic
+    spec = {"rank": 8, "alpha": 16, "targets": ["q_proj", "v_proj"]}
+    cfg = RegistryConfig(store=StoreSettings(redis_url=server.url, key_prefix="chunks", channel="chunks:events"),
+                         fit=FIT, admission=AdmissionSettings(hub_lookup=False))
+    with Registry(cfg, embedder=embedder) as reg:
+        reg.register("translate", "owner/translate", TASKS["translate"], **spec)
+        with pytest.raises(ConflictError, match="translate"):
+            import_manifest(reg, manifest, "owner/{model_name}", embed_batch=2, **spec)
+        assert sorted(r.id for r in reg.list_all()) == ["sentiment", "translate"]
+        report = import_manifest(reg, manifest, "owner/{model_name}", embed_batch=2, skip_existing=True, **spec)
+        assert report.registered == ["arithmetic"] and report.skipped == ["sentiment", "translate"]
+        report = import_manifest(reg, manifest, "owner/{model_name}", embed_batch=3, replace=True, **spec)
+        assert report.registered == list(TASKS)
+        for name, texts in TASKS.items():
+            stored = reg.get_with_embeddings(name).embeddings
+            assert stored.shape == (len(texts), embedder.dim)
+            assert abs(stored - embedder.encode(texts)).max() < 1e-5, name
 
 
 def test_cli_import_reads_local_adapter_configs(server, tmp_path, capsys):

@@ -22,6 +22,7 @@ import asyncio
 import json
 import math
 import os
+import re
 import statistics
 import sys
 import time
@@ -227,6 +228,23 @@ def wait_routable(url: str, n: int, timeout: float = 600) -> float:
             return time.perf_counter() - t0
         time.sleep(0.2)
     raise SystemExit(f"the registry did not reach {n} adapters in {timeout} s")
+
+
+_SAMPLE = re.compile(r'^(hilora_\w+)\{([^}]*)\} ([0-9.eE+-]+|NaN)$')
+
+
+def scrape(url: str) -> dict[tuple[str, str, str], float]:
+    """The ingress's /metrics, summed over replicas: (metric, tier or "", event or quantity) -> value."""
+    import httpx
+
+    out: dict[tuple[str, str, str], float] = {}
+    for line in httpx.get(f"{url}/metrics", timeout=30).text.splitlines():
+        m = _SAMPLE.match(line)
+        if m:
+            labels = dict(re.findall(r'(\w+)="([^"]*)"', m[2]))
+            key = (m[1], labels.get("tier", ""), labels.get("event", labels.get("quantity", "")))
+            out[key] = out.get(key, 0.0) + float(m[3])
+    return out
 
 
 def replica_rss_mib(deployment: str = "LoRAModel") -> float | None:

@@ -21,7 +21,6 @@ import argparse
 import asyncio
 import json
 import os
-import re
 import tempfile
 import time
 from pathlib import Path
@@ -37,25 +36,12 @@ from benchmarks.common import (
     register_adapters,
     replica_rss_mib,
     run_requests,
+    scrape,
     service_env,
     table_head,
     table_row,
     wait_routable,
 )
-
-_SAMPLE = re.compile(r'^(hilora_\w+)\{([^}]*)\} ([0-9.eE+-]+|NaN)$')
-
-
-def scrape(url: str) -> dict[tuple[str, str, str], float]:
-    """The ingress's /metrics, summed over replicas: (metric, tier or "", event or quantity) -> value."""
-    out: dict[tuple[str, str, str], float] = {}
-    for line in httpx.get(f"{url}/metrics", timeout=30).text.splitlines():
-        m = _SAMPLE.match(line)
-        if m:
-            labels = dict(re.findall(r'(\w+)="([^"]*)"', m[2]))
-            key = (m[1], labels.get("tier", ""), labels.get("event", labels.get("quantity", "")))
-            out[key] = out.get(key, 0.0) + float(m[3])
-    return out
 
 
 def cache(snap: dict, tier: str, event: str) -> float:
@@ -135,7 +121,8 @@ COLUMNS = ["N", "mode", "distinct", "errors", "req/s", "tok/s", "TTFT p50 s", "T
 
 
 def row(r: dict) -> list:
-    return [r["n"], r["mode"], r["distinct"], r["errors"], fmt(r["req_per_s"]), fmt(r["tok_per_s"], 1),
+    return [r["n"], r["mode"] + (", again" if r.get("again") else ""), r["distinct"], r["errors"],
+            fmt(r["req_per_s"]), fmt(r["tok_per_s"], 1),
             fmt(r["ttft_p50"]), fmt(r["ttft_p99"]), fmt(r["reads_per_s"], 2), fmt(r["placements_per_s"], 2),
             fmt(r["device_hit"]), fmt(r["host_hit"]), fmt(r["read_p50_s"]), fmt(r["read_p99_s"]),
             fmt(r["place_share"]), int(r["load_waits"]), int(r["capacity_waits"]),
@@ -158,6 +145,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--timeout", type=float, default=600)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--again", action="store_true",
+                    help="after the largest N, repeat the smallest N's explicit run (the same requests): the host's "
+                         "speed drifts over a run, so explicit ratios are taken against the mean of both")
     ap.add_argument("--out", type=Path, help="every number as JSON")
     ap.add_argument("--md", type=Path, help="the tables as markdown")
     args = ap.parse_args(argv)
@@ -189,14 +179,24 @@ def main(argv: list[str] | None = None) -> int:
                     r = measure(url, entries[:n], mode, args, rng)
                     report["runs"].append(r)
                     print(table_row(row(r)), flush=True)
+            if args.again:  # a fresh generator with the seed draws the first run's requests again
+                r = measure(url, entries[:min(args.sizes)], "explicit", args, np.random.default_rng(args.seed))
+                report["runs"].append({**r, "again": True})
+                print(table_row(row(r)), flush=True)
         finally:
             stop()
     lines = [f"`{report['command']}`", "", *table_head(COLUMNS), *(table_row(row(r)) for r in report["runs"]), ""]
-    base = {r["mode"]: r for r in report["runs"] if r["n"] == min(args.sizes)}
-    for r in report["runs"]:
-        b = base[r["mode"]]
-        lines.append(f"- N={r['n']} {r['mode']}: tok/s {r['tok_per_s'] / b['tok_per_s']:.2f}x, TTFT p50 "
-                     f"{r['ttft_p50'] / b['ttft_p50']:.2f}x of N={b['n']}")
+    small = min(args.sizes)
+    for mode in ("explicit", "routed"):
+        bases = [r for r in report["runs"] if r["n"] == small and r["mode"] == mode]
+        tok = float(np.mean([b["tok_per_s"] for b in bases]))
+        ttft = float(np.mean([b["ttft_p50"] for b in bases]))
+        each = ", ".join(fmt(b["tok_per_s"], 1) for b in bases)
+        label = f"N={small}" + (f" (mean of {len(bases)} runs: {each} tok/s)" if len(bases) > 1 else "")
+        for r in report["runs"]:
+            if r["mode"] == mode and r["n"] != small:
+                lines.append(f"- N={r['n']} {mode}: tok/s {r['tok_per_s'] / tok:.2f}x, TTFT p50 "
+                             f"{r['ttft_p50'] / ttft:.2f}x of {label}")
     lines += ["", "| registered | seconds | errors | then routable (s) | GET /v1/pool (ms, median) |",
               "|---|---|---|---|---|"]
     lines += [f"| {g['from']}..{g['to']} | {g['seconds']:.1f} | {g['errors']} | {g['then_routable_s']:.1f} | "

@@ -96,7 +96,7 @@ class MemoryCheck:
     Attributes:
         dtype, dtype_bytes, parameters, base_bytes: the model's dtype, its element size, parameters and weights.
         kv_layers, kv_heads, head_dim, max_rows, max_tokens_per_sequence: the KV memory's geometry;
-        kv_bytes: the KV memory at its bound (it grows by doubling up to it).
+        kv_bytes: the KV memory at its bound (it grows by doubling, only as far as the longest running row needs).
         adapter_memory_bytes, max_slots, max_rank: the adapter memory settings (budget, optional count cap).
         adapted_layers, adapted_basis: the linear layers routed, and which (the accepted adapters' modules, or
             every linear inside the decoder layers when no adapter is given).

@@ -3,10 +3,14 @@
 Request-side metrics (latency, time to first token and between tokens of streams) are observed
 by the ingress itself. Adapter-cache and generation-loop metrics come from the model replicas:
 every generation result carries its replica's counters (queue depth, running rows, tokens,
-cancellations, rejections, timeouts), and the ingress exports the latest seen per replica.
+cancellations, rejections, timeouts), and the ingress exports the latest seen per replica. A replica
+not heard from for ``REPLICA_STALE_S`` while others are (one that was restarted or scaled away) leaves the
+export, so sums over replicas count live ones only.
 """
 
 from __future__ import annotations
+
+import time
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
@@ -14,6 +18,7 @@ from hilora_core.engine.metrics import LoopStats
 
 from .contracts import ReplicaStats
 
+REPLICA_STALE_S = 120.0
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
 
@@ -40,11 +45,21 @@ class ServiceMetrics:
         self.adapter = Gauge("hilora_adapter", "per adapter of each model replica (the top adapters by requests and "
                              "'other'): requests, tokens, reads, placements, evictions, resident_device, resident_host",
                              ["replica", "adapter", "quantity"], registry=r)
+        self._seen: dict[str, float] = {}  # replica -> when its counters last came (monotonic seconds)
         self.loop = Gauge("hilora_generation_loop", "generation loop of each model replica: queue, batch, counters",
                           ["replica", "quantity"], registry=r)
 
-    def observe_replica(self, stats: ReplicaStats) -> None:
-        """The replica counters a finished generation carries (``ModelReplica.stats``)."""
+    def observe_replica(self, stats: ReplicaStats, now: float | None = None) -> None:
+        """The replica counters a finished generation carries (``ModelReplica.stats``); ``now`` (monotonic
+        seconds, default the clock) drops the series of replicas silent for ``REPLICA_STALE_S``."""
+        now = time.monotonic() if now is None else now
+        self._seen[stats.replica] = now
+        for replica, seen in list(self._seen.items()):
+            if now - seen > REPLICA_STALE_S:
+                del self._seen[replica]
+                for gauge in (self.cache_events, self.resident, self.adapter, self.loop):
+                    for labels in [x for x in gauge._metrics if x[0] == replica]:  # noqa: SLF001 - no public listing
+                        gauge.remove(*labels)
         self.observe_cache(stats.replica, stats.cache)
         self.observe_adapters(stats.replica, stats.adapters)
         if stats.loop is not None:

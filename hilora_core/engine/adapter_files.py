@@ -88,6 +88,12 @@ class HostAdapter:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for ly in self.layers.values() for t in (ly.a, ly.b))
 
+    def pinned(self) -> HostAdapter:
+        """A copy in page-locked memory (for a CUDA device: host-to-device copies then run without the
+        copying thread waiting for them)."""
+        return HostAdapter(self.source, {name: LayerLoRA(ly.a.pin_memory(), ly.b.pin_memory(), ly.scaling)
+                                         for name, ly in self.layers.items()})
+
 
 def _hub_weights_size(location: str, revision: str | None) -> int | None:
     """The size in bytes of a hub adapter's weights file, from the hub's metadata (None: not known)."""
@@ -231,8 +237,8 @@ def load_adapter(source: InspectedAdapter, dtype: torch.dtype = torch.float32) -
     """Read an inspected adapter's tensors into host memory (safetensors only) and prepare each layer.
 
     Returns:
-        A :class:`HostAdapter` with, per module, A (r, d_in), B (d_out, r) in ``dtype``, the
-        PEFT scaling.
+        A :class:`HostAdapter` with, per module, A (r, d_in), B (d_out, r) in ``dtype``, or in the file's
+        dtype when that is narrower (placing them converts), the PEFT scaling.
     """
     from safetensors import safe_open
 
@@ -255,13 +261,12 @@ def load_adapter(source: InspectedAdapter, dtype: torch.dtype = torch.float32) -
         a, b = ab.get("A"), ab.get("B")
         if a is None or b is None or tuple(a.shape) != (r, d_in) or tuple(b.shape) != (d_out, r):
             raise AdapterLoadError(f"{weights} changed since it was registered: module {mod!r} does not match")
-        a = a.to(torch.float32)
-        b = b.to(torch.float32)
+        # kept at the file's precision when it is narrower than the model's (float16 files under a float32
+        # model): the host tier then holds twice the adapters, and placing them widens exactly
+        narrow = a.dtype == b.dtype and a.dtype.is_floating_point and a.dtype.itemsize < dtype.itemsize
+        keep = a.dtype if narrow else dtype
+        a, b = a.to(keep).contiguous(), b.to(keep).contiguous()
         if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
             raise AdapterLoadError(f"adapter {source.name!r} has non-finite weights at {mod!r}")
-        layers[mod] = LayerLoRA(
-            a=a.to(dtype).contiguous(),
-            b=b.to(dtype).contiguous(),
-            scaling=source.config.scaling(mod, r),
-        )
+        layers[mod] = LayerLoRA(a=a, b=b, scaling=source.config.scaling(mod, r))
     return HostAdapter(source, layers)

@@ -154,6 +154,16 @@ class BatchRouting:
             hit = self._layer_cache[key] = slots.concat([self.active_slots[i] for i in view.signature[0]])
         return hit
 
+    def layer_positions(self, view: LayerView) -> torch.Tensor:
+        """(S,) each concatenated row's place ``u * R + j`` in the view's padded (U, R) layout (R = view.rank),
+        for the per-adapter rule over concatenated rows; once per view signature."""
+        key = ("pos", view.signature, view.rank)
+        hit = self._layer_cache.get(key)
+        if hit is None:
+            places = [u * view.rank + j for u, r in enumerate(view.signature[1]) for j in range(r)]
+            hit = self._layer_cache[key] = torch.tensor(places, dtype=torch.long, device=view.remap.device)
+        return hit
+
     def to_slots(self, routing: RowRouting) -> RowRouting:
         """``routing`` with its index mapped from the active slots (U) to the slot stacks (S)."""
         return replace(routing, index=self.active.index_select(0, routing.index))

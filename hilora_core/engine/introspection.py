@@ -86,5 +86,6 @@ def adapter_delta(lm: RoutedLM, name: str, module_name: str, x: torch.Tensor) ->
     if layer is None:
         raise InvalidInputError(f"adapter {name!r} does not adapt {module_name!r}")
     with torch.inference_mode():
-        x = x.to(device=layer.a.device, dtype=layer.a.dtype)
-        return (x @ layer.a.T) @ layer.b.T * layer.scaling
+        a, b = layer.a.to(lm.dtype), layer.b.to(lm.dtype)  # the host tier may hold a narrower dtype
+        x = x.to(device=a.device, dtype=a.dtype)
+        return (x @ a.T) @ b.T * layer.scaling

@@ -1,17 +1,22 @@
-"""One routed layer's adapter memory: a pool of rank rows shared by the adapters resident there.
+"""One routed layer's adapter memory: rank rows in a pool shared by the layers of its shape.
 
-    a_rows      (N + 1, d_in)   row 0 is all zeros; an adapter of rank r at this layer owns r other rows
-    bt_rows     (N + 1, d_out)  B transposed, same rows (a ROC is one row of each)
-    row_table   (H, W)          per slot (a resident adapter's handle), its row ids; 0 past its rank
-    scalings    (H,), ranks (H,) (0 where the slot's adapter does not adapt this layer)
-    prototypes  (H, d_in)       Arrow prototypes, computed only when an Arrow plan first uses the slot
-    host_ranks, host_scalings   the same ranks and scalings as Python lists, written with them, so
-                                building a batch's routing reads no device values (no host sync)
+    RowPool     a_rows (N + 1, d_in), bt_rows (N + 1, d_out): row 0 is all zeros; every routed layer with
+                these (d_in, d_out) takes its adapters' rows here (B transposed: a ROC is one row of each)
+    LayerSlots  row_table   (H, W)  per slot (a resident adapter's handle), its row ids; 0 past its rank
+                scalings (H,), ranks (H,) (0 where the slot's adapter does not adapt this layer)
+                prototypes  (H, d_in)  Arrow prototypes, computed only when an Arrow plan first uses the slot
+                host_ranks, host_scalings  the same ranks and scalings as Python lists, written with them, so
+                            building a batch's routing reads no device values (no host sync)
 
 No padding to a largest rank, so ranks 1 to ``max_rank`` coexist. Gathering slots' stacks at rank R
 (:meth:`LayerSlots.gather`) reads their rows through ``row_table``; positions past an adapter's own rank
 read the zero row, exactly the zero-padded stacks the routing rules expect. Rows, slots and table columns
 grow on demand (by half), and freed rows are reused, so nothing is reallocated per request.
+
+Why shared pools: the budget bounds the rows in use summed over layers, but a pool per layer grows to that
+layer's own peak, and the peaks come at different times (q/v adapters fill the attention layers, all-linear
+ones the MLP): in the soak of ``docs/soak.md`` 210 per-layer pools held 2.2x the 256 MiB budget. One pool per
+shape (a handful for a decoder) grows only to the peak of its layers' sum.
 """
 
 from __future__ import annotations
@@ -30,15 +35,39 @@ def _grown(t: torch.Tensor, size: int, dim: int = 0) -> torch.Tensor:
     return new
 
 
-class LayerSlots:
-    """The rank-row pool of one routed linear layer (shapes in the module docstring)."""
+class RowPool:
+    """Rank rows shared by the routed layers of one shape (shapes in the module docstring)."""
 
-    def __init__(self, d_in: int, d_out: int, device: torch.device, dtype: torch.dtype, n_slots: int = 4,
-                 n_rows: int = 64) -> None:
-        self.d_in, self.d_out = d_in, d_out
+    def __init__(self, d_in: int, d_out: int, device: torch.device, dtype: torch.dtype, n_rows: int = 64) -> None:
         self.a_rows = torch.zeros((n_rows + 1, d_in), device=device, dtype=dtype)
         self.bt_rows = torch.zeros((n_rows + 1, d_out), device=device, dtype=dtype)
-        self._free_rows = list(range(n_rows, 0, -1))  # pop() takes the lowest free row
+        self._free = list(range(n_rows, 0, -1))  # pop() takes the lowest free row
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.a_rows, self.bt_rows))
+
+    def take(self, r: int) -> list[int]:
+        """``r`` free row ids (the pool grows by half when too few are free)."""
+        if len(self._free) < r:
+            old = self.a_rows.shape[0] - 1
+            new = max(old + r, old + old // 2)
+            self.a_rows = _grown(self.a_rows, new + 1)
+            self.bt_rows = _grown(self.bt_rows, new + 1)
+            self._free = list(range(new, old, -1)) + self._free
+        return [self._free.pop() for _ in range(r)]
+
+    def give(self, rows: list[int]) -> None:
+        """Return rows (taken back in the order they were taken, so a run of rows stays a run)."""
+        self._free.extend(reversed(rows))
+
+
+class LayerSlots:
+    """The slots of one routed linear layer over its :class:`RowPool` (shapes in the module docstring)."""
+
+    def __init__(self, d_in: int, d_out: int, device: torch.device, dtype: torch.dtype, n_slots: int = 4,
+                 n_rows: int = 64, pool: RowPool | None = None) -> None:
+        self.d_in, self.d_out = d_in, d_out
+        self.pool = pool if pool is not None else RowPool(d_in, d_out, device, dtype, n_rows)
         self._rows_of: dict[int, list[int]] = {}
         self.row_table = torch.zeros((n_slots, 1), device=device, dtype=torch.long)
         self.scalings = torch.zeros((n_slots,), device=device, dtype=dtype)
@@ -48,13 +77,20 @@ class LayerSlots:
         self.host_scalings = [0.0] * n_slots
 
     @property
+    def a_rows(self) -> torch.Tensor:
+        return self.pool.a_rows
+
+    @property
+    def bt_rows(self) -> torch.Tensor:
+        return self.pool.bt_rows
+
+    @property
     def n_slots(self) -> int:
         return len(self.host_ranks)
 
     def nbytes(self) -> int:
-        """Bytes allocated now (rows, table, per-slot values)."""
-        return sum(t.numel() * t.element_size() for t in (self.a_rows, self.bt_rows, self.row_table, self.scalings,
-                                                           self.ranks, self.prototypes))
+        """Bytes of this layer's own tables (its rows are counted with its pool)."""
+        return sum(t.numel() * t.element_size() for t in (self.row_table, self.scalings, self.ranks, self.prototypes))
 
     def grow_slots(self, n_slots: int) -> None:
         """Room for slot ids below ``n_slots``."""
@@ -68,24 +104,22 @@ class LayerSlots:
         self.host_ranks += [0] * extra
         self.host_scalings += [0.0] * extra
 
-    def _take_rows(self, r: int) -> list[int]:
-        if len(self._free_rows) < r:
-            old = self.a_rows.shape[0] - 1
-            new = max(old + r, old + old // 2)
-            self.a_rows = _grown(self.a_rows, new + 1)
-            self.bt_rows = _grown(self.bt_rows, new + 1)
-            self._free_rows = list(range(new, old, -1)) + self._free_rows
-        return [self._free_rows.pop() for _ in range(r)]
-
     def set_slot(self, slot: int, a: torch.Tensor, b: torch.Tensor, scaling: float) -> None:
         """Write one adapter's (r, d_in) ``a``, (d_out, r) ``b`` and scaling into r rows for ``slot``."""
         self.clear(slot)
         r = int(a.shape[0])
-        rows = self._take_rows(r)
+        rows = self.pool.take(r)
         self._rows_of[slot] = rows
         idx = torch.tensor(rows, device=self.a_rows.device, dtype=torch.long)
-        self.a_rows.index_copy_(0, idx, a.to(self.a_rows.dtype))
-        self.bt_rows.index_copy_(0, idx, b.T.to(self.bt_rows.dtype))
+        # non_blocking: from pinned host memory to a CUDA device the copy is queued on the current stream, before
+        # the next forward pass that reads the rows, and the loop thread does not wait for it (a no-op on CPU)
+        if rows and rows == list(range(rows[0], rows[0] + r)):  # one run (usual: freed runs come back in order):
+            self.a_rows[rows[0]: rows[0] + r].copy_(a, non_blocking=True)  # converts the dtype in the same pass
+            self.bt_rows[rows[0]: rows[0] + r].copy_(b.T, non_blocking=True)
+        else:
+            dev, dt = self.a_rows.device, self.a_rows.dtype
+            self.a_rows.index_copy_(0, idx, a.to(device=dev, dtype=dt, non_blocking=True))
+            self.bt_rows.index_copy_(0, idx, b.T.to(device=dev, dtype=dt, non_blocking=True))
         if self.row_table.shape[1] < r:
             self.row_table = _grown(self.row_table, r, dim=1)
         self.row_table[slot, :r] = idx
@@ -95,10 +129,14 @@ class LayerSlots:
         self.host_scalings[slot] = float(scaling)
 
     def clear(self, slot: int) -> None:
-        """Give back ``slot``'s rows (their stale values are never read: the table points at row 0)."""
+        """Give back ``slot``'s rows (their stale values are never read: the table points at row 0). A slot
+        with nothing here returns at once: placing or evicting an adapter clears every routed layer, most of
+        which it does not adapt, and the six small writes each took a share of the loop (issue 27's profile)."""
         rows = self._rows_of.pop(slot, None)
+        if rows is None and self.host_ranks[slot] == 0:
+            return
         if rows:
-            self._free_rows.extend(reversed(rows))
+            self.pool.give(rows)
         self.row_table[slot].zero_()
         self.scalings[slot] = 0
         self.ranks[slot] = 0

@@ -136,8 +136,9 @@ class GenerationLoop:
             submitted=m.submitted, finished=m.finished, cancelled=m.cancelled, rejected=m.rejected,
             timed_out=m.timed_out, failed=m.failed, prompt_tokens=m.prompt_tokens,
             generated_tokens=m.generated_tokens, steps=m.steps, torch_threads=m.torch_threads,
-            routing_builds=m.routing_builds, stack_reuses=m.stack_reuses, load_waits=m.load_waits,
-            capacity_waits=m.capacity_waits, place_seconds=m.place_seconds, kv_bytes=self.runner.cache.nbytes(),
+            routing_builds=m.routing_builds, stack_reuses=m.stack_reuses, kv_shifts=m.kv_shifts,
+            load_waits=m.load_waits, capacity_waits=m.capacity_waits, place_seconds=m.place_seconds,
+            kv_bytes=self.runner.cache.nbytes(),
             ttft_s=m.ttft.snapshot(), itl_s=m.itl.snapshot())
 
     @property

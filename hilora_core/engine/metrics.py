@@ -55,6 +55,7 @@ class LoopMetrics:
     torch_threads: int = 0  # the torch CPU threads the loop thread ran its last step with
     routing_builds: int = 0  # decode routings built (each time the running rows changed)
     stack_reuses: int = 0  # of those, how many reused the previous one's gathered adapter stacks
+    kv_shifts: int = 0  # decode steps that moved the rows left to reuse KV columns instead of growing
     load_waits: int = 0  # admission passes a request waited for its adapters' read (loader threads)
     capacity_waits: int = 0  # admission passes a request waited for device adapter memory
     place_seconds: float = 0.0  # loop thread's time copying adapters from host memory into device rows
@@ -82,6 +83,7 @@ class LoopStats:
     torch_threads: int
     routing_builds: int
     stack_reuses: int
+    kv_shifts: int
     load_waits: int
     capacity_waits: int
     place_seconds: float

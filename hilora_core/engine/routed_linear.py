@@ -8,9 +8,12 @@ from the :class:`BatchRouting` (``batch_routing.py``) that the engine places on 
 Two forms of the same sum, chosen per forward pass:
 
 - **Dense** (decode, T = 1, and every rule): each token is projected on every active adapter, those
-  not among its candidates weighted 0 (:func:`apply_token_routing`). The active slots' stacks, cut to
-  the largest rank among them, are gathered once per batch and reused at every decode step; reading
-  U small stacks costs less than gathering each row's own copy.
+  not among its candidates weighted 0. Under per-adapter rules (HiLoRA's top-o ROCs, plain LoRA) over the
+  adapters' rows concatenated without padding, gathered once per batch (:func:`apply_token_rows`,
+  :func:`apply_full_lora`): the projections cost the sum of the ranks, not adapters x largest rank, which
+  at a thousand adapters of mixed ranks is most of the difference. Other rules use the active slots'
+  stacks cut to the largest rank among them (:func:`apply_token_routing`). Reading U small stacks once
+  per batch costs less than gathering each row's own copy.
 - **Per row** (prefill, T > 1, per-adapter rules): the T tokens of a row share one candidate list,
   so each row is projected on its own C candidates only (:func:`apply_row_routing`), C instead of U
   adapters per token (measured against the dense form in ``docs/load-test.md``).
@@ -36,7 +39,12 @@ from hilora_core.engine.batch_routing import BatchRouting
 from hilora_core.engine.slots import LayerSlots
 from hilora_core.plan import TokenRule
 from hilora_core.routing.row_routing import apply_row_routing, prepare_row_routing
-from hilora_core.routing.token_routing import apply_full_lora, apply_token_routing, prepare_token_routing
+from hilora_core.routing.token_routing import (
+    apply_full_lora,
+    apply_token_routing,
+    apply_token_rows,
+    prepare_token_routing,
+)
 
 
 class RoutingState:
@@ -123,6 +131,16 @@ class RoutedLinear(nn.Module):
                     out2 = apply_full_lora(xg, a_cat, bt_cat, seg, routing.coeff, out=out2.to(x2.dtype), accumulate=own)
                 else:
                     out2 = _add_rows(out2, tok_rows, apply_full_lora(xg, a_cat, bt_cat, seg, routing.coeff), own)
+            elif group.rule == TokenRule.PER_ADAPTER:  # top-o ROCs: projections over the unpadded rows
+                a_cat, bt_cat, seg = batch.layer_concat(self.slots, view)
+                pos = batch.layer_positions(view)
+                xg = x2 if tok_rows is None else x2.index_select(0, tok_rows)
+                if tok_rows is None:
+                    out2 = apply_token_rows(xg, a_cat, bt_cat, seg, pos, routing, group.signed, out=out2.to(x2.dtype),
+                                            accumulate=own)
+                else:
+                    out2 = _add_rows(out2, tok_rows, apply_token_rows(xg, a_cat, bt_cat, seg, pos, routing,
+                                                                      group.signed), own)
             elif tok_rows is None:
                 out2 = apply_token_routing(x2, view.a, view.b, routing, group.signed, protos, batch.arrow_temperature,
                                            out=out2.to(x2.dtype), accumulate=own)

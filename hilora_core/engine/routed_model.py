@@ -143,10 +143,11 @@ class RoutedModel:
         src = inspect_adapter(name, str(source), self._linears, self.settings.max_rank, revision,
                               self.settings.max_adapter_bytes)
         check_fits_budget(src, self.slots.element_size, self.settings.adapter_memory_bytes)
-        with self._lock:  # model surgery must not overlap a forward pass
-            for module_name, (_, d_in, d_out) in src.modules.items():
-                if module_name not in self._routed:
-                    self._wrap(module_name, d_in, d_out)
+        if any(m not in self._routed for m in src.modules):  # else no surgery: never wait for a forward pass
+            with self._lock:  # model surgery must not overlap a forward pass
+                for module_name, (_, d_in, d_out) in src.modules.items():
+                    if module_name not in self._routed:
+                        self._wrap(module_name, d_in, d_out)
         with self._registry_lock:
             if name in self._sources:
                 self._forget(name)
@@ -232,7 +233,8 @@ class RoutedModel:
             return src
 
     def _load_host(self, source: InspectedAdapter) -> HostAdapter:
-        return load_adapter(source, self.dtype)
+        host = load_adapter(source, self.dtype)  # on a loader thread
+        return host.pinned() if self.device.type == "cuda" else host
 
     def _fetch(self, name: str) -> HostAdapter:
         return self.host_cache.get(self._source(name))

@@ -1,8 +1,9 @@
 """Device tier: adapter memory sized by rank and bounded by bytes.
 
 :class:`AdapterSlots` maps adapter names to slots (a resident adapter's handle); each routed layer keeps
-the slots' rank rows in a :class:`~hilora_core.engine.layer_rows.LayerSlots` (``layer_rows.py``), where an
-adapter of rank r takes r rows in each layer it adapts and nothing elsewhere. What is resident is bounded
+the slots' rank rows in a :class:`~hilora_core.engine.layer_rows.LayerSlots` (``layer_rows.py``), over a row
+pool shared by the layers of its shape, where an adapter of rank r takes r rows for each layer it adapts and
+nothing elsewhere. What is resident is bounded
 by bytes: the rows of all resident adapters, ``sum over layers of r * (d_in + d_out) * element size``,
 stay within ``budget_bytes``; idle adapters leave in LRU order to make room, adapters held by a running
 batch (reference count) or pinned never do. ``max_adapters`` optionally also caps their number.
@@ -18,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 
 from hilora_core.engine.adapter_files import HostAdapter
-from hilora_core.engine.layer_rows import LayerSlots
+from hilora_core.engine.layer_rows import LayerSlots, RowPool
 from hilora_core.engine.usage import AdapterUsage
 from hilora_core.errors import CapacityError, InvalidInputError, PlanTooLargeError
 
@@ -71,6 +72,7 @@ class AdapterSlots:
         self._size_of = size_of
         self.usage = usage or AdapterUsage()
         self.layers: dict[str, LayerSlots] = {}
+        self._pools: dict[tuple[int, int], RowPool] = {}  # one row pool per layer shape (layer_rows.py)
         self._lock = threading.Lock()
         self._resident: OrderedDict[str, int] = OrderedDict()  # name -> slot, least recently used first
         self._free: list[int] = []
@@ -91,7 +93,11 @@ class AdapterSlots:
         """The row pool of a newly routed layer (resident adapters have rank 0 there)."""
         with self._lock:
             if name not in self.layers:
-                self.layers[name] = LayerSlots(d_in, d_out, self.device, self.dtype, max(4, len(self._refcount)))
+                pool = self._pools.get((d_in, d_out))
+                if pool is None:
+                    pool = self._pools[(d_in, d_out)] = RowPool(d_in, d_out, self.device, self.dtype)
+                self.layers[name] = LayerSlots(d_in, d_out, self.device, self.dtype, max(4, len(self._refcount)),
+                                               pool=pool)
             return self.layers[name]
 
     def nbytes_of(self, host: HostAdapter) -> int:
@@ -129,7 +135,7 @@ class AdapterSlots:
 
     def allocated_bytes(self) -> int:
         """Bytes the row pools and tables hold now (the budget bounds the rows in use; pools grow by halves)."""
-        return sum(layer.nbytes() for layer in self.layers.values())
+        return sum(layer.nbytes() for layer in self.layers.values()) + sum(p.nbytes() for p in self._pools.values())
 
     def stats(self) -> dict[str, int | None]:
         with self._lock:

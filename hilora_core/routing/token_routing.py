@@ -203,6 +203,30 @@ def apply_full_lora(x: torch.Tensor, a_cat: torch.Tensor, bt_cat: torch.Tensor, 
     return out.addmm_(coef, bt_cat) if accumulate else torch.addmm(out, coef, bt_cat)
 
 
+def apply_token_rows(x: torch.Tensor, a_cat: torch.Tensor, bt_cat: torch.Tensor, seg: torch.Tensor,
+                     pos: torch.Tensor, routing: TokenRouting, signed: bool = False, out: torch.Tensor | None = None,
+                     accumulate: bool = False) -> torch.Tensor:
+    """:func:`apply_token_routing` for the per-adapter rule over the adapters' rows concatenated without padding:
+    (N, d_in) -> (N, d_out), the projections costing the sum of the ranks S instead of U x R.
+
+    ``a_cat`` (S, d_in), ``bt_cat`` (S, d_out): the U adapters' rows; ``seg`` (S,): each row's adapter;
+    ``pos`` (S,): each row's place u * R + j in the padded (U, R) layout of ``routing``, where the top-o choice
+    per adapter is made (non-existing ROCs stay at -inf there, as in the padded form)."""
+    n_tok = x.shape[0]
+    n_ad, r_max = routing.bias.shape
+    if n_tok == 0 or routing.kmax == 0:
+        return x.new_zeros((n_tok, bt_cat.shape[1])) if out is None else out
+    proj = x @ a_cat.T  # (N, S)
+    key = routing.bias.to(x.dtype).expand(n_tok, n_ad, r_max).reshape(n_tok, n_ad * r_max).clone()
+    key.index_copy_(1, pos, proj if signed else proj.abs())
+    idx = key.view(n_tok, n_ad, r_max).topk(routing.kmax, dim=-1).indices  # (N, U, kmax)
+    keep = key.zero_().view(n_tok, n_ad, r_max).scatter_(-1, idx, routing.take.to(x.dtype))
+    coef = keep.view(n_tok, -1).index_select(1, pos).mul_(proj).mul_(routing.coeff.to(x.dtype).index_select(1, seg))
+    if out is None:
+        return coef @ bt_cat
+    return out.addmm_(coef, bt_cat) if accumulate else torch.addmm(out, coef, bt_cat)
+
+
 def route_rocs_batched(
     x: torch.Tensor,
     a_stack: torch.Tensor,

@@ -195,6 +195,30 @@ def test_host_cache_lru_capacity(tiny):
     assert lm.cache_stats()["host"]["loads"] == 4
 
 
+def test_float16_files_stay_float16_in_host_memory_and_place_exactly(tiny, tmp_path):
+    """A float16 adapter under a float32 model: the host tier keeps the file's precision (half the bytes, so the
+    host cache holds twice the adapters) and placing it widens exactly: the same logits as its float32 copy."""
+    from safetensors.torch import load_file, save_file
+
+    src = tiny["paths"]["a1"]
+    half, wide = tmp_path / "half", tmp_path / "wide"
+    tensors = load_file(str(src / "adapter_model.safetensors"))
+    for folder, cast in ((half, torch.float16), (wide, torch.float32)):
+        folder.mkdir()
+        (folder / "adapter_config.json").write_text((src / "adapter_config.json").read_text())
+        save_file({k: v.to(torch.float16).to(cast) for k, v in tensors.items()},
+                  str(folder / "adapter_model.safetensors"))
+    lm = RoutedLM.from_pretrained(str(tiny["base_dir"]))
+    lm.add_adapter("half", str(half))
+    lm.add_adapter("wide", str(wide))
+    host_half, host_wide = lm._fetch("half"), lm._fetch("wide")
+    assert {t.dtype for ly in host_half.layers.values() for t in (ly.a, ly.b)} == {torch.float16}
+    assert {t.dtype for ly in host_wide.layers.values() for t in (ly.a, ly.b)} == {torch.float32}
+    assert host_half.nbytes * 2 == host_wide.nbytes
+    assert torch.equal(use(lm, "half"), use(lm, "wide"))
+    assert not torch.equal(use(lm, "half"), use(lm))
+
+
 @pytest.mark.parametrize(
     "bad,message",
     [

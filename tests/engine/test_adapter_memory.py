@@ -57,6 +57,43 @@ def test_gather_reads_each_adapters_own_rows_zero_past_its_rank():
     assert layer.host_ranks[:3] == [3, 2, 4] and layer.a_rows.shape[0] - 1 >= 9
 
 
+def test_layers_of_one_shape_share_one_row_pool():
+    """Rows freed by one layer serve another layer of the same shape: the shared pool does not grow."""
+    from hilora_core.engine.layer_rows import RowPool
+
+    shared = RowPool(6, 5, torch.device("cpu"), torch.float32, n_rows=8)
+    q, o = (LayerSlots(6, 5, torch.device("cpu"), torch.float32, n_slots=2, pool=shared) for _ in range(2))
+    q.set_slot(0, torch.randn(8, 6), torch.randn(5, 8), 1.0)
+    q.clear(0)
+    a, b = torch.randn(8, 6), torch.randn(5, 8)
+    o.set_slot(1, a, b, 1.0)
+    assert shared.a_rows.shape[0] - 1 == 8 and q.a_rows is o.a_rows
+    got_a, got_bt = o.gather(torch.tensor([1]), 8)
+    assert torch.equal(got_a[0], a) and torch.equal(got_bt[0], b.T)
+    assert not q.gather(torch.tensor([0]), 8)[0].any()
+
+
+def test_row_pools_follow_the_budget_not_each_layers_peak(pool):
+    """Adapters of different target sets (q/v only, every projection) take turns under a budget of two: the rows
+    allocated stay within the pools' growth slack of the budget, whatever each layer held at its own peak."""
+    lm = engine(pool)
+    names = ["a2", "a1", "a6", "a5", "a10", "a9", "a14", "a13"]  # alternately rank 16 on q/v, rank 8 on all
+    budget = lm.adapter_bytes("a1") + lm.adapter_bytes("a2")  # one of each: every new one evicts
+    lm.close()
+    lm = engine(pool, names, adapter_memory_bytes=budget)
+    for _ in range(3):
+        for n in names:
+            lm.logits(torch.tensor([[5, 6, 7]]), plans=[RoutingPlan.single(n)])
+    shapes = {(layer.d_in, layer.d_out) for layer in lm.slots.layers.values()}
+    pools = lm.slots._pools
+    assert set(pools) == shapes and len(pools) < len(lm.slots.layers)
+    first = sum(64 * (d_in + d_out) * 4 for d_in, d_out in shapes)  # each pool's first 64 rows
+    rows = sum(p.nbytes() for p in pools.values())
+    assert rows <= 1.5 * budget + first, (rows, budget, first)
+    assert lm.slots.stats()["evictions"] > 0
+    lm.close()
+
+
 def test_a_batch_holds_more_than_16_distinct_adapters_and_each_gives_its_alone_output(pool):
     _, _, tok = pool
     lm = engine(pool)
@@ -209,3 +246,20 @@ def test_per_adapter_usage_is_counted_and_its_labels_bounded(pool):
     lm.remove_adapter("a0")
     assert "a0" not in lm.usage.top(5)
     lm.close()
+
+
+def test_a_replica_silent_for_two_minutes_leaves_the_metrics():
+    """A restarted replica's last counters must not stay in sums over replicas: silent for REPLICA_STALE_S
+    while another reports, its series are removed; the live one's stay."""
+    from deployments.contracts import ReplicaStats
+    from deployments.metrics import REPLICA_STALE_S, ServiceMetrics
+
+    metrics = ServiceMetrics()
+    stats = {"device": {"hits": 3, "size": 2}, "host": {"bytes": 100}}
+    metrics.observe_replica(ReplicaStats(replica="old", cache=stats, adapters={"a0": {"requests": 1}}), now=0.0)
+    metrics.observe_replica(ReplicaStats(replica="new", cache=stats), now=REPLICA_STALE_S / 2)
+    text = metrics.render().decode()
+    assert 'replica="old"' in text and 'replica="new"' in text
+    metrics.observe_replica(ReplicaStats(replica="new", cache=stats), now=REPLICA_STALE_S + 1)
+    text = metrics.render().decode()
+    assert 'replica="old"' not in text and 'event="bytes",replica="new",tier="host"' in text

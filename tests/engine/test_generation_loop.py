@@ -271,6 +271,33 @@ def test_kv_column_shifts_do_not_change_tokens(lm):
         loop.close()
 
 
+def test_steady_traffic_reuses_kv_columns_instead_of_growing(lm):
+    """A relay of requests that never lets the batch empty moves ``head`` far past the 256 columns first
+    allocated, while no row needs more than ~100: the rows shift left into the free columns, the KV memory
+    keeps its first size, and the tokens are the ones each request gets alone."""
+    loop = GenerationLoop(lm, LoopSettings(max_rows=4, max_tokens_per_sequence=2048))
+    try:
+        first_bytes = loop.stats().kv_bytes
+        prompts = [PROMPTS[i % len(PROMPTS)] for i in range(14)]
+        plans = [PLANS[i % len(PLANS)] for i in range(14)]
+        texts, prev = [], None
+        for prompt, plan in zip(prompts, plans, strict=True):
+            events = loop.submit(SequenceRequest(chat_ids(lm, prompt), plan, max_new_tokens=40,
+                                                 ignore_eos=True)).events(timeout=300)
+            head = [next(events).delta for _ in range(20)]  # it is decoding: the next one joins a busy batch
+            if prev is not None:
+                texts.append(prev[0] + "".join(e.delta for e in prev[1]))
+            prev = ("".join(head), events)
+        texts.append(prev[0] + "".join(e.delta for e in prev[1]))
+        stats = loop.stats()
+        assert stats.steps > 256 + 20 and stats.kv_shifts >= 1
+        assert loop.runner.cache.column_capacity == 256 and stats.kv_bytes == first_bytes
+        for i in (0, 7, 13):
+            assert texts[i] == alone(lm, prompts[i], plans[i], max_new_tokens=40, ignore_eos=True), i
+    finally:
+        loop.close()
+
+
 def test_logprobs_and_prompt_logprobs_come_from_the_routed_logits(lm):
     loop = GenerationLoop(lm, LoopSettings(max_rows=4))
     try:

@@ -8,7 +8,13 @@ import torch
 
 from hilora_core import InvalidInputError, TokenRule, arrow_prototype
 from hilora_core.routing.row_routing import apply_row_routing, prepare_row_routing
-from hilora_core.routing.token_routing import prepare_token_routing, route_rocs_batched, stack_adapters
+from hilora_core.routing.token_routing import (
+    apply_token_routing,
+    apply_token_rows,
+    prepare_token_routing,
+    route_rocs_batched,
+    stack_adapters,
+)
 
 
 def _random_batch(rule: TokenRule, seed: int):
@@ -106,3 +112,26 @@ def test_row_form_refuses_a_repeated_candidate():
     *_, scal, ranks, _c, _r, scale, _w, _p = _random_batch(TokenRule.PER_ADAPTER, 0)
     with pytest.raises(InvalidInputError, match="twice"):
         prepare_row_routing(scal, ranks, 8, torch.tensor([[1, 1]]), torch.tensor([[2, 2]]), scale[:1])
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("signed", [False, True])
+def test_concatenated_rows_equal_the_padded_dense_form(seed, signed):
+    """apply_token_rows (the adapters' own rows, no padding: the engine's decode path for per-adapter rules)
+    gives the padded dense form's output, ROC choice included, with a rank-0 adapter in the stack."""
+    x, a_stack, b_stack, scal, ranks, cand, rocs, scale, weights, _ = _random_batch(TokenRule.PER_ADAPTER, seed)
+    routing = prepare_token_routing(scal, ranks, a_stack.shape[1], cand, rocs, scale, weights, TokenRule.PER_ADAPTER)
+    assert not routing.keep_all  # some tokens keep fewer ROCs than the rank: the top-o choice is exercised
+    r_max = a_stack.shape[1]
+    rows = [(u, j) for u, r in enumerate(ranks.tolist()) for j in range(r)]
+    a_cat = torch.stack([a_stack[u, j] for u, j in rows])
+    bt_cat = torch.stack([b_stack[u, :, j] for u, j in rows])
+    seg = torch.tensor([u for u, _ in rows])
+    pos = torch.tensor([u * r_max + j for u, j in rows])
+    want = apply_token_routing(x, a_stack, b_stack, routing, signed)
+    got = apply_token_rows(x, a_cat, bt_cat, seg, pos, routing, signed)
+    torch.testing.assert_close(got, want)
+    base = torch.randn(x.shape[0], b_stack.shape[1], dtype=x.dtype)
+    torch.testing.assert_close(apply_token_rows(x, a_cat, bt_cat, seg, pos, routing, signed, out=base.clone(),
+                                                accumulate=True), base + want)
+    assert got.abs().max() > 0

@@ -217,7 +217,7 @@ def apply_token_rows(x: torch.Tensor, a_cat: torch.Tensor, bt_cat: torch.Tensor,
     if n_tok == 0 or routing.kmax == 0:
         return x.new_zeros((n_tok, bt_cat.shape[1])) if out is None else out
     proj = x @ a_cat.T  # (N, S)
-    key = routing.bias.to(x.dtype).expand(n_tok, n_ad, r_max).reshape(n_tok, n_ad * r_max).clone()
+    key = routing.bias.to(x.dtype).reshape(1, n_ad * r_max).repeat(n_tok, 1)  # one copy, written below
     key.index_copy_(1, pos, proj if signed else proj.abs())
     idx = key.view(n_tok, n_ad, r_max).topk(routing.kmax, dim=-1).indices  # (N, U, kmax)
     keep = key.zero_().view(n_tok, n_ad, r_max).scatter_(-1, idx, routing.take.to(x.dtype))

@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 
 from hilora_core.engine.metrics import Histogram
+from hilora_core.engine.threads import use_torch_threads
 from hilora_core.engine.usage import AdapterUsage
 
 LOAD_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10)
@@ -37,7 +38,11 @@ class AdapterLoader:
                  usage: AdapterUsage | None = None) -> None:
         self._fetch, self._is_ready = fetch, is_ready
         self.usage = usage or AdapterUsage()
-        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="adapter-loader")
+        # one torch thread each: a read converts and checks tensors (parallel ops), and a reading thread left at
+        # the process-wide count would keep an OpenMP team of its own beside the generation loop's for the rest
+        # of the process, slowing every forward pass after the first large read (threads.py)
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="adapter-loader",
+                                        initializer=use_torch_threads, initargs=(1,))
         self._lock = threading.Lock()
         self._pending: dict[str, Future] = {}
         self.loads = 0

@@ -25,6 +25,7 @@ from hilora_core.engine.slots import LayerSlots
 from hilora_core.errors import InvalidInputError
 from hilora_core.plan import RoutingPlan, TokenRule
 from hilora_core.routing.row_routing import RowRouting
+from hilora_core.routing.sparse_lora import sparse_pattern
 from hilora_core.routing.token_routing import TokenRouting, normalisation
 
 
@@ -153,6 +154,15 @@ class BatchRouting:
         if hit is None:
             hit = self._layer_cache[key] = slots.concat([self.active_slots[i] for i in view.signature[0]])
         return hit
+
+    def layer_sparse(self, slots: LayerSlots, view: LayerView, routing: TokenRouting,
+                     key: tuple) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(crow (N + 1,), col (nnz,), vals (nnz,)): per token of ``routing`` (plain LoRA over the view's adapters),
+        the pool rows of each adapter it uses at this layer and that adapter's coefficient, for
+        :func:`apply_lora_sparse`; once per batch, layer and group (``key``)."""
+        def make() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            return sparse_pattern(routing.coeff, [slots.rows_of(self.active_slots[i]) for i in view.signature[0]])
+        return self.prepared(("sparse", id(slots), *key), make)
 
     def layer_positions(self, view: LayerView) -> torch.Tensor:
         """(S,) each concatenated row's place ``u * R + j`` in the view's padded (U, R) layout (R = view.rank),

@@ -144,6 +144,10 @@ class LayerSlots:
         self.host_ranks[slot] = 0
         self.host_scalings[slot] = 0.0
 
+    def rows_of(self, slot: int) -> list[int]:
+        """The pool row ids of ``slot``'s rank rows here, in rank order ([] if it does not adapt this layer)."""
+        return self._rows_of.get(slot, [])
+
     def gather(self, slot_ids: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(a (n, r, d_in), bt (n, r, d_out)) of the ``slot_ids`` (n,) at rank ``r``, zero past each one's rank."""
         if self.row_table.shape[1] < r:

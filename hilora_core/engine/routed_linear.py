@@ -39,6 +39,7 @@ from hilora_core.engine.batch_routing import BatchRouting
 from hilora_core.engine.slots import LayerSlots
 from hilora_core.plan import TokenRule
 from hilora_core.routing.row_routing import apply_row_routing, prepare_row_routing
+from hilora_core.routing.sparse_lora import apply_lora_sparse
 from hilora_core.routing.token_routing import (
     apply_full_lora,
     apply_token_routing,
@@ -124,7 +125,16 @@ class RoutedLinear(nn.Module):
                 ),
             )
             protos = batch.layer_prototypes(self.slots) if group.rule == TokenRule.ARROW else None
-            if routing.keep_all and group.rule == TokenRule.PER_ADAPTER:  # plain LoRA: no ROC choice, no padding
+            if routing.keep_all and group.rule == TokenRule.PER_ADAPTER and _sparse_ok(x2, self.slots):
+                crow, col, vals = batch.layer_sparse(self.slots, view, routing, (view.signature, gi, n_tok, layer))
+                xg = x2 if tok_rows is None else x2.index_select(0, tok_rows)
+                a_rows, bt_rows = self.slots.a_rows, self.slots.bt_rows
+                if tok_rows is None:
+                    out2 = apply_lora_sparse(xg, a_rows, bt_rows, crow, col, vals, out=out2.to(x2.dtype),
+                                             accumulate=own)
+                else:
+                    out2 = _add_rows(out2, tok_rows, apply_lora_sparse(xg, a_rows, bt_rows, crow, col, vals), own)
+            elif routing.keep_all and group.rule == TokenRule.PER_ADAPTER:  # plain LoRA: no ROC choice, no padding
                 a_cat, bt_cat, seg = batch.layer_concat(self.slots, view)
                 xg = x2 if tok_rows is None else x2.index_select(0, tok_rows)
                 if tok_rows is None:
@@ -173,6 +183,12 @@ class RoutedLinear(nn.Module):
             else:
                 out3 = _add_rows(out3, rows, apply_row_routing(xg, a_rows, b_rows, routing, group.signed), own)
         return out3.view(out.shape).to(out.dtype)
+
+
+def _sparse_ok(x: torch.Tensor, slots: LayerSlots) -> bool:
+    """Plain LoRA in the sparse form (:func:`apply_lora_sparse`): on the CPU, in float32 / float64 (torch's sampled
+    matmul has no bfloat16 / float16 kernel there); on an accelerator the dense form is one fast matmul."""
+    return x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and slots.a_rows.dtype == x.dtype
 
 
 def _add_rows(out: torch.Tensor, rows: torch.Tensor, delta: torch.Tensor, own: bool) -> torch.Tensor:

@@ -15,6 +15,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LM
 
 from hilora_core import AdapterLoadError, CapacityError, RoutedLM, RoutingPlan, UnsupportedModelError
 from hilora_core.engine import HostAdapterCache, inspect_adapter, load_adapter
+from hilora_core.engine.adapter_loader import AdapterLoader
 from hilora_core.models.base_model import resolve_base
 from tests.engine_helpers import make_adapter, make_tiny_llama, rel_err
 
@@ -183,6 +184,25 @@ def test_concurrent_loads_of_one_adapter_happen_once(tiny):
     stats = lm.cache_stats()
     assert stats["host"]["loads"] == 1 and stats["device"]["misses"] == 1
     assert all(torch.equal(o, outs[0]) for o in outs)
+
+
+def test_reading_threads_use_one_torch_thread():
+    """The loader's threads convert and check tensors (parallel ops): with the process-wide count (the loop's,
+    2 here) each would keep an OpenMP team beside the loop's for the rest of the process, which slowed every
+    forward pass after the first large reads (issue 27's drift). They run with one thread whatever that count."""
+    seen = []
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        loader = AdapterLoader(fetch=lambda name: seen.append(torch.get_num_threads()), is_ready=lambda name: False)
+        loader.prefetch(["a", "b", "c"])
+        deadline = time.monotonic() + 10
+        while loader.loading() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        loader.close()
+    finally:
+        torch.set_num_threads(before)
+    assert seen == [1, 1, 1]
 
 
 def test_host_cache_lru_capacity(tiny):

@@ -8,6 +8,7 @@ import torch
 
 from hilora_core import InvalidInputError, TokenRule, arrow_prototype
 from hilora_core.routing.row_routing import apply_row_routing, prepare_row_routing
+from hilora_core.routing.sparse_lora import apply_lora_sparse, sparse_pattern
 from hilora_core.routing.token_routing import (
     apply_token_routing,
     apply_token_rows,
@@ -135,3 +136,36 @@ def test_concatenated_rows_equal_the_padded_dense_form(seed, signed):
     torch.testing.assert_close(apply_token_rows(x, a_cat, bt_cat, seg, pos, routing, signed, out=base.clone(),
                                                 accumulate=True), base + want)
     assert got.abs().max() > 0
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_sparse_plain_lora_over_a_shuffled_pool_equals_the_dense_form(seed):
+    """apply_lora_sparse (the engine's CPU decode path for plain LoRA) reads each token's adapters' rows where they
+    lie in a row pool, in any order and among other adapters' rows, and gives the dense form's output: tokens with
+    one, several or no candidates, a rank-0 adapter, with and without accumulating into ``out``."""
+    x, a_stack, b_stack, scal, ranks, cand, _, scale, weights, _ = _random_batch(TokenRule.PER_ADAPTER, seed)
+    cand[0] = -1  # a token with no candidate adds nothing
+    rocs = torch.full(cand.shape, 99)  # every ROC kept: plain LoRA
+    routing = prepare_token_routing(scal, ranks, a_stack.shape[1], cand, rocs, scale, weights, TokenRule.PER_ADAPTER)
+    assert routing.keep_all
+    g = torch.Generator().manual_seed(100 + seed)
+    n_pool = 40
+    a_rows = torch.randn(n_pool, a_stack.shape[2], generator=g, dtype=x.dtype)  # other adapters' rows around them
+    bt_rows = torch.randn(n_pool, b_stack.shape[1], generator=g, dtype=x.dtype)
+    free = torch.randperm(n_pool, generator=g).tolist()
+    rows = []
+    for u, r in enumerate(ranks.tolist()):
+        rows.append([free.pop() for _ in range(r)])
+        for j, p in enumerate(rows[-1]):
+            a_rows[p], bt_rows[p] = a_stack[u, j], b_stack[u, :, j]
+    crow, col, vals = sparse_pattern(routing.coeff, rows)
+    assert crow[1] == crow[0] and len(col) < x.shape[0] * sum(ranks.tolist())  # token 0 is empty; no padding
+    want = apply_token_routing(x, a_stack, b_stack, routing)
+    got = apply_lora_sparse(x, a_rows, bt_rows, crow, col, vals)
+    torch.testing.assert_close(got, want)
+    base = torch.randn(x.shape[0], b_stack.shape[1], dtype=x.dtype)
+    torch.testing.assert_close(apply_lora_sparse(x, a_rows, bt_rows, crow, col, vals, out=base.clone(),
+                                                 accumulate=True), base + want)
+    assert got[0].abs().max() == 0 and got.abs().max() > 0
+    empty = sparse_pattern(torch.zeros_like(routing.coeff), rows)
+    assert apply_lora_sparse(x, a_rows, bt_rows, *empty).abs().max() == 0

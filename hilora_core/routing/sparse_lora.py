@@ -26,7 +26,9 @@ def sparse_pattern(coeff: torch.Tensor, rows: Sequence[Sequence[int]]) -> tuple[
                                                                                   torch.Tensor]:
     """(crow (N + 1,), col (nnz,), vals (nnz,)) for :func:`apply_lora_sparse`: per token, the pool rows ``rows[u]``
     of every adapter u with a non-zero ``coeff`` (N, U) entry, each row with that coefficient."""
-    crow, col, vals = [0], [], []
+    crow: list[int] = [0]
+    col: list[int] = []
+    vals: list[float] = []
     for coeffs in coeff.tolist():
         for u, c in enumerate(coeffs):
             if c:

@@ -110,19 +110,21 @@ class LayerSlots:
         r = int(a.shape[0])
         rows = self.pool.take(r)
         self._rows_of[slot] = rows
-        idx = torch.tensor(rows, device=self.a_rows.device, dtype=torch.long)
-        # non_blocking: from pinned host memory to a CUDA device the copy is queued on the current stream, before
-        # the next forward pass that reads the rows, and the loop thread does not wait for it (a no-op on CPU)
-        if rows and rows == list(range(rows[0], rows[0] + r)):  # one run (usual: freed runs come back in order):
-            self.a_rows[rows[0]: rows[0] + r].copy_(a, non_blocking=True)  # converts the dtype in the same pass
-            self.bt_rows[rows[0]: rows[0] + r].copy_(b.T, non_blocking=True)
-        else:
-            dev, dt = self.a_rows.device, self.a_rows.dtype
-            self.a_rows.index_copy_(0, idx, a.to(device=dev, dtype=dt, non_blocking=True))
-            self.bt_rows.index_copy_(0, idx, b.T.to(device=dev, dtype=dt, non_blocking=True))
         if self.row_table.shape[1] < r:
             self.row_table = _grown(self.row_table, r, dim=1)
-        self.row_table[slot, :r] = idx
+        # non_blocking: from pinned host memory to a CUDA device the copy is queued on the current stream, before
+        # the next forward pass that reads the rows, and the loop thread does not wait for it (a no-op on CPU).
+        # Few ops: placing runs once per adapted layer on the loop's thread, and each op there is a hand-off.
+        if rows and rows[-1] - rows[0] == r - 1 and rows == list(range(rows[0], rows[0] + r)):  # one run (usual:
+            self.a_rows[rows[0]: rows[0] + r].copy_(a, non_blocking=True)  # freed runs come back in order);
+            self.bt_rows[rows[0]: rows[0] + r].copy_(b.T, non_blocking=True)  # converts the dtype in the same pass
+            torch.arange(rows[0], rows[0] + r, out=self.row_table[slot, :r])
+        else:
+            dev, dt = self.a_rows.device, self.a_rows.dtype
+            idx = torch.tensor(rows, device=dev, dtype=torch.long)
+            self.a_rows.index_copy_(0, idx, a.to(device=dev, dtype=dt, non_blocking=True))
+            self.bt_rows.index_copy_(0, idx, b.T.to(device=dev, dtype=dt, non_blocking=True))
+            self.row_table[slot, :r] = idx
         self.scalings[slot] = scaling
         self.ranks[slot] = r
         self.host_ranks[slot] = r

@@ -155,14 +155,15 @@ class BatchRouting:
             hit = self._layer_cache[key] = slots.concat([self.active_slots[i] for i in view.signature[0]])
         return hit
 
-    def layer_sparse(self, slots: LayerSlots, view: LayerView, routing: TokenRouting,
-                     key: tuple) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(crow (N + 1,), col (nnz,), vals (nnz,)): per token of ``routing`` (plain LoRA over the view's adapters),
-        the pool rows of each adapter it uses at this layer and that adapter's coefficient, for
-        :func:`apply_lora_sparse`; once per batch, layer and group (``key``)."""
-        def make() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-            return sparse_pattern(routing.coeff, [slots.rows_of(self.active_slots[i]) for i in view.signature[0]])
-        return self.prepared(("sparse", id(slots), *key), make)
+    def layer_sparse(self, slots: LayerSlots, view: LayerView, routing: TokenRouting, key: tuple,
+                     places: bool = False) -> tuple[torch.Tensor, ...]:
+        """(crow (N + 1,), col (nnz,), vals (nnz,)[, places (nnz,)]): per token of ``routing`` (per-adapter rule over
+        the view's adapters), the pool rows of each adapter it uses at this layer and that adapter's coefficient
+        (:func:`sparse_pattern`; ``places`` in the (N, P, view.rank) layout of the top-o choice), for the sparse
+        forms; once per batch, layer and group (``key``)."""
+        rank = view.rank if places else None
+        return self.prepared(("sparse", id(slots), rank, *key), lambda: sparse_pattern(
+            routing.coeff, [slots.rows_of(self.active_slots[i]) for i in view.signature[0]], rank))
 
     def layer_positions(self, view: LayerView) -> torch.Tensor:
         """(S,) each concatenated row's place ``u * R + j`` in the view's padded (U, R) layout (R = view.rank),

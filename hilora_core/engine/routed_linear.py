@@ -39,7 +39,7 @@ from hilora_core.engine.batch_routing import BatchRouting
 from hilora_core.engine.slots import LayerSlots
 from hilora_core.plan import TokenRule
 from hilora_core.routing.row_routing import apply_row_routing, prepare_row_routing
-from hilora_core.routing.sparse_lora import apply_lora_sparse
+from hilora_core.routing.sparse_lora import apply_lora_sparse, apply_token_rows_sparse
 from hilora_core.routing.token_routing import (
     apply_full_lora,
     apply_token_routing,
@@ -141,6 +141,17 @@ class RoutedLinear(nn.Module):
                     out2 = apply_full_lora(xg, a_cat, bt_cat, seg, routing.coeff, out=out2.to(x2.dtype), accumulate=own)
                 else:
                     out2 = _add_rows(out2, tok_rows, apply_full_lora(xg, a_cat, bt_cat, seg, routing.coeff), own)
+            elif group.rule == TokenRule.PER_ADAPTER and _sparse_ok(x2, self.slots):  # top-o ROCs, sparse form
+                crow, col, vals, places = batch.layer_sparse(self.slots, view, routing,
+                                                             (view.signature, gi, n_tok, layer), places=True)
+                xg = x2 if tok_rows is None else x2.index_select(0, tok_rows)
+                a_rows, bt_rows = self.slots.a_rows, self.slots.bt_rows
+                if tok_rows is None:
+                    out2 = apply_token_rows_sparse(xg, a_rows, bt_rows, crow, col, vals, places, routing, group.signed,
+                                                   out=out2.to(x2.dtype), accumulate=own)
+                else:
+                    out2 = _add_rows(out2, tok_rows, apply_token_rows_sparse(xg, a_rows, bt_rows, crow, col, vals,
+                                                                             places, routing, group.signed), own)
             elif group.rule == TokenRule.PER_ADAPTER:  # top-o ROCs: projections over the unpadded rows
                 a_cat, bt_cat, seg = batch.layer_concat(self.slots, view)
                 pos = batch.layer_positions(view)

@@ -7,6 +7,9 @@ pattern over the pool (one row per token, one column per pool row): the projecti
 matmul at the pattern (``torch.sparse.sampled_addmm``), the sum ``sum_j c_tj p_tj b_j`` a sparse-dense matmul,
 both reading the rows where they lie. Work and memory traffic follow the tokens' own ranks.
 
+HiLoRA's top-o rule takes the same route (:func:`apply_token_rows_sparse`): the sampled matmul gives each token's
+projections on its candidates' rows, the top-o choice is made on those alone, and the kept ROCs are summed.
+
 torch has these kernels on the CPU for float32 / float64; the engine uses this form there
 (``routed_linear.py``) and the dense one elsewhere.
 """
@@ -18,26 +21,36 @@ from collections.abc import Sequence
 
 import torch
 
+from hilora_core.routing.token_routing import TokenRouting
+
 # torch says once per process that its CSR tensors are "beta"; the two CPU kernels used here are long-standing
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
 
 
-def sparse_pattern(coeff: torch.Tensor, rows: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor,
-                                                                                  torch.Tensor]:
+def sparse_pattern(coeff: torch.Tensor, rows: Sequence[Sequence[int]], r_max: int | None = None) -> tuple[
+        torch.Tensor, ...]:
     """(crow (N + 1,), col (nnz,), vals (nnz,)) for :func:`apply_lora_sparse`: per token, the pool rows ``rows[u]``
-    of every adapter u with a non-zero ``coeff`` (N, U) entry, each row with that coefficient."""
+    of every adapter u with a non-zero ``coeff`` (N, U) entry, each row with that coefficient. With ``r_max`` R,
+    also ``places`` (nnz,): each entry's place ``(t * U + u) * R + j`` in a padded (N, U, R) layout, for the
+    top-o choice of :func:`apply_token_rows_sparse`."""
     crow: list[int] = [0]
     col: list[int] = []
     vals: list[float] = []
-    for coeffs in coeff.tolist():
+    places: list[int] = []
+    n_ad = coeff.shape[1]
+    for t, coeffs in enumerate(coeff.tolist()):
         for u, c in enumerate(coeffs):
             if c:
                 col += rows[u]
                 vals += [c] * len(rows[u])
+                if r_max is not None:
+                    first = (t * n_ad + u) * r_max
+                    places += range(first, first + len(rows[u]))
         crow.append(len(col))
     device = coeff.device
-    return (torch.tensor(crow, dtype=torch.long, device=device), torch.tensor(col, dtype=torch.long, device=device),
-            torch.tensor(vals, dtype=coeff.dtype, device=device))
+    out = (torch.tensor(crow, dtype=torch.long, device=device), torch.tensor(col, dtype=torch.long, device=device),
+           torch.tensor(vals, dtype=coeff.dtype, device=device))
+    return out if r_max is None else (*out, torch.tensor(places, dtype=torch.long, device=device))
 
 
 def apply_lora_sparse(x: torch.Tensor, a_rows: torch.Tensor, bt_rows: torch.Tensor, crow: torch.Tensor,
@@ -57,6 +70,34 @@ def apply_lora_sparse(x: torch.Tensor, a_rows: torch.Tensor, bt_rows: torch.Tens
     pattern = torch.sparse_csr_tensor(crow, col, vals, size=(n_tok, n_pool), check_invariants=False)
     proj = torch.sparse.sampled_addmm(pattern, x, a_rows.T, beta=0.0)  # (N, P) at the pattern: x_t . a_j
     coef = torch.sparse_csr_tensor(crow, col, proj.values().mul_(vals), size=(n_tok, n_pool), check_invariants=False)
+    if out is None:
+        return coef @ bt_rows
+    return out.addmm_(coef, bt_rows) if accumulate else torch.addmm(out, coef, bt_rows)
+
+
+def apply_token_rows_sparse(x: torch.Tensor, a_rows: torch.Tensor, bt_rows: torch.Tensor, crow: torch.Tensor,
+                            col: torch.Tensor, vals: torch.Tensor, places: torch.Tensor, routing: TokenRouting,
+                            signed: bool = False, out: torch.Tensor | None = None,
+                            accumulate: bool = False) -> torch.Tensor:
+    """HiLoRA's per-adapter rule (each token keeps the top-o ROCs of each candidate by |p|) in the sparse form:
+    (N, d_in) -> (N, d_out), the same sum as :func:`hilora_core.routing.token_routing.apply_token_rows`.
+
+    The projections of each token on its candidates' rows come from the sampled matmul as in
+    :func:`apply_lora_sparse` (pattern from :func:`sparse_pattern` with ``r_max`` = R of ``routing``); the top-o
+    choice is made in the padded (N, U, R) layout at ``places`` (everything else at -inf, never kept), and the kept
+    ROCs are summed by the sparse-dense matmul."""
+    n_tok, n_pool = x.shape[0], a_rows.shape[0]
+    n_ad, r_max = routing.bias.shape
+    if n_tok == 0 or routing.kmax == 0 or col.numel() == 0:
+        return x.new_zeros((n_tok, bt_rows.shape[1])) if out is None else out
+    pattern = torch.sparse_csr_tensor(crow, col, vals, size=(n_tok, n_pool), check_invariants=False)
+    proj = torch.sparse.sampled_addmm(pattern, x, a_rows.T, beta=0.0).values()  # (nnz,)
+    key = torch.full((n_tok * n_ad * r_max,), float("-inf"), dtype=x.dtype, device=x.device)
+    key.index_copy_(0, places, proj if signed else proj.abs())
+    idx = key.view(n_tok, n_ad, r_max).topk(routing.kmax, dim=-1).indices  # (N, U, kmax)
+    keep = key.zero_().view(n_tok, n_ad, r_max).scatter_(-1, idx, routing.take.to(x.dtype))
+    coef = torch.sparse_csr_tensor(crow, col, keep.view(-1).index_select(0, places).mul_(proj).mul_(vals),
+                                   size=(n_tok, n_pool), check_invariants=False)
     if out is None:
         return coef @ bt_rows
     return out.addmm_(coef, bt_rows) if accumulate else torch.addmm(out, coef, bt_rows)

@@ -8,7 +8,7 @@ import torch
 
 from hilora_core import InvalidInputError, TokenRule, arrow_prototype
 from hilora_core.routing.row_routing import apply_row_routing, prepare_row_routing
-from hilora_core.routing.sparse_lora import apply_lora_sparse, sparse_pattern
+from hilora_core.routing.sparse_lora import apply_lora_sparse, apply_token_rows_sparse, sparse_pattern
 from hilora_core.routing.token_routing import (
     apply_token_routing,
     apply_token_rows,
@@ -169,3 +169,31 @@ def test_sparse_plain_lora_over_a_shuffled_pool_equals_the_dense_form(seed):
     assert got[0].abs().max() == 0 and got.abs().max() > 0
     empty = sparse_pattern(torch.zeros_like(routing.coeff), rows)
     assert apply_lora_sparse(x, a_rows, bt_rows, *empty).abs().max() == 0
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("signed", [False, True])
+def test_sparse_top_o_over_a_shuffled_pool_equals_the_padded_dense_form(seed, signed):
+    """apply_token_rows_sparse (the engine's CPU decode path for HiLoRA plans): each token's projections on its own
+    candidates' rows only, read where they lie in a pool; the top-o choice and the sum equal the padded form."""
+    x, a_stack, b_stack, scal, ranks, cand, rocs, scale, weights, _ = _random_batch(TokenRule.PER_ADAPTER, seed)
+    routing = prepare_token_routing(scal, ranks, a_stack.shape[1], cand, rocs, scale, weights, TokenRule.PER_ADAPTER)
+    assert not routing.keep_all  # the top-o choice is exercised
+    g = torch.Generator().manual_seed(200 + seed)
+    n_pool = 40
+    a_rows = torch.randn(n_pool, a_stack.shape[2], generator=g, dtype=x.dtype)
+    bt_rows = torch.randn(n_pool, b_stack.shape[1], generator=g, dtype=x.dtype)
+    free = torch.randperm(n_pool, generator=g).tolist()
+    rows = []
+    for u, r in enumerate(ranks.tolist()):
+        rows.append([free.pop() for _ in range(r)])
+        for j, p in enumerate(rows[-1]):
+            a_rows[p], bt_rows[p] = a_stack[u, j], b_stack[u, :, j]
+    crow, col, vals, places = sparse_pattern(routing.coeff, rows, a_stack.shape[1])
+    want = apply_token_routing(x, a_stack, b_stack, routing, signed)
+    got = apply_token_rows_sparse(x, a_rows, bt_rows, crow, col, vals, places, routing, signed)
+    torch.testing.assert_close(got, want)
+    base = torch.randn(x.shape[0], b_stack.shape[1], dtype=x.dtype)
+    torch.testing.assert_close(apply_token_rows_sparse(x, a_rows, bt_rows, crow, col, vals, places, routing, signed,
+                                                       out=base.clone(), accumulate=True), base + want)
+    assert got.abs().max() > 0

@@ -7,13 +7,16 @@ from the :class:`BatchRouting` (``batch_routing.py``) that the engine places on 
 
 Two forms of the same sum, chosen per forward pass:
 
-- **Dense** (decode, T = 1, and every rule): each token is projected on every active adapter, those
-  not among its candidates weighted 0. Under per-adapter rules (HiLoRA's top-o ROCs, plain LoRA) over the
-  adapters' rows concatenated without padding, gathered once per batch (:func:`apply_token_rows`,
-  :func:`apply_full_lora`): the projections cost the sum of the ranks, not adapters x largest rank, which
-  at a thousand adapters of mixed ranks is most of the difference. Other rules use the active slots'
-  stacks cut to the largest rank among them (:func:`apply_token_routing`). Reading U small stacks once
-  per batch costs less than gathering each row's own copy.
+- **Sparse** (decode on the CPU, per-adapter rules: plain LoRA and HiLoRA's top-o ROCs, float32 / float64):
+  each token is projected on its own candidates' rows only, read where they lie in the row pool, by a sampled
+  matmul over a per-batch CSR pattern, and the kept ROCs are summed by a sparse-dense matmul
+  (:func:`apply_lora_sparse`, :func:`apply_token_rows_sparse`; ``routing/sparse_lora.py``). The work follows
+  each token's own ranks; with 25 adapters in a batch of 32 the dense form below did 25x the multiplications.
+- **Dense** (decode elsewhere, T = 1, and every rule): each token is projected on every active adapter, those
+  not among its candidates weighted 0. Under per-adapter rules over the adapters' rows concatenated without
+  padding, gathered once per batch (:func:`apply_token_rows`, :func:`apply_full_lora`): the projections cost the
+  sum of the ranks, not adapters x largest rank. Other rules use the active slots' stacks cut to the largest
+  rank among them (:func:`apply_token_routing`). On a GPU this is one fast matmul per layer.
 - **Per row** (prefill, T > 1, per-adapter rules): the T tokens of a row share one candidate list,
   so each row is projected on its own C candidates only (:func:`apply_row_routing`), C instead of U
   adapters per token (measured against the dense form in ``docs/load-test.md``).

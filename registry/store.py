@@ -1,7 +1,6 @@
 """The Redis layout of an adapter pool, and its atomic writes.
 
-Keys (``P`` = ``RegistryConfig.store.key_prefix``, wrapped in ``{}`` on a Redis Cluster so that every
-key of a pool hashes to one slot):
+Keys (``P`` = ``RegistryConfig.store.key_prefix``, wrapped in ``{}`` on a Redis Cluster: one slot per pool):
 
     P:adapter:<id>   hash  meta (JSON record), emb (float32 (m, d) row-major bytes),
                            texts (zlib JSON list, optional), epoch (int)
@@ -14,10 +13,9 @@ key of a pool hashes to one slot):
     P:reference:<h>  str   the off-pool reference set, embedded by embedder h
     P:fitted...      the fitted pool itself, for fast scorer start (:mod:`registry.fitted_pool`)
 
-Every write is one Lua script, so it is atomic: the adapter hash, the id set, the
-epoch, the changelog entry and the pub/sub message change together or not at all,
-and a reader never sees half an adapter. The message published on
-``RegistryConfig.store.channel`` is the changelog entry.
+Every write is one Lua script, so it is atomic: the adapter hash, the id set, the epoch, the changelog entry and
+the pub/sub message change together or not at all, and a reader never sees half an adapter. The message published
+on ``RegistryConfig.store.channel`` is the changelog entry.
 """
 
 from __future__ import annotations
@@ -51,7 +49,11 @@ T = TypeVar("T")
 # ARGV: id, mode (create | replace | update), channel, changelog_max, identity, meta, emb, texts
 _PUT_SCRIPT = """
 local exists = redis.call('EXISTS', KEYS[1])
-if ARGV[2] == 'create' and exists == 1 then return redis.error_reply('HILORA_CONFLICT') end
+if ARGV[2] == 'create' and exists == 1 then  -- this very write again (a retry after a failover): its success
+  local cur = redis.call('HMGET', KEYS[1], 'meta', 'emb', 'epoch')
+  if cur[1] == ARGV[6] and cur[2] == ARGV[7] then return tonumber(cur[3]) end
+  return redis.error_reply('HILORA_CONFLICT')
+end
 if ARGV[2] == 'update' and exists == 0 then return redis.error_reply('HILORA_MISSING') end
 local current = redis.call('GET', KEYS[5])
 local count = redis.call('ZCARD', KEYS[2])

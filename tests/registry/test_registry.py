@@ -4,6 +4,7 @@ test_registry_cli.py)."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import threading
@@ -130,6 +131,22 @@ def test_conflict_and_replace(reg):
     got = reg.get("dup")
     assert got.rank == 4 and got.sample_count == 5 and got.source.location == "owner/other"
     assert got.created == first.created and got.updated >= first.updated and second.epoch == first.epoch + 1
+
+
+def test_a_create_sent_again_is_its_own_success_not_a_conflict(reg):
+    """redis-py sends a command again when its connection breaks (a Sentinel failover); if the first attempt was
+    applied, the second finds the id taken by that very write. The store answers it with that write's epoch, and
+    nothing changes; any other write to a taken id is still a conflict (issue 27's soak under failover)."""
+    rng = np.random.default_rng(3)
+    record = reg.register_embeddings("again", "owner/repo", _samples(rng, np.zeros(DIM)), **SPEC)
+    stored = reg.get_with_embeddings("again")
+    state = _store_state(reg)
+    sent = dataclasses.replace(stored.record, epoch=0)  # the record as the first attempt sent it
+    epoch = reg.store.put(sent, stored.embeddings, None, "create")  # the same bytes again: a resent create
+    assert epoch == record.epoch and _store_state(reg) == state
+    with pytest.raises(ConflictError, match="again"):  # the same adapter registered anew (new timestamps)
+        reg.register_embeddings("again", "owner/repo", stored.embeddings, **SPEC)
+    assert _store_state(reg) == state
 
 
 def test_routes_every_policy_with_the_fit_of_hilora_core(reg):

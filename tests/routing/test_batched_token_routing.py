@@ -138,6 +138,21 @@ def test_concatenated_rows_equal_the_padded_dense_form(seed, signed):
     assert got.abs().max() > 0
 
 
+def _shuffled_pool(a_stack: torch.Tensor, b_stack: torch.Tensor, ranks: torch.Tensor, seed: int, n_pool: int = 40):
+    """(a_rows (P, d_in), bt_rows (P, d_out), rows): the stacks' rank rows written at random places of a pool of
+    other random rows, as a RowPool holds them; ``rows[u]`` lists adapter u's places in rank order."""
+    g = torch.Generator().manual_seed(seed)
+    a_rows = torch.randn(n_pool, a_stack.shape[2], generator=g, dtype=a_stack.dtype)
+    bt_rows = torch.randn(n_pool, b_stack.shape[1], generator=g, dtype=b_stack.dtype)
+    free = torch.randperm(n_pool, generator=g).tolist()
+    rows = []
+    for u, r in enumerate(ranks.tolist()):
+        rows.append([free.pop() for _ in range(r)])
+        for j, p in enumerate(rows[-1]):
+            a_rows[p], bt_rows[p] = a_stack[u, j], b_stack[u, :, j]
+    return a_rows, bt_rows, rows
+
+
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_sparse_plain_lora_over_a_shuffled_pool_equals_the_dense_form(seed):
     """apply_lora_sparse (the engine's CPU decode path for plain LoRA) reads each token's adapters' rows where they
@@ -148,16 +163,7 @@ def test_sparse_plain_lora_over_a_shuffled_pool_equals_the_dense_form(seed):
     rocs = torch.full(cand.shape, 99)  # every ROC kept: plain LoRA
     routing = prepare_token_routing(scal, ranks, a_stack.shape[1], cand, rocs, scale, weights, TokenRule.PER_ADAPTER)
     assert routing.keep_all
-    g = torch.Generator().manual_seed(100 + seed)
-    n_pool = 40
-    a_rows = torch.randn(n_pool, a_stack.shape[2], generator=g, dtype=x.dtype)  # other adapters' rows around them
-    bt_rows = torch.randn(n_pool, b_stack.shape[1], generator=g, dtype=x.dtype)
-    free = torch.randperm(n_pool, generator=g).tolist()
-    rows = []
-    for u, r in enumerate(ranks.tolist()):
-        rows.append([free.pop() for _ in range(r)])
-        for j, p in enumerate(rows[-1]):
-            a_rows[p], bt_rows[p] = a_stack[u, j], b_stack[u, :, j]
+    a_rows, bt_rows, rows = _shuffled_pool(a_stack, b_stack, ranks, 100 + seed)
     crow, col, vals = sparse_pattern(routing.coeff, rows)
     assert crow[1] == crow[0] and len(col) < x.shape[0] * sum(ranks.tolist())  # token 0 is empty; no padding
     want = apply_token_routing(x, a_stack, b_stack, routing)
@@ -179,16 +185,7 @@ def test_sparse_top_o_over_a_shuffled_pool_equals_the_padded_dense_form(seed, si
     x, a_stack, b_stack, scal, ranks, cand, rocs, scale, weights, _ = _random_batch(TokenRule.PER_ADAPTER, seed)
     routing = prepare_token_routing(scal, ranks, a_stack.shape[1], cand, rocs, scale, weights, TokenRule.PER_ADAPTER)
     assert not routing.keep_all  # the top-o choice is exercised
-    g = torch.Generator().manual_seed(200 + seed)
-    n_pool = 40
-    a_rows = torch.randn(n_pool, a_stack.shape[2], generator=g, dtype=x.dtype)
-    bt_rows = torch.randn(n_pool, b_stack.shape[1], generator=g, dtype=x.dtype)
-    free = torch.randperm(n_pool, generator=g).tolist()
-    rows = []
-    for u, r in enumerate(ranks.tolist()):
-        rows.append([free.pop() for _ in range(r)])
-        for j, p in enumerate(rows[-1]):
-            a_rows[p], bt_rows[p] = a_stack[u, j], b_stack[u, :, j]
+    a_rows, bt_rows, rows = _shuffled_pool(a_stack, b_stack, ranks, 200 + seed)
     crow, col, vals, places = sparse_pattern(routing.coeff, rows, a_stack.shape[1])
     want = apply_token_routing(x, a_stack, b_stack, routing, signed)
     got = apply_token_rows_sparse(x, a_rows, bt_rows, crow, col, vals, places, routing, signed)

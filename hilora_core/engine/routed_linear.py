@@ -34,16 +34,19 @@ per batch and shared by every layer with the same adapters, ranks and scalings.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
+from functools import partial
 
 import torch
 from torch import nn
 
-from hilora_core.engine.batch_routing import BatchRouting
+from hilora_core.engine.batch_routing import BatchRouting, LayerView
 from hilora_core.engine.slots import LayerSlots
 from hilora_core.plan import TokenRule
 from hilora_core.routing.row_routing import apply_row_routing, prepare_row_routing
 from hilora_core.routing.sparse_lora import apply_lora_sparse, apply_token_rows_sparse
 from hilora_core.routing.token_routing import (
+    TokenRouting,
     apply_full_lora,
     apply_token_routing,
     apply_token_rows,
@@ -128,43 +131,14 @@ class RoutedLinear(nn.Module):
                 ),
             )
             protos = batch.layer_prototypes(self.slots) if group.rule == TokenRule.ARROW else None
-            if routing.keep_all and group.rule == TokenRule.PER_ADAPTER and _sparse_ok(x2, self.slots):
-                crow, col, vals = batch.layer_sparse(self.slots, view, routing, (view.signature, gi, n_tok, layer))
-                xg = x2 if tok_rows is None else x2.index_select(0, tok_rows)
-                a_rows, bt_rows = self.slots.a_rows, self.slots.bt_rows
-                if tok_rows is None:
-                    out2 = apply_lora_sparse(xg, a_rows, bt_rows, crow, col, vals, out=out2.to(x2.dtype),
-                                             accumulate=own)
-                else:
-                    out2 = _add_rows(out2, tok_rows, apply_lora_sparse(xg, a_rows, bt_rows, crow, col, vals), own)
-            elif routing.keep_all and group.rule == TokenRule.PER_ADAPTER:  # plain LoRA: no ROC choice, no padding
-                a_cat, bt_cat, seg = batch.layer_concat(self.slots, view)
+            if group.rule == TokenRule.PER_ADAPTER:  # HiLoRA's top-o ROCs, or plain LoRA (every ROC kept)
+                key = (view.signature, gi, n_tok, layer)
+                lora = self._per_adapter_sum(batch, view, routing, group.signed, key, x2)
                 xg = x2 if tok_rows is None else x2.index_select(0, tok_rows)
                 if tok_rows is None:
-                    out2 = apply_full_lora(xg, a_cat, bt_cat, seg, routing.coeff, out=out2.to(x2.dtype), accumulate=own)
+                    out2 = lora(xg, out=out2.to(x2.dtype), accumulate=own)
                 else:
-                    out2 = _add_rows(out2, tok_rows, apply_full_lora(xg, a_cat, bt_cat, seg, routing.coeff), own)
-            elif group.rule == TokenRule.PER_ADAPTER and _sparse_ok(x2, self.slots):  # top-o ROCs, sparse form
-                crow, col, vals, places = batch.layer_sparse(self.slots, view, routing,
-                                                             (view.signature, gi, n_tok, layer), places=True)
-                xg = x2 if tok_rows is None else x2.index_select(0, tok_rows)
-                a_rows, bt_rows = self.slots.a_rows, self.slots.bt_rows
-                if tok_rows is None:
-                    out2 = apply_token_rows_sparse(xg, a_rows, bt_rows, crow, col, vals, places, routing, group.signed,
-                                                   out=out2.to(x2.dtype), accumulate=own)
-                else:
-                    out2 = _add_rows(out2, tok_rows, apply_token_rows_sparse(xg, a_rows, bt_rows, crow, col, vals,
-                                                                             places, routing, group.signed), own)
-            elif group.rule == TokenRule.PER_ADAPTER:  # top-o ROCs: projections over the unpadded rows
-                a_cat, bt_cat, seg = batch.layer_concat(self.slots, view)
-                pos = batch.layer_positions(view)
-                xg = x2 if tok_rows is None else x2.index_select(0, tok_rows)
-                if tok_rows is None:
-                    out2 = apply_token_rows(xg, a_cat, bt_cat, seg, pos, routing, group.signed, out=out2.to(x2.dtype),
-                                            accumulate=own)
-                else:
-                    out2 = _add_rows(out2, tok_rows, apply_token_rows(xg, a_cat, bt_cat, seg, pos, routing,
-                                                                      group.signed), own)
+                    out2 = _add_rows(out2, tok_rows, lora(xg), own)
             elif tok_rows is None:
                 out2 = apply_token_routing(x2, view.a, view.b, routing, group.signed, protos, batch.arrow_temperature,
                                            out=out2.to(x2.dtype), accumulate=own)
@@ -173,6 +147,25 @@ class RoutedLinear(nn.Module):
                                          batch.arrow_temperature)
                 out2 = _add_rows(out2, tok_rows, dg, own)
         return out2.view(out.shape).to(out.dtype)
+
+    def _per_adapter_sum(self, batch: BatchRouting, view: LayerView, routing: TokenRouting, signed: bool,
+                         key: tuple, x: torch.Tensor) -> Callable[..., torch.Tensor]:
+        """This layer's routed sum under the per-adapter rule, as ``f(x, out=None, accumulate=False)``: the sparse
+        form on the CPU (the tokens' own rows, read in the pool), else the dense form over the view's rows
+        concatenated; plain LoRA (``routing.keep_all``) skips the top-o choice."""
+        if _sparse_ok(x, self.slots):
+            a_rows, bt_rows = self.slots.a_rows, self.slots.bt_rows
+            if routing.keep_all:
+                crow, col, vals = batch.layer_sparse(self.slots, view, routing, key)
+                return partial(apply_lora_sparse, a_rows=a_rows, bt_rows=bt_rows, crow=crow, col=col, vals=vals)
+            crow, col, vals, places = batch.layer_sparse(self.slots, view, routing, key, places=True)
+            return partial(apply_token_rows_sparse, a_rows=a_rows, bt_rows=bt_rows, crow=crow, col=col, vals=vals,
+                           places=places, routing=routing, signed=signed)
+        a_cat, bt_cat, seg = batch.layer_concat(self.slots, view)
+        if routing.keep_all:
+            return partial(apply_full_lora, a_cat=a_cat, bt_cat=bt_cat, seg=seg, coeff=routing.coeff)
+        return partial(apply_token_rows, a_cat=a_cat, bt_cat=bt_cat, seg=seg, pos=batch.layer_positions(view),
+                       routing=routing, signed=signed)
 
     def _per_row(self, x3: torch.Tensor, out: torch.Tensor, own: bool, batch: BatchRouting,
                  scalings: torch.Tensor, ranks: torch.Tensor, sig: tuple, layer: int | None) -> torch.Tensor:

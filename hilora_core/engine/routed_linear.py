@@ -193,8 +193,8 @@ class RoutedLinear(nn.Module):
 
 
 def _sparse_ok(x: torch.Tensor, slots: LayerSlots) -> bool:
-    """Plain LoRA in the sparse form (:func:`apply_lora_sparse`): on the CPU, in float32 / float64 (torch's sampled
-    matmul has no bfloat16 / float16 kernel there); on an accelerator the dense form is one fast matmul."""
+    """The per-adapter rule in the sparse form (plain LoRA and top-o, ``sparse_lora.py``): on the CPU, in float32 /
+    float64 (torch's sampled matmul has no bfloat16 / float16 kernel there); elsewhere the dense form is one matmul."""
     return x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and slots.a_rows.dtype == x.dtype
 
 
